@@ -1,0 +1,31 @@
+# khe-vol: from a BIDS-like folder of T2 series to lesion masks, volumes and
+# response categories. Run from the repository root:
+#     snakemake --cores 2 --configfile config/config.yaml
+# This is the main file (not a thin include), so `rule all` stays the default target.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),
+
+
+# Stages, in the order data flows.
+include: "workflow/rules/check.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/derivatives.smk"
+
+
+onsuccess:
+    print(results_banner())

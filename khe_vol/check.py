@@ -1,0 +1,82 @@
+"""``khe-vol check``: every problem in a study, found at once, before a run."""
+
+from __future__ import annotations
+
+from khe_vol.config import baseline_session
+from khe_vol.discover import discover_study, reference_session
+from khe_vol.geometry import grids_overlap, seed_voxel
+from khe_vol.nifti import SeriesError, load_image, load_series, open_image
+
+
+def check_study(config, headers_only=False):
+    """List the problems of a study.
+
+    Parameters
+    ----------
+    config : dict
+        A validated config (:func:`khe_vol.config.load_config`).
+    headers_only : bool
+        Skip reading voxel data (no check for truncated data or NaN).
+
+    Returns
+    -------
+    list of (participant_id or "", session_id or "", problem)
+    """
+    study = discover_study(config)
+    baseline_id = f"ses-{baseline_session(config)}"
+    problems = [("", "", p) for p in study.problems]
+    participants = sorted({s.participant_id for s in study.slots})
+    for pid in participants:
+        if pid in study.seed_problems:
+            problems.append((pid, "", study.seed_problems[pid]))
+        slots = [s for s in study.slots if s.participant_id == pid]
+        if not any(s.session_id == baseline_id for s in slots):
+            problems.append((pid, "", f"no baseline series ({baseline_id}): response cannot be classified"))
+        ref = reference_session(study, pid, baseline_id)
+        for slot in slots:
+            key = (pid, slot.session_id)
+            if slot.problem:
+                problems.append((pid, slot.session_id, slot.problem))
+                continue
+            try:
+                if headers_only:
+                    _, shape, affine, _ = open_image(slot.path)
+                else:
+                    series = load_series(slot.path)
+                    shape, affine = series.data.shape, series.affine
+            except SeriesError as exc:
+                problems.append((pid, slot.session_id, str(exc)))
+                continue
+            seed = study.seeds.get(key)
+            if seed is not None and key not in study.masks:
+                if seed_voxel(seed.seed_ras_mm, affine, shape) is None:
+                    x, y, z = seed.seed_ras_mm
+                    problems.append((pid, slot.session_id,
+                                     f"{slot.path}: seed ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the image"))
+            if key in study.masks:
+                problems.extend((pid, slot.session_id, p) for p in _mask_problems(study.masks[key], shape, affine, headers_only))
+            elif seed is None and ref is None:
+                problems.append((pid, slot.session_id,
+                                 f"{slot.path}: no seed and no reader mask for {pid}, so nothing to segment from"))
+    return problems
+
+
+def _mask_problems(mask_path, shape, affine, headers_only):
+    try:
+        if headers_only:
+            _, mshape, maffine, _ = open_image(mask_path, "mask")
+        else:
+            mask = load_image(mask_path, "mask")
+            mshape, maffine = mask.data.shape, mask.affine
+    except SeriesError as exc:
+        return [str(exc)]
+    if not grids_overlap(shape, affine, mshape, maffine):
+        return [f"{mask_path}: reader mask does not overlap its series"]
+    return []
+
+
+def format_report(problems):
+    """The problems as a TSV (participant_id, session_id, problem)."""
+    lines = ["participant_id\tsession_id\tproblem"]
+    lines += ["\t".join((pid or "n/a", ses or "n/a", " ".join(msg.split()))) for pid, ses, msg in problems]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,186 @@
+"""The ``khe-vol`` command: the workflow's steps, each usable on its own."""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from khe_vol import __version__
+
+
+def _cmd_demo(args):
+    from khe_vol.phantom import write_demo_cohort
+
+    out = Path(args.out_dir)
+    with tempfile.TemporaryDirectory(prefix=".khe-vol-demo-", dir=out.parent if out.parent.exists() else None) as tmp:
+        write_demo_cohort(tmp, n_participants=args.participants, rng_seed=args.seed)
+        # Copy only what changed, so a second run leaves mtimes alone and
+        # Snakemake sees nothing to redo.
+        for src in sorted(Path(tmp).rglob("*")):
+            if src.is_dir():
+                continue
+            dst = out / src.relative_to(tmp)
+            if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    print(f"demo cohort in {out}/ (imaging/, seeds.tsv, truth.tsv, truth/)")
+    return 0
+
+
+def _load_config_arg(args):
+    from khe_vol.config import load_config, validate_config
+
+    if args.config_json:
+        return validate_config(json.loads(args.config_json))
+    return load_config(args.config)
+
+
+def _cmd_check(args):
+    from khe_vol.check import check_study, format_report
+    from khe_vol.config import ConfigError
+
+    try:
+        config = _load_config_arg(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"khe-vol check: {exc}", file=sys.stderr)
+        return 2
+    try:
+        problems = check_study(config, headers_only=args.headers_only)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"khe-vol check: {exc}", file=sys.stderr)
+        return 2
+    report = format_report(problems)
+    if args.report:
+        from khe_vol.nifti import atomic_write_text
+
+        atomic_write_text(args.report, report)
+    print(report, end="")
+    n = len(problems)
+    print(f"{n} problem(s) found" if n else "no problems found", file=sys.stderr)
+    return 1 if n and not args.no_fail else 0
+
+
+def _cmd_series(args):
+    import numpy as np
+
+    from khe_vol.nifti import atomic_write_bytes, atomic_write_text, load_image, mask_image, write_nifti
+    from khe_vol.series import measure_series
+
+    reference = None
+    if args.reference_record:
+        ref_record = json.loads(Path(args.reference_record).read_text())
+        ref_mask = None
+        if ref_record["status"] == "ok":
+            ref_mask = (load_image(args.reference_mask, "mask").data != 0).astype(np.uint8)
+        reference = {"record": ref_record, "mask": ref_mask}
+    month = None if args.month in (None, "n/a") else int(args.month)
+    record, mask, affine = measure_series(
+        args.participant,
+        args.session,
+        month,
+        args.image,
+        problem=args.problem,
+        seed_ras_mm=args.seed,
+        reader_mask_path=args.reader_mask,
+        reference=reference,
+        params_overrides=json.loads(args.segmentation_json) if args.segmentation_json else None,
+    )
+    if mask is None:
+        atomic_write_bytes(args.mask, b"")  # no mask: an empty placeholder file
+    else:
+        write_nifti(args.mask, mask_image(mask, affine))
+    atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
+    print(f"{record['participant_id']} {record['session_id']}: {record['status']}"
+          + (f" {record['volume_ml']:.3f} mL" if record["status"] == "ok" else f" ({record['message']})"))
+    return 0
+
+
+def _read_records(paths):
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def _cmd_tables(args):
+    from khe_vol.tables import RESPONSE_COLUMNS, VOLUME_COLUMNS, response_rows, volume_rows, write_table
+
+    records = _read_records(args.records)
+    out = Path(args.results_dir)
+    write_table(out / "volumes.tsv", VOLUME_COLUMNS, volume_rows(records))
+    write_table(out / "response.tsv", RESPONSE_COLUMNS, response_rows(records, args.baseline_session))
+    print(f"wrote {out / 'volumes.tsv'} and {out / 'response.tsv'}")
+    return 0
+
+
+def _cmd_derivatives(args):
+    from khe_vol.derivatives import write_derivatives
+
+    pairs = []
+    for rec_path in args.records:
+        # The per-series job writes mask.nii.gz beside record.json.
+        pairs.append((json.loads(Path(rec_path).read_text()), Path(rec_path).with_name("mask.nii.gz")))
+    write_derivatives(pairs, args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="khe-vol", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"khe-vol {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="write the synthetic demo cohort (images, seeds, truth)")
+    p.add_argument("out_dir", nargs="?", default="demo")
+    p.add_argument("--participants", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("check", help="report every problem in a study folder at once, before a run")
+    p.add_argument("config", nargs="?", help="workflow config YAML")
+    p.add_argument("--config-json", help="the config as JSON (used by the workflow)")
+    p.add_argument("--report", help="also write the report to this file")
+    p.add_argument("--headers-only", action="store_true", help="skip reading voxel data")
+    p.add_argument("--no-fail", action="store_true", help="exit 0 even when problems are found")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("series", help="validate, segment and measure one series")
+    p.add_argument("--participant", required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--month", default=None)
+    p.add_argument("--image", default=None)
+    p.add_argument("--problem", default=None, help="a problem found by discovery")
+    p.add_argument("--seed", type=float, nargs=3, metavar=("X", "Y", "Z"), help="seed in RAS+ mm")
+    p.add_argument("--reader-mask", default=None)
+    p.add_argument("--reference-record", default=None)
+    p.add_argument("--reference-mask", default=None)
+    p.add_argument("--segmentation-json", default=None)
+    p.add_argument("--record", required=True)
+    p.add_argument("--mask", required=True)
+    p.set_defaults(func=_cmd_series)
+
+    p = sub.add_parser("tables", help="write volumes.tsv and response.tsv from series records")
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--baseline-session", required=True, help="ses-<label> of the month-0 session")
+    p.add_argument("records", nargs="+")
+    p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("derivatives", help="write the BIDS derivatives dataset of masks")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("records", nargs="+")
+    p.set_defaults(func=_cmd_derivatives)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "check" and not (args.config or args.config_json):
+        build_parser().error("check needs a config file")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

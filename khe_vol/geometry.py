@@ -1,0 +1,197 @@
+"""Physical-space geometry: affines, RAS/LPS frames, grids and resampling.
+
+Conventions
+-----------
+* An *affine* is the 4x4 NIfTI voxel-to-world matrix as nibabel returns it:
+  it maps array indices ``(i, j, k)`` of a nibabel array to scanner RAS+
+  millimetres (x to the Right, y to the Anterior, z to the Superior).
+* SimpleITK images live in LPS+ millimetres and store arrays as ``[k, j, i]``;
+  :func:`to_sitk` and :func:`from_sitk` are the only places that convert.
+* Nothing here assumes that array axes of two images mean the same thing:
+  every comparison between grids goes through world coordinates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+#: Flip between RAS+ and LPS+ world coordinates (its own inverse).
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def voxel_volume_mm3(affine):
+    """Volume of one voxel in cubic millimetres.
+
+    Parameters
+    ----------
+    affine : (4, 4) array_like
+        Voxel-to-world affine in millimetres.
+
+    Returns
+    -------
+    float
+        ``|det(affine[:3, :3])|``, in mm^3.
+    """
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])))
+
+
+def voxel_sizes_mm(affine):
+    """Edge lengths of a voxel along each array axis, in millimetres."""
+    return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+
+
+def world_to_voxel(points_ras_mm, affine):
+    """Map RAS+ mm points to continuous voxel indices of a grid.
+
+    Parameters
+    ----------
+    points_ras_mm : (..., 3) array_like
+        Points in scanner RAS+ millimetres.
+    affine : (4, 4) array_like
+        Voxel-to-world affine of the grid.
+
+    Returns
+    -------
+    ndarray, shape (..., 3)
+        Continuous ``(i, j, k)`` indices (voxel centres are integers).
+    """
+    points = np.asarray(points_ras_mm, dtype=float)
+    inv = np.linalg.inv(np.asarray(affine, dtype=float))
+    return points @ inv[:3, :3].T + inv[:3, 3]
+
+
+def voxel_to_world(indices, affine):
+    """Map voxel indices ``(..., 3)`` to RAS+ millimetres."""
+    idx = np.asarray(indices, dtype=float)
+    aff = np.asarray(affine, dtype=float)
+    return idx @ aff[:3, :3].T + aff[:3, 3]
+
+
+def seed_voxel(seed_ras_mm, affine, shape):
+    """Nearest voxel to a RAS+ mm seed, or ``None`` if it lies outside the grid.
+
+    Parameters
+    ----------
+    seed_ras_mm : (3,) array_like
+        Seed point in scanner RAS+ millimetres.
+    affine : (4, 4) array_like
+        Voxel-to-world affine of the grid.
+    shape : sequence of int
+        Spatial shape of the grid (first three axes used).
+
+    Returns
+    -------
+    tuple of int or None
+    """
+    ijk = np.rint(world_to_voxel(seed_ras_mm, affine)).astype(int)
+    if np.any(ijk < 0) or np.any(ijk >= np.asarray(shape[:3])):
+        return None
+    return tuple(int(v) for v in ijk)
+
+
+def resample_mask_to_grid(mask, mask_affine, target_shape, target_affine):
+    """Bring a binary mask onto another grid by physical position.
+
+    Each target voxel centre is mapped to the source grid through world
+    coordinates and takes the value of the nearest source voxel, so a mask
+    stored with flipped, permuted or oblique axes lands where it belongs.
+
+    Parameters
+    ----------
+    mask : (I, J, K) array_like
+        Source mask; non-zero means lesion.
+    mask_affine : (4, 4) array_like
+        Voxel-to-world affine of the source mask.
+    target_shape : sequence of int
+        Spatial shape of the target grid.
+    target_affine : (4, 4) array_like
+        Voxel-to-world affine of the target grid.
+
+    Returns
+    -------
+    ndarray of uint8, shape ``target_shape``
+        0/1 mask on the target grid; voxels outside the source grid are 0.
+    """
+    source = (np.asarray(mask) != 0).astype(np.uint8)
+    # target index -> world -> source index, as one affine.
+    t2s = np.linalg.inv(np.asarray(mask_affine, dtype=float)) @ np.asarray(
+        target_affine, dtype=float
+    )
+    return ndimage.affine_transform(
+        source,
+        t2s[:3, :3],
+        offset=t2s[:3, 3],
+        output_shape=tuple(int(s) for s in target_shape[:3]),
+        order=0,
+        mode="constant",
+        cval=0,
+    ).astype(np.uint8)
+
+
+def to_sitk(array, affine):
+    """Wrap a nibabel-ordered array and RAS+ affine as a SimpleITK image.
+
+    Parameters
+    ----------
+    array : (I, J, K) ndarray
+        Image data indexed as nibabel returns it.
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ affine.
+
+    Returns
+    -------
+    SimpleITK.Image
+        Same voxels, LPS+ origin and direction, spacing in mm.
+    """
+    aff = np.asarray(affine, dtype=float)
+    spacing = voxel_sizes_mm(aff)
+    direction_lps = RAS_TO_LPS @ (aff[:3, :3] / spacing)
+    origin_lps = RAS_TO_LPS @ aff[:3, 3]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in direction_lps.ravel()])
+    image.SetOrigin([float(v) for v in origin_lps])
+    return image
+
+
+def from_sitk(image):
+    """Unwrap a SimpleITK image into a nibabel-ordered array and RAS+ affine.
+
+    Inverse of :func:`to_sitk`.
+    """
+    array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    direction_lps = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = RAS_TO_LPS @ direction_lps * spacing
+    affine[:3, 3] = RAS_TO_LPS @ np.asarray(image.GetOrigin(), dtype=float)
+    return array, affine
+
+
+def ras_to_lps(point_ras_mm):
+    """Convert a RAS+ mm point to LPS+ mm (SimpleITK's physical frame)."""
+    return RAS_TO_LPS @ np.asarray(point_ras_mm, dtype=float)
+
+
+def grid_corners_world(shape, affine):
+    """The 8 outer corners of a grid's field of view, in RAS+ mm, shape (8, 3)."""
+    lo = np.full(3, -0.5)
+    hi = np.asarray(shape[:3], dtype=float) - 0.5
+    corners = np.array([[hi[0] if a else lo[0], hi[1] if b else lo[1], hi[2] if c else lo[2]]
+                        for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    return voxel_to_world(corners, affine)
+
+
+def grids_overlap(shape_a, affine_a, shape_b, affine_b):
+    """Whether two fields of view share any physical space.
+
+    Tests the axis-aligned box of grid *b*'s corners in grid *a*'s index
+    space against grid *a*'s extent; exact for grids with parallel axes and
+    conservative (may say True) for oblique ones.
+    """
+    idx = world_to_voxel(grid_corners_world(shape_b, affine_b), affine_a)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    extent = np.asarray(shape_a[:3], dtype=float) - 0.5
+    return bool(np.all(hi >= -0.5) and np.all(lo <= extent))

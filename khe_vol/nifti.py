@@ -1,0 +1,215 @@
+"""Reading and validating NIfTI series and masks; writing NIfTI reproducibly.
+
+Every error names the file and says what is wrong in words a study
+coordinator can act on. Inputs are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from khe_vol.geometry import voxel_sizes_mm
+
+#: Plausible voxel edge lengths for clinical MRI, in mm.
+VOXEL_SIZE_RANGE_MM = (0.05, 20.0)
+
+
+class SeriesError(ValueError):
+    """A series or mask cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A validated 3D image on its native grid.
+
+    Attributes
+    ----------
+    data : ndarray, shape (I, J, K)
+        Voxel values (scaled by scl_slope/scl_inter), float32.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-world RAS+ mm affine as nibabel chooses it.
+    affine_source : str
+        ``"sform"`` or ``"qform"``: which header field the affine came from.
+    path : Path
+    sha256 : str
+        Of the file's bytes as stored.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    affine_source: str
+    path: Path
+    sha256: str
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _chosen_affine(img, path):
+    """The affine nibabel uses, and which header field it came from.
+
+    nibabel prefers the sform when its code is set, then the qform; with both
+    codes 0 it falls back to pixdim alone, which loses the scanner frame, so
+    that is refused rather than guessed.
+    """
+    header = img.header
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if sform is not None and int(scode) > 0:
+        affine, source = sform, "sform"
+    elif qform is not None and int(qcode) > 0:
+        affine, source = qform, "qform"
+    else:
+        raise SeriesError(
+            f"{path}: no scanner orientation (sform_code and qform_code are both 0), "
+            "so positions in mm cannot be trusted; re-export the series from the scanner DICOM"
+        )
+    affine = np.asarray(affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        raise SeriesError(f"{path}: the {source} affine contains NaN or infinite values")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise SeriesError(f"{path}: the {source} affine is singular (zero voxel volume)")
+    lo, hi = VOXEL_SIZE_RANGE_MM
+    sizes = voxel_sizes_mm(affine)
+    if np.any(sizes < lo) or np.any(sizes > hi):
+        raise SeriesError(
+            f"{path}: implausible voxel size {np.round(sizes, 4).tolist()} mm "
+            f"(expected {lo} to {hi} mm per axis)"
+        )
+    return affine, source
+
+
+def open_image(path, kind="series"):
+    """Open a NIfTI file and validate its header, without reading voxel data.
+
+    Returns
+    -------
+    img : nibabel image
+    shape : tuple of int
+        Spatial shape (a singleton 4th dimension dropped).
+    affine : ndarray, shape (4, 4)
+    affine_source : str
+
+    Raises
+    ------
+    SeriesError
+        Missing, empty or non-NIfTI file; not 3D; unusable affine;
+        implausible voxel sizes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SeriesError(f"{path}: {kind} file does not exist")
+    if path.stat().st_size == 0:
+        raise SeriesError(f"{path}: {kind} file is empty (0 bytes)")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for foreign files
+        raise SeriesError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise SeriesError(f"{path}: not a NIfTI-1/2 image (nibabel read it as {type(img).__name__})")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise SeriesError(
+            f"{path}: {kind} must be one 3D volume, but it has shape {tuple(img.shape)}"
+            + (f" ({img.shape[3]} volumes)" if len(img.shape) == 4 else "")
+        )
+    if min(shape) < 1:
+        raise SeriesError(f"{path}: {kind} has an empty dimension, shape {tuple(img.shape)}")
+    affine, source = _chosen_affine(img, path)
+    return img, shape, affine, source
+
+
+def load_image(path, kind="series"):
+    """Open and validate a 3D NIfTI image, voxel data included.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.nii`` or ``.nii.gz`` file.
+    kind : str
+        Word used in error messages (``"series"`` or ``"mask"``).
+
+    Returns
+    -------
+    LoadedImage
+
+    Raises
+    ------
+    SeriesError
+        As :func:`open_image`, and for truncated data or NaN/infinite values.
+    """
+    path = Path(path)
+    img, shape, affine, source = open_image(path, kind)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise SeriesError(f"{path}: image data is truncated or corrupt ({exc})") from exc
+    n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise SeriesError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
+    return LoadedImage(data, affine, source, path, sha256_file(path))
+
+
+def load_series(path):
+    """Load a T2 series; also refuses a constant (blank) image."""
+    image = load_image(path, "series")
+    if float(image.data.max()) == float(image.data.min()):
+        raise SeriesError(f"{image.path}: series is blank (every voxel is {float(image.data.min())})")
+    return image
+
+
+def atomic_write_bytes(path, payload):
+    """Write bytes to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def mask_image(mask, affine):
+    """A uint8 0/1 NIfTI image of a mask on a grid, with clean header text fields."""
+    img = nib.Nifti1Image((np.asarray(mask) != 0).astype(np.uint8), np.asarray(affine, dtype=float))
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b""
+    return img
+
+
+def nifti_bytes(img, compress=True):
+    """Serialise a NIfTI image; gzip with a zero timestamp so reruns give equal bytes."""
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
+
+
+def write_nifti(path, img):
+    """Atomically write ``img`` to ``path`` (gzip if it ends in .gz), reproducibly."""
+    atomic_write_bytes(path, nifti_bytes(img, str(path).endswith(".gz")))

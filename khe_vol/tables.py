@@ -1,0 +1,157 @@
+"""Cohort tables: volumes.tsv and response.tsv with BIDS-style data dictionaries.
+
+Values are computed from the per-series records; rounding happens only here,
+at presentation. Missing values are ``n/a`` (BIDS tabular convention).
+"""
+
+from __future__ import annotations
+
+import json
+
+from khe_vol.nifti import atomic_write_text
+from khe_vol.response import (
+    CATEGORIES,
+    classify_change,
+    is_good_response,
+    is_overall_response,
+)
+
+NA = "n/a"
+
+VOLUME_COLUMNS = {
+    "participant_id": {"LongName": "Participant identifier", "Description": "BIDS participant label (sub-<label>)."},
+    "session_id": {"LongName": "Session identifier", "Description": "BIDS session label (ses-<label>)."},
+    "month": {"LongName": "Month of session", "Description": "Months after baseline, from the config sessions mapping.", "Units": "month"},
+    "volume_ml": {"LongName": "Lesion volume", "Description": "Lesion voxel count times voxel volume on the series' own grid.", "Units": "mL"},
+    "n_voxels": {"LongName": "Lesion voxel count", "Description": "Number of lesion voxels on the series' own grid."},
+    "voxel_volume_mm3": {"LongName": "Voxel volume", "Description": "|det| of the 3x3 part of the series affine.", "Units": "mm^3"},
+    "method": {
+        "LongName": "Segmentation method",
+        "Description": "Where the lesion mask came from.",
+        "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir"},
+    },
+    "status": {"LongName": "Status", "Description": "Whether a volume was measured.", "Levels": {"ok": "measured", "error": "not measured; see message"}},
+    "message": {"LongName": "Message", "Description": "Why the series has no volume, naming the file and the problem."},
+}
+
+RESPONSE_COLUMNS = {
+    "participant_id": VOLUME_COLUMNS["participant_id"],
+    "session_id": VOLUME_COLUMNS["session_id"],
+    "month": VOLUME_COLUMNS["month"],
+    "baseline_volume_ml": {"LongName": "Baseline lesion volume", "Description": "Lesion volume at the month-0 session.", "Units": "mL"},
+    "volume_ml": {"LongName": "Follow-up lesion volume", "Description": "Lesion volume at this session.", "Units": "mL"},
+    "percent_change": {"LongName": "Percent change of volume", "Description": "100 x (volume - baseline) / baseline, computed exactly from voxel counts.", "Units": "%"},
+    "category": {
+        "LongName": "Volumetric response category",
+        "Description": "Change of volume versus baseline, classified exactly (thresholds inclusive as stated).",
+        "Levels": {
+            "growth": "increase >= 20%",
+            "no_change": "< 20% increase and < 20% decrease",
+            "partial_involution": "decrease >= 20% and < 75%",
+            "nearly_complete_involution": "decrease >= 75% and < 100%",
+            "complete_involution": "100% decrease (no lesion left)",
+        },
+    },
+    "overall_response": {"LongName": "Overall lesion response", "Description": "Complete, nearly complete or partial involution.", "Levels": {"1": "yes", "0": "no"}},
+    "good_response": {"LongName": "Good lesion response", "Description": "Complete or nearly complete involution.", "Levels": {"1": "yes", "0": "no"}},
+    "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message"}},
+    "message": {"LongName": "Message", "Description": "Why no category was assigned."},
+}
+
+
+def _fmt(value, spec=None):
+    if value is None:
+        return NA
+    if spec is None:
+        return str(value)
+    return format(value, spec)
+
+
+def _tsv(columns, rows):
+    lines = ["\t".join(columns)]
+    for row in rows:
+        # Tabs and newlines would break the table; messages keep their words.
+        lines.append("\t".join(" ".join(str(row.get(col) or NA).split()) for col in columns))
+    return "\n".join(lines) + "\n"
+
+
+def volume_rows(records):
+    """volumes.tsv rows (dicts of formatted strings) from per-series records."""
+    rows = []
+    for rec in records:
+        ok = rec["status"] == "ok"
+        rows.append({
+            "participant_id": rec["participant_id"],
+            "session_id": rec["session_id"],
+            "month": _fmt(rec["month"]),
+            "volume_ml": _fmt(rec["volume_ml"], ".6f") if ok else NA,
+            "n_voxels": _fmt(rec["n_voxels"]) if ok else NA,
+            "voxel_volume_mm3": _fmt(rec["voxel_volume_mm3"], ".9g") if ok else NA,
+            "method": _fmt(rec["method"]),
+            "status": rec["status"],
+            "message": _fmt(rec["message"]),
+        })
+    return rows
+
+
+def response_rows(records, baseline_session_id):
+    """response.tsv rows, one per non-baseline series.
+
+    Parameters
+    ----------
+    records : list of dict
+        Per-series records of the whole cohort.
+    baseline_session_id : str
+        ``ses-<label>`` of the month-0 session.
+    """
+    baselines = {r["participant_id"]: r for r in records if r["session_id"] == baseline_session_id}
+    rows = []
+    for rec in records:
+        if rec["session_id"] == baseline_session_id:
+            continue
+        base = baselines.get(rec["participant_id"])
+        row = {
+            "participant_id": rec["participant_id"],
+            "session_id": rec["session_id"],
+            "month": _fmt(rec["month"]),
+            "baseline_volume_ml": _fmt(base["volume_ml"], ".6f") if base and base["status"] == "ok" else NA,
+            "volume_ml": _fmt(rec["volume_ml"], ".6f") if rec["status"] == "ok" else NA,
+            "percent_change": NA,
+            "category": NA,
+            "overall_response": NA,
+            "good_response": NA,
+            "status": "error",
+            "message": NA,
+        }
+        if rec["status"] != "ok":
+            row["message"] = f"follow-up not measured: {rec['message']}"
+        elif base is None:
+            row["message"] = f"no baseline series ({baseline_session_id}) for {rec['participant_id']}"
+        elif base["status"] != "ok":
+            row["message"] = f"baseline not measured: {base['message']}"
+        elif base["n_voxels"] == 0:
+            row["message"] = "baseline volume is 0 mL, so percent change is undefined"
+        elif rec["month"] is None:
+            row["message"] = rec["message"] or "session month unknown"
+        else:
+            category, change = classify_change(
+                base["n_voxels"], base["voxel_volume_mm3"], rec["n_voxels"], rec["voxel_volume_mm3"]
+            )
+            row.update(
+                percent_change=format(float(change), ".3f"),
+                category=category,
+                overall_response=str(is_overall_response(category)),
+                good_response=str(is_good_response(category)),
+                status="ok",
+            )
+        rows.append(row)
+    return rows
+
+
+def write_table(path, columns, rows):
+    """Write a TSV and its JSON data dictionary beside it (``.json``), atomically."""
+    atomic_write_text(path, _tsv(list(columns), rows))
+    atomic_write_text(str(path)[: -len(".tsv")] + ".json", json.dumps(columns, indent=2) + "\n")
+
+
+assert set(RESPONSE_COLUMNS["category"]["Levels"]) == set(CATEGORIES)

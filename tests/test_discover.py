@@ -1,0 +1,111 @@
+import pytest
+
+from khe_vol.config import ConfigError, load_config, validate_config
+from khe_vol.discover import discover_study, find_series, read_seeds, reference_session
+from tests.conftest import make_affine, save_nifti
+
+import numpy as np
+
+SESSIONS = {"baseline": 0, "m06": 6, "m12": 12}
+
+
+def _t2(root, sub, ses, extra=""):
+    name = f"sub-{sub}_ses-{ses}{extra}_T2w.nii.gz"
+    return save_nifti(root / f"sub-{sub}" / f"ses-{ses}" / "anat" / name, np.ones((4, 4, 4), np.float32), np.eye(4))
+
+
+def test_finds_series_sorted_by_month(tmp_path):
+    for ses in ("m12", "baseline", "m06"):
+        _t2(tmp_path, "01", ses)
+    _t2(tmp_path, "02", "baseline", "_acq-ax_run-1")
+    slots, problems = find_series(tmp_path, SESSIONS)
+    assert problems == []
+    assert [(s.participant_id, s.session_id, s.month) for s in slots] == [
+        ("sub-01", "ses-baseline", 0), ("sub-01", "ses-m06", 6), ("sub-01", "ses-m12", 12), ("sub-02", "ses-baseline", 0)]
+    assert all(s.problem is None for s in slots)
+
+
+def test_two_t2w_in_a_session_is_an_error_naming_both(tmp_path):
+    a = _t2(tmp_path, "01", "baseline", "_acq-ax")
+    b = _t2(tmp_path, "01", "baseline", "_acq-cor")
+    slots, _ = find_series(tmp_path, SESSIONS)
+    (slot,) = slots
+    assert slot.path is None
+    assert str(a) in slot.problem and str(b) in slot.problem
+    slots, _ = find_series(tmp_path, SESSIONS, series_select={"acq": "cor"})
+    assert slots[0].path == b and slots[0].problem is None
+
+
+def test_unknown_session_reported_not_guessed(tmp_path):
+    _t2(tmp_path, "01", "baseline")
+    _t2(tmp_path, "01", "m03")
+    slots, _ = find_series(tmp_path, SESSIONS)
+    odd = [s for s in slots if s.session_id == "ses-m03"][0]
+    assert odd.month is None and "ses-m03" in odd.problem and "not in the config sessions" in odd.problem
+
+
+def test_misnamed_and_misplaced_files_are_problems(tmp_path):
+    _t2(tmp_path, "01", "baseline")
+    bad = save_nifti(tmp_path / "sub-01/ses-m06/anat/sub-01_ses-m06_acq_T2w.nii.gz", np.ones((2, 2, 2)), np.eye(4))
+    moved = save_nifti(tmp_path / "sub-01/ses-m06/anat/sub-02_ses-m06_T2w.nii.gz", np.ones((2, 2, 2)), np.eye(4))
+    save_nifti(tmp_path / "sub-01/ses-m06/anat/sub-01_ses-m06_T1w.nii.gz", np.ones((2, 2, 2)), np.eye(4))
+    slots, problems = find_series(tmp_path, SESSIONS)
+    assert len(slots) == 1
+    assert any(str(bad) in p for p in problems) and any(str(moved) in p for p in problems)
+    assert len(problems) == 2  # the T1w is simply not ours
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_series(tmp_path / "nope", SESSIONS)
+
+
+def test_seeds_table(tmp_path):
+    p = tmp_path / "seeds.tsv"
+    p.write_text("participant_id\tx\ty\tz\tsession_id\nsub-01\t1.5\t-2\t3\t\n02\t4\t5\t6\tm06\nsub-03\tabc\t1\t2\tn/a\n")
+    seeds, problems = read_seeds(p, "baseline")
+    assert seeds[("sub-01", "ses-baseline")].seed_ras_mm == (1.5, -2.0, 3.0)
+    assert seeds[("sub-02", "ses-m06")].seed_ras_mm == (4.0, 5.0, 6.0)
+    assert "sub-03" in problems and "line 4" in problems["sub-03"]
+    q = tmp_path / "bad.tsv"
+    q.write_text("participant_id\tx\ty\nsub-01\t1\t2\n")
+    with pytest.raises(ValueError, match="lacks column"):
+        read_seeds(q, "baseline")
+
+
+def test_study_reference_session_and_masks(tmp_path):
+    img = tmp_path / "img"
+    for ses in ("baseline", "m06"):
+        _t2(img, "01", ses)
+        _t2(img, "02", ses)
+    masks = tmp_path / "masks"
+    save_nifti(masks / "sub-02/ses-baseline/anat/sub-02_ses-baseline_label-lesion_mask.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    seeds = tmp_path / "seeds.tsv"
+    seeds.write_text("participant_id\tx\ty\tz\nsub-01\t1\t1\t1\nsub-09\t0\t0\t0\n")
+    config = validate_config({"imaging_dir": str(img), "masks_dir": str(masks), "seeds": str(seeds), "sessions": SESSIONS})
+    study = discover_study(config)
+    assert reference_session(study, "sub-01", "ses-baseline") == "ses-baseline"
+    assert reference_session(study, "sub-02", "ses-baseline") == "ses-baseline"  # from the reader mask
+    assert any("sub-09" in p for p in study.problems)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unexpected|Additional properties"):
+        validate_config({"imaging_dir": "x", "imagin_dir": "y"})
+    with pytest.raises(ConfigError, match="sessions"):
+        validate_config({"imaging_dir": "x", "sessions": {"baseline": "zero"}})
+    with pytest.raises(ConfigError, match="month 0"):
+        validate_config({"imaging_dir": "x", "sessions": {"a": 0, "b": 0}})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("imaging_dir: 3\n")
+    with pytest.raises(ConfigError, match=str(cfg)):
+        load_config(cfg)
+    filled = validate_config({"imaging_dir": "x"})
+    assert filled["sessions"]["m12"] == 12 and filled["results_dir"] == "results"
+
+
+def test_repository_default_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
+    assert config["sessions"]["baseline"] == 0

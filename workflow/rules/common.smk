@@ -1,0 +1,127 @@
+# Config validation, study discovery and the input functions of every rule.
+
+import json
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from khe_vol.config import ConfigError, baseline_session, validate_config
+from khe_vol.discover import discover_study, reference_session
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+try:
+    validate_config(config)  # what a schema cannot say (exactly one month-0 session)
+except ConfigError as exc:
+    raise WorkflowError(str(exc))
+
+RESULTS = config["results_dir"]
+WORK = f"{RESULTS}/work"
+BASELINE_ID = f"ses-{baseline_session(config)}"
+
+try:
+    STUDY = discover_study(config)
+except (FileNotFoundError, ValueError) as exc:
+    raise WorkflowError(f"khe-vol: {exc}")
+for _problem in STUDY.problems:
+    logger.warning(f"khe-vol: {_problem}")
+if not STUDY.slots:
+    raise WorkflowError(f"khe-vol: no T2w series found under {config['imaging_dir']}")
+
+SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
+
+
+wildcard_constraints:
+    participant="sub-[A-Za-z0-9]+",
+    session="ses-[A-Za-z0-9]+",
+
+
+def record_path(participant, session):
+    return f"{WORK}/series/{participant}/{session}/record.json"
+
+
+def mask_path(participant, session):
+    return f"{WORK}/series/{participant}/{session}/mask.nii.gz"
+
+
+def all_records():
+    return [record_path(*key) for key in SLOTS]
+
+
+def all_masks():
+    return [mask_path(*key) for key in SLOTS]
+
+
+def tracked_from(participant, session):
+    """The session this series is tracked from, or None if it is segmented itself."""
+    key = (participant, session)
+    if key in STUDY.masks or key in STUDY.seeds:
+        return None
+    ref = reference_session(STUDY, participant, BASELINE_ID)
+    if ref is None or ref == session or (participant, ref) not in SLOTS:
+        return None
+    return ref
+
+
+def series_inputs(wildcards):
+    """Image, reader mask and (for tracked follow-ups) the reference session's outputs."""
+    slot = SLOTS[(wildcards.participant, wildcards.session)]
+    inputs = {}
+    if slot.path is not None:
+        inputs["image"] = str(slot.path)
+    if (slot.participant_id, slot.session_id) in STUDY.masks:
+        inputs["reader_mask"] = str(STUDY.masks[(slot.participant_id, slot.session_id)])
+    ref = tracked_from(slot.participant_id, slot.session_id)
+    if ref is not None:
+        inputs["reference_record"] = record_path(slot.participant_id, ref)
+        inputs["reference_mask"] = mask_path(slot.participant_id, ref)
+    return inputs
+
+
+def series_args(wildcards):
+    """Command-line arguments of `khe-vol series` for one slot, shell-quoted."""
+    pid, ses = wildcards.participant, wildcards.session
+    slot = SLOTS[(pid, ses)]
+    args = ["--participant", pid, "--session", ses, "--month", "n/a" if slot.month is None else str(slot.month)]
+    if slot.path is not None:
+        args += ["--image", str(slot.path)]
+    problem = slot.problem or STUDY.seed_problems.get(pid)
+    if problem:
+        args += ["--problem", problem]
+    if (pid, ses) in STUDY.masks:
+        args += ["--reader-mask", str(STUDY.masks[(pid, ses)])]
+    elif (pid, ses) in STUDY.seeds:
+        args += ["--seed", *(repr(float(v)) for v in STUDY.seeds[(pid, ses)].seed_ras_mm)]
+    ref = tracked_from(pid, ses)
+    if ref is not None:
+        args += ["--reference-record", record_path(pid, ref), "--reference-mask", mask_path(pid, ref)]
+    if config["segmentation"]:
+        args += ["--segmentation-json", json.dumps(config["segmentation"], sort_keys=True)]
+    return shlex.join(args)
+
+
+def final_outputs():
+    return [
+        f"{RESULTS}/check.tsv",
+        f"{RESULTS}/volumes.tsv",
+        f"{RESULTS}/volumes.json",
+        f"{RESULTS}/response.tsv",
+        f"{RESULTS}/response.json",
+        f"{RESULTS}/derivatives",
+    ]
+
+
+def results_banner():
+    n_err = 0
+    for rec in all_records():
+        try:
+            n_err += json.loads(Path(rec).read_text())["status"] != "ok"
+        except (OSError, ValueError):
+            pass
+    return (
+        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:\n"
+        f"  volumes.tsv, response.tsv (+ .json data dictionaries), check.tsv,\n"
+        f"  derivatives/ (lesion masks), logs/\n"
+    )

@@ -1,0 +1,21 @@
+# Stage 2: one job per series: validate, segment from the seed (or track from
+# the reference session, or take the reader's mask), measure the volume.
+
+
+rule measure_series:
+    input:
+        unpack(series_inputs),
+    output:
+        record=f"{WORK}/series/{{participant}}/{{session}}/record.json",
+        mask=f"{WORK}/series/{{participant}}/{{session}}/mask.nii.gz",
+    params:
+        args=series_args,
+    log:
+        f"{RESULTS}/logs/measure_series/{{participant}}_{{session}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/measure_series/{{participant}}_{{session}}.tsv"
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    shell:
+        "khe-vol series {params.args} --record {output.record:q} --mask {output.mask:q} > {log:q} 2>&1"
