@@ -8,7 +8,7 @@ bad series: every outcome is a *record* (a JSON-serialisable dict) with
 from __future__ import annotations
 
 import dataclasses
-import time
+import logging
 
 import numpy as np
 
@@ -132,7 +132,6 @@ def measure_series(
         The lesion mask on the series grid (``None`` on error).
     affine : ndarray or None
     """
-    started = time.process_time()
     record = base_record(participant_id, session_id, month)
     if image_path is not None:
         record["source_file"] = str(image_path)
@@ -151,22 +150,33 @@ def measure_series(
     except (SeriesError, ValueError) as exc:
         record["message"] = str(exc)
         return record, None, None
+    except Exception as exc:  # a bug or a library failure must not stop the cohort
+        logging.getLogger(__name__).exception("unexpected failure on %s", image_path)
+        record["message"] = f"{image_path}: unexpected failure ({type(exc).__name__}: {exc}); see the job log"
+        return record, None, None
     record.update(lesion_volume(mask, series.affine))
     record["status"] = "ok"
-    details["cpu_seconds"] = round(time.process_time() - started, 3)
-    record["details"] = details
+    # Timings vary run to run; they live in Snakemake's benchmark files, not
+    # in records, so reruns give the same bytes.
+    record["details"] = {k: v for k, v in details.items() if "seconds" not in k}
     return record, mask, series.affine
 
 
 def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record):
-    from khe_vol.segment import SegmentationError, segment_from_seed
-    from khe_vol.track import track_followup
-
     if reader_mask_path is not None:
         mask, mask_image = reader_mask_on_grid(reader_mask_path, series)
         record.update(method=METHOD_READER, reader_mask_file=str(reader_mask_path),
                       reader_mask_sha256=mask_image.sha256)
         return mask, {"mask_affine_source": mask_image.affine_source}
+
+    if seed_ras_mm is None and reference is None:
+        raise SeriesError(
+            f"{series.path}: no seed and no reader mask for {record['participant_id']}; "
+            "add a seed (participant_id, x, y, z in RAS+ mm) to the seeds table or a reader mask"
+        )
+
+    from khe_vol.segment import SegmentationError, segment_from_seed
+    from khe_vol.track import track_followup
 
     params = segmentation_params(params_overrides)
     record["parameters"] = dataclasses.asdict(params)
@@ -183,11 +193,6 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                 )
             mask, info = segment_from_seed(series.data, series.affine, seed, params)
             return mask, info
-        if reference is None:
-            raise SeriesError(
-                f"{series.path}: no seed and no reader mask for {record['participant_id']}; "
-                "add a seed (participant_id, x, y, z in RAS+ mm) to the seeds table or a reader mask"
-            )
         ref_record = reference["record"]
         record["reference_session_id"] = ref_record["session_id"]
         if ref_record["status"] != "ok":

@@ -9,6 +9,8 @@ rule check_study:
         f"{RESULTS}/check.tsv",
     params:
         config=json.dumps(config, sort_keys=True),
+    conda:
+        "../../environment.yml"
     log:
         f"{RESULTS}/logs/check_study.log",
     shell:

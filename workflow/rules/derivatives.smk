@@ -7,6 +7,8 @@ rule derivatives:
         masks=all_masks(),
     output:
         directory(f"{RESULTS}/derivatives"),
+    conda:
+        "../../environment.yml"
     log:
         f"{RESULTS}/logs/derivatives.log",
     shell:

@@ -10,6 +10,8 @@ rule measure_series:
         mask=f"{WORK}/series/{{participant}}/{{session}}/mask.nii.gz",
     params:
         args=series_args,
+    conda:
+        "../../environment.yml"
     log:
         f"{RESULTS}/logs/measure_series/{{participant}}_{{session}}.log",
     benchmark:

@@ -11,7 +11,9 @@ rule tables:
         response_dictionary=f"{RESULTS}/response.json",
     params:
         baseline=BASELINE_ID,
-        results_dir=RESULTS,
+        results_dir=lambda wildcards, output: str(Path(output.volumes).parent),
+    conda:
+        "../../environment.yml"
     log:
         f"{RESULTS}/logs/tables.log",
     shell:

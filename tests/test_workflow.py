@@ -1,0 +1,184 @@
+"""Real Snakemake runs of the repository's Snakefile on tiny cohorts."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.cohort import write_mask_cohort
+from tests.conftest import make_affine, save_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_snakemake(workdir, configfile, *extra, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(configfile), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_tsv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def add_bad_series(root):
+    """Participants whose series are broken in each way a site can break them."""
+    img = Path(root) / "imaging"
+    good = next(img.glob("sub-01/ses-baseline/anat/*_T2w.nii.gz"))
+    aff = make_affine((1, 1, 3), (0, 0, 0))
+    bad = {}
+    p = img / "sub-90/ses-baseline/anat/sub-90_ses-baseline_T2w.nii.gz"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    bad[("sub-90", "ses-baseline")] = "truncated"
+    p = img / "sub-91/ses-baseline/anat/sub-91_ses-baseline_T2w.nii.gz"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"")
+    bad[("sub-91", "ses-baseline")] = "empty"
+    save_nifti(img / "sub-92/ses-baseline/anat/sub-92_ses-baseline_T2w.nii.gz", np.ones((8, 8, 4, 3), np.float32), aff)
+    bad[("sub-92", "ses-baseline")] = "3 volumes"
+    nan = np.ones((8, 8, 4), np.float32)
+    nan[0, 0, 0] = np.nan
+    save_nifti(img / "sub-93/ses-baseline/anat/sub-93_ses-baseline_T2w.nii.gz", nan, aff)
+    bad[("sub-93", "ses-baseline")] = "NaN"
+    p = img / "sub-94/ses-baseline/anat/sub-94_ses-baseline_T2w.nii"
+    p.parent.mkdir(parents=True)
+    p.write_text("not an image\n" * 40)
+    bad[("sub-94", "ses-baseline")] = "not a readable NIfTI"
+    sing = make_affine((1, 1, 3), (0, 0, 0))
+    sing[:3, 1] = sing[:3, 0]
+    save_nifti(img / "sub-95/ses-baseline/anat/sub-95_ses-baseline_T2w.nii.gz",
+               np.random.default_rng(0).random((8, 8, 4)).astype(np.float32), sing, qform_code=0)
+    bad[("sub-95", "ses-baseline")] = "singular"
+    # a follow-up whose participant has no baseline, and an unknown session label
+    src = next(img.glob("sub-01/ses-m06/anat/*_T2w.nii.gz"))
+    p = img / "sub-96/ses-m06/anat/sub-96_ses-m06_T2w.nii.gz"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(src.read_bytes())
+    bad[("sub-96", "ses-m06")] = "no seed and no reader mask"
+    p = img / "sub-01/ses-m03/anat/sub-01_ses-m03_T2w.nii.gz"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(src.read_bytes())
+    bad[("sub-01", "ses-m03")] = "not in the config sessions"
+    # a reader mask far away from its series
+    mask = Path(root) / "masks/sub-97/ses-baseline/anat/sub-97_ses-baseline_label-lesion_mask.nii.gz"
+    save_nifti(mask, np.ones((4, 4, 4), np.uint8), make_affine((1, 1, 1), (900, 900, 900)))
+    p = img / "sub-97/ses-baseline/anat/sub-97_ses-baseline_T2w.nii.gz"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(good.read_bytes())
+    bad[("sub-97", "ses-baseline")] = "does not overlap"
+    return bad
+
+
+@pytest.fixture(scope="module")
+def mask_cohort_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("maskcohort")
+    config = write_mask_cohort(root)
+    bad = add_bad_series(root)
+    inputs_before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    proc = run_snakemake(root / "work", config)
+    return root, config, bad, inputs_before, proc
+
+
+def test_every_series_gets_a_row_and_bad_ones_say_why(mask_cohort_run):
+    root, _, bad, _, proc = mask_cohort_run
+    rows = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/volumes.tsv")}
+    assert len(rows) == 6 + len(bad)
+    for key, words in bad.items():
+        assert rows[key]["status"] == "error", key
+        assert words in rows[key]["message"], (key, rows[key]["message"])
+        assert rows[key]["volume_ml"] == "n/a"
+    for pid in ("sub-01", "sub-02"):
+        assert rows[(pid, "ses-baseline")]["status"] == "ok"
+        assert rows[(pid, "ses-baseline")]["method"] == "reader_mask"
+    # the file is named in each image error
+    assert "sub-90_ses-baseline_T2w.nii.gz" in rows[("sub-90", "ses-baseline")]["message"]
+    assert f"khe-vol: {6 + len(bad)} series, {len(bad)} with errors" in proc.stdout + proc.stderr
+
+
+def test_response_table_and_categories(mask_cohort_run):
+    root = mask_cohort_run[0]
+    rows = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/response.tsv")}
+    for pid in ("sub-01", "sub-02"):
+        assert rows[(pid, "ses-m06")]["category"] == "partial_involution"
+        assert rows[(pid, "ses-m06")]["overall_response"] == "1" and rows[(pid, "ses-m06")]["good_response"] == "0"
+        assert rows[(pid, "ses-m12")]["category"] == "complete_involution"
+        assert rows[(pid, "ses-m12")]["percent_change"] == "-100.000"
+    assert rows[("sub-96", "ses-m06")]["status"] == "error"
+    assert "ses-m03" in rows[("sub-01", "ses-m03")]["message"]
+    # flipped/permuted reader masks measure like the plain ones (same balls, 1 voxel noise)
+    v1 = float(rows[("sub-01", "ses-m06")]["volume_ml"])
+    v2 = float(rows[("sub-02", "ses-m06")]["volume_ml"])
+    assert v2 == pytest.approx(v1, rel=0.05)
+
+
+def test_dictionaries_and_derivatives(mask_cohort_run):
+    import json
+
+    import nibabel as nib
+
+    root = mask_cohort_run[0]
+    res = root / "results"
+    for table in ("volumes", "response"):
+        header = (res / f"{table}.tsv").read_text().splitlines()[0].split("\t")
+        dictionary = json.loads((res / f"{table}.json").read_text())
+        assert list(dictionary) == header
+        assert all("Description" in v for v in dictionary.values())
+    desc = json.loads((res / "derivatives/dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "khe-vol"
+    for r in read_tsv(res / "volumes.tsv"):
+        mask = res / "derivatives" / r["participant_id"] / r["session_id"] / "anat" / f"{r['participant_id']}_{r['session_id']}_label-lesion_mask.nii.gz"
+        assert mask.exists() == (r["status"] == "ok")
+        if r["status"] == "ok":
+            img = nib.load(mask)
+            src = nib.load(json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())["SourceFile"])
+            assert img.shape == src.shape[:3] and np.allclose(img.affine, src.affine)
+            assert img.get_data_dtype() == np.uint8
+            assert int(np.asarray(img.dataobj).sum()) == int(r["n_voxels"])
+    check = read_tsv(res / "check.tsv")
+    assert any("sub-90" in (c["participant_id"]) for c in check) or any("sub-92" == c["participant_id"] for c in check)
+
+
+def test_inputs_untouched_and_rerun_is_byte_identical(mask_cohort_run, tmp_path):
+    root, config, _, inputs_before, _ = mask_cohort_run
+    for p, payload in inputs_before.items():
+        assert p.read_bytes() == payload, p
+    res = root / "results"
+    outputs = sorted(p for p in res.rglob("*") if p.is_file() and "logs" not in p.parts
+                     and "benchmarks" not in p.parts and p.name != ".snakemake_timestamp")
+    first = {p: p.read_bytes() for p in outputs}
+    proc = run_snakemake(root / "work", config)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    # a fresh run elsewhere gives the same bytes
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    other = tmp_path / "config.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    run_snakemake(tmp_path / "work", other, "--cores", "1")
+    for p, payload in first.items():
+        assert (tmp_path / "results" / p.relative_to(res)).read_bytes() == payload, p
+
+
+def test_lint_is_clean(mask_cohort_run):
+    root, config, *_ = mask_cohort_run
+    proc = run_snakemake(root / "lint", config, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"imaging_dir": str(tmp_path), "sessionz": {"a": 0}}))
+    proc = run_snakemake(tmp_path / "work", cfg, check=False)
+    assert proc.returncode != 0
+    assert "sessionz" in proc.stdout + proc.stderr
