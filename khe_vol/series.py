@@ -14,7 +14,7 @@ import numpy as np
 
 from khe_vol import __version__
 from khe_vol.geometry import grid_corners_world, grids_overlap, resample_mask_to_grid, seed_voxel
-from khe_vol.measure import lesion_volume
+from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_image, load_series
 
 METHOD_AUTO = "auto"
@@ -47,6 +47,8 @@ def base_record(participant_id, session_id, month):
         "n_voxels": None,
         "voxel_volume_mm3": None,
         "volume_ml": None,
+        "mesh_volume_ml": None,
+        "max_diameter_cm": None,
         "source_file": None,
         "source_sha256": None,
         "affine_source": None,
@@ -154,7 +156,7 @@ def measure_series(
         logging.getLogger(__name__).exception("unexpected failure on %s", image_path)
         record["message"] = f"{image_path}: unexpected failure ({type(exc).__name__}: {exc}); see the job log"
         return record, None, None
-    record.update(lesion_volume(mask, series.affine))
+    record.update(lesion_size(mask, series.affine))
     record["status"] = "ok"
     # Timings vary run to run; they live in Snakemake's benchmark files, not
     # in records, so reruns give the same bytes.

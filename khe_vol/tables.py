@@ -25,6 +25,8 @@ VOLUME_COLUMNS = {
     "volume_ml": {"LongName": "Lesion volume", "Description": "Lesion voxel count times voxel volume on the series' own grid.", "Units": "mL"},
     "n_voxels": {"LongName": "Lesion voxel count", "Description": "Number of lesion voxels on the series' own grid."},
     "voxel_volume_mm3": {"LongName": "Voxel volume", "Description": "|det| of the 3x3 part of the series affine.", "Units": "mm^3"},
+    "mesh_volume_ml": {"LongName": "Surface-mesh lesion volume", "Description": "Volume enclosed by the marching-cubes surface of the mask: a cross-check of volume_ml (lower for thin or jagged masks).", "Units": "mL"},
+    "max_diameter_cm": {"LongName": "Maximal 3D lesion diameter", "Description": "Largest distance between two points of the lesion surface (maximal tumour dimension).", "Units": "cm"},
     "method": {
         "LongName": "Segmentation method",
         "Description": "Where the lesion mask came from.",
@@ -87,6 +89,8 @@ def volume_rows(records):
             "volume_ml": _fmt(rec["volume_ml"], ".6f") if ok else NA,
             "n_voxels": _fmt(rec["n_voxels"]) if ok else NA,
             "voxel_volume_mm3": _fmt(rec["voxel_volume_mm3"], ".9g") if ok else NA,
+            "mesh_volume_ml": _fmt(rec["mesh_volume_ml"], ".6f") if ok else NA,
+            "max_diameter_cm": _fmt(rec["max_diameter_cm"], ".2f") if ok else NA,
             "method": _fmt(rec["method"]),
             "status": rec["status"],
             "message": _fmt(rec["message"]),

@@ -2,7 +2,7 @@ import pytest
 
 from khe_vol.config import ConfigError, load_config, validate_config
 from khe_vol.discover import discover_study, find_series, read_seeds, reference_session
-from tests.conftest import make_affine, save_nifti
+from tests.conftest import save_nifti
 
 import numpy as np
 

@@ -1,0 +1,257 @@
+"""Segmentation accuracy benchmark: realistic phantoms and real expert-segmented scans.
+
+Runs the workflow's own per-series path (:func:`khe_vol.series.measure_series`:
+validate, segment from the baseline seed, track follow-ups from the baseline
+mask, measure) on
+
+(a) a reproducible phantom cohort from :mod:`khe_vol.phantom` (fat-suppressed
+    T2, bias up to +-50 %, Rician noise SNR 12-30, 0.5-1 mm in plane and 3-5 mm
+    slices, RAS/LPS/sagittal/coronal and oblique grids, repositioning, lesions
+    that grow, shrink to a residue or vanish; truth from the continuous shape);
+(b) the real scans in ``../shared/realdata/brats2013`` when present.
+
+Prints per series true and measured volume, relative error, Dice and CPU
+seconds, then per cohort the median and 90th percentile |volume error|,
+median and minimum Dice and month-12 category agreement, and writes the same
+as JSON. Usage (from the repository root)::
+
+    python benchmarks/segmentation.py                   # full run
+    python benchmarks/segmentation.py --participants 4  # quicker
+    python benchmarks/segmentation.py --skip-phantoms   # real scans only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from khe_vol import phantom
+from khe_vol.response import classify_ratio
+from khe_vol.series import measure_series
+from fractions import Fraction
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata" / "brats2013"
+
+#: Month-12 volume ratios of the phantom cohort, cycled: every category,
+#: an 88 % shrinkage and complete involution among them.
+M12_RATIOS = (1.45, 0.95, 0.55, 0.12, 0.0, 0.70, 1.30, 0.35, 0.20, 1.05, 0.0, 0.50)
+ORIENTATIONS = ("axial_lps", "axial_ras", "sagittal", "coronal")
+
+
+def dice(a, b):
+    a, b = np.asarray(a) != 0, np.asarray(b) != 0
+    denom = a.sum() + b.sum()
+    return 1.0 if denom == 0 else float(2 * np.logical_and(a, b).sum() / denom)
+
+
+def phantom_specs(index, rng_seed=2026):
+    """Anatomy seed and the three SeriesSpecs of phantom participant ``index``."""
+    rng = np.random.default_rng([rng_seed, index])
+    m12 = M12_RATIOS[index % len(M12_RATIOS)]
+    ratios = {"baseline": 1.0, "m06": 1.0 + (m12 - 1.0) * rng.uniform(0.4, 0.8), "m12": m12}
+    specs = {}
+    for n, (ses, ratio) in enumerate(ratios.items()):
+        in_plane = float(rng.uniform(0.5, 1.0))
+        slice_mm = float(rng.uniform(3.0, 5.0))
+        fov_mm = np.array([rng.uniform(170, 200), rng.uniform(170, 200), rng.uniform(140, 170)])
+        shape = tuple(int(math.ceil(f / v)) for f, v in zip(fov_mm, (in_plane, in_plane, slice_mm)))
+        specs[ses] = phantom.SeriesSpec(
+            shape=shape,
+            voxel_mm=(in_plane, in_plane, slice_mm),
+            orientation=ORIENTATIONS[(index + n) % len(ORIENTATIONS)],
+            oblique_deg=float(rng.uniform(0, 20)),
+            oblique_axis=tuple(rng.standard_normal(3)),
+            snr=float(rng.uniform(12, 30)),
+            bias_amplitude=float(rng.uniform(0.2, 0.5)),
+            rotation_deg=tuple(rng.uniform(-6, 6, 3)) if n else (0.0, 0.0, 0.0),
+            translation_mm=tuple(rng.uniform(-20, 20, 3)) if n else (0.0, 0.0, 0.0),
+            fov_offset_mm=tuple(rng.uniform(-15, 15, 3)),
+            volume_ratio=float(ratio),
+            rng_seed=int(rng.integers(1 << 31)),
+        )
+    return int(rng.integers(1 << 31)), specs
+
+
+def _cpu():
+    self_, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_series(tmp, pid, ses, month, image, affine, seed=None, reference=None):
+    path = Path(tmp) / f"{pid}_{ses}_T2w.nii.gz"
+    img = nib.Nifti1Image(image.astype(np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+    t0 = _cpu()
+    record, mask, _ = measure_series(pid, ses, month, path, seed_ras_mm=seed, reference=reference)
+    return record, mask, _cpu() - t0
+
+
+def category_distance(ratio):
+    """Points of percent change from the true change to the nearest threshold."""
+    if ratio == 0:
+        return math.inf
+    change = 100 * (ratio - 1)
+    return min(abs(change - t) for t in (20, -20, -75))
+
+
+def phantom_cohort(n_participants, tmp, log):
+    rows, m12 = [], []
+    for index in range(n_participants):
+        pid = f"sub-ph{index + 1:02d}"
+        anatomy_seed, specs = phantom_specs(index)
+        anatomy = phantom.make_anatomy(anatomy_seed)
+        base_record = base_mask = None
+        for ses, spec in specs.items():
+            month = {"baseline": 0, "m06": 6, "m12": 12}[ses]
+            ph = phantom.render_series(anatomy, spec)
+            if ses == "baseline":
+                record, mask, cpu = run_series(tmp, pid, f"ses-{ses}", month, ph.image, ph.affine, seed=ph.seed_ras_mm)
+                base_record, base_mask = record, mask
+            else:
+                reference = {"record": base_record, "mask": base_mask}
+                record, mask, cpu = run_series(tmp, pid, f"ses-{ses}", month, ph.image, ph.affine, reference=reference)
+            row = _row(pid, f"ses-{ses}", ph.true_volume_ml, record, mask, ph.truth_mask, cpu)
+            row.update(orientation=spec.orientation, voxel_mm=[round(v, 2) for v in spec.voxel_mm],
+                       snr=round(spec.snr, 1), bias=round(spec.bias_amplitude, 2), true_ratio=round(spec.volume_ratio, 4))
+            rows.append(row)
+            log(row)
+            if ses == "m12" and record["status"] == "ok" and base_record["status"] == "ok" and base_record["volume_ml"] > 0:
+                true_cat = classify_ratio(Fraction(spec.volume_ratio).limit_denominator(10**6))
+                got_cat = classify_ratio(Fraction(record["volume_ml"]) / Fraction(base_record["volume_ml"]))
+                m12.append({"participant_id": pid, "true_category": true_cat, "measured_category": got_cat,
+                            "distance_points": category_distance(spec.volume_ratio)})
+    return rows, m12
+
+
+def _row(pid, ses, true_ml, record, mask, truth, cpu):
+    ok = record["status"] == "ok"
+    measured = record["volume_ml"] if ok else None
+    rel = None
+    if ok and true_ml > 0:
+        rel = (measured - true_ml) / true_ml
+    return {
+        "participant_id": pid, "session_id": ses, "true_volume_ml": round(true_ml, 3),
+        "measured_volume_ml": None if measured is None else round(measured, 3),
+        "relative_error": None if rel is None else round(rel, 4),
+        "dice": round(dice(mask, truth), 4) if ok else None,
+        "cpu_seconds": round(cpu, 2), "status": record["status"], "message": record["message"],
+    }
+
+
+def real_cohort(tmp, log):
+    if not REALDATA.is_dir():
+        return []
+    seeds = {r["participant_id"]: [float(r[c]) for c in "xyz"] for r in csv.DictReader(open(REALDATA / "seeds.tsv"), delimiter="\t")}
+    truth_ml = {r["participant_id"]: float(r["whole_tumour_ml"]) for r in csv.DictReader(open(REALDATA / "volumes.tsv"), delimiter="\t")}
+    rows = []
+    for pid in sorted(seeds):
+        image_path = next((REALDATA / pid).rglob("*_FLAIR.nii.gz"))
+        truth = nib.load(next((REALDATA / "truth" / pid).glob("*_label-wholetumour_mask.nii.gz")))
+        t0 = _cpu()
+        record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seeds[pid])
+        row = _row(pid, "ses-baseline", truth_ml[pid], record, mask, np.asarray(truth.dataobj), _cpu() - t0)
+        rows.append(row)
+        log(row)
+    return rows
+
+
+def summarise(rows, m12=None):
+    errs = [abs(r["relative_error"]) for r in rows if r["relative_error"] is not None]
+    dices = [r["dice"] for r in rows if r["dice"] is not None and r["true_volume_ml"] > 0]
+    out = {
+        "n_series": len(rows),
+        "n_errors": sum(r["status"] != "ok" for r in rows),
+        "median_abs_volume_error_pct": round(100 * float(np.median(errs)), 2) if errs else None,
+        "p90_abs_volume_error_pct": round(100 * float(np.percentile(errs, 90)), 2) if errs else None,
+        "median_dice": round(float(np.median(dices)), 4) if dices else None,
+        "min_dice": round(float(np.min(dices)), 4) if dices else None,
+        "median_cpu_seconds": round(float(np.median([r["cpu_seconds"] for r in rows])), 2) if rows else None,
+    }
+    vanished = [r for r in rows if r["true_volume_ml"] == 0]
+    if vanished:
+        out["vanished_lesions"] = len(vanished)
+        out["vanished_measured_zero"] = sum(r["measured_volume_ml"] == 0 for r in vanished)
+    if m12 is not None:
+        clear = [m for m in m12 if m["distance_points"] >= 5]
+        out["m12_category_agreement"] = f"{sum(m['true_category'] == m['measured_category'] for m in clear)}/{len(clear)}"
+        out["m12_category_agreement_all"] = f"{sum(m['true_category'] == m['measured_category'] for m in m12)}/{len(m12)}"
+    return out
+
+
+def job_cost(tmp):
+    """CPU seconds and peak RSS of one `khe-vol series` job on a 320x320x40 T2."""
+    anatomy = phantom.make_anatomy(7)
+    spec = phantom.SeriesSpec(shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0), orientation="axial_lps", snr=18,
+                              bias_amplitude=0.4, rng_seed=11)
+    ph = phantom.render_series(anatomy, spec)
+    path = Path(tmp) / "job_T2w.nii.gz"
+    img = nib.Nifti1Image(ph.image, ph.affine)
+    img.set_qform(ph.affine, code=1)
+    nib.save(img, path)
+    cmd = [sys.executable, "-m", "khe_vol.cli", "series", "--participant", "sub-x",
+           "--session", "ses-baseline", "--month", "0", "--image", str(path), "--seed", *map(str, ph.seed_ras_mm),
+           "--record", str(Path(tmp) / "r.json"), "--mask", str(Path(tmp) / "m.nii.gz")]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    # ru_maxrss of children is the largest child so far: this job is the only child.
+    return {"shape": [320, 320, 40], "cpu_seconds": round(cpu, 2), "peak_rss_mib": round(after.ru_maxrss / 1024, 1)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--participants", type=int, default=12)
+    parser.add_argument("--skip-phantoms", action="store_true")
+    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--out", default="results/benchmark_segmentation.json")
+    args = parser.parse_args(argv)
+
+    def log(row):
+        print(f"{row['participant_id']:>12} {row['session_id']:<13} true {row['true_volume_ml']:9.2f} mL  "
+              f"measured {row['measured_volume_ml'] if row['measured_volume_ml'] is not None else 'n/a':>9} mL  "
+              f"err {('%+.1f%%' % (100 * row['relative_error'])) if row['relative_error'] is not None else 'n/a':>7}  "
+              f"Dice {row['dice'] if row['dice'] is not None else 'n/a':>6}  {row['cpu_seconds']:5.1f} s"
+              + (f"  {row['message']}" if row["status"] != "ok" else ""), flush=True)
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_phantoms:
+            print("== phantoms")
+            rows, m12 = phantom_cohort(args.participants, tmp, log)
+            result["phantoms"] = {"summary": summarise(rows, m12), "series": rows, "m12": m12}
+            print(json.dumps(result["phantoms"]["summary"], indent=2))
+        if not args.skip_real:
+            print("== real scans (BraTS 2013 FLAIR, whole tumour)")
+            rows = real_cohort(tmp, log)
+            if rows:
+                result["real"] = {"summary": summarise(rows), "series": rows}
+                print(json.dumps(result["real"]["summary"], indent=2))
+            else:
+                print(f"   {REALDATA} not found, skipped")
+        if not args.skip_job:
+            result["job_320x320x40"] = job_cost(tmp)
+            print("== one series job on 320x320x40:", result["job_320x320x40"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
