@@ -1,0 +1,48 @@
+"""`khe-vol check` reports every problem in a study folder at once."""
+
+import subprocess
+import sys
+
+import yaml
+
+from tests.cohort import write_mask_cohort
+from tests.test_workflow import add_bad_series
+
+
+def run_check(*args):
+    return subprocess.run([sys.executable, "-m", "khe_vol.cli", "check", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_clean_study_passes(tmp_path):
+    config = write_mask_cohort(tmp_path)
+    proc = run_check(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no problems found" in proc.stderr
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    config = write_mask_cohort(tmp_path)
+    bad = add_bad_series(tmp_path)
+    seeds = tmp_path / "seeds.tsv"
+    seeds.write_text("participant_id\tx\ty\tz\nsub-01\t900\t0\t0\nsub-77\t0\t0\t0\n")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["seeds"] = str(seeds)
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_check(config)
+    assert proc.returncode == 1
+    report = proc.stdout
+    for (pid, ses), words in bad.items():
+        assert any(line.startswith(f"{pid}\t") and words in line for line in report.splitlines()), (pid, words, report)
+    assert "sub-77" in report  # seed for a participant without images
+    assert f"{len(report.splitlines()) - 1} problem(s) found" in proc.stderr
+    # headers only: quicker, and still finds the header problems
+    quick = run_check(config, "--headers-only", "--no-fail")
+    assert quick.returncode == 0 and "3 volumes" in quick.stdout and "NaN" not in quick.stdout
+
+
+def test_bad_config_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("imaging_dir: 5\nfoo: 1\n")
+    proc = run_check(cfg)
+    assert proc.returncode == 2 and "foo" in proc.stderr and str(cfg) in proc.stderr
