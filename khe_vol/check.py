@@ -75,6 +75,13 @@ def _mask_problems(mask_path, shape, affine, headers_only):
     return []
 
 
+REPORT_COLUMNS = {
+    "participant_id": {"LongName": "Participant identifier", "Description": "sub-<label>, or n/a for a problem of the folder as a whole."},
+    "session_id": {"LongName": "Session identifier", "Description": "ses-<label>, or n/a for a problem of the participant or folder."},
+    "problem": {"LongName": "Problem", "Description": "What is wrong, naming the file; fix it before the run, or expect an error row for that series."},
+}
+
+
 def format_report(problems):
     """The problems as a TSV (participant_id, session_id, problem)."""
     lines = ["participant_id\tsession_id\tproblem"]

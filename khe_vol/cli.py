@@ -42,7 +42,7 @@ def _load_config_arg(args):
 
 
 def _cmd_check(args):
-    from khe_vol.check import check_study, format_report
+    from khe_vol.check import REPORT_COLUMNS, check_study, format_report
     from khe_vol.config import ConfigError
 
     try:
@@ -60,6 +60,8 @@ def _cmd_check(args):
         from khe_vol.nifti import atomic_write_text
 
         atomic_write_text(args.report, report)
+        if args.report.endswith(".tsv"):
+            atomic_write_text(args.report[: -len(".tsv")] + ".json", json.dumps(REPORT_COLUMNS, indent=2) + "\n")
     print(report, end="")
     n = len(problems)
     print(f"{n} problem(s) found" if n else "no problems found", file=sys.stderr)

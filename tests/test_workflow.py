@@ -80,11 +80,23 @@ def add_bad_series(root):
     return bad
 
 
+def add_missing_baseline(root):
+    """sub-98 has a measurable m06 (reader mask) but no baseline series at all."""
+    img = Path(root) / "imaging"
+    for kind, pattern in (("imaging", "sub-01/ses-m06/anat/*_T2w.nii.gz"), ("masks", "sub-01/ses-m06/anat/*_mask.nii.gz")):
+        src = next((Path(root) / kind).glob(pattern))
+        dst = Path(root) / kind / "sub-98/ses-m06/anat" / src.name.replace("sub-01", "sub-98")
+        dst.parent.mkdir(parents=True)
+        dst.write_bytes(src.read_bytes())
+    return img
+
+
 @pytest.fixture(scope="module")
 def mask_cohort_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("maskcohort")
     config = write_mask_cohort(root)
     bad = add_bad_series(root)
+    add_missing_baseline(root)
     inputs_before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     proc = run_snakemake(root / "work", config)
     return root, config, bad, inputs_before, proc
@@ -93,7 +105,8 @@ def mask_cohort_run(tmp_path_factory):
 def test_every_series_gets_a_row_and_bad_ones_say_why(mask_cohort_run):
     root, _, bad, _, proc = mask_cohort_run
     rows = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/volumes.tsv")}
-    assert len(rows) == 6 + len(bad)
+    assert len(rows) == 6 + len(bad) + 1
+    assert rows[("sub-98", "ses-m06")]["status"] == "ok"
     for key, words in bad.items():
         assert rows[key]["status"] == "error", key
         assert words in rows[key]["message"], (key, rows[key]["message"])
@@ -103,7 +116,7 @@ def test_every_series_gets_a_row_and_bad_ones_say_why(mask_cohort_run):
         assert rows[(pid, "ses-baseline")]["method"] == "reader_mask"
     # the file is named in each image error
     assert "sub-90_ses-baseline_T2w.nii.gz" in rows[("sub-90", "ses-baseline")]["message"]
-    assert f"khe-vol: {6 + len(bad)} series, {len(bad)} with errors" in proc.stdout + proc.stderr
+    assert f"khe-vol: {7 + len(bad)} series, {len(bad)} with errors" in proc.stdout + proc.stderr
 
 
 def test_response_table_and_categories(mask_cohort_run):
@@ -115,6 +128,9 @@ def test_response_table_and_categories(mask_cohort_run):
         assert rows[(pid, "ses-m12")]["category"] == "complete_involution"
         assert rows[(pid, "ses-m12")]["percent_change"] == "-100.000"
     assert rows[("sub-96", "ses-m06")]["status"] == "error"
+    missing = rows[("sub-98", "ses-m06")]
+    assert missing["status"] == "error" and missing["volume_ml"] != "n/a"
+    assert "no baseline series (ses-baseline) for sub-98" in missing["message"]
     assert "ses-m03" in rows[("sub-01", "ses-m03")]["message"]
     # flipped/permuted reader masks measure like the plain ones (same balls, 1 voxel noise)
     v1 = float(rows[("sub-01", "ses-m06")]["volume_ml"])
@@ -146,7 +162,8 @@ def test_dictionaries_and_derivatives(mask_cohort_run):
             assert img.get_data_dtype() == np.uint8
             assert int(np.asarray(img.dataobj).sum()) == int(r["n_voxels"])
     check = read_tsv(res / "check.tsv")
-    assert any("sub-90" in (c["participant_id"]) for c in check) or any("sub-92" == c["participant_id"] for c in check)
+    assert {"sub-92", "sub-95", "sub-98"} <= {c["participant_id"] for c in check}
+    assert list(json.loads((res / "check.json").read_text())) == ["participant_id", "session_id", "problem"]
 
 
 def test_inputs_untouched_and_rerun_is_byte_identical(mask_cohort_run, tmp_path):

@@ -6,7 +6,8 @@ rule check_study:
     input:
         [str(s.path) for s in STUDY.slots if s.path is not None],
     output:
-        f"{RESULTS}/check.tsv",
+        report=f"{RESULTS}/check.tsv",
+        dictionary=f"{RESULTS}/check.json",
     params:
         config=json.dumps(config, sort_keys=True),
     conda:
@@ -15,4 +16,4 @@ rule check_study:
         f"{RESULTS}/logs/check_study.log",
     shell:
         "khe-vol check --config-json {params.config:q} --headers-only --no-fail "
-        "--report {output:q} > {log:q} 2>&1"
+        "--report {output.report:q} > {log:q} 2>&1"

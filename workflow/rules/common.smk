@@ -105,6 +105,7 @@ def series_args(wildcards):
 def final_outputs():
     return [
         f"{RESULTS}/check.tsv",
+        f"{RESULTS}/check.json",
         f"{RESULTS}/volumes.tsv",
         f"{RESULTS}/volumes.json",
         f"{RESULTS}/response.tsv",
