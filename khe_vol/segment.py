@@ -1,0 +1,858 @@
+"""Seeded segmentation of a T2-hyperintense lesion (KHE) on its native grid.
+
+Method (every distance in mm, so anisotropic, oblique and flipped grids
+behave alike)
+-----------------------------------------------------------------------
+1. **Region of interest.** A box of half-width ``max_radius_mm`` around the
+   seed; everything below runs on it only.
+2. **Bias field.** N4 (SimpleITK) fitted on a copy shrunk to about
+   ``n4_spacing_mm`` voxels, its field applied at full resolution; then a
+   light Gaussian of ``smoothing_sigma_mm``. Data with negative values are
+   already normalised (e.g. z-scores) and are left alone.
+3. **Intensity model.** ``L`` is the lesion level (median of the current
+   lesion), ``B`` the level of what surrounds it (median of a shell
+   ``shell_inner_mm``-``shell_outer_mm`` outside it, ignoring dark air, fat
+   and fluid-free CSF), ``c = L - B`` the contrast. Lesion tissue is
+   ``I >= B + lower_fraction * c``: half-way between lesion and
+   surroundings is the unbiased edge for partial-volume voxels, and sits
+   above an oedema rim. Flat regions (``fluid_max_sd``) above
+   ``L + max(fluid_fraction * c, fluid_sd_factor * sd)`` are fluid: fluid
+   beside the lesion is excluded with its partial-volume rim, while a
+   bright core the lesion surrounds (``enclosure_fraction``) is kept, as is
+   bright heterogeneous tissue. ``L``, ``B`` and ``sd`` are re-estimated
+   from the segmentation ``threshold_iterations`` times (an isodata-like
+   local threshold).
+4. **Shape.** A closing of ``closing_radius_mm`` bridges thin dark septa, an
+   opening of ``opening_radius_mm`` cuts bridges to touching vessels, the
+   component at the seed is kept and what the opening took from it restored
+   (``restore_radius_mm``, ``restore_max_mm``), and holes (flow voids, septa, necrosis) are filled
+   in 3D and slice by slice.
+
+The same band segmentation, started from a registered reference lesion
+instead of a seed, finds the lesion again in follow-ups
+(:mod:`khe_vol.track`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage.filters import threshold_multiotsu
+from skimage.segmentation import watershed
+
+from khe_vol.geometry import from_sitk, seed_voxel, to_sitk, voxel_sizes_mm, voxel_to_world
+
+
+class SegmentationError(ValueError):
+    """Segmentation cannot be done; the message says why in coordinator terms."""
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Every tunable of :func:`segment_from_seed` and :func:`khe_vol.track.track_followup`.
+
+    Attributes
+    ----------
+    max_radius_mm : float
+        Half-width of the box searched around the seed, mm. A lesion reaching
+        further is cut at the box (``info["touches_roi_border"]``).
+    seed_search_radius_mm : float
+        Lesion tissue must lie within this distance of the seed, mm (a seed
+        on a flow void, septum or necrosis still works).
+    min_contrast : float
+        The lesion must be brighter than its surroundings by at least this
+        many robust standard deviations of ordinary tissue; otherwise the
+        seed is not on hyperintense tissue.
+    bias_correction : bool
+        Run N4 bias-field correction on the region of interest.
+    n4_spacing_mm : float
+        Voxel size the region is shrunk to for fitting N4, mm.
+    n4_iterations : int
+        N4 iterations at each fitting level.
+    n4_levels : int
+        N4 B-spline fitting levels.
+    smoothing_sigma_mm : float
+        Gaussian smoothing before thresholding, mm.
+    lower_fraction : float
+        Lower threshold ``B + lower_fraction * (L - B)``.
+    fluid_fraction, fluid_sd_factor : float
+        Upper threshold ``L + max(fluid_fraction * (L - B), fluid_sd_factor *
+        sd)``, ``sd`` the robust standard deviation of the lesion signal:
+        above it, tissue may be fluid (a heterogeneous lesion keeps its
+        bright parts below it)...
+    fluid_max_sd : float
+        ...and it is fluid when flat: standard deviation inside it at most
+        this fraction of ``L - B`` (bright oedema, necrosis or haemorrhage
+        belonging to a lesion is not flat)...
+    enclosure_fraction : float
+        ...and not surrounded by the lesion: a flat bright region at least
+        this fraction of whose bordering voxels are lesion is a bright core
+        and kept.
+    threshold_iterations : int
+        Re-estimations of ``L``, ``B`` and ``sd`` from the segmentation.
+    shell_inner_mm, shell_outer_mm : float
+        Shell outside the lesion whose median is the surrounding level, mm.
+    closing_radius_mm : float
+        Closing radius bridging thin dark septa inside the lesion, mm.
+    opening_radius_mm : float
+        Opening radius cutting bridges to vessels, mm: parts thinner than
+        twice this are cut off the lesion.
+    restore_radius_mm, restore_max_mm : float
+        A part removed by the opening is put back whole when it lies within
+        ``restore_max_mm`` of what survived (a small lobe, a protrusion);
+        otherwise (a vessel, a bridge) only within ``restore_radius_mm`` of
+        it, below the vessel gap, so a cut-off vessel stays cut off.
+    fill_holes_slicewise : bool
+        Also fill holes in each slice (flow voids running through slices).
+    track_margin_mm : float
+        Follow-ups: the lesion is searched for within this distance of the
+        registered reference lesion, mm.
+    track_erosion_mm : float
+        Follow-ups: the reference lesion is eroded by this much before it
+        seeds the search, mm, so a registration error does not start the
+        search on neighbouring tissue.
+    min_lesion_ml : float
+        Follow-ups: residual lesion smaller than this is taken as noise, mL.
+    registration_spacing_mm : float
+        Follow-ups: finest voxel size used by the rigid registration, mm.
+    """
+
+    max_radius_mm: float = 90.0
+    seed_search_radius_mm: float = 10.0
+    min_contrast: float = 2.0
+    bias_correction: bool = True
+    n4_spacing_mm: float = 8.0
+    n4_iterations: int = 30
+    n4_levels: int = 3
+    smoothing_sigma_mm: float = 0.5
+    lower_fraction: float = 0.4
+    fluid_fraction: float = 0.35
+    fluid_sd_factor: float = 3.0
+    fluid_max_sd: float = 0.08
+    enclosure_fraction: float = 0.6
+    threshold_iterations: int = 3
+    shell_inner_mm: float = 1.5
+    shell_outer_mm: float = 6.0
+    closing_radius_mm: float = 1.5
+    opening_radius_mm: float = 4.0
+    restore_radius_mm: float = 1.5
+    restore_max_mm: float = 6.0
+    fill_holes_slicewise: bool = True
+    edge_sigma_mm: float = 0.7
+    track_margin_mm: float = 15.0
+    track_erosion_mm: float = 2.0
+    min_lesion_ml: float = 0.1
+    registration_spacing_mm: float = 2.0
+
+
+@dataclass(frozen=True)
+class IntensityModel:
+    """Lesion intensity model in image units.
+
+    Attributes
+    ----------
+    lesion : float
+        Lesion level ``L``.
+    surround : float
+        Surrounding tissue level ``B``.
+    lesion_sd : float
+        Robust standard deviation of the lesion signal.
+    dark : float
+        Values below this are air, suppressed fat or similar, ignored when
+        measuring ``B``.
+    floor : float
+        ``B`` is never taken below this (ordinary tissue of the region).
+    """
+
+    lesion: float
+    surround: float
+    lesion_sd: float
+    dark: float
+    floor: float
+
+    @property
+    def contrast(self):
+        return self.lesion - self.surround
+
+    def lower(self, params):
+        """Lower threshold of lesion tissue."""
+        return self.surround + params.lower_fraction * self.contrast
+
+    def upper(self, params):
+        """Threshold above which tissue may be fluid."""
+        return self.lesion + max(params.fluid_fraction * self.contrast, params.fluid_sd_factor * self.lesion_sd)
+
+    def as_dict(self, params):
+        return {
+            "lesion_level": float(self.lesion),
+            "surrounding_level": float(self.surround),
+            "lesion_sd": float(self.lesion_sd),
+            "lower_threshold": float(self.lower(params)),
+            "upper_threshold": float(self.upper(params)),
+        }
+
+
+# --------------------------------------------------------------------------
+# Grids and morphology in millimetres
+
+
+def crop_box(center_ijk, shape, spacing_mm, radius_mm):
+    """Index slices of a box of physical half-width ``radius_mm`` around a voxel.
+
+    Parameters
+    ----------
+    center_ijk : (3,) int
+    shape : (3,) int
+    spacing_mm : (3,) float
+    radius_mm : float
+
+    Returns
+    -------
+    tuple of slice
+    """
+    half = np.ceil(float(radius_mm) / np.asarray(spacing_mm, float)).astype(int)
+    lo = np.maximum(np.asarray(center_ijk) - half, 0)
+    hi = np.minimum(np.asarray(center_ijk) + half + 1, np.asarray(shape[:3]))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def mask_box(mask, spacing_mm, margin_mm):
+    """Bounding box of a mask grown by ``margin_mm``, as index slices."""
+    idx = np.argwhere(mask)
+    margin = np.ceil(float(margin_mm) / np.asarray(spacing_mm, float)).astype(int)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def crop_affine(affine, slices):
+    """Affine of a sub-array ``array[slices]``."""
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = voxel_to_world([s.start for s in slices], affine)
+    return out
+
+
+#: Balls up to this many voxels are applied as structuring elements; larger
+#: ones through a distance transform (whose cost does not grow with radius).
+_SMALL_BALL_VOXELS = 125
+
+
+def ball_structure(spacing_mm, radius_mm):
+    """Structuring element of the voxels within ``radius_mm`` of the centre voxel."""
+    half = np.floor(float(radius_mm) / np.asarray(spacing_mm, float)).astype(int)
+    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    return sum((g * s) ** 2 for g, s in zip(grids, spacing_mm)) <= float(radius_mm) ** 2 + 1e-9
+
+
+def distance_outside_mm(mask, spacing_mm):
+    """Distance in mm from each voxel centre to the nearest voxel of ``mask`` (0 inside).
+
+    Exact Euclidean distance on the anisotropic grid (Maurer's algorithm,
+    SimpleITK); ``inf`` everywhere if the mask is empty.
+    """
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8))
+    image.SetSpacing([float(v) for v in spacing_mm])
+    dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.maximum(np.transpose(sitk.GetArrayFromImage(dist), (2, 1, 0)), 0)
+
+
+def dilate_mm(mask, spacing_mm, radius_mm):
+    """Dilation by a ball of ``radius_mm``: voxels within that distance of the mask."""
+    if radius_mm <= 0:
+        return mask.copy()
+    ball = ball_structure(spacing_mm, radius_mm)
+    if ball.sum() <= _SMALL_BALL_VOXELS:
+        return ndimage.binary_dilation(mask, structure=ball)
+    return distance_outside_mm(mask, spacing_mm) <= radius_mm
+
+
+def erode_mm(mask, spacing_mm, radius_mm):
+    """Erosion by a ball of ``radius_mm``; the array border is not background."""
+    if radius_mm <= 0:
+        return mask.copy()
+    ball = ball_structure(spacing_mm, radius_mm)
+    if ball.sum() <= _SMALL_BALL_VOXELS:
+        return ndimage.binary_erosion(mask, structure=ball, border_value=1)
+    padded = np.pad(mask, 1, mode="edge")
+    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
+    return distance_outside_mm(~padded, spacing_mm)[inner] > radius_mm
+
+
+def opening_mm(mask, spacing_mm, radius_mm):
+    """Opening by a ball of ``radius_mm``: removes parts thinner than ``2 * radius_mm``."""
+    return dilate_mm(erode_mm(mask, spacing_mm, radius_mm), spacing_mm, radius_mm) & mask
+
+
+def closing_mm(mask, spacing_mm, radius_mm):
+    """Closing by a ball of ``radius_mm``: bridges gaps narrower than ``2 * radius_mm``."""
+    if radius_mm <= 0:
+        return mask.copy()
+    pad = np.ceil(radius_mm / np.asarray(spacing_mm, float)).astype(int) + 1
+    padded = np.pad(mask, [(int(p), int(p)) for p in pad])
+    closed = erode_mm(dilate_mm(padded, spacing_mm, radius_mm), spacing_mm, radius_mm)
+    inner = tuple(slice(int(p), int(p) + n) for p, n in zip(pad, mask.shape))
+    return closed[inner] | mask
+
+
+def fill_holes(mask, slice_axis=None):
+    """Fill enclosed holes in 3D and, optionally, in every slice along ``slice_axis``."""
+    filled = ndimage.binary_fill_holes(mask)
+    if slice_axis is not None:
+        moved = np.moveaxis(filled, slice_axis, 0)  # a view: filling it fills ``filled``
+        for k in np.flatnonzero(moved.any(axis=(1, 2))):
+            moved[k] = ndimage.binary_fill_holes(moved[k])
+    return filled
+
+
+def ball_mask(shape, center_ijk, spacing_mm, radius_mm):
+    """Voxels whose centres lie within ``radius_mm`` of a voxel centre."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, center_ijk, spacing_mm))
+    return d2 <= radius_mm**2
+
+
+def component_near(mask, point_ijk, spacing_mm, radius_mm):
+    """The connected component of ``mask`` nearest a voxel, if within ``radius_mm``.
+
+    Returns
+    -------
+    ndarray of bool
+        Empty if no component is that close.
+    """
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    lab = labels[tuple(point_ijk)]
+    if lab == 0:
+        sub = crop_box(point_ijk, mask.shape, spacing_mm, radius_mm)
+        idx = np.argwhere(labels[sub] > 0)
+        if idx.size == 0:
+            return np.zeros(mask.shape, bool)
+        offset = np.array([s.start for s in sub]) - np.asarray(point_ijk)
+        dist_mm = np.sqrt((((idx + offset) * spacing_mm) ** 2).sum(axis=1))
+        best = int(np.argmin(dist_mm))
+        if dist_mm[best] > radius_mm:
+            return np.zeros(mask.shape, bool)
+        lab = labels[sub][tuple(idx[best])]
+    return labels == lab
+
+
+def components_touching(mask, start):
+    """Union of the connected components of ``mask`` that overlap ``start``."""
+    labels, _ = ndimage.label(mask)
+    keep = np.unique(labels[start & mask])
+    return np.isin(labels, keep[keep > 0])
+
+
+# --------------------------------------------------------------------------
+# Intensities
+
+
+def correct_bias(roi, roi_affine, params):
+    """N4 bias-field correction of a region, fitted on a shrunk copy.
+
+    Parameters
+    ----------
+    roi : (I, J, K) ndarray
+        Magnitude image (non-negative); data with negative values are
+        returned unchanged, since a multiplicative field does not apply to
+        intensities that were already normalised.
+    roi_affine : (4, 4) ndarray
+    params : SegmentationParams
+
+    Returns
+    -------
+    corrected : ndarray of float32
+    info : dict
+    """
+    data = np.asarray(roi, np.float32)
+    if float(data.min()) < 0:
+        return data, {"bias_correction": "skipped: negative intensities (already normalised)"}
+    # N4 works on log intensities: keep zeros (air) off the log by a tiny offset.
+    offset = 1e-3 * float(data.max() or 1.0)
+    image = to_sitk(data + offset, roi_affine)
+    shrink = [max(1, int(round(params.n4_spacing_mm / s))) for s in image.GetSpacing()]
+    small = sitk.Shrink(image, shrink)
+    # Fit on ordinary tissue only, the middle class of a three-class Otsu
+    # split: without air (no signal to correct) and without the lesion and
+    # fluid, whose brightness N4 would otherwise partly take for bias.
+    values = sitk.GetArrayViewFromImage(small)
+    dark, bright = (float(t) for t in threshold_multiotsu(np.asarray(values, np.float32).ravel(), classes=3))
+    mask = sitk.BinaryThreshold(small, dark, bright, 1, 0)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([int(params.n4_iterations)] * int(params.n4_levels))
+    corrector.Execute(small, mask)
+    log_field, _ = from_sitk(corrector.GetLogBiasFieldAsImage(image))
+    field = np.exp(log_field).astype(np.float32)
+    corrected = (data + offset) / field - offset
+    info = {"bias_correction": "n4", "bias_field_min": float(field.min()), "bias_field_max": float(field.max())}
+    return corrected.astype(np.float32), info
+
+
+def smooth_mm(roi, roi_affine, sigma_mm):
+    """Gaussian smoothing with a physical ``sigma_mm`` (recursive, anisotropy-aware)."""
+    data = np.asarray(roi, np.float32)
+    if sigma_mm <= 0:
+        return data
+    image = sitk.SmoothingRecursiveGaussian(to_sitk(data, roi_affine), float(sigma_mm))
+    return from_sitk(image)[0].astype(np.float32)
+
+
+def prepare_roi(image, affine, box, params):
+    """Crop, bias-correct and smooth a box of an image.
+
+    Parameters
+    ----------
+    image : (I, J, K) ndarray
+    affine : (4, 4) ndarray
+    box : tuple of slice
+    params : SegmentationParams
+
+    Returns
+    -------
+    smoothed : ndarray of float32
+    info : dict
+    """
+    roi_affine = crop_affine(affine, box)
+    roi = np.asarray(image[box], np.float32)
+    info = {"roi_shape": [int(n) for n in roi.shape]}
+    if params.bias_correction:
+        roi, bias_info = correct_bias(roi, roi_affine, params)
+        info.update(bias_info)
+    else:
+        info["bias_correction"] = "off"
+    return smooth_mm(roi, roi_affine, params.smoothing_sigma_mm), info
+
+
+def robust_sd(values):
+    """1.4826 x median absolute deviation (the SD for Gaussian data)."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+def tissue_level(values, bins=256):
+    """Level and spread of the commonest ordinary tissue (muscle in a trunk, brain in a head).
+
+    A three-class Otsu split separates the dark class (air, background,
+    suppressed fat) from the rest; the level is the mode of a smoothed
+    histogram of what lies above it. Unlike a median, the mode does not
+    move when a large lesion takes a bigger share of the region, so it can
+    anchor intensities, also across sessions.
+
+    Parameters
+    ----------
+    values : ndarray
+    bins : int
+
+    Returns
+    -------
+    level : float
+    dark : float
+        Values below this are dark background.
+    sd : float
+        Spread of that tissue (from the full width at half maximum of its
+        histogram peak, as a Gaussian standard deviation).
+    """
+    values = np.asarray(values, np.float32).ravel()
+    if values.size > 2_000_000:  # a regular subsample is plenty for a histogram
+        values = values[:: values.size // 1_000_000]
+    try:
+        dark = float(threshold_multiotsu(values, classes=3)[0])
+    except ValueError:  # fewer than three distinct values
+        dark = float(values.min())
+    tissue = values[values > dark]
+    if tissue.size < 10:
+        return float(np.median(values)), dark, robust_sd(values)
+    lo, hi = np.percentile(tissue, [0.5, 99.5])
+    hist, edges = np.histogram(tissue, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+    hist = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
+    k = int(np.argmax(hist))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    # Spread from the peak's full width at half maximum (Gaussian: 2.355 sd).
+    below_half = hist < 0.5 * hist[k]
+    left = np.flatnonzero(below_half[:k])
+    right = np.flatnonzero(below_half[k:])
+    lo_edge = centres[left[-1]] if left.size else centres[0]
+    hi_edge = centres[k + right[0]] if right.size else centres[-1]
+    return float(centres[k]), dark, float(hi_edge - lo_edge) / 2.355
+
+
+def initial_model(roi, sample):
+    """First guess of the intensity model from the region and a seed sample.
+
+    Parameters
+    ----------
+    roi : ndarray
+        Region intensities.
+    sample : ndarray
+        Intensities within ``seed_search_radius_mm`` of the seed.
+
+    Returns
+    -------
+    model : IntensityModel
+    tissue_sd : float
+        Robust standard deviation of ordinary tissue.
+
+    Notes
+    -----
+    The surrounding level starts as the commonest ordinary tissue
+    (:func:`tissue_level`). The lesion level is the median of the part of
+    the sample brighter than half-way between that and the sample's 90th
+    percentile, so a seed on a septum, flow void or necrosis still finds the
+    lesion around it.
+    """
+    level, dark, tissue_sd = tissue_level(roi)
+    top = float(np.percentile(sample, 90))
+    bright = sample[sample > 0.5 * (level + top)]
+    if bright.size == 0:
+        bright = np.array([top])
+    model = IntensityModel(
+        lesion=float(np.median(bright)), surround=level, lesion_sd=robust_sd(bright), dark=dark, floor=level
+    )
+    return model, tissue_sd
+
+
+def update_model(model, smoothed, region, spacing_mm, params):
+    """Re-estimate lesion and surrounding levels from a segmentation.
+
+    ``L`` and ``sd`` come from the lesion voxels at or above the lower
+    threshold (septa and voids excluded); ``B`` from a shell outside it,
+    without dark tissue (which does not move the edge that matters and would
+    feed a leak), and never below the region's ordinary tissue level.
+    """
+    values = smoothed[region]
+    values = values[values >= model.lower(params)]
+    if values.size == 0:
+        return model
+    dist = distance_outside_mm(region, spacing_mm)
+    shell = (dist > params.shell_inner_mm) & (dist <= params.shell_outer_mm)
+    shell_values = smoothed[shell & (smoothed > model.dark)]
+    surround = max(float(np.median(shell_values)), model.floor) if shell_values.size else model.surround
+    return IntensityModel(
+        lesion=float(np.median(values)), surround=surround, lesion_sd=robust_sd(values),
+        dark=model.dark, floor=model.floor,
+    )
+
+
+# --------------------------------------------------------------------------
+# Band segmentation
+
+
+def flat_components(smoothed, candidates, max_sd):
+    """Components of ``candidates`` whose signal is flat, like fluid.
+
+    The standard deviation is taken on each component after a one-voxel
+    erosion, so its partial-volume rim does not count; components with no
+    interior left are not flat.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+    candidates : ndarray of bool
+    max_sd : float
+        Largest interior standard deviation of a flat component.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    labels, n = ndimage.label(candidates)
+    if n == 0:
+        return np.zeros(smoothed.shape, bool)
+    index = np.arange(1, n + 1)
+    interior = ndimage.binary_erosion(labels > 0, structure=ndimage.generate_binary_structure(3, 1))
+    interior_labels = np.where(interior, labels, 0)
+    count = ndimage.sum_labels(interior, interior_labels, index)
+    values = smoothed.astype(np.float64)
+    mean = np.divide(ndimage.sum_labels(values, interior_labels, index), count, out=np.zeros(n), where=count > 0)
+    square = np.divide(ndimage.sum_labels(values**2, interior_labels, index), count, out=np.zeros(n), where=count > 0)
+    sd = np.sqrt(np.maximum(square - mean**2, 0))
+    return np.isin(labels, index[(count > 0) & (sd <= max_sd)])
+
+
+def enclosed_components(candidates, region, min_fraction):
+    """Components of ``candidates`` mostly surrounded by ``region``.
+
+    Parameters
+    ----------
+    candidates : ndarray of bool
+    region : ndarray of bool
+    min_fraction : float
+        Keep a component when at least this fraction of the voxels bordering
+        it (face neighbours) belong to ``region``.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    labels, n = ndimage.label(candidates & ~region)
+    if n == 0:
+        return np.zeros(region.shape, bool)
+    index = np.arange(1, n + 1)
+    # Each bordering voxel takes the label of a component it touches.
+    border_labels = ndimage.grey_dilation(labels, footprint=ndimage.generate_binary_structure(3, 1))
+    border = (border_labels > 0) & (labels == 0)
+    total = ndimage.sum_labels(border, border_labels, index)
+    inside = ndimage.sum_labels(border & region, border_labels, index)
+    frac = np.divide(inside, total, out=np.zeros(n), where=total > 0)
+    return np.isin(labels, index[frac >= min_fraction])
+
+
+def restorable(removed, core, spacing_mm, params):
+    """Parts cut off by the opening that belong back on the lesion.
+
+    A part that stays within ``restore_max_mm`` of the core (a small lobe or
+    the tip of a protrusion) is restored whole; of a part reaching further
+    (a vessel running past, a bridge to other tissue) only what lies within
+    ``restore_radius_mm`` of the core.
+
+    Parameters
+    ----------
+    removed : ndarray of bool
+        What the opening removed from the candidate mask.
+    core : ndarray of bool
+        What survived it and was kept.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    dist = distance_outside_mm(core, spacing_mm)
+    labels, n = ndimage.label(removed)
+    if n == 0:
+        return np.zeros(core.shape, bool)
+    index = np.arange(1, n + 1)
+    nearest = np.asarray(ndimage.minimum(dist, labels, index))
+    farthest = np.asarray(ndimage.maximum(dist, labels, index))
+    touching = nearest <= float(np.max(spacing_mm)) * 1.01
+    whole = np.isin(labels, index[touching & (farthest <= params.restore_max_mm)])
+    part = np.isin(labels, index[touching]) & (dist <= params.restore_radius_mm)
+    return components_touching(whole | part | core, core) & ~core
+
+
+def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_mm=0.0):
+    """Lesion mask from the intensity model and shape priors, grown from ``start``.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        Bias-corrected, smoothed intensities.
+    model : IntensityModel
+    start : tuple of int or ndarray of bool
+        Seed voxel (the nearest component within ``search_radius_mm`` is
+        kept), or a mask (the components overlapping it are kept).
+    spacing_mm : (3,) ndarray
+    params : SegmentationParams
+    search_radius_mm : float
+
+    Returns
+    -------
+    ndarray of bool
+        Empty when nothing is found.
+    """
+    fluid = flat_components(smoothed, smoothed > model.upper(params), params.fluid_max_sd * model.contrast)
+    band = (smoothed >= model.lower(params)) & ~fluid
+    closed = closing_mm(band, spacing_mm, params.closing_radius_mm) & ~fluid
+    opened = opening_mm(closed, spacing_mm, params.opening_radius_mm)
+    if isinstance(start, np.ndarray):
+        core = components_touching(opened, start)
+    else:
+        core = component_near(opened, start, spacing_mm, search_radius_mm)
+    if not core.any():
+        return core
+    region = core | restorable(closed & ~opened, core, spacing_mm, params)
+    inside = enclosed_components(fluid, region, params.enclosure_fraction)
+    region |= inside
+    beside = fluid & ~inside
+    if beside.any():
+        # Fluid beside the lesion: drop the voxels touching it, its
+        # partial-volume rim rather than lesion.
+        rim = ndimage.binary_dilation(beside, structure=np.ones((3, 3, 3), bool))
+        region = components_touching(region & ~rim, core & ~rim)
+    slice_axis = int(np.argmax(spacing_mm)) if params.fill_holes_slicewise else None
+    return fill_holes(region, slice_axis)
+
+
+def iterate_segmentation(smoothed, model, start, spacing_mm, params, search_radius_mm=0.0):
+    """Alternate band segmentation and re-estimation of the intensity model.
+
+    Later passes run on the bounding box of the lesion plus a margin, which
+    keeps the cost proportional to the lesion rather than the region.
+
+    Returns
+    -------
+    region : ndarray of bool
+    model : IntensityModel
+        The model that produced ``region``.
+    history : list of dict
+    """
+    region = band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_mm)
+    history = [{**model.as_dict(params), "n_voxels": int(region.sum())}]
+    if not region.any():
+        return region, model, history
+    contrast0 = model.contrast
+    margin_mm = params.shell_outer_mm + params.opening_radius_mm + 10.0
+    for _ in range(int(params.threshold_iterations)):
+        new_model = update_model(model, smoothed, region, spacing_mm, params)
+        if new_model.contrast < 0.5 * contrast0:
+            break  # the estimate degenerated; keep the last good region
+        box = mask_box(region, spacing_mm, margin_mm)
+        sub_start = region[box] if isinstance(start, np.ndarray) else region[box]
+        sub = band_segmentation(smoothed[box], new_model, sub_start, spacing_mm, params)
+        if not sub.any():
+            break
+        new = np.zeros_like(region)
+        new[box] = sub
+        model, region = new_model, new
+        history.append({**model.as_dict(params), "n_voxels": int(region.sum())})
+    return region, model, history
+
+
+def refine_edges(smoothed, region, spacing_mm, params):
+    """Move the lesion boundary onto the steepest intensity edge.
+
+    A marker watershed of the gradient magnitude decides the one-voxel band
+    on each side of the thresholded boundary: the edge sits where the
+    intensity changes fastest, which for a partial-volume blurred step is
+    half-way, whatever the neighbouring tissue is (muscle, oedema, fat).
+    Only axes with fine sampling take part (within 1.5x the finest voxel
+    size): across thick slices an edge cannot be placed between voxels, and
+    the threshold decides there.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+    region : ndarray of bool
+    spacing_mm : (3,) ndarray
+    params : SegmentationParams
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    if params.edge_sigma_mm <= 0 or not region.any():
+        return region
+    spacing = np.asarray(spacing_mm, float)
+    fine = spacing <= 1.5 * spacing.min()
+    box = mask_box(region, spacing, 4 * params.edge_sigma_mm + 2 * float(spacing[fine].max()))
+    sub = region[box]
+    values = smoothed[box].astype(np.float32)
+    # Gradient magnitude along the fine axes only, in intensity per mm.
+    squared = np.zeros(values.shape, np.float32)
+    for axis in np.flatnonzero(fine):
+        sigma = np.zeros(3)
+        sigma[axis] = params.edge_sigma_mm / spacing[axis]
+        order = [0, 0, 0]
+        order[axis] = 1
+        squared += (ndimage.gaussian_filter(values, sigma, order=order) / spacing[axis]) ** 2
+    # One voxel in every direction along the fine axes (3x3x3 or 3x3x1).
+    step = np.pad(np.ones([3 if f else 1 for f in fine], bool), [(0, 0) if f else (1, 1) for f in fine])
+    markers = np.zeros(sub.shape, np.int32)
+    markers[ndimage.binary_erosion(sub, step, border_value=1)] = 1
+    markers[~ndimage.binary_dilation(sub, step)] = 2
+    refined = watershed(np.sqrt(squared), markers) == 1
+    out = np.zeros_like(region)
+    out[box] = refined
+    slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
+    return fill_holes(components_touching(out, region & out), slice_axis)
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+
+
+def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
+    """Segment the hyperintense lesion containing (or right next to) a seed point.
+
+    Parameters
+    ----------
+    image : (I, J, K) array_like
+        T2 image as nibabel returns it.
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ affine, mm.
+    seed_ras_mm : (3,) array_like
+        A point in the lesion, scanner RAS+ mm.
+    params : SegmentationParams
+
+    Returns
+    -------
+    mask : ndarray of uint8, shape ``image.shape``
+        1 = lesion.
+    info : dict
+        JSON-serialisable: intensity model and thresholds (image units),
+        their history, bias field range, ``n_voxels``, ``volume_ml``,
+        ``touches_roi_border``, ``seconds`` (CPU).
+
+    Raises
+    ------
+    SegmentationError
+        Seed outside the image, or no hyperintense lesion at the seed.
+    """
+    started = time.process_time()
+    image = np.asarray(image)
+    affine = np.asarray(affine, dtype=float)
+    if image.ndim != 3:
+        raise SegmentationError(f"expected a 3D image, got an array of shape {image.shape}")
+    seed_ras_mm = np.asarray(seed_ras_mm, dtype=float).reshape(3)
+    ijk = seed_voxel(seed_ras_mm, affine, image.shape)
+    if ijk is None:
+        raise SegmentationError(
+            f"seed ({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm lies "
+            "outside the image"
+        )
+    spacing = voxel_sizes_mm(affine)
+    box = crop_box(ijk, image.shape, spacing, params.max_radius_mm)
+    smoothed, info = prepare_roi(image, affine, box, params)
+    seed_roi = tuple(int(i - s.start) for i, s in zip(ijk, box))
+
+    near = ball_mask(smoothed.shape, seed_roi, spacing, params.seed_search_radius_mm)
+    model, tissue_sd = initial_model(smoothed, smoothed[near])
+    info["initial_model"] = {**model.as_dict(params), "tissue_sd": tissue_sd}
+    if model.contrast < params.min_contrast * max(tissue_sd, 1e-6 * abs(model.lesion)):
+        raise SegmentationError(
+            f"no hyperintense tissue within {params.seed_search_radius_mm:g} mm of the seed "
+            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm: the brightest "
+            f"tissue there ({model.lesion:.4g}) is barely above the surrounding tissue ({model.surround:.4g}); "
+            "place the seed inside the lesion"
+        )
+    region, model, history = iterate_segmentation(
+        smoothed, model, seed_roi, spacing, params, params.seed_search_radius_mm
+    )
+    if not region.any():
+        raise SegmentationError(
+            f"no lesion found within {params.seed_search_radius_mm:g} mm of the seed "
+            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm; "
+            "place the seed inside the lesion"
+        )
+    region = refine_edges(smoothed, region, spacing, params)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[box] = region
+    info.update(model.as_dict(params))
+    info["threshold_history"] = history
+    info.update(_summary(mask, affine, region, box, image.shape))
+    info["seconds"] = round(time.process_time() - started, 3)
+    return mask, info
+
+
+def _summary(mask, affine, region, box, shape):
+    """Voxel count, volume and whether the lesion was cut by the search box."""
+    n = int(np.count_nonzero(mask))
+    touches = False
+    for axis, s in enumerate(box):
+        if (s.start > 0 and np.take(region, 0, axis=axis).any()) or (
+            s.stop < shape[axis] and np.take(region, -1, axis=axis).any()
+        ):
+            touches = True
+    return {
+        "n_voxels": n,
+        "volume_ml": float(n * abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000.0),
+        "touches_roi_border": touches,
+    }
