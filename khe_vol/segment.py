@@ -129,7 +129,7 @@ class SegmentationParams:
     n4_iterations: int = 30
     n4_levels: int = 3
     smoothing_sigma_mm: float = 0.5
-    lower_fraction: float = 0.4
+    lower_fraction: float = 0.5
     fluid_fraction: float = 0.35
     fluid_sd_factor: float = 3.0
     fluid_max_sd: float = 0.08
@@ -524,20 +524,24 @@ def update_model(model, smoothed, region, spacing_mm, params):
     """Re-estimate lesion and surrounding levels from a segmentation.
 
     ``L`` and ``sd`` come from the lesion voxels at or above the lower
-    threshold (septa and voids excluded); ``B`` from a shell outside it,
-    without dark tissue (which does not move the edge that matters and would
-    feed a leak), and never below the region's ordinary tissue level.
+    threshold (septa and voids excluded), ``sd`` from those at least
+    ``shell_inner_mm`` inside it, away from partial volume; ``B`` from a
+    shell outside it, without dark tissue (which does not move the edge that
+    matters and would feed a leak), and never below the region's ordinary
+    tissue level.
     """
-    values = smoothed[region]
-    values = values[values >= model.lower(params)]
-    if values.size == 0:
+    lesion = region & (smoothed >= model.lower(params))
+    if not lesion.any():
         return model
+    values = smoothed[lesion]
+    inner = smoothed[lesion & erode_mm(region, spacing_mm, params.shell_inner_mm)]
     dist = distance_outside_mm(region, spacing_mm)
     shell = (dist > params.shell_inner_mm) & (dist <= params.shell_outer_mm)
     shell_values = smoothed[shell & (smoothed > model.dark)]
     surround = max(float(np.median(shell_values)), model.floor) if shell_values.size else model.surround
     return IntensityModel(
-        lesion=float(np.median(values)), surround=surround, lesion_sd=robust_sd(values),
+        lesion=float(np.median(values)), surround=surround,
+        lesion_sd=robust_sd(inner if inner.size >= 50 else values),
         dark=model.dark, floor=model.floor,
     )
 
@@ -705,8 +709,8 @@ def iterate_segmentation(smoothed, model, start, spacing_mm, params, search_radi
         if new_model.contrast < 0.5 * contrast0:
             break  # the estimate degenerated; keep the last good region
         box = mask_box(region, spacing_mm, margin_mm)
-        sub_start = region[box] if isinstance(start, np.ndarray) else region[box]
-        sub = band_segmentation(smoothed[box], new_model, sub_start, spacing_mm, params)
+        # Later passes keep what overlaps the previous lesion.
+        sub = band_segmentation(smoothed[box], new_model, region[box], spacing_mm, params)
         if not sub.any():
             break
         new = np.zeros_like(region)
@@ -714,6 +718,24 @@ def iterate_segmentation(smoothed, model, start, spacing_mm, params, search_radi
         model, region = new_model, new
         history.append({**model.as_dict(params), "n_voxels": int(region.sum())})
     return region, model, history
+
+
+def _thin_partial_volume(values, mask, axis):
+    """Boundary voxels along ``axis`` that are less than half lesion.
+
+    For a mask voxel whose neighbour on one side along ``axis`` is outside
+    the mask and on the other side inside, its partial-volume fraction is
+    ``(v - v_out) / (v_in - v_out)``; its centre lies inside the lesion when
+    that is at least a half. Comparing with its own two neighbours makes the
+    test local: the right edge whether the lesion meets muscle, oedema or fat.
+    """
+    v = np.moveaxis(values, axis, 0)
+    m = np.moveaxis(mask, axis, 0)
+    drop = np.zeros(m.shape, bool)
+    for inner, outer, here in ((slice(0, -2), slice(2, None), slice(1, -1)), (slice(2, None), slice(0, -2), slice(1, -1))):
+        cap = m[here] & m[inner] & ~m[outer]
+        drop[here] |= cap & (v[here] < 0.5 * (v[inner] + v[outer]))
+    return np.moveaxis(drop, 0, axis)
 
 
 def refine_edges(smoothed, region, spacing_mm, params):
@@ -724,8 +746,10 @@ def refine_edges(smoothed, region, spacing_mm, params):
     intensity changes fastest, which for a partial-volume blurred step is
     half-way, whatever the neighbouring tissue is (muscle, oedema, fat).
     Only axes with fine sampling take part (within 1.5x the finest voxel
-    size): across thick slices an edge cannot be placed between voxels, and
-    the threshold decides there.
+    size). Across thick slices an edge cannot be placed between voxels:
+    there a boundary voxel is kept when its value is at least half-way
+    between its inside and outside neighbours (its centre lies in the
+    lesion).
 
     Parameters
     ----------
@@ -759,6 +783,8 @@ def refine_edges(smoothed, region, spacing_mm, params):
     markers[ndimage.binary_erosion(sub, step, border_value=1)] = 1
     markers[~ndimage.binary_dilation(sub, step)] = 2
     refined = watershed(np.sqrt(squared), markers) == 1
+    for axis in np.flatnonzero(~fine):
+        refined &= ~_thin_partial_volume(values, refined, axis)
     out = np.zeros_like(region)
     out[box] = refined
     slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
