@@ -151,15 +151,16 @@ def _row(pid, ses, true_ml, record, mask, truth, cpu):
     }
 
 
-def real_cohort(tmp, log):
-    if not REALDATA.is_dir():
+def real_cohort(tmp, log, realdata=REALDATA):
+    realdata = Path(realdata)
+    if not realdata.is_dir():
         return []
-    seeds = {r["participant_id"]: [float(r[c]) for c in "xyz"] for r in csv.DictReader(open(REALDATA / "seeds.tsv"), delimiter="\t")}
-    truth_ml = {r["participant_id"]: float(r["whole_tumour_ml"]) for r in csv.DictReader(open(REALDATA / "volumes.tsv"), delimiter="\t")}
+    seeds = {r["participant_id"]: [float(r[c]) for c in "xyz"] for r in csv.DictReader(open(realdata / "seeds.tsv"), delimiter="\t")}
+    truth_ml = {r["participant_id"]: float(r["whole_tumour_ml"]) for r in csv.DictReader(open(realdata / "volumes.tsv"), delimiter="\t")}
     rows = []
     for pid in sorted(seeds):
-        image_path = next((REALDATA / pid).rglob("*_FLAIR.nii.gz"))
-        truth = nib.load(next((REALDATA / "truth" / pid).glob("*_label-wholetumour_mask.nii.gz")))
+        image_path = next((realdata / pid).rglob("*_FLAIR.nii.gz"))
+        truth = nib.load(next((realdata / "truth" / pid).glob("*_label-wholetumour_mask.nii.gz")))
         t0 = _cpu()
         record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seeds[pid])
         row = _row(pid, "ses-baseline", truth_ml[pid], record, mask, np.asarray(truth.dataobj), _cpu() - t0)
@@ -218,6 +219,7 @@ def main(argv=None):
     parser.add_argument("--skip-phantoms", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--realdata", default=str(REALDATA), help="folder of the real scans (brats2013)")
     parser.add_argument("--out", default="results/benchmark_segmentation.json")
     args = parser.parse_args(argv)
 
@@ -237,12 +239,12 @@ def main(argv=None):
             print(json.dumps(result["phantoms"]["summary"], indent=2))
         if not args.skip_real:
             print("== real scans (BraTS 2013 FLAIR, whole tumour)")
-            rows = real_cohort(tmp, log)
+            rows = real_cohort(tmp, log, args.realdata)
             if rows:
                 result["real"] = {"summary": summarise(rows), "series": rows}
                 print(json.dumps(result["real"]["summary"], indent=2))
             else:
-                print(f"   {REALDATA} not found, skipped")
+                print(f"   {args.realdata} not found, skipped")
         if not args.skip_job:
             result["job_320x320x40"] = job_cost(tmp)
             print("== one series job on 320x320x40:", result["job_320x320x40"])
