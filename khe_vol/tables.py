@@ -135,8 +135,6 @@ def response_rows(records, baseline_session_id):
             row["message"] = f"baseline not measured: {base['message']}"
         elif base["n_voxels"] == 0:
             row["message"] = "baseline volume is 0 mL, so percent change is undefined"
-        elif rec["month"] is None:
-            row["message"] = rec["message"] or "session month unknown"
         else:
             category, change = classify_change(
                 base["n_voxels"], base["voxel_volume_mm3"], rec["n_voxels"], rec["voxel_volume_mm3"]
