@@ -40,6 +40,7 @@ import numpy as np
 from khe_vol import phantom
 from khe_vol.response import classify_ratio
 from khe_vol.series import measure_series
+from khe_vol.uncertainty import near_threshold
 from fractions import Fraction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,8 +134,10 @@ def phantom_cohort(n_participants, tmp, log):
             if ses == "m12" and record["status"] == "ok" and base_record["status"] == "ok" and base_record["volume_ml"] > 0:
                 true_cat = classify_ratio(Fraction(spec.volume_ratio).limit_denominator(10**6))
                 got_cat = classify_ratio(Fraction(record["volume_ml"]) / Fraction(base_record["volume_ml"]))
+                near = near_threshold((base_record["volume_low_ml"], base_record["volume_high_ml"]),
+                                      (record["volume_low_ml"], record["volume_high_ml"]))
                 m12.append({"participant_id": pid, "true_category": true_cat, "measured_category": got_cat,
-                            "distance_points": category_distance(spec.volume_ratio)})
+                            "distance_points": category_distance(spec.volume_ratio), "near_threshold": near})
     return rows, m12
 
 
@@ -144,11 +147,15 @@ def _row(pid, ses, true_ml, record, mask, truth, cpu):
     rel = None
     if ok and true_ml > 0:
         rel = (measured - true_ml) / true_ml
+    band = (record["volume_low_ml"], record["volume_high_ml"]) if ok else (None, None)
     return {
         "participant_id": pid, "session_id": ses, "true_volume_ml": round(true_ml, 3),
         "measured_volume_ml": None if measured is None else round(measured, 3),
         "relative_error": None if rel is None else round(rel, 4),
         "dice": round(dice(mask, truth), 4) if ok else None,
+        "volume_low_ml": None if band[0] is None else round(band[0], 3),
+        "volume_high_ml": None if band[1] is None else round(band[1], 3),
+        "true_in_band": None if band[0] is None else bool(band[0] <= true_ml <= band[1]),
         "cpu_seconds": round(cpu, 2), "status": record["status"], "message": record["message"],
     }
 
@@ -183,6 +190,12 @@ def summarise(rows, m12=None):
         "min_dice": round(float(np.min(dices)), 4) if dices else None,
         "median_cpu_seconds": round(float(np.median([r["cpu_seconds"] for r in rows])), 2) if rows else None,
     }
+    banded = [r for r in rows if r["true_in_band"] is not None]
+    if banded:
+        out["true_volume_in_band"] = f"{sum(r['true_in_band'] for r in banded)}/{len(banded)}"
+        widths = [(r["volume_high_ml"] - r["volume_low_ml"]) / 2 / r["measured_volume_ml"]
+                  for r in banded if r["measured_volume_ml"]]
+        out["median_band_half_width_pct"] = round(100 * float(np.median(widths)), 2) if widths else None
     vanished = [r for r in rows if r["true_volume_ml"] == 0]
     if vanished:
         out["vanished_lesions"] = len(vanished)
@@ -191,6 +204,9 @@ def summarise(rows, m12=None):
         clear = [m for m in m12 if m["distance_points"] >= 5]
         out["m12_category_agreement"] = f"{sum(m['true_category'] == m['measured_category'] for m in clear)}/{len(clear)}"
         out["m12_category_agreement_all"] = f"{sum(m['true_category'] == m['measured_category'] for m in m12)}/{len(m12)}"
+        wrong = [m for m in m12 if m["true_category"] != m["measured_category"]]
+        out["m12_wrong_categories_flagged_near_threshold"] = f"{sum(m['near_threshold'] for m in wrong)}/{len(wrong)}"
+        out["m12_near_threshold"] = f"{sum(m['near_threshold'] for m in m12)}/{len(m12)}"
     return out
 
 

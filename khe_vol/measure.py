@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 from skimage.measure import marching_cubes
@@ -99,3 +100,35 @@ def lesion_size(mask, affine):
     out["mesh_volume_ml"] = mesh_volume_ml(verts, faces)
     out["max_diameter_cm"] = max_diameter_cm(verts)
     return out
+
+
+def boundary_shells_ml(mask, affine):
+    """Volumes of the one-voxel shells just inside and just outside a lesion.
+
+    A voxel of the inner shell is lesion with a face neighbour outside; one
+    of the outer shell is background with a face neighbour in the lesion.
+    These are the voxels whose membership a partial-volume edge decides, so
+    they bound how far the boundary's placement alone can move the volume.
+
+    Parameters
+    ----------
+    mask : (I, J, K) array_like
+        Non-zero = lesion.
+    affine : (4, 4) array_like
+        Voxel-to-world affine, in mm.
+
+    Returns
+    -------
+    inner_ml, outer_ml : float
+        Shell volumes on the mask's own grid, in mL.
+    """
+    mask = np.asarray(mask) != 0
+    if not mask.any():
+        return 0.0, 0.0
+    face = ndimage.generate_binary_structure(3, 1)
+    # Lesion on the array's edge is inner shell (erosion's border is
+    # background); the outer shell stays inside the field of view.
+    inner = mask & ~ndimage.binary_erosion(mask, face)
+    outer = ndimage.binary_dilation(mask, face) & ~mask
+    ml = voxel_volume_mm3(affine) / 1000.0
+    return float(inner.sum() * ml), float(outer.sum() * ml)

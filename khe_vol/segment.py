@@ -10,23 +10,27 @@ behave alike)
    light Gaussian of ``smoothing_sigma_mm``. Data with negative values are
    already normalised (e.g. z-scores) and are left alone.
 3. **Intensity model.** ``L`` is the lesion level (median of the current
-   lesion), ``B`` the level of what surrounds it (median of a shell
-   ``shell_inner_mm``-``shell_outer_mm`` outside it, ignoring dark air, fat
-   and fluid-free CSF), ``c = L - B`` the contrast. Lesion tissue is
+   lesion), ``B`` the level of the ordinary tissue it displaces (the mode of
+   the region's histogram above its dark class), ``c = L - B`` the
+   contrast. Lesion tissue is
    ``I >= B + lower_fraction * c``: half-way between lesion and
    surroundings is the unbiased edge for partial-volume voxels, and sits
    above an oedema rim. Flat regions (``fluid_max_sd``) above
    ``L + max(fluid_fraction * c, fluid_sd_factor * sd)`` are fluid: fluid
    beside the lesion is excluded with its partial-volume rim, while a
    bright core the lesion surrounds (``enclosure_fraction``) is kept, as is
-   bright heterogeneous tissue. ``L``, ``B`` and ``sd`` are re-estimated
+   bright heterogeneous tissue. ``L`` and ``sd`` are re-estimated
    from the segmentation ``threshold_iterations`` times (an isodata-like
    local threshold).
 4. **Shape.** A closing of ``closing_radius_mm`` bridges thin dark septa, an
    opening of ``opening_radius_mm`` cuts bridges to touching vessels, the
    component at the seed is kept and what the opening took from it restored
-   (``restore_radius_mm``, ``restore_max_mm``), and holes (flow voids, septa, necrosis) are filled
-   in 3D and slice by slice.
+   (``restore_radius_mm``, ``restore_max_mm``); parts walled off by a
+   thick septum within ``septum_gap_mm`` join it; holes (flow voids, septa,
+   necrosis) are filled in 3D and slice by slice.
+5. **Edges.** A marker watershed of the gradient magnitude
+   (``edge_sigma_mm``) moves the boundary by up to one voxel onto the
+   steepest edge, along the finely sampled axes only.
 
 The same band segmentation, started from a registered reference lesion
 instead of a seed, finds the lesion again in follow-ups
@@ -35,8 +39,9 @@ instead of a seed, finds the lesion again in follow-ups
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,7 +49,13 @@ from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 from skimage.segmentation import watershed
 
-from khe_vol.geometry import from_sitk, seed_voxel, to_sitk, voxel_sizes_mm, voxel_to_world
+from khe_vol.geometry import (
+    from_sitk,
+    seed_voxel,
+    to_sitk,
+    voxel_sizes_mm,
+    voxel_to_world,
+)
 
 
 class SegmentationError(ValueError):
@@ -84,23 +95,35 @@ class SegmentationParams:
         sd)``, ``sd`` the robust standard deviation of the lesion signal:
         above it, tissue may be fluid (a heterogeneous lesion keeps its
         bright parts below it)...
-    fluid_max_sd : float
-        ...and it is fluid when flat: standard deviation inside it at most
-        this fraction of ``L - B`` (bright oedema, necrosis or haemorrhage
-        belonging to a lesion is not flat)...
+    fluid_max_sd, fluid_height_sd : float
+        ...and it is fluid when it is a plateau: standard deviation inside
+        it at most ``fluid_max_sd * (L - B)`` (bright oedema, necrosis or
+        haemorrhage belonging to a lesion is not flat), and mean at least
+        ``fluid_height_sd`` of those standard deviations above the threshold
+        (a patch of smooth lesion heterogeneity crossing it is not)...
     enclosure_fraction : float
         ...and not surrounded by the lesion: a flat bright region at least
         this fraction of whose bordering voxels are lesion is a bright core
         and kept.
     threshold_iterations : int
-        Re-estimations of ``L``, ``B`` and ``sd`` from the segmentation.
+        Re-estimations of ``L`` and ``sd`` from the segmentation.
     shell_inner_mm, shell_outer_mm : float
-        Shell outside the lesion whose median is the surrounding level, mm.
+        ``sd`` is measured at least ``shell_inner_mm`` inside the lesion (away
+        from partial volume); ``shell_outer_mm`` is part of the margin of the
+        box later passes run on, mm.
     closing_radius_mm : float
         Closing radius bridging thin dark septa inside the lesion, mm.
     opening_radius_mm : float
         Opening radius cutting bridges to vessels, mm: parts thinner than
         twice this are cut off the lesion.
+    septum_gap_mm : float
+        Parts of the lesion left after the opening that lie within this
+        distance of the seed's part are joined to it (lobes walled off by a
+        septum), mm.
+    band_fraction_delta : float
+        For the volume's uncertainty band, the segmentation is redone with
+        ``lower_fraction`` moved by this much either way (a stricter and a
+        looser edge; see :func:`threshold_band_ml`).
     restore_radius_mm, restore_max_mm : float
         A part removed by the opening is put back whole when it lies within
         ``restore_max_mm`` of what survived (a small lobe, a protrusion);
@@ -130,23 +153,28 @@ class SegmentationParams:
     n4_levels: int = 3
     smoothing_sigma_mm: float = 0.5
     lower_fraction: float = 0.5
-    fluid_fraction: float = 0.35
-    fluid_sd_factor: float = 3.0
+    fluid_fraction: float = 0.25
+    fluid_sd_factor: float = 2.0
     fluid_max_sd: float = 0.08
+    fluid_height_sd: float = 3.0
     enclosure_fraction: float = 0.6
     threshold_iterations: int = 3
     shell_inner_mm: float = 1.5
     shell_outer_mm: float = 6.0
     closing_radius_mm: float = 1.5
     opening_radius_mm: float = 4.0
+    septum_gap_mm: float = 3.0
     restore_radius_mm: float = 1.5
     restore_max_mm: float = 6.0
+    band_fraction_delta: float = 0.1
     fill_holes_slicewise: bool = True
     edge_sigma_mm: float = 0.7
     track_margin_mm: float = 15.0
     track_erosion_mm: float = 2.0
     min_lesion_ml: float = 0.1
     registration_spacing_mm: float = 2.0
+    core_reach_mm: float = 20.0
+    core_enclosure_fraction: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -162,10 +190,10 @@ class IntensityModel:
     lesion_sd : float
         Robust standard deviation of the lesion signal.
     dark : float
-        Values below this are air, suppressed fat or similar, ignored when
-        measuring ``B``.
+        Values below this are air, suppressed fat or similar (the dark class
+        of the region).
     floor : float
-        ``B`` is never taken below this (ordinary tissue of the region).
+        Ordinary tissue level of the region; re-estimations keep ``B`` at it.
     """
 
     lesion: float
@@ -341,6 +369,83 @@ def component_near(mask, point_ijk, spacing_mm, radius_mm):
             return np.zeros(mask.shape, bool)
         lab = labels[sub][tuple(idx[best])]
     return labels == lab
+
+
+def enclosure_fraction(region, spacing_mm, reach_mm):
+    """Fraction of 26 directions in which ``region`` lies within ``reach_mm`` of each voxel.
+
+    A ray is cast from every voxel along each of the 26 grid directions
+    (faces, edges and corners of the neighbouring cube); it hits when a voxel
+    of ``region`` lies on it within ``reach_mm`` (physical distance, so
+    anisotropic grids behave alike). A cavity the lesion wraps around is hit
+    in most directions even where it opens to the outside; tissue beside the
+    lesion in at most about half.
+
+    Parameters
+    ----------
+    region : ndarray of bool
+    spacing_mm : (3,) float
+    reach_mm : float
+
+    Returns
+    -------
+    ndarray of float32
+        In [0, 1].
+    """
+    spacing = np.asarray(spacing_mm, float)
+    count = np.zeros(region.shape, np.uint8)
+    for d in itertools.product((-1, 0, 1), repeat=3):
+        if not any(d):
+            continue
+        steps = int(float(reach_mm) // float(np.linalg.norm(np.asarray(d) * spacing)))
+        hit = np.zeros(region.shape, bool)
+        for k in range(1, steps + 1):
+            # voxel v is hit when region[v + k d] is set
+            src = tuple(slice(max(k * o, 0), n + min(k * o, 0)) for o, n in zip(d, region.shape))
+            dst = tuple(slice(max(-k * o, 0), n + min(-k * o, 0)) for o, n in zip(d, region.shape))
+            hit[dst] |= region[src]
+        count += hit
+    return count.astype(np.float32) / 26.0
+
+
+def enclosed_core(region, seed_ijk, spacing_mm, params):
+    """The core around a seed that the lesion wraps around (necrosis open to the outside).
+
+    A seed outside the segmented lesion lies on dark tissue: a necrotic or
+    cystic core the reader took for lesion. Hole filling takes in a core the
+    lesion closes completely; one that opens to the outside of the organ (or
+    to fluid) is taken in when the lesion surrounds it in at least
+    ``core_enclosure_fraction`` of directions within ``core_reach_mm``: the
+    connected part of such voxels at the seed.
+
+    Parameters
+    ----------
+    region : ndarray of bool
+    seed_ijk : tuple of int
+    spacing_mm : (3,) float
+    params : SegmentationParams
+
+    Returns
+    -------
+    ndarray of bool
+        The core (not overlapping ``region``); empty when the seed is not
+        enclosed.
+    """
+    empty = np.zeros(region.shape, bool)
+    if params.core_reach_mm <= 0 or not region.any() or region[tuple(seed_ijk)]:
+        return empty
+    box = mask_box(region, spacing_mm, params.core_reach_mm)
+    seed_box = tuple(int(i - s.start) for i, s in zip(seed_ijk, box))
+    if not all(0 <= i < s.stop - s.start for i, s in zip(seed_box, box)):
+        return empty
+    sub = region[box]
+    enclosed = (enclosure_fraction(sub, spacing_mm, params.core_reach_mm) >= params.core_enclosure_fraction) & ~sub
+    labels, _ = ndimage.label(enclosed)
+    if labels[seed_box] == 0:
+        return empty
+    out = empty
+    out[box] = labels == labels[seed_box]
+    return out
 
 
 def components_touching(mask, start):
@@ -525,22 +630,24 @@ def update_model(model, smoothed, region, spacing_mm, params):
 
     ``L`` and ``sd`` come from the lesion voxels at or above the lower
     threshold (septa and voids excluded), ``sd`` from those at least
-    ``shell_inner_mm`` inside it, away from partial volume; ``B`` from a
-    shell outside it, without dark tissue (which does not move the edge that
-    matters and would feed a leak), and never below the region's ordinary
-    tissue level.
+    ``shell_inner_mm`` inside it, away from partial volume. ``B`` stays the
+    region's ordinary tissue level (``model.floor``, the mode of
+    :func:`tissue_level`), not the median of a shell just outside the
+    lesion. Why: around an infiltrative lesion that shell is largely the
+    lesion's own dimmer margin (oedema, infiltrated tissue); its median
+    raised ``B`` and the threshold with it, and the passes shrank the lesion
+    from its margin inward (real FLAIR tumours lost up to a third of their
+    volume). The tissue the lesion displaces is what it stands out from.
+    On bias-corrected phantoms the shell median was at or below that level
+    anyway (fat in the shell), so their results barely change.
     """
     lesion = region & (smoothed >= model.lower(params))
     if not lesion.any():
         return model
     values = smoothed[lesion]
     inner = smoothed[lesion & erode_mm(region, spacing_mm, params.shell_inner_mm)]
-    dist = distance_outside_mm(region, spacing_mm)
-    shell = (dist > params.shell_inner_mm) & (dist <= params.shell_outer_mm)
-    shell_values = smoothed[shell & (smoothed > model.dark)]
-    surround = max(float(np.median(shell_values)), model.floor) if shell_values.size else model.surround
     return IntensityModel(
-        lesion=float(np.median(values)), surround=surround,
+        lesion=float(np.median(values)), surround=model.floor,
         lesion_sd=robust_sd(inner if inner.size >= 50 else values),
         dark=model.dark, floor=model.floor,
     )
@@ -550,36 +657,44 @@ def update_model(model, smoothed, region, spacing_mm, params):
 # Band segmentation
 
 
-def flat_components(smoothed, candidates, max_sd):
-    """Components of ``candidates`` whose signal is flat, like fluid.
+def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
+    """Flat plateaus above ``upper``, like fluid.
 
-    The standard deviation is taken on each component after a one-voxel
-    erosion, so its partial-volume rim does not count; components with no
-    interior left are not flat.
+    Candidates (above ``upper``) are eroded by one voxel before labelling, so
+    partial-volume bridges between a fluid collection and bright lesion
+    tissue next to it break and each is judged on its own interior. A part
+    is a plateau when its interior is flat (standard deviation at most
+    ``max_sd``) and stands clear of the threshold (mean at least
+    ``min_height_sd`` standard deviations above it): a patch of smooth lesion
+    heterogeneity crossing the threshold has its values spread from the
+    threshold up, fluid sits well above it with only noise. Plateaus are
+    returned grown back by one voxel within the candidates.
 
     Parameters
     ----------
     smoothed : ndarray
-    candidates : ndarray of bool
+    upper : float
     max_sd : float
-        Largest interior standard deviation of a flat component.
+    min_height_sd : float
 
     Returns
     -------
     ndarray of bool
     """
-    labels, n = ndimage.label(candidates)
+    candidates = smoothed > upper
+    cube = np.ones((3, 3, 3), bool)
+    interior = ndimage.binary_erosion(candidates, structure=cube)
+    labels, n = ndimage.label(interior)
     if n == 0:
         return np.zeros(smoothed.shape, bool)
     index = np.arange(1, n + 1)
-    interior = ndimage.binary_erosion(labels > 0, structure=ndimage.generate_binary_structure(3, 1))
-    interior_labels = np.where(interior, labels, 0)
-    count = ndimage.sum_labels(interior, interior_labels, index)
+    count = ndimage.sum_labels(interior, labels, index)
     values = smoothed.astype(np.float64)
-    mean = np.divide(ndimage.sum_labels(values, interior_labels, index), count, out=np.zeros(n), where=count > 0)
-    square = np.divide(ndimage.sum_labels(values**2, interior_labels, index), count, out=np.zeros(n), where=count > 0)
-    sd = np.sqrt(np.maximum(square - mean**2, 0))
-    return np.isin(labels, index[(count > 0) & (sd <= max_sd)])
+    mean = ndimage.sum_labels(values, labels, index) / count
+    sd = np.sqrt(np.maximum(ndimage.sum_labels(values**2, labels, index) / count - mean**2, 0))
+    flat = (count >= 8) & (sd <= max_sd) & (mean - upper >= min_height_sd * sd)
+    plateaus = np.isin(labels, index[flat])
+    return ndimage.binary_dilation(plateaus, structure=cube) & candidates
 
 
 def enclosed_components(candidates, region, min_fraction):
@@ -662,7 +777,9 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
     ndarray of bool
         Empty when nothing is found.
     """
-    fluid = flat_components(smoothed, smoothed > model.upper(params), params.fluid_max_sd * model.contrast)
+    fluid = fluid_plateaus(
+        smoothed, model.upper(params), params.fluid_max_sd * model.contrast, params.fluid_height_sd
+    )
     band = (smoothed >= model.lower(params)) & ~fluid
     closed = closing_mm(band, spacing_mm, params.closing_radius_mm) & ~fluid
     opened = opening_mm(closed, spacing_mm, params.opening_radius_mm)
@@ -672,6 +789,14 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
         core = component_near(opened, start, spacing_mm, search_radius_mm)
     if not core.any():
         return core
+    # Lobes walled off by a septum too thick for the closing are lesion too:
+    # take in parts of the opened band within ``septum_gap_mm``.
+    if params.septum_gap_mm > 0:
+        for _ in range(3):
+            grown = components_touching(opened, dilate_mm(core, spacing_mm, params.septum_gap_mm))
+            if grown.sum() == core.sum():
+                break
+            core = grown
     region = core | restorable(closed & ~opened, core, spacing_mm, params)
     inside = enclosed_components(fluid, region, params.enclosure_fraction)
     region |= inside
@@ -720,22 +845,45 @@ def iterate_segmentation(smoothed, model, start, spacing_mm, params, search_radi
     return region, model, history
 
 
-def _thin_partial_volume(values, mask, axis):
-    """Boundary voxels along ``axis`` that are less than half lesion.
+def threshold_band_ml(smoothed, model, region, spacing_mm, params, voxel_ml):
+    """Lesion volumes with the edge threshold moved either way, in mL.
 
-    For a mask voxel whose neighbour on one side along ``axis`` is outside
-    the mask and on the other side inside, its partial-volume fraction is
-    ``(v - v_out) / (v_in - v_out)``; its centre lies inside the lesion when
-    that is at least a half. Comparing with its own two neighbours makes the
-    test local: the right edge whether the lesion meets muscle, oedema or fat.
+    The final intensity model and lesion are kept; only where the edge lies
+    between lesion and surroundings (``lower_fraction``) moves by
+    ``band_fraction_delta``, the doubt of a partial-volume edge. This is one
+    half of the volume's uncertainty band (:mod:`khe_vol.uncertainty`).
+
+    Parameters
+    ----------
+    smoothed : ndarray
+    model : IntensityModel
+        The model that produced ``region``.
+    region : ndarray of bool
+        The lesion found, on ``smoothed``'s grid.
+    spacing_mm : (3,) ndarray
+    params : SegmentationParams
+    voxel_ml : float
+        Volume of one voxel, mL.
+
+    Returns
+    -------
+    list of float
+        Volumes with the stricter and the looser threshold (empty for an
+        empty region).
     """
-    v = np.moveaxis(values, axis, 0)
-    m = np.moveaxis(mask, axis, 0)
-    drop = np.zeros(m.shape, bool)
-    for inner, outer, here in ((slice(0, -2), slice(2, None), slice(1, -1)), (slice(2, None), slice(0, -2), slice(1, -1))):
-        cap = m[here] & m[inner] & ~m[outer]
-        drop[here] |= cap & (v[here] < 0.5 * (v[inner] + v[outer]))
-    return np.moveaxis(drop, 0, axis)
+    if not region.any():
+        return []
+    margin_mm = params.shell_outer_mm + params.opening_radius_mm + 10.0
+    box = mask_box(region, spacing_mm, margin_mm)
+    volumes = []
+    for sign in (1, -1):
+        fraction = min(max(params.lower_fraction + sign * params.band_fraction_delta, 0.05), 0.95)
+        moved = replace(params, lower_fraction=fraction)
+        sub = band_segmentation(smoothed[box], model, region[box], spacing_mm, moved)
+        if sub.any():
+            sub = refine_edges(smoothed[box], sub, spacing_mm, moved)
+        volumes.append(float(sub.sum() * voxel_ml))
+    return volumes
 
 
 def refine_edges(smoothed, region, spacing_mm, params):
@@ -746,10 +894,8 @@ def refine_edges(smoothed, region, spacing_mm, params):
     intensity changes fastest, which for a partial-volume blurred step is
     half-way, whatever the neighbouring tissue is (muscle, oedema, fat).
     Only axes with fine sampling take part (within 1.5x the finest voxel
-    size). Across thick slices an edge cannot be placed between voxels:
-    there a boundary voxel is kept when its value is at least half-way
-    between its inside and outside neighbours (its centre lies in the
-    lesion).
+    size): across thick slices an edge cannot be placed between voxels, and
+    the threshold (half-way between lesion and surroundings) decides there.
 
     Parameters
     ----------
@@ -783,10 +929,8 @@ def refine_edges(smoothed, region, spacing_mm, params):
     markers[ndimage.binary_erosion(sub, step, border_value=1)] = 1
     markers[~ndimage.binary_dilation(sub, step)] = 2
     refined = watershed(np.sqrt(squared), markers) == 1
-    for axis in np.flatnonzero(~fine):
-        refined &= ~_thin_partial_volume(values, refined, axis)
     out = np.zeros_like(region)
-    out[box] = refined
+    out[box] = refined & sub
     slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
     return fill_holes(components_touching(out, region & out), slice_axis)
 
@@ -859,6 +1003,13 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
             "place the seed inside the lesion"
         )
     region = refine_edges(smoothed, region, spacing, params)
+    core = enclosed_core(region, seed_roi, spacing, params)
+    if core.any():
+        slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
+        region = fill_holes(region | core, slice_axis)
+    info["enclosed_core_voxels"] = int(core.sum())
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    info["threshold_band_ml"] = threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml)
     mask = np.zeros(image.shape, np.uint8)
     mask[box] = region
     info.update(model.as_dict(params))

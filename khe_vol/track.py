@@ -30,13 +30,13 @@ from khe_vol.segment import (
     IntensityModel,
     SegmentationError,
     SegmentationParams,
-    crop_affine,
     erode_mm,
     iterate_segmentation,
     mask_box,
     prepare_roi,
     refine_edges,
     robust_sd,
+    threshold_band_ml,
     tissue_level,
 )
 
@@ -90,8 +90,12 @@ def register_rigid(moving_image, moving_affine, fixed_image, fixed_affine, param
     """
     fixed = _shrunk(to_sitk(np.asarray(fixed_image, np.float32), fixed_affine), params.registration_spacing_mm)
     moving = _shrunk(to_sitk(np.asarray(moving_image, np.float32), moving_affine), params.registration_spacing_mm)
+    # Rotate about the middle of the fixed field of view, not the scanner
+    # origin, so that rotation and translation do not fight each other.
+    identity = sitk.Euler3DTransform()
+    identity.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
     starts = {
-        "identity": sitk.Euler3DTransform(),
+        "identity": identity,
         "centres": sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
         ),
@@ -99,6 +103,9 @@ def register_rigid(moving_image, moving_affine, fixed_image, fixed_affine, param
     results = {}
     for name, initial in starts.items():
         reg = sitk.ImageRegistrationMethod()
+        # One thread: the metric's sum is then in the same order on every
+        # machine, so the same inputs give the same transform and mask bytes.
+        reg.SetNumberOfThreads(1)
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(0.25, seed)
@@ -119,6 +126,7 @@ def register_rigid(moving_image, moving_affine, fixed_image, fixed_affine, param
             continue
         # Score every start the same way: the metric at the final transform.
         scorer = sitk.ImageRegistrationMethod()
+        scorer.SetNumberOfThreads(1)
         scorer.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         scorer.SetMetricSamplingStrategy(scorer.REGULAR)
         scorer.SetMetricSamplingPercentage(0.25)
@@ -137,14 +145,16 @@ def register_rigid(moving_image, moving_affine, fixed_image, fixed_affine, param
     euler = sitk.Euler3DTransform(sitk.CompositeTransform(composite).GetNthTransform(0)) if isinstance(
         composite, sitk.CompositeTransform
     ) else sitk.Euler3DTransform(composite)
+    # Rounded: multi-threaded metric sums differ in the last bits between runs.
     info = {
-        "metric": metric,
+        "metric": round(metric, 6),
         "initialisation": best,
-        "metric_by_initialisation": {k: (None if not np.isfinite(v[0]) else v[0]) for k, v in results.items()},
-        "rotation_deg": [float(np.degrees(a)) for a in (euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ())],
-        "translation_mm_lps": [float(v) for v in euler.GetTranslation()],
-        "center_mm_lps": [float(v) for v in euler.GetCenter()],
-        "fixed_to_moving_ras": transform_to_ras_matrix(euler).tolist(),
+        "metric_by_initialisation": {k: (round(v[0], 6) if np.isfinite(v[0]) else None) for k, v in results.items()},
+        "rotation_deg": [round(float(np.degrees(a)), 4) for a in (euler.GetAngleX(), euler.GetAngleY(),
+                                                                  euler.GetAngleZ())],
+        "translation_mm_lps": [round(float(v), 4) for v in euler.GetTranslation()],
+        "center_mm_lps": [round(float(v), 4) for v in euler.GetCenter()],
+        "fixed_to_moving_ras": np.round(transform_to_ras_matrix(euler), 6).tolist(),
         "iterations": iterations,
         "stop_condition": stop,
     }
@@ -292,6 +302,7 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     if region.sum() * voxel_ml < params.min_lesion_ml:
         region[...] = False
+    info["threshold_band_ml"] = threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml)
     mask = np.zeros(image.shape, np.uint8)
     mask[box] = region
     n = int(mask.sum())

@@ -1,0 +1,82 @@
+"""Volume uncertainty bands and near-threshold flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_affine
+
+from khe_vol.measure import boundary_shells_ml
+from khe_vol.tables import response_rows
+from khe_vol.uncertainty import categories_within, near_threshold, volume_band_ml
+
+
+def test_boundary_shells_of_a_cube_on_anisotropic_grid():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:6, 2:6, 2:6] = True  # 4x4x4 cube: 64 voxels, 8 inside the shell
+    affine = make_affine((1, 2, 3), (0, 0, 0))  # 6 mm^3 voxels
+    inner_ml, outer_ml = boundary_shells_ml(mask, affine)
+    assert inner_ml == pytest.approx((64 - 8) * 6 / 1000)
+    assert outer_ml == pytest.approx(6 * 16 * 6 / 1000)  # one 4x4 face layer per side
+
+
+def test_band_contains_volume_and_perturbed_volumes():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:6, 2:6, 2:6] = True
+    affine = make_affine((1, 1, 1), (0, 0, 0))
+    low, high = volume_band_ml(mask, affine, boundary_fraction=0.5)
+    assert low == pytest.approx(0.064 - 0.5 * 0.056)
+    assert high == pytest.approx(0.064 + 0.5 * 0.096)
+    low2, high2 = volume_band_ml(mask, affine, resegmented_ml=(0.050, 0.080), boundary_fraction=0.25)
+    assert low2 == pytest.approx(0.050 - 0.25 * 0.056)
+    assert high2 == pytest.approx(0.080 + 0.25 * 0.096)
+
+
+def test_empty_mask_has_an_empty_band():
+    assert volume_band_ml(np.zeros((4, 4, 4)), np.eye(4)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "baseline, followup, expected",
+    [
+        ((100, 100), (50, 60), ("partial_involution",)),
+        ((100, 110), (70, 90), ("partial_involution", "no_change")),
+        ((90, 110), (100, 115), ("no_change", "growth")),
+        ((100, 100), (0, 0), ("complete_involution",)),
+        ((100, 100), (0, 10), ("complete_involution", "nearly_complete_involution")),
+        ((0, 1), (0, 0), ("complete_involution",)),
+        ((0, 1), (1, 2), ("no_change", "growth")),
+        ((0, 10), (1, 2), ("nearly_complete_involution", "partial_involution", "no_change", "growth")),
+    ],
+)
+def test_categories_within_bands(baseline, followup, expected):
+    assert categories_within(baseline, followup) == expected
+    assert near_threshold(baseline, followup) == int(len(expected) > 1)
+
+
+def test_invalid_bands_raise():
+    with pytest.raises(ValueError):
+        categories_within((0, 0), (1, 1))
+    with pytest.raises(ValueError):
+        categories_within((2, 1), (1, 1))
+
+
+def _record(session, n_voxels, low, high):
+    return {
+        "participant_id": "sub-01", "session_id": session, "month": 0 if session == "ses-baseline" else 12,
+        "status": "ok", "message": None, "n_voxels": n_voxels, "voxel_volume_mm3": 1000.0,
+        "volume_ml": float(n_voxels), "volume_low_ml": low, "volume_high_ml": high,
+    }
+
+
+def test_response_rows_flag_a_category_that_could_flip():
+    base = _record("ses-baseline", 100, 95.0, 105.0)
+    clear = _record("ses-m06", 50, 48.0, 52.0)  # -50 %: partial either way
+    close = _record("ses-m12", 78, 76.0, 84.0)  # -22 %: no_change at 84/95
+    rows = {r["session_id"]: r for r in response_rows([base, clear, close], "ses-baseline")}
+    assert rows["ses-m06"]["category"] == "partial_involution"
+    assert rows["ses-m06"]["near_threshold"] == "0"
+    assert rows["ses-m12"]["category"] == "partial_involution"
+    assert rows["ses-m12"]["near_threshold"] == "1"
+    assert float(rows["ses-m12"]["percent_change_low"]) == pytest.approx(100 * (76 / 105 - 1), abs=1e-3)
+    assert float(rows["ses-m12"]["percent_change_high"]) == pytest.approx(100 * (84 / 95 - 1), abs=1e-3)
