@@ -23,6 +23,13 @@ rule all:
 # Stages, in the order data flows.
 include: "workflow/rules/check.smk"
 include: "workflow/rules/measure.smk"
+
+
+if READERS:
+
+    include: "workflow/rules/qa.smk"
+
+
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/derivatives.smk"
 

@@ -71,7 +71,13 @@ def _cmd_check(args):
 def _cmd_series(args):
     import numpy as np
 
-    from khe_vol.nifti import atomic_write_bytes, atomic_write_text, load_image, mask_image, write_nifti
+    from khe_vol.nifti import (
+        atomic_write_bytes,
+        atomic_write_text,
+        load_image,
+        mask_image,
+        write_nifti,
+    )
     from khe_vol.series import measure_series
 
     reference = None
@@ -104,11 +110,22 @@ def _cmd_series(args):
 
 
 def _read_records(paths):
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """Records from record.json files, or from JSON lists of them (the reads' final records)."""
+    records = []
+    for path in paths:
+        loaded = json.loads(Path(path).read_text())
+        records.extend(loaded if isinstance(loaded, list) else [loaded])
+    return records
 
 
 def _cmd_tables(args):
-    from khe_vol.tables import RESPONSE_COLUMNS, VOLUME_COLUMNS, response_rows, volume_rows, write_table
+    from khe_vol.tables import (
+        RESPONSE_COLUMNS,
+        VOLUME_COLUMNS,
+        response_rows,
+        volume_rows,
+        write_table,
+    )
 
     records = _read_records(args.records)
     out = Path(args.results_dir)
@@ -125,9 +142,87 @@ def _cmd_derivatives(args):
     for rec_path in args.records:
         # The per-series job writes mask.nii.gz beside record.json.
         pairs.append((json.loads(Path(rec_path).read_text()), Path(rec_path).with_name("mask.nii.gz")))
-    write_derivatives(pairs, args.out_dir)
+    edited = []
+    if args.edited_dir:
+        # <edited-dir>/<reader>/<participant>/<session>/mask.nii.gz, from `khe-vol qa final`.
+        by_ids = {(r["participant_id"], r["session_id"]): r for r, _ in pairs}
+        for path in sorted(Path(args.edited_dir).glob("*/*/*/mask.nii.gz")):
+            reader, pid, ses = path.parts[-4:-1]
+            edited.append((by_ids[(pid, ses)], reader, path))
+    write_derivatives(pairs, args.out_dir, edited)
     print(f"wrote {args.out_dir}")
     return 0
+
+
+# ---- khe-vol qa: blinded reading (package, leak audit, reader app) -------------
+
+
+def _cmd_qa(args):
+    from importlib import import_module
+
+    return import_module(f"khe_vol.qa.{args.qa_module}").main(args)
+
+
+def _cmd_qa_reads(args):
+    from khe_vol.qa import reads
+
+    return getattr(reads, args.qa_entry)(args)
+
+
+def _add_qa_parser(sub):
+    qa = sub.add_parser("qa", help="blinded reading: build reader packages, audit them for leaks, serve the reader app")
+    qa_sub = qa.add_subparsers(dest="qa_command", required=True)
+
+    p = qa_sub.add_parser("package", help="build de-identified reader packages and the unblinding key")
+    p.add_argument("--results-dir", required=True, help="packages go to <dir>/qa/<reader>/, the key to <dir>/blinding/")
+    p.add_argument("--reader", action="append", required=True, help="reader id (R1, ADJ, ...); repeat for several")
+    p.add_argument("--seed", type=int, required=True, help="secret seed of the case codes and the order")
+    p.add_argument("--series", help="TSV with participant_id, session_id: package only these (adjudication)")
+    p.add_argument("--overlays", help="TSV with participant_id, session_id, reader, verdict, volume_ml, mask: "
+                   "other readers' reads, shown as 'Reader A', 'Reader B', ...")
+    p.add_argument("--source-root", default=None, help="folder relative source_file paths are relative to (default: .)")
+    p.add_argument("--key", default=None, help="unblinding key TSV to write (default <results-dir>/blinding/key.tsv; "
+                   "never under qa/)")
+    p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
+    p.set_defaults(func=_cmd_qa, qa_module="package")
+
+    p = qa_sub.add_parser("audit", help="check that nothing under qa/ identifies a participant, session, date or arm")
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--allocation", help="TSV with participant_id, arm [, site]: arm and site names are forbidden too")
+    p.add_argument("--db-dir", help="folder of the readers' <reader>.sqlite (default <results-dir>/reads)")
+    p.add_argument("--key", action="append", help="unblinding key TSV (repeatable; default: every key in "
+                   "<results-dir>/blinding/)")
+    p.set_defaults(func=_cmd_qa, qa_module="audit")
+
+    p = qa_sub.add_parser("serve", help="serve one reader's app on 127.0.0.1")
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--reader", required=True)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--db", default=None, help="reads database (default <results-dir>/reads/<reader>.sqlite)")
+    p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
+    p.set_defaults(func=_cmd_qa, qa_module="app")
+
+    def reads_args(p):
+        p.add_argument("--results-dir", required=True, help="reads are taken from <dir>/reads/<reader>.sqlite")
+        p.add_argument("--reader", action="append", required=True, help="blinded reader id; repeat for two")
+        p.add_argument("--baseline-session", required=True, help="ses-<label> of the month-0 session")
+        p.add_argument("--key", action="append", required=True, help="unblinding key TSV; repeat for several")
+        p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
+
+    p = qa_sub.add_parser("disagreements", help="list series two readers disagree on, for the adjudicator")
+    reads_args(p)
+    p.add_argument("--out", required=True, help="TSV of series to adjudicate")
+    p.add_argument("--overlays", required=True, help="TSV of the readers' reads of those series")
+    p.add_argument("--overlay-dir", required=True, help="folder for the readers' edited masks shown as overlays")
+    p.set_defaults(func=_cmd_qa_reads, qa_entry="main_disagreements")
+
+    p = qa_sub.add_parser("final", help="import every read: final volumes, edited masks, reader agreement")
+    reads_args(p)
+    p.add_argument("--adjudicator", default=None)
+    p.add_argument("--out", required=True, help="JSON list of final series records")
+    p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
+    p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
+    p.set_defaults(func=_cmd_qa_reads, qa_entry="main_final")
 
 
 def build_parser():
@@ -172,8 +267,11 @@ def build_parser():
 
     p = sub.add_parser("derivatives", help="write the BIDS derivatives dataset of masks")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--edited-dir", default=None, help="readers' edited masks (from khe-vol qa final)")
     p.add_argument("records", nargs="+")
     p.set_defaults(func=_cmd_derivatives)
+
+    _add_qa_parser(sub)
     return parser
 
 

@@ -63,6 +63,16 @@ def validate_config(config):
             "invalid configuration:\n  sessions: exactly one session must be month 0 "
             f"(the baseline); found {baselines or 'none'}"
         )
+    problems = []
+    if filled["readers"] and filled["qa_seed"] is None:
+        problems.append("qa_seed: readers are set, so a qa_seed (a secret integer) is required for the case codes")
+    if filled["adjudicator"] is not None:
+        if len(filled["readers"]) != 2:
+            problems.append("adjudicator: adjudication needs exactly two readers")
+        if filled["adjudicator"] in filled["readers"]:
+            problems.append(f"adjudicator: {filled['adjudicator']} is also one of the readers")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
     return filled
 
 

@@ -23,9 +23,10 @@ DATASET_DESCRIPTION = {
 }
 
 
-def mask_relpath(participant_id, session_id):
-    """Path of a lesion mask inside the derivatives dataset."""
-    return Path(participant_id, session_id, "anat", f"{participant_id}_{session_id}_label-lesion_mask.nii.gz")
+def mask_relpath(participant_id, session_id, reader=None):
+    """Path of a lesion mask inside the derivatives dataset (``desc-<reader>`` for a reader's edit)."""
+    desc = f"_desc-{reader}" if reader else ""
+    return Path(participant_id, session_id, "anat", f"{participant_id}_{session_id}{desc}_label-lesion_mask.nii.gz")
 
 
 def mask_sidecar(record):
@@ -49,7 +50,20 @@ def mask_sidecar(record):
     }
 
 
-def write_derivatives(records_and_masks, out_dir):
+def edited_sidecar(record, reader):
+    """JSON sidecar of a reader's edited mask."""
+    return {
+        "Description": f"Lesion mask as corrected by blinded reader {reader} (1 = lesion), on exactly "
+        "the grid of the source T2w series.",
+        "Method": "reader_edit",
+        "Reader": reader,
+        "SourceFile": record["source_file"],
+        "SourceSHA256": record["source_sha256"],
+        "GeneratedBy": DATASET_DESCRIPTION["GeneratedBy"],
+    }
+
+
+def write_derivatives(records_and_masks, out_dir, edited=()):
     """Write the derivatives dataset.
 
     Parameters
@@ -57,6 +71,8 @@ def write_derivatives(records_and_masks, out_dir):
     records_and_masks : iterable of (dict, path-like)
         Each series' record and the path of its mask NIfTI (already written
         reproducibly on the series grid); series with errors are skipped.
+    edited : iterable of (dict, str, path-like)
+        Series record, reader id and path of that reader's edited mask.
     out_dir : path-like
         Dataset root; built in a sibling temporary folder and moved into
         place, so a crash never leaves a half-written dataset.
@@ -74,5 +90,11 @@ def write_derivatives(records_and_masks, out_dir):
         shutil.copyfile(mask_path, tmp / rel)
         sidecar = tmp / str(rel).replace(".nii.gz", ".json")
         atomic_write_text(sidecar, json.dumps(mask_sidecar(record), indent=2, sort_keys=False) + "\n")
+    for record, reader, mask_path in edited:
+        rel = mask_relpath(record["participant_id"], record["session_id"], reader)
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mask_path, tmp / rel)
+        atomic_write_text(tmp / str(rel).replace(".nii.gz", ".json"),
+                          json.dumps(edited_sidecar(record, reader), indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -17,7 +17,9 @@ _LABEL = r"[A-Za-z0-9]+"
 _T2W = re.compile(
     rf"^sub-(?P<sub>{_LABEL})_ses-(?P<ses>{_LABEL})(?P<entities>(?:_{_LABEL}-{_LABEL})*)_T2w\.nii(?:\.gz)?$"
 )
-_MASK = re.compile(rf"^sub-(?P<sub>{_LABEL})_ses-(?P<ses>{_LABEL})_label-lesion_mask\.nii(?:\.gz)?$")
+#: Reader masks: NIfTI label maps (ITK-SNAP) or 3D Slicer segmentations / NRRD label maps.
+_MASK_FILE = re.compile(r"\.(?:nii(?:\.gz)?|nrrd)$")
+_MASK = re.compile(rf"^sub-(?P<sub>{_LABEL})_ses-(?P<ses>{_LABEL})_label-lesion_mask\.(?:nii(?:\.gz)?|seg\.nrrd|nrrd)$")
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 
@@ -69,15 +71,15 @@ def _entities(text):
     return dict(pair.split("-", 1) for pair in text.strip("_").split("_") if pair)
 
 
-def _walk_anat(root, pattern, kind):
-    """Yield (sub, ses, path, match) for NIfTI files under sub-*/ses-*/anat.
+def _walk_anat(root, pattern, kind, suffix=None):
+    """Yield (sub, ses, path, match) for NIfTI files (or ``suffix`` files) under sub-*/ses-*/anat.
 
     Files whose names do not fit ``pattern`` or whose folders disagree with
     their names are returned as problems instead.
     """
     found, problems = [], []
     for path in sorted(root.glob("sub-*/ses-*/anat/*")):
-        if not _NIFTI.search(path.name):
+        if not (suffix or _NIFTI).search(path.name):
             continue
         m = pattern.match(path.name)
         if m is None:
@@ -162,7 +164,7 @@ def find_masks(masks_dir):
     root = Path(masks_dir)
     if not root.is_dir():
         return {}, [f"{root}: masks folder does not exist"]
-    found, problems = _walk_anat(root, _MASK, "label-lesion_mask")
+    found, problems = _walk_anat(root, _MASK, "label-lesion_mask", _MASK_FILE)
     masks = {}
     for sub, ses, path, _ in found:
         if (sub, ses) in masks:

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from khe_vol import __version__
-from khe_vol.geometry import grid_corners_world, grids_overlap, resample_mask_to_grid, seed_voxel
+from khe_vol.geometry import (
+    grid_corners_world,
+    grids_overlap,
+    resample_mask_to_grid,
+    seed_voxel,
+)
 from khe_vol.measure import lesion_size
-from khe_vol.nifti import SeriesError, load_image, load_series
+from khe_vol.nifti import LoadedImage, SeriesError, load_image, load_series, sha256_file
+from khe_vol.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
 METHOD_READER = "reader_mask"
@@ -47,6 +54,8 @@ def base_record(participant_id, session_id, month):
         "n_voxels": None,
         "voxel_volume_mm3": None,
         "volume_ml": None,
+        "volume_low_ml": None,
+        "volume_high_ml": None,
         "mesh_volume_ml": None,
         "max_diameter_cm": None,
         "source_file": None,
@@ -70,6 +79,24 @@ def _fov_text(shape, affine):
     return ", ".join(f"{ax} {a:.1f} to {b:.1f}" for ax, a, b in zip("xyz", lo, hi))
 
 
+def load_mask_file(mask_path):
+    """A reader's mask file as a :class:`~khe_vol.nifti.LoadedImage`.
+
+    NIfTI label maps (ITK-SNAP) go through the usual header checks; 3D
+    Slicer segmentations and NRRD label maps through
+    :func:`khe_vol.reader_masks.load_reader_mask`, whose affine is RAS+.
+    """
+    from khe_vol.reader_masks import is_nrrd, load_reader_mask
+
+    if not is_nrrd(mask_path):
+        return load_image(mask_path, "mask")
+    try:
+        data, affine = load_reader_mask(mask_path)
+    except ValueError as exc:
+        raise SeriesError(str(exc)) from exc
+    return LoadedImage(data, affine, "nrrd space directions", Path(mask_path), sha256_file(mask_path))
+
+
 def reader_mask_on_grid(mask_path, series):
     """A reader's mask brought onto the series grid by physical position.
 
@@ -79,7 +106,7 @@ def reader_mask_on_grid(mask_path, series):
         If the mask is unreadable, or its field of view or its lesion lies
         outside the series.
     """
-    mask = load_image(mask_path, "mask")
+    mask = load_mask_file(mask_path)
     if not grids_overlap(series.data.shape, series.affine, mask.data.shape, mask.affine):
         raise SeriesError(
             f"{mask.path}: reader mask does not overlap its series {series.path} "
@@ -157,6 +184,11 @@ def measure_series(
         record["message"] = f"{image_path}: unexpected failure ({type(exc).__name__}: {exc}); see the job log"
         return record, None, None
     record.update(lesion_size(mask, series.affine))
+    # Threshold doubt comes from the segmentation (re-run with its threshold
+    # moved); a reader's mask has only the boundary doubt.
+    record["volume_low_ml"], record["volume_high_ml"] = volume_band_ml(
+        mask, series.affine, details.get("threshold_band_ml", ())
+    )
     record["status"] = "ok"
     # Timings vary run to run; they live in Snakemake's benchmark files, not
     # in records, so reruns give the same bytes.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 
 from khe_vol.nifti import atomic_write_text
+from khe_vol.qa.reads import QA_STATUSES
 from khe_vol.response import (
     CATEGORIES,
     classify_change,
     is_good_response,
     is_overall_response,
 )
+from khe_vol.uncertainty import near_threshold
 
 NA = "n/a"
 
@@ -23,6 +25,8 @@ VOLUME_COLUMNS = {
     "session_id": {"LongName": "Session identifier", "Description": "BIDS session label (ses-<label>)."},
     "month": {"LongName": "Month of session", "Description": "Months after baseline, from the config sessions mapping.", "Units": "month"},
     "volume_ml": {"LongName": "Lesion volume", "Description": "Lesion voxel count times voxel volume on the series' own grid.", "Units": "mL"},
+    "volume_low_ml": {"LongName": "Lower limit of lesion volume", "Description": "Smallest volume consistent with the measurement: the smaller of the volume and the automatic segmentation re-run with a stricter edge threshold, less a quarter of the one-voxel shell just inside the lesion (see README, Uncertainty band).", "Units": "mL"},
+    "volume_high_ml": {"LongName": "Upper limit of lesion volume", "Description": "Largest volume consistent with the measurement: the larger of the volume and the automatic segmentation re-run with a looser edge threshold, plus a quarter of the one-voxel shell just outside the lesion.", "Units": "mL"},
     "n_voxels": {"LongName": "Lesion voxel count", "Description": "Number of lesion voxels on the series' own grid."},
     "voxel_volume_mm3": {"LongName": "Voxel volume", "Description": "|det| of the 3x3 part of the series affine.", "Units": "mm^3"},
     "mesh_volume_ml": {"LongName": "Surface-mesh lesion volume", "Description": "Volume enclosed by the marching-cubes surface of the mask: a cross-check of volume_ml (lower for thin or jagged masks).", "Units": "mL"},
@@ -32,7 +36,10 @@ VOLUME_COLUMNS = {
         "Description": "Where the lesion mask came from.",
         "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir"},
     },
-    "status": {"LongName": "Status", "Description": "Whether a volume was measured.", "Levels": {"ok": "measured", "error": "not measured; see message"}},
+    "volume_auto_ml": {"LongName": "Automatic lesion volume", "Description": "Volume of the automatic (or supplied) mask, before reader QA; volume_ml is the final volume.", "Units": "mL"},
+    "volume_source": {"LongName": "Source of the final volume", "Description": "auto or reader_mask without reader QA; with it <reader>:<verdict> of the read that decided (accept: the automatic mask; edited: that reader's mask, kept in derivatives as desc-<reader>; no_residual_lesion: 0 mL)."},
+    "qa_status": {"LongName": "Blinded reader QA status", "Description": "Where the series stands in blinded reading.", "Levels": QA_STATUSES},
+    "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume; see message and qa_status"}},
     "message": {"LongName": "Message", "Description": "Why the series has no volume, naming the file and the problem."},
 }
 
@@ -54,8 +61,13 @@ RESPONSE_COLUMNS = {
             "complete_involution": "100% decrease (no lesion left)",
         },
     },
+    "percent_change_low": {"LongName": "Lowest percent change within the volume bands", "Description": "Percent change from the follow-up's lower volume limit and the baseline's upper limit.", "Units": "%"},
+    "percent_change_high": {"LongName": "Highest percent change within the volume bands", "Description": "Percent change from the follow-up's upper volume limit and the baseline's lower limit (n/a when the baseline's lower limit is 0).", "Units": "%"},
+    "near_threshold": {"LongName": "Category near a threshold", "Description": "Whether a change anywhere between percent_change_low and percent_change_high would give another category: such a category deserves a reader's closer look.", "Levels": {"1": "the category could flip within the volume bands", "0": "the category holds across the bands"}},
     "overall_response": {"LongName": "Overall lesion response", "Description": "Complete, nearly complete or partial involution.", "Levels": {"1": "yes", "0": "no"}},
     "good_response": {"LongName": "Good lesion response", "Description": "Complete or nearly complete involution.", "Levels": {"1": "yes", "0": "no"}},
+    "baseline_volume_source": {"LongName": "Source of the baseline volume", "Description": "As volume_source in volumes.tsv, for the baseline."},
+    "volume_source": {"LongName": "Source of the follow-up volume", "Description": "As volume_source in volumes.tsv."},
     "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message"}},
     "message": {"LongName": "Message", "Description": "Why no category was assigned."},
 }
@@ -87,15 +99,26 @@ def volume_rows(records):
             "session_id": rec["session_id"],
             "month": _fmt(rec["month"]),
             "volume_ml": _fmt(rec["volume_ml"], ".6f") if ok else NA,
+            "volume_low_ml": _fmt(rec.get("volume_low_ml"), ".6f") if ok else NA,
+            "volume_high_ml": _fmt(rec.get("volume_high_ml"), ".6f") if ok else NA,
             "n_voxels": _fmt(rec["n_voxels"]) if ok else NA,
             "voxel_volume_mm3": _fmt(rec["voxel_volume_mm3"], ".9g") if ok else NA,
             "mesh_volume_ml": _fmt(rec["mesh_volume_ml"], ".6f") if ok else NA,
             "max_diameter_cm": _fmt(rec["max_diameter_cm"], ".2f") if ok else NA,
             "method": _fmt(rec["method"]),
+            "volume_auto_ml": _fmt(_auto_ml(rec), ".6f"),
+            "volume_source": _fmt(rec.get("volume_source", rec["method"] if ok else None)),
+            "qa_status": rec.get("qa_status", "not_configured"),
             "status": rec["status"],
             "message": _fmt(rec["message"]),
         })
     return rows
+
+
+def _auto_ml(rec):
+    if "volume_auto_ml" in rec:
+        return rec["volume_auto_ml"]
+    return rec["volume_ml"] if rec["status"] == "ok" else None
 
 
 def response_rows(records, baseline_session_id):
@@ -122,8 +145,13 @@ def response_rows(records, baseline_session_id):
             "volume_ml": _fmt(rec["volume_ml"], ".6f") if rec["status"] == "ok" else NA,
             "percent_change": NA,
             "category": NA,
+            "percent_change_low": NA,
+            "percent_change_high": NA,
+            "near_threshold": NA,
             "overall_response": NA,
             "good_response": NA,
+            "baseline_volume_source": _fmt(base.get("volume_source", base.get("method"))) if base and base["status"] == "ok" else NA,
+            "volume_source": _fmt(rec.get("volume_source", rec.get("method"))) if rec["status"] == "ok" else NA,
             "status": "error",
             "message": NA,
         }
@@ -142,12 +170,28 @@ def response_rows(records, baseline_session_id):
             row.update(
                 percent_change=format(float(change), ".3f"),
                 category=category,
+                **_band_columns(base, rec),
                 overall_response=str(is_overall_response(category)),
                 good_response=str(is_good_response(category)),
                 status="ok",
             )
         rows.append(row)
     return rows
+
+
+def _band_columns(base, rec):
+    """percent_change_low/high and near_threshold from the two volume bands."""
+    base_band = (base["volume_low_ml"], base["volume_high_ml"])
+    band = (rec["volume_low_ml"], rec["volume_high_ml"])
+    if None in base_band or None in band:
+        return {}
+    low = 100 * (band[0] / base_band[1] - 1)
+    high = 100 * (band[1] / base_band[0] - 1) if base_band[0] > 0 else None
+    return {
+        "percent_change_low": _fmt(low, ".3f"),
+        "percent_change_high": _fmt(high, ".3f"),
+        "near_threshold": str(near_threshold(base_band, band)),
+    }
 
 
 def write_table(path, columns, rows):

@@ -19,6 +19,9 @@ except ConfigError as exc:
 
 RESULTS = config["results_dir"]
 WORK = f"{RESULTS}/work"
+BLINDING = f"{RESULTS}/blinding"
+READERS = list(config["readers"])
+ADJUDICATOR = config["adjudicator"]
 BASELINE_ID = f"ses-{baseline_session(config)}"
 
 try:
@@ -102,8 +105,55 @@ def series_args(wildcards):
     return shlex.join(args)
 
 
+def reader_package(reader):
+    """A reader's folder: everything that reader sees, and nothing else."""
+    return f"{RESULTS}/qa/{reader}"
+
+
+def qa_packages():
+    return [reader_package(r) for r in READERS + ([ADJUDICATOR] if ADJUDICATOR else [])]
+
+
+def qa_keys():
+    return [f"{BLINDING}/key.tsv"] + ([f"{BLINDING}/key_adjudication.tsv"] if ADJUDICATOR else [])
+
+
+def existing_reads_dbs(readers):
+    """Reads databases written so far by `khe-vol qa serve` (never by the workflow)."""
+    dbs = [f"{RESULTS}/reads/{r}.sqlite" for r in readers]
+    return [db for db in dbs if Path(db).is_file()]
+
+
+def reads_inputs(readers, keys=None):
+    """Input function: records, unblinding keys and the reads databases that exist so far.
+
+    The databases are written by `khe-vol qa serve`, never by the workflow, so
+    a rerun never deletes a read; a new read makes its database newer than
+    what was built from it, and the affected steps run again.
+    """
+
+    def inputs(wildcards):
+        return {
+            "records": all_records(),
+            "unblinding_keys": keys or [f"{BLINDING}/key.tsv"],
+            "dbs": existing_reads_dbs(readers),
+        }
+
+    return inputs
+
+
+def key_args(wildcards, input):
+    return " ".join(f"--key {shlex.quote(k)}" for k in input.unblinding_keys)
+
+
+def table_records():
+    """Records the tables are made from: the reads' final records when readers are set."""
+    return [f"{WORK}/qa/final_records.json"] if READERS else all_records()
+
+
 def final_outputs():
-    return [
+    qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv"] if READERS else []
+    return qa + [
         f"{RESULTS}/check.tsv",
         f"{RESULTS}/check.json",
         f"{RESULTS}/volumes.tsv",

@@ -3,7 +3,7 @@
 
 rule tables:
     input:
-        records=all_records(),
+        records=table_records(),
     output:
         volumes=f"{RESULTS}/volumes.tsv",
         volumes_dictionary=f"{RESULTS}/volumes.json",

@@ -1,0 +1,55 @@
+"""Blinded reading: the reader package, its leak audit, the reads store and the reader app.
+
+Storage layout under a results directory ``R``:
+
+``R/qa/<reader>/``
+    What one reader may see, and nothing else: ``worklist.json`` and, per
+    case, files named only by the case code (``<code>_t2.nii.gz``,
+    ``<code>_mask.nii.gz``, ``<code>_qc.png``, adjudication overlays
+    ``<code>_reader-a_mask.nii.gz``, ...). Built by ``khe-vol qa package``.
+``R/blinding/key.tsv`` (+ ``key.json`` data dictionary)
+    The unblinding key: case code -> participant and session. Never under
+    ``qa/``; the app never reads it.
+``R/reads/<reader>.sqlite``
+    The reader's verdicts, append-only. Not a workflow output, so a rerun
+    of the workflow never deletes reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Verdicts a reader can give a case.
+VERDICTS = ("accept", "edited", "reject", "no_residual_lesion")
+
+#: Human wording of each verdict (buttons, history).
+VERDICT_LABELS = {
+    "accept": "Accept",
+    "edited": "Edited",
+    "reject": "Reject (unmeasurable)",
+    "no_residual_lesion": "No residual lesion",
+}
+
+WORKLIST_NAME = "worklist.json"
+
+
+def reader_dir(results_dir, reader):
+    """``R/qa/<reader>``: the only folder a reader's app serves from."""
+    return Path(results_dir) / "qa" / reader
+
+
+def key_dir(results_dir):
+    """``R/blinding``: the unblinding key, outside ``qa/``."""
+    return Path(results_dir) / "blinding"
+
+
+def default_db_path(results_dir, reader):
+    """``R/reads/<reader>.sqlite``: where a reader's verdicts are kept."""
+    return Path(results_dir) / "reads" / f"{reader}.sqlite"
+
+
+def check_reader_id(reader):
+    """Refuse reader ids that could not be a single, plain path component."""
+    if not reader or not reader.replace("-", "").replace("_", "").isalnum() or not reader.isascii():
+        raise ValueError(f"reader id {reader!r} must be letters, digits, '-' or '_' only (e.g. R1, ADJ)")
+    return reader

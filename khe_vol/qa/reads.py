@@ -1,0 +1,466 @@
+"""Reads back into the results: unblind each read and decide every series' final volume.
+
+Rules (also in README, "Blinded reading"):
+
+- Each reader's read of a series gives a volume: ``accept`` -> the automatic
+  mask's; ``edited`` -> the reader's mask's (on the series grid); ``no_residual_lesion``
+  -> 0 mL; ``reject`` -> none (the series is excluded as unmeasurable).
+  A read made on another proposed mask than the current one (the package was
+  rebuilt since) is *stale* and counts as unread.
+- A series is final only when every reader has read it. With two readers,
+  a follow-up whose response category differs between them (each reader's
+  category from their own baseline and follow-up reads), or a series one
+  reader rejected and the other measured, goes to the adjudicator together
+  with its baseline; the adjudicator's read decides those series.
+- Otherwise the first reader's read gives the final volume (the second is a
+  check: for agreeing categories either gives the same category).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from khe_vol.geometry import voxel_volume_mm3
+from khe_vol.response import classify_change
+from khe_vol.uncertainty import volume_band_ml
+
+#: ``qa_status`` values of volumes.tsv.
+QA_STATUSES = {
+    "not_configured": "no reader QA in this run: the automatic (or supplied) mask's volume",
+    "pending_read": "not yet read by every reader (or a read is stale): no final volume",
+    "pending_adjudication": "readers disagree; waiting for the adjudicator: no final volume",
+    "accepted": "readers accepted the automatic mask",
+    "edited": "the deciding reader corrected the mask",
+    "no_residual_lesion": "the deciding reader found no residual lesion: 0 mL",
+    "rejected": "the deciding reader rejected the series as unmeasurable: excluded",
+    "no_case": "the series could not be shown to readers (see message)",
+}
+
+_VERDICT_STATUS = {"accept": "accepted", "edited": "edited", "no_residual_lesion": "no_residual_lesion",
+                   "reject": "rejected"}
+
+
+@dataclass
+class ReaderRead:
+    """One reader's current, usable read of one series."""
+
+    reader: str
+    case_code: str
+    verdict: str | None = None  # None: unread or stale
+    comment: str = ""
+    revision: int | None = None
+    n_voxels: int | None = None  # None for reject or unread
+    mask: np.ndarray | None = field(default=None, repr=False)  # edited mask on the series grid
+    note: str | None = None
+
+    @property
+    def read(self):
+        return self.verdict is not None
+
+
+def edited_mask_array(payload, shape, affine, atol_mm=1e-3):
+    """Decode an edited mask (gzip NIfTI bytes) and check it lies on the series grid.
+
+    Parameters
+    ----------
+    payload : bytes
+    shape : tuple of int
+        Series array shape.
+    affine : (4, 4) array_like
+        Series voxel-to-RAS+ affine, mm.
+    atol_mm : float
+        Largest difference of affine entries accepted, mm.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    raw = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload
+    img = nib.Nifti1Image.from_bytes(raw)
+    if tuple(img.shape) != tuple(shape) or not np.allclose(img.affine, affine, atol=atol_mm):
+        raise ValueError(f"edited mask grid {img.shape} does not match the series grid {tuple(shape)}")
+    return np.asarray(img.dataobj) != 0
+
+
+def reader_reads(key_rows, reads, records):
+    """Every reader's usable read of every packaged series.
+
+    Parameters
+    ----------
+    key_rows : list of dict
+        Rows of the unblinding key (reader, case_code, participant_id,
+        session_id, status, proposed_mask_sha256).
+    reads : list of dict
+        Current reads of all readers (:func:`khe_vol.qa.store.current_reads`, with masks).
+    records : dict
+        (participant_id, session_id) -> automatic series record.
+
+    Returns
+    -------
+    dict
+        (participant_id, session_id) -> {reader: ReaderRead}.
+    """
+    latest = {(r["reader"], r["case_code"]): r for r in reads}
+    out = {}
+    for row in key_rows:
+        if row.get("status") != "case":
+            continue
+        ids = (row["participant_id"], row["session_id"])
+        entry = ReaderRead(row["reader"], row["case_code"])
+        out.setdefault(ids, {})[row["reader"]] = entry
+        read = latest.get((row["reader"], row["case_code"]))
+        if read is None:
+            continue
+        if read.get("proposed_mask_sha256") != row.get("proposed_mask_sha256"):
+            entry.note = (f"{row['reader']}'s read (revision {read['revision']}) was made on another proposed "
+                          "mask than the current one; it must be read again")
+            continue
+        rec = records[ids]
+        verdict = read["verdict"]
+        if verdict == "accept":
+            if row.get("proposed_mask_sha256") is None or rec["status"] != "ok":
+                entry.note = f"{row['reader']} accepted a case that had no proposed mask; it must be read again"
+                continue
+            entry.n_voxels = int(rec["n_voxels"])
+        elif verdict == "edited":
+            try:
+                entry.mask = edited_mask_array(read["edited_mask"], rec["shape"], rec["affine"])
+            except (ValueError, OSError, nib.filebasedimages.ImageFileError) as exc:
+                entry.note = f"{row['reader']}'s edited mask cannot be used ({exc}); it must be read again"
+                continue
+            entry.n_voxels = int(entry.mask.sum())
+        elif verdict == "no_residual_lesion":
+            entry.n_voxels = 0
+        entry.verdict, entry.comment, entry.revision = verdict, read.get("comment") or "", read["revision"]
+    return out
+
+
+def reader_category(base, follow, rec_base, rec_follow):
+    """A reader's response category of a follow-up from their own two reads (None if undefined)."""
+    if base is None or follow is None or base.n_voxels in (None, 0) or follow.n_voxels is None:
+        return None
+    return classify_change(base.n_voxels, series_voxel_mm3(rec_base), follow.n_voxels, series_voxel_mm3(rec_follow))[0]
+
+
+def series_voxel_mm3(record):
+    """Voxel volume of a series' own grid, mm^3 (from its affine: set even when segmentation failed)."""
+    return voxel_volume_mm3(np.asarray(record["affine"], float))
+
+
+def needs_adjudication(by_series, records, readers, baseline_session_id):
+    """Series two readers disagree on, with the baseline of each disagreeing follow-up.
+
+    Returns
+    -------
+    dict
+        (participant_id, session_id) -> reason (str).
+    """
+    if len(readers) != 2:
+        return {}
+    a, b = readers
+    out = {}
+    for ids, per_reader in sorted(by_series.items()):
+        ra, rb = per_reader.get(a), per_reader.get(b)
+        if ra is None or rb is None or not (ra.read and rb.read):
+            continue
+        if (ra.verdict == "reject") != (rb.verdict == "reject"):
+            out[ids] = "one reader rejected the series, the other measured it"
+            continue
+        pid, ses = ids
+        base_ids = (pid, baseline_session_id)
+        if ses == baseline_session_id or base_ids not in by_series or base_ids not in records:
+            continue
+        bases = by_series[base_ids]
+        cat_a = reader_category(bases.get(a), ra, records[base_ids], records[ids])
+        cat_b = reader_category(bases.get(b), rb, records[base_ids], records[ids])
+        if cat_a is not None and cat_b is not None and cat_a != cat_b:
+            out[ids] = f"response categories differ ({a}: {cat_a}, {b}: {cat_b})"
+            out.setdefault(base_ids, f"baseline of a disagreeing follow-up ({ses})")
+    return out
+
+
+def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
+    """The record of one series with its final volume and where it came from.
+
+    Parameters
+    ----------
+    record : dict
+        Automatic series record.
+    per_reader : dict or None
+        {reader: ReaderRead} for this series (None: no case was made).
+    readers : list of str
+    adjudicator : str or None
+    adjudication_reason : str or None
+        Why the series needs adjudication (None: it does not).
+
+    Returns
+    -------
+    final : dict
+        ``record`` with ``volume_auto_ml``, ``qa_status``, ``volume_source``,
+        ``reads`` (per reader verdict/volume) and, where decided, the final
+        ``n_voxels``/``volume_ml``/band; ``status`` ``ok`` only with a final volume.
+    mask : ndarray or None
+        The deciding reader's edited mask, when the final volume comes from one.
+    """
+    final = dict(record)
+    final["volume_auto_ml"] = record.get("volume_ml") if record["status"] == "ok" else None
+    final["adjudication"] = adjudication_reason
+    if not readers:
+        final["qa_status"] = "not_configured"
+        final["volume_source"] = record.get("method")
+        return final, None
+    per_reader = per_reader or {}
+    final["reads"] = {r: {"case_code": e.case_code, "verdict": e.verdict, "revision": e.revision,
+                          "n_voxels": e.n_voxels, "comment": e.comment, "note": e.note}
+                      for r, e in sorted(per_reader.items())}
+
+    def undecided(status, message):
+        final.update(qa_status=status, volume_source=None, status="error", message=message, n_voxels=None,
+                     volume_ml=None, volume_low_ml=None, volume_high_ml=None, mesh_volume_ml=None,
+                     max_diameter_cm=None)
+        return final, None
+
+    if not per_reader:
+        return undecided("no_case", record.get("message") or "the series could not be packaged for readers")
+    waiting = [r for r in readers if r not in per_reader or not per_reader[r].read]
+    if waiting:
+        notes = "; ".join(per_reader[r].note for r in waiting if r in per_reader and per_reader[r].note)
+        return undecided("pending_read", f"waiting for {', '.join(waiting)}" + (f": {notes}" if notes else ""))
+    if adjudication_reason:
+        entry = per_reader.get(adjudicator)
+        if entry is None or not entry.read:
+            note = f": {entry.note}" if entry is not None and entry.note else ""
+            return undecided("pending_adjudication",
+                             f"waiting for adjudicator {adjudicator} ({adjudication_reason}){note}")
+    decider = per_reader[adjudicator if adjudication_reason else readers[0]]
+    if decider.verdict == "reject":
+        undecided("rejected", f"rejected as unmeasurable by {decider.reader}"
+                  + (f": {decider.comment}" if decider.comment else ""))
+        final["volume_source"] = f"{decider.reader}:reject"
+        return final, None
+    final["qa_status"] = _VERDICT_STATUS[decider.verdict]
+    final["volume_source"] = f"{decider.reader}:{decider.verdict}"
+    if decider.verdict == "accept":
+        return final, None
+    from khe_vol.measure import lesion_size
+
+    affine = np.asarray(record["affine"], float)
+    mask = decider.mask if decider.verdict == "edited" else np.zeros(record["shape"], bool)
+    final.update(lesion_size(mask, affine))
+    final["volume_low_ml"], final["volume_high_ml"] = volume_band_ml(mask, affine)
+    final.update(status="ok", message=None)
+    return final, (mask if decider.verdict == "edited" else None)
+
+
+def apply_reads(records, key_rows, reads, readers, adjudicator, baseline_session_id):
+    """Final records of a cohort from its automatic records and every read.
+
+    Parameters
+    ----------
+    records : list of dict
+        Automatic series records.
+    key_rows : list of dict
+        The unblinding key.
+    reads : list of dict
+        Current reads of all readers and the adjudicator.
+    readers : list of str
+    adjudicator : str or None
+    baseline_session_id : str
+
+    Returns
+    -------
+    finals : list of dict
+        One final record per series, in the order of ``records``.
+    adjudication : dict
+        (participant_id, session_id) -> reason, for series the adjudicator must read.
+    edited : list of (reader, participant_id, session_id, mask)
+        Every usable edited mask of every reader, for the derivatives.
+    """
+    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
+    by_series = reader_reads(key_rows, reads, by_ids)
+    adjudication = needs_adjudication(by_series, by_ids, list(readers), baseline_session_id)
+    if adjudication and adjudicator is None:
+        # Without an adjudicator the first reader decides; the disagreement stays visible.
+        reasons, adjudication = adjudication, {}
+    else:
+        reasons = adjudication
+    finals = []
+    for rec in records:
+        ids = (rec["participant_id"], rec["session_id"])
+        final, _ = final_record(rec, by_series.get(ids), list(readers), adjudicator, adjudication.get(ids))
+        if ids in reasons and not adjudication:
+            final["adjudication"] = f"not adjudicated (no adjudicator configured): {reasons[ids]}"
+        finals.append(final)
+    edited = [(reader, pid, ses, entry.mask)
+              for (pid, ses), per_reader in sorted(by_series.items())
+              for reader, entry in sorted(per_reader.items()) if entry.mask is not None]
+    return finals, adjudication, edited
+
+
+# --------------------------------------------------------------------------
+# Command-line edges: `khe-vol qa disagreements` and `khe-vol qa final`.
+# --------------------------------------------------------------------------
+
+
+def _load_inputs(args, readers):
+    import json
+    from pathlib import Path
+
+    from khe_vol.qa import default_db_path
+    from khe_vol.qa.package import read_tsv
+    from khe_vol.qa.store import current_reads
+
+    records = []
+    for path in args.records:
+        loaded = json.loads(Path(path).read_text())
+        records.extend(loaded if isinstance(loaded, list) else [loaded])
+    key_rows = [{k: (None if v == "n/a" else v) for k, v in row.items()} for key in args.key for row in read_tsv(key)]
+    reads = [r for reader in readers for r in current_reads(default_db_path(args.results_dir, reader))]
+    return records, key_rows, reads
+
+
+def main_disagreements(args):
+    """Write the adjudication list and the readers' overlays for the adjudicator."""
+    import shutil
+    from pathlib import Path
+
+    from khe_vol.nifti import atomic_write_text, mask_image, write_nifti
+
+    records, key_rows, reads = _load_inputs(args, args.reader)
+    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
+    by_series = reader_reads(key_rows, reads, by_ids)
+    adjudication = needs_adjudication(by_series, by_ids, args.reader, args.baseline_session)
+    overlay_dir = Path(args.overlay_dir)
+    shutil.rmtree(overlay_dir, ignore_errors=True)
+    overlay_dir.mkdir(parents=True)
+    series_lines = ["participant_id\tsession_id\treason"]
+    overlay_lines = ["participant_id\tsession_id\treader\tverdict\tvolume_ml\tmask"]
+    for (pid, ses), reason in sorted(adjudication.items()):
+        series_lines.append(f"{pid}\t{ses}\t{reason}")
+        rec = by_ids[(pid, ses)]
+        for reader, entry in sorted(by_series[(pid, ses)].items()):
+            if reader not in args.reader:
+                continue
+            mask_path = "n/a"
+            if entry.verdict == "accept":
+                mask_path = str(Path(rec_path_of(args.records, pid, ses)).with_name("mask.nii.gz"))
+            elif entry.verdict == "edited":
+                target = overlay_dir / reader / f"{pid}_{ses}_mask.nii.gz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_nifti(target, mask_image(entry.mask, rec["affine"]))
+                mask_path = str(target)
+            volume = "n/a" if entry.n_voxels is None else f"{entry.n_voxels * series_voxel_mm3(rec) / 1000:.3f}"
+            overlay_lines.append(f"{pid}\t{ses}\t{reader}\t{entry.verdict}\t{volume}\t{mask_path}")
+    atomic_write_text(args.out, "\n".join(series_lines) + "\n")
+    atomic_write_text(args.overlays, "\n".join(overlay_lines) + "\n")
+    print(f"{len(adjudication)} series for adjudication")
+    return 0
+
+
+def rec_path_of(record_paths, participant_id, session_id):
+    """The record.json of one series among the workflow's record paths."""
+    from pathlib import Path
+
+    for path in record_paths:
+        p = Path(path)
+        if p.parent.name == session_id and p.parent.parent.name == participant_id:
+            return p
+    raise KeyError(f"no record for {participant_id} {session_id}")
+
+
+def agreement_reads(records, by_series, readers, baseline_session_id, auto_mask):
+    """Per-reader reads (and the automatic result) in the form :mod:`khe_vol.qa.agreement` takes.
+
+    Parameters
+    ----------
+    records : dict
+        (participant_id, session_id) -> automatic record.
+    by_series : dict
+        From :func:`reader_reads`.
+    readers : list of str
+        The blinded readers (the adjudicator is not compared).
+    baseline_session_id : str
+    auto_mask : callable
+        (participant_id, session_id) -> the automatic mask array; called only
+        for series some reader edited (their masks are compared with it).
+
+    Returns
+    -------
+    list of dict
+    """
+    from khe_vol.qa.agreement import AUTO_READER
+
+    rows = []
+    for ids, per_reader in sorted(by_series.items()):
+        rec = records[ids]
+        base_ids = (ids[0], baseline_session_id)
+        base_reads = by_series.get(base_ids, {})
+        affine = np.asarray(rec["affine"], float)
+        edited_here = any(per_reader.get(r) is not None and per_reader[r].mask is not None for r in readers)
+        for reader in readers:
+            entry = per_reader.get(reader)
+            if entry is None or not entry.read or entry.verdict == "reject":
+                continue
+            category = None
+            if ids[1] != baseline_session_id and base_ids in records:
+                category = reader_category(base_reads.get(reader), entry, records[base_ids], rec)
+            row = {"participant_id": ids[0], "session_id": ids[1], "month": rec.get("month"), "reader": reader,
+                   "volume_ml": entry.n_voxels * series_voxel_mm3(rec) / 1000.0, "category": category}
+            if entry.mask is not None:
+                row.update(mask=entry.mask, affine=affine)
+            rows.append(row)
+        if rec["status"] == "ok":
+            category = None
+            base = records.get(base_ids)
+            if ids[1] != baseline_session_id and base is not None and base["status"] == "ok" and base["n_voxels"]:
+                category = classify_change(base["n_voxels"], base["voxel_volume_mm3"],
+                                           rec["n_voxels"], rec["voxel_volume_mm3"])[0]
+            row = {"participant_id": ids[0], "session_id": ids[1], "month": rec.get("month"),
+                   "reader": AUTO_READER, "volume_ml": rec["volume_ml"], "category": category}
+            if edited_here:
+                row.update(mask=auto_mask(*ids), affine=affine)
+            rows.append(row)
+    return rows
+
+
+def main_final(args):
+    """Final records, every reader's edited masks and the agreement table."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from khe_vol.nifti import atomic_write_text, load_image, mask_image, write_nifti
+    from khe_vol.qa.agreement import agreement_rows, write_agreement
+
+    everyone = list(args.reader) + ([args.adjudicator] if args.adjudicator else [])
+    records, key_rows, reads = _load_inputs(args, everyone)
+    finals, adjudication, edited = apply_reads(records, key_rows, reads, args.reader, args.adjudicator,
+                                               args.baseline_session)
+    # Edited masks: built aside and moved into place, never half-written.
+    out_dir = Path(args.edited_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
+    for reader, pid, ses, mask in edited:
+        write_nifti(tmp / reader / pid / ses / "mask.nii.gz", mask_image(mask, by_ids[(pid, ses)]["affine"]))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+    def auto_mask(pid, ses):
+        return load_image(Path(rec_path_of(args.records, pid, ses)).with_name("mask.nii.gz"), "mask").data != 0
+
+    by_series = reader_reads(key_rows, reads, by_ids)
+    write_agreement(args.agreement, agreement_rows(
+        agreement_reads(by_ids, by_series, list(args.reader), args.baseline_session, auto_mask)))
+    atomic_write_text(args.out, json.dumps(finals, indent=2) + "\n")
+    counts = {}
+    for f in finals:
+        counts[f["qa_status"]] = counts.get(f["qa_status"], 0) + 1
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+          + f"; {len(adjudication)} for adjudication; {len(edited)} edited mask(s)")
+    return 0

@@ -1,0 +1,161 @@
+"""The reads store: a reader's verdicts in SQLite, append-only.
+
+One database per reader (default ``R/reads/<reader>.sqlite``), outside
+``qa/`` and never a workflow output, so rebuilding the package or rerunning
+the workflow never deletes a read. WAL journal with ``synchronous=FULL``: a
+read is on disk when :func:`record_read` returns, so the app answers the
+browser only after the commit and a killed server loses nothing it
+confirmed. Rows are never updated or deleted (triggers refuse it); revising a
+verdict adds a revision.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from khe_vol.qa import VERDICTS
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS reads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reader TEXT NOT NULL,
+    case_code TEXT NOT NULL,
+    revision INTEGER NOT NULL CHECK (revision >= 1),
+    verdict TEXT NOT NULL CHECK (verdict IN ({", ".join(repr(v) for v in VERDICTS)})),
+    comment TEXT NOT NULL DEFAULT '',
+    edited_mask BLOB,
+    edited_volume_ml REAL,
+    proposed_mask_sha256 TEXT,
+    created_utc TEXT NOT NULL,
+    UNIQUE (reader, case_code, revision),
+    CHECK ((verdict = 'edited') = (edited_mask IS NOT NULL))
+);
+CREATE TRIGGER IF NOT EXISTS reads_append_only_update BEFORE UPDATE ON reads
+BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
+CREATE TRIGGER IF NOT EXISTS reads_append_only_delete BEFORE DELETE ON reads
+BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
+"""
+
+_COLUMNS = ("reader", "case_code", "revision", "verdict", "comment", "edited_mask", "edited_volume_ml",
+            "proposed_mask_sha256", "created_utc")
+
+
+def connect(db_path):
+    """Open (creating if needed) a reads database.
+
+    Returns
+    -------
+    sqlite3.Connection
+        In autocommit mode (``isolation_level=None``); transactions are explicit.
+    """
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.executescript(SCHEMA)
+    return con
+
+
+def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=None, edited_volume_ml=None,
+                proposed_mask_sha256=None, now=None):
+    """Append one read, as the next revision of its case, in one committed transaction.
+
+    Parameters
+    ----------
+    db_path : path-like
+    reader, case_code : str
+    verdict : str
+        One of :data:`khe_vol.qa.VERDICTS`.
+    comment : str
+    edited_mask : bytes, optional
+        gzip NIfTI of the corrected mask on the case grid; required for
+        ``edited`` and refused otherwise.
+    edited_volume_ml : float, optional
+        Volume of ``edited_mask``, mL.
+    proposed_mask_sha256 : str, optional
+        SHA-256 of the proposed mask file the reader was shown (None: none).
+    now : datetime, optional
+        Time of the read (default: now, UTC).
+
+    Returns
+    -------
+    dict
+        The stored read (without the mask bytes).
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if (verdict == "edited") != (edited_mask is not None):
+        raise ValueError("an edited mask goes with, and only with, the verdict 'edited'")
+    created = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+    con = connect(db_path)
+    try:
+        con.execute("BEGIN IMMEDIATE")  # takes the write lock before reading the last revision
+        try:
+            (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
+                                  (reader, case_code)).fetchone()
+            values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
+                      None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created)
+            con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return {k: v for k, v in zip(_COLUMNS, values) if k != "edited_mask"}
+
+
+def _rows(db_path, sql, params, with_masks):
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        return []
+    con = connect(db_path)
+    try:
+        rows = [dict(r) for r in con.execute(sql, params)]
+    finally:
+        con.close()
+    for r in rows:
+        r.pop("id", None)
+        if not with_masks:
+            r.pop("edited_mask", None)
+    return rows
+
+
+def current_reads(db_path, with_masks=True):
+    """The latest revision of every case in a reads database.
+
+    Parameters
+    ----------
+    db_path : path-like
+        A database that does not exist has no reads.
+    with_masks : bool
+        Include ``edited_mask`` (gzip NIfTI bytes or None).
+
+    Returns
+    -------
+    list of dict
+        Keys ``reader``, ``case_code``, ``revision``, ``verdict``, ``comment``,
+        ``edited_mask``, ``edited_volume_ml``, ``proposed_mask_sha256``,
+        ``created_utc``; sorted by reader and case code.
+    """
+    sql = """SELECT r.* FROM reads r JOIN (
+                 SELECT reader, case_code, MAX(revision) AS revision FROM reads GROUP BY reader, case_code
+             ) last USING (reader, case_code, revision)
+             ORDER BY r.reader, r.case_code"""
+    return _rows(db_path, sql, (), with_masks)
+
+
+def read_history(db_path, case_code, with_masks=False):
+    """Every revision of one case, oldest first (same keys as :func:`current_reads`)."""
+    sql = "SELECT * FROM reads WHERE case_code = ? ORDER BY reader, revision"
+    return _rows(db_path, sql, (case_code,), with_masks)
+
+
+def edited_mask_bytes(db_path, case_code, revision):
+    """The stored edited mask of one revision (gzip NIfTI bytes), or None."""
+    rows = _rows(db_path, "SELECT * FROM reads WHERE case_code = ? AND revision = ?", (case_code, revision), True)
+    return rows[0]["edited_mask"] if rows else None

@@ -1,0 +1,92 @@
+"""A tiny workflow output (records + masks + source T2s) for the blinded-reading tests.
+
+The source T2 headers carry the participant id in every free-text field and in
+an extension, as scanner exports sometimes do, so de-identification is tested
+on real files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from khe_vol.nifti import atomic_write_bytes, mask_image, sha256_file, write_nifti
+from tests.conftest import make_affine
+
+SHAPE = (32, 28, 10)
+
+#: A grid whose array axes are swapped and flipped against RAS (i -> -y, j -> -x):
+#: what the viewer shows and what it saves must still be the same places in world space.
+PERMUTED_FLIPPED = np.array([[0.0, -1.0, 0.0, 14.0], [-1.0, 0.0, 0.0, 16.0], [0.0, 0.0, 3.0, -15.0], [0, 0, 0, 1]])
+
+
+def _ball(shape, affine, centre, radius):
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return (np.linalg.norm(xyz - np.asarray(centre), axis=1) <= radius).reshape(shape)
+
+
+def write_t2(path, data, affine, participant_id, session_id):
+    """A T2 whose header text fields and an extension name the participant."""
+    img = nib.Nifti1Image(data.astype(np.int16), None)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header["descrip"] = f"{participant_id} {session_id} 2024-03-05".encode()
+    img.header["aux_file"] = participant_id.encode()
+    img.header["intent_name"] = participant_id.encode()
+    img.header["db_name"] = participant_id.encode()
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, f"patient {participant_id} 20240305".encode()))
+    payload = bytearray(img.to_bytes())
+    # Stored values are scaled (scl_slope 0.5, scl_inter 10) as scanners often
+    # do; nibabel would fold scaling into its own choice on save, so the two
+    # little-endian float32 header fields are set in the bytes directly.
+    payload[112:120] = struct.pack("<ff", 0.5, 10.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(bytes(payload), mtime=0))
+    return path
+
+
+def write_cohort(root):
+    """Write sources and workflow records; returns the record paths.
+
+    sub-01 ses-baseline: ok (RAS grid). sub-01 ses-m06: ok, on a permuted,
+    flipped grid. sub-02 ses-baseline: status error with a loadable image (a
+    case without a proposed mask). sub-02 ses-m06: truncated image (no case).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(3)
+    series = [
+        ("sub-01", "ses-baseline", 0, make_affine((1.0, 1.0, 3.0), (-16, -14, -15)), 7.0, "ok"),
+        ("sub-01", "ses-m06", 6, PERMUTED_FLIPPED, 5.0, "ok"),
+        ("sub-02", "ses-baseline", 0, make_affine((1.0, 1.0, 3.0), (-16, -14, -15)), 6.0, "error"),
+        ("sub-02", "ses-m06", 6, make_affine((1.0, 1.0, 3.0), (-16, -14, -15)), 6.0, "truncated"),
+    ]
+    records = []
+    for pid, sid, month, affine, radius, kind in series:
+        src = root / "imaging" / pid / sid / "anat" / f"{pid}_{sid}_T2w.nii.gz"
+        inside = _ball(SHAPE, affine, (2.0, 1.0, 0.0), radius)
+        data = 200 + 400 * inside + rng.normal(0, 8, SHAPE)
+        write_t2(src, data, affine, pid, sid)
+        if kind == "truncated":
+            src.write_bytes(src.read_bytes()[:500])
+        rec_dir = root / "results" / "work" / "series" / pid / sid
+        record = {
+            "participant_id": pid, "session_id": sid, "month": month, "status": "ok" if kind == "ok" else "error",
+            "message": None, "method": "auto", "volume_ml": None, "source_file": str(src),
+            "source_sha256": sha256_file(src), "shape": list(SHAPE), "affine": affine.tolist(),
+        }
+        if kind == "ok":
+            record["volume_ml"] = float(inside.sum()) * 3.0 / 1000.0
+            write_nifti(rec_dir / "mask.nii.gz", mask_image(inside, affine))
+        else:
+            record["message"] = f"{src}: no seed for {pid}" if kind == "error" else f"{src}: truncated"
+            record["method"] = None
+            atomic_write_bytes(rec_dir / "mask.nii.gz", b"")
+        (rec_dir / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        records.append(rec_dir / "record.json")
+    return records

@@ -1,0 +1,113 @@
+# Stage 5: blinded reader QA. Reader packages under qa/ (nothing identifying),
+# the unblinding key under blinding/, the reads imported back (final volumes,
+# adjudication of disagreements, agreement statistics). Only with `readers`.
+
+
+rule qa_package:
+    input:
+        records=all_records(),
+        masks=all_masks(),
+    output:
+        packages=[directory(reader_package(r)) for r in READERS],
+        key=f"{BLINDING}/key.tsv",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
+        readers=" ".join(f"--reader {r}" for r in READERS),
+        seed=config["qa_seed"],
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_package.log",
+    shell:
+        "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} "
+        "--key {output.key:q} {input.records:q} > {log:q} 2>&1"
+
+
+if ADJUDICATOR:
+
+    rule qa_disagreements:
+        input:
+            unpack(reads_inputs(READERS)),
+        output:
+            series=f"{WORK}/qa/adjudication.tsv",
+            overlays=f"{WORK}/qa/adjudication_overlays.tsv",
+            masks=directory(f"{WORK}/qa/adjudication_overlays"),
+        params:
+            results_dir=lambda wildcards, output: str(Path(output.series).parents[2]),
+            baseline=BASELINE_ID,
+            readers=" ".join(f"--reader {r}" for r in READERS),
+            key_args=key_args,
+        conda:
+            "../../environment.yml"
+        log:
+            f"{RESULTS}/logs/qa_disagreements.log",
+        shell:
+            "khe-vol qa disagreements --results-dir {params.results_dir:q} {params.readers} --baseline-session {params.baseline} "
+            "{params.key_args} --out {output.series:q} --overlays {output.overlays:q} --overlay-dir {output.masks:q} "
+            "{input.records:q} > {log:q} 2>&1"
+
+
+    rule qa_adjudication_package:
+        input:
+            series=f"{WORK}/qa/adjudication.tsv",
+            overlays=f"{WORK}/qa/adjudication_overlays.tsv",
+            overlay_masks=f"{WORK}/qa/adjudication_overlays",
+            records=all_records(),
+            masks=all_masks(),
+        output:
+            package=directory(reader_package(ADJUDICATOR or "none")),
+            key=f"{BLINDING}/key_adjudication.tsv",
+        params:
+            results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
+            adjudicator=ADJUDICATOR,
+            seed=config["qa_seed"],
+        conda:
+            "../../environment.yml"
+        log:
+            f"{RESULTS}/logs/qa_adjudication_package.log",
+        shell:
+            "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} "
+            "--series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
+            "{input.records:q} > {log:q} 2>&1"
+
+
+rule qa_audit:
+    input:
+        packages=qa_packages(),
+        unblinding_keys=qa_keys(),
+        # Reader comments are checked too: a new read means a new audit.
+        dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    output:
+        f"{BLINDING}/audit.txt",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output[0]).parents[1]),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_audit.log",
+    shell:
+        "khe-vol qa audit --results-dir {params.results_dir:q} > {output:q} 2> {log:q}"
+
+
+rule qa_final:
+    input:
+        unpack(reads_inputs(READERS + ([ADJUDICATOR] if ADJUDICATOR else []), qa_keys())),
+    output:
+        records=f"{WORK}/qa/final_records.json",
+        edited=directory(f"{WORK}/qa/edited"),
+        agreement=f"{RESULTS}/qa_agreement.tsv",
+        agreement_dictionary=f"{RESULTS}/qa_agreement.json",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.agreement).parent),
+        baseline=BASELINE_ID,
+        readers=" ".join(f"--reader {r}" for r in READERS),
+        adjudicator=f"--adjudicator {ADJUDICATOR}" if ADJUDICATOR else "",
+        key_args=key_args,
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_final.log",
+    shell:
+        "khe-vol qa final --results-dir {params.results_dir:q} {params.readers} {params.adjudicator} "
+        "--baseline-session {params.baseline} {params.key_args} --out {output.records:q} "
+        "--edited-dir {output.edited:q} --agreement {output.agreement:q} {input.records:q} > {log:q} 2>&1"
