@@ -11,6 +11,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 
@@ -32,6 +35,14 @@ if READERS:
 
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/derivatives.smk"
+
+
+if config["allocation"]:
+
+    include: "workflow/rules/analysis.smk"
+
+
+include: "workflow/rules/report.smk"
 
 
 onsuccess:

@@ -29,7 +29,7 @@ def _cmd_demo(args):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-    print(f"demo cohort in {out}/ (imaging/, seeds.tsv, truth.tsv, truth/)")
+    print(f"demo cohort in {out}/ (imaging/, seeds.tsv, allocation.tsv, truth.tsv, truth/)")
     return 0
 
 
@@ -127,10 +127,15 @@ def _cmd_tables(args):
         write_table,
     )
 
+    from khe_vol.provenance import run_provenance
+
     records = _read_records(args.records)
     out = Path(args.results_dir)
-    write_table(out / "volumes.tsv", VOLUME_COLUMNS, volume_rows(records))
-    write_table(out / "response.tsv", RESPONSE_COLUMNS, response_rows(records, args.baseline_session))
+    config = json.loads(args.config_json) if args.config_json else None
+    provenance = run_provenance(config, records, outputs=None)
+    provenance.pop("Outputs")
+    write_table(out / "volumes.tsv", VOLUME_COLUMNS, volume_rows(records), provenance)
+    write_table(out / "response.tsv", RESPONSE_COLUMNS, response_rows(records, args.baseline_session), provenance)
     print(f"wrote {out / 'volumes.tsv'} and {out / 'response.tsv'}")
     return 0
 
@@ -225,6 +230,106 @@ def _add_qa_parser(sub):
     p.set_defaults(func=_cmd_qa_reads, qa_entry="main_final")
 
 
+def _cmd_arms(args):
+    import csv
+
+    from khe_vol.arms import read_allocation, response_by_arm, write_response_by_arm
+
+    def rows(path):
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh, delimiter="\t"))
+
+    participants = sorted({r["participant_id"] for r in rows(args.volumes)})
+    try:
+        allocation, warnings = read_allocation(args.allocation, participants, args.arm)
+        result = response_by_arm(rows(args.response), allocation, args.arm, args.month, args.primary_month)
+    except ValueError as exc:
+        print(f"khe-vol arms: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"khe-vol arms: {warning}", file=sys.stderr)
+    from khe_vol.provenance import table_provenance
+
+    write_response_by_arm(args.out, result, table_provenance([args.response, args.volumes, args.allocation]))
+    print(f"wrote {args.out} ({len(allocation)} allocated participants, intention to treat)")
+    return 0
+
+
+def _tsv_rows(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def _cmd_figures(args):
+    from khe_vol.arms import read_allocation
+    from khe_vol.figures import category_counts_png, spaghetti_png, waterfall_png
+    from khe_vol.nifti import atomic_write_bytes
+
+    response, volumes = _tsv_rows(args.response), _tsv_rows(args.volumes)
+    allocation, arms = None, None
+    if args.allocation:
+        allocation, _ = read_allocation(args.allocation, sorted({r["participant_id"] for r in volumes}), args.arm)
+        arms = args.arm
+    out = Path(args.out_dir)
+    atomic_write_bytes(out / "waterfall.png", waterfall_png(response, args.primary_month, allocation, arms))
+    atomic_write_bytes(out / "spaghetti.png", spaghetti_png(volumes, allocation, arms))
+    atomic_write_bytes(out / "category_counts.png",
+                       category_counts_png(response, allocation, arms, args.primary_month))
+    print(f"wrote {out}/waterfall.png, spaghetti.png, category_counts.png")
+    return 0
+
+
+def _cmd_montages(args):
+    from khe_vol.nifti import SeriesError, atomic_write_bytes, load_image
+    from khe_vol.qa.package import qc_montage_png
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for rec_path in args.records:
+        rec = json.loads(Path(rec_path).read_text())
+        name = f"{rec['participant_id']}_{rec['session_id']}.png"
+        try:
+            image = load_image(rec["source_file"], "series")
+        except (SeriesError, TypeError):
+            continue  # no image to show; the tables say why
+        mask = None
+        if rec["status"] == "ok":
+            mask = load_image(Path(rec_path).with_name("mask.nii.gz"), "mask").data != 0
+        atomic_write_bytes(out / name, qc_montage_png(image.data, image.affine, mask))
+        n += 1
+    print(f"wrote {n} montage(s) to {out}")
+    return 0
+
+
+def _cmd_workbook(args):
+    from khe_vol.workbook import write_workbook
+
+    tables = [(Path(p).stem, p) for p in args.tables]
+    write_workbook(args.out, tables)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_provenance(args):
+    from khe_vol.nifti import atomic_write_text, sha256_file
+    from khe_vol.provenance import run_provenance
+
+    outputs = {}
+    for path in args.output:
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            outputs[str(f)] = sha256_file(f)
+    config = json.loads(args.config_json) if args.config_json else None
+    summary = run_provenance(config, _read_records(args.records), outputs)
+    atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out} ({len(outputs)} output files)")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="khe-vol", description=__doc__)
     parser.add_argument("--version", action="version", version=f"khe-vol {__version__}")
@@ -262,8 +367,45 @@ def build_parser():
     p = sub.add_parser("tables", help="write volumes.tsv and response.tsv from series records")
     p.add_argument("--results-dir", required=True)
     p.add_argument("--baseline-session", required=True, help="ses-<label> of the month-0 session")
+    p.add_argument("--config-json", default=None, help="the run's config, recorded as provenance")
     p.add_argument("records", nargs="+")
     p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("arms", help="response rates by arm (intention to treat) with CIs and tests")
+    p.add_argument("--response", required=True, help="response.tsv")
+    p.add_argument("--volumes", required=True, help="volumes.tsv (the participants with imaging)")
+    p.add_argument("--allocation", required=True, help="TSV with participant_id, arm")
+    p.add_argument("--arm", action="append", required=True, help="arm name, experimental first; repeat")
+    p.add_argument("--month", type=int, action="append", required=True, help="follow-up month; repeat")
+    p.add_argument("--primary-month", type=int, default=12)
+    p.add_argument("--out", required=True, help="response_by_arm.tsv (a .json dictionary goes beside it)")
+    p.set_defaults(func=_cmd_arms)
+
+    p = sub.add_parser("figures", help="waterfall, spaghetti and category-count figures for the report")
+    p.add_argument("--response", required=True)
+    p.add_argument("--volumes", required=True)
+    p.add_argument("--allocation", default=None)
+    p.add_argument("--arm", action="append", default=None, help="arm name, experimental first; repeat")
+    p.add_argument("--primary-month", type=int, default=12)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("montages", help="a QC montage (slices with the mask contour) per series")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("records", nargs="+")
+    p.set_defaults(func=_cmd_montages)
+
+    p = sub.add_parser("workbook", help="one .xlsx with every table and the data dictionary")
+    p.add_argument("--out", required=True)
+    p.add_argument("tables", nargs="+", help="TSV tables (their .json dictionaries beside them)")
+    p.set_defaults(func=_cmd_workbook)
+
+    p = sub.add_parser("provenance", help="write provenance.json: software, config, inputs and output checksums")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config-json", default=None)
+    p.add_argument("--output", action="append", default=[], help="an output file or folder to checksum; repeat")
+    p.add_argument("records", nargs="+")
+    p.set_defaults(func=_cmd_provenance)
 
     p = sub.add_parser("derivatives", help="write the BIDS derivatives dataset of masks")
     p.add_argument("--out-dir", required=True)

@@ -71,6 +71,10 @@ def validate_config(config):
             problems.append("adjudicator: adjudication needs exactly two readers")
         if filled["adjudicator"] in filled["readers"]:
             problems.append(f"adjudicator: {filled['adjudicator']} is also one of the readers")
+    if filled["allocation"] is not None and not filled["arms"]:
+        problems.append("arms: allocation is set, so arms (experimental arm first) must list the arm names")
+    if filled["allocation"] is not None and filled["primary_month"] not in filled["sessions"].values():
+        problems.append(f"primary_month: {filled['primary_month']} is not the month of any session in sessions")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
     return filled

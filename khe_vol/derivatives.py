@@ -8,6 +8,7 @@ from pathlib import Path
 
 from khe_vol import __version__
 from khe_vol.nifti import atomic_write_text
+from khe_vol.provenance import software_versions
 
 DATASET_DESCRIPTION = {
     "Name": "khe-vol lesion masks",
@@ -47,6 +48,7 @@ def mask_sidecar(record):
         "NVoxels": record["n_voxels"],
         "VoxelVolumeMM3": record["voxel_volume_mm3"],
         "GeneratedBy": DATASET_DESCRIPTION["GeneratedBy"],
+        "Software": software_versions(),
     }
 
 
@@ -60,6 +62,7 @@ def edited_sidecar(record, reader):
         "SourceFile": record["source_file"],
         "SourceSHA256": record["source_sha256"],
         "GeneratedBy": DATASET_DESCRIPTION["GeneratedBy"],
+        "Software": software_versions(),
     }
 
 

@@ -1472,6 +1472,32 @@ def nifti_gz_bytes(data, affine, dtype, descrip):
     return nifti_bytes(img)
 
 
+#: Arms of the demo trial, experimental first.
+DEMO_ARMS = ("sirolimus_prednisolone", "sirolimus")
+
+
+def demo_allocation_tsv(n_participants, rng_seed=0):
+    """Allocation table of the demo trial: permuted blocks of two, reproducible.
+
+    Parameters
+    ----------
+    n_participants : int
+        Participants ``sub-demo01`` ... allocated (may exceed those imaged).
+    rng_seed : int
+
+    Returns
+    -------
+    str
+        TSV text with ``participant_id`` and ``arm``.
+    """
+    rng = np.random.default_rng([rng_seed, 2024])
+    arms = []
+    while len(arms) < n_participants:
+        arms.extend(rng.permutation(DEMO_ARMS))
+    rows = ["participant_id\tarm"] + [f"sub-demo{i + 1:02d}\t{arm}" for i, arm in enumerate(arms[:n_participants])]
+    return "\n".join(rows) + "\n"
+
+
 def write_demo_cohort(out_dir, n_participants=6, rng_seed=0, shape=(160, 160, 30)):
     """Write a complete demo study with exact truth.
 
@@ -1482,6 +1508,9 @@ def write_demo_cohort(out_dir, n_participants=6, rng_seed=0, shape=(160, 160, 30
         seeds.tsv   participant_id x y z  (baseline seed, scanner RAS+ mm)
         truth.tsv   participant_id session_id month true_volume_ml
                     true_percent_change true_category
+        allocation.tsv  participant_id arm  (randomised in blocks of two;
+                    one more participant was allocated but never imaged,
+                    as happens in a trial: intention to treat counts them)
 
     With the default six participants every response category appears at
     m12, well away from its thresholds. Series are int16 with scl_slope.
@@ -1532,8 +1561,9 @@ def write_demo_cohort(out_dir, n_participants=6, rng_seed=0, shape=(160, 160, 30
                 change = f"{(spec.volume_ratio - 1) * 100:.2f}"
                 category = true_category(spec.volume_ratio)
             truth_rows.append(f"{pid}\t{sid}\t{month}\t{ph.true_volume_ml:.4f}\t{change}\t{category}")
-    seeds, truth = out / "seeds.tsv", out / "truth.tsv"
+    seeds, truth, allocation = out / "seeds.tsv", out / "truth.tsv", out / "allocation.tsv"
     atomic_write_bytes(seeds, ("\n".join(seed_rows) + "\n").encode())
     atomic_write_bytes(truth, ("\n".join(truth_rows) + "\n").encode())
-    return {"imaging_dir": out / "imaging", "seeds": seeds, "truth": truth,
+    atomic_write_bytes(allocation, demo_allocation_tsv(int(n_participants) + 1, rng_seed).encode())
+    return {"imaging_dir": out / "imaging", "seeds": seeds, "truth": truth, "allocation": allocation,
             "series": series_paths, "truth_masks": mask_paths}

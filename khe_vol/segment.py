@@ -27,7 +27,9 @@ behave alike)
    component at the seed is kept and what the opening took from it restored
    (``restore_radius_mm``, ``restore_max_mm``); parts walled off by a
    thick septum within ``septum_gap_mm`` join it; holes (flow voids, septa,
-   necrosis) are filled in 3D and slice by slice.
+   necrosis) are filled in 3D and slice by slice; a core at the seed that
+   the lesion surrounds in most directions but does not close (necrosis
+   open to the outside) is taken in too (``core_enclosure_fraction``).
 5. **Edges.** A marker watershed of the gradient magnitude
    (``edge_sigma_mm``) moves the boundary by up to one voxel onto the
    steepest edge, along the finely sampled axes only.
@@ -142,6 +144,12 @@ class SegmentationParams:
         Follow-ups: residual lesion smaller than this is taken as noise, mL.
     registration_spacing_mm : float
         Follow-ups: finest voxel size used by the rigid registration, mm.
+    core_reach_mm, core_enclosure_fraction : float
+        A seed left outside the lesion (on a necrotic or cystic core that
+        opens to the outside, so hole filling misses it): the voxels around
+        it that the lesion surrounds within ``core_reach_mm`` (mm) in at
+        least this fraction of 26 directions are lesion
+        (:func:`enclosed_core`); ``core_reach_mm`` 0 turns this off.
     """
 
     max_radius_mm: float = 90.0
@@ -930,7 +938,7 @@ def refine_edges(smoothed, region, spacing_mm, params):
     markers[~ndimage.binary_dilation(sub, step)] = 2
     refined = watershed(np.sqrt(squared), markers) == 1
     out = np.zeros_like(region)
-    out[box] = refined & sub
+    out[box] = refined
     slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
     return fill_holes(components_touching(out, region & out), slice_axis)
 

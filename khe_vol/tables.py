@@ -194,10 +194,19 @@ def _band_columns(base, rec):
     }
 
 
-def write_table(path, columns, rows):
-    """Write a TSV and its JSON data dictionary beside it (``.json``), atomically."""
+def write_table(path, columns, rows, provenance=None):
+    """Write a TSV and its JSON data dictionary beside it (``.json``), atomically.
+
+    ``provenance`` (software versions, config, inputs; see
+    :mod:`khe_vol.provenance`) goes into the dictionary under ``GeneratedBy``
+    and ``Provenance``, beside the column entries.
+    """
     atomic_write_text(path, _tsv(list(columns), rows))
-    atomic_write_text(str(path)[: -len(".tsv")] + ".json", json.dumps(columns, indent=2) + "\n")
+    dictionary = dict(columns)
+    if provenance is not None:
+        dictionary["GeneratedBy"] = provenance["GeneratedBy"]
+        dictionary["Provenance"] = {k: v for k, v in provenance.items() if k != "GeneratedBy"}
+    atomic_write_text(str(path)[: -len(".tsv")] + ".json", json.dumps(dictionary, indent=2) + "\n")
 
 
 assert set(RESPONSE_COLUMNS["category"]["Levels"]) == set(CATEGORIES)

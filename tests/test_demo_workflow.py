@@ -26,7 +26,8 @@ def demo_run(tmp_path_factory):
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
         "imaging_dir": str(root / "demo/imaging"), "seeds": str(root / "seeds.tsv"),
-        "results_dir": str(root / "results"),
+        "results_dir": str(root / "results"), "allocation": str(root / "demo/allocation.tsv"),
+        "arms": ["sirolimus_prednisolone", "sirolimus"],
     }))
     proc = run_snakemake(root / "work", config)
     return root, proc
@@ -81,3 +82,45 @@ def test_sidecars_record_seed_and_tracking(demo_run):
     assert len(meta["SourceSHA256"]) == 64
     follow = json.loads((side.parents[2] / "ses-m12/anat/sub-demo01_ses-m12_label-lesion_mask.json").read_text())
     assert follow["ReferenceSession"] == "ses-baseline" and follow["SeedRASmm"] is None
+
+
+def test_response_by_arm_counts_every_allocated_participant(demo_run):
+    root, _ = demo_run
+    allocation = {r["participant_id"]: r["arm"] for r in read_tsv(root / "demo/allocation.tsv")}
+    assert "sub-demo07" in allocation  # allocated, never imaged
+    response = {(r["participant_id"], r["month"]): r for r in read_tsv(root / "results/response.tsv")}
+    rows = {(r["endpoint"], r["month"]): r for r in read_tsv(root / "results/response_by_arm.tsv")}
+    overall = rows[("overall_response", "12")]
+    assert overall["primary"] == "1"
+    for i, arm in ((1, "sirolimus_prednisolone"), (2, "sirolimus")):
+        members = [p for p, a in allocation.items() if a == arm]
+        responders = sum(response.get((p, "12"), {}).get("overall_response") == "1" for p in members)
+        assert overall[f"arm_{i}"] == arm
+        assert int(overall[f"n_{i}"]) == len(members)  # intention to treat
+        assert int(overall[f"responders_{i}"]) == responders
+    assert 0 <= float(overall["fisher_p"]) <= 1
+
+
+def test_report_renders_with_its_figures_in_chromium(demo_run):
+    from playwright.sync_api import sync_playwright
+
+    root, _ = demo_run
+    report = root / "report.html"
+    run_snakemake(root / "work", root / "config.yaml", "--report", str(report))
+    assert (root / "results/khe_vol_results.xlsx").is_file()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(report.as_uri())
+        body = page.inner_text("body")
+        for category in ("Response", "Response by arm", "QC montages", "Provenance", "Tables"):
+            assert category in body, category
+        page.get_by_text("Response", exact=True).first.click()
+        for name in ("waterfall.png", "spaghetti.png", "category_counts.png"):
+            page.locator("tr", has_text=name).locator("a[iconname=eye]").click()
+            page.wait_for_function("Array.from(document.images).some(i => i.src.startsWith('data:image/png') "
+                                   "&& i.naturalWidth > 500)")
+        page.goto(report.as_uri())  # back to the start page, where every category is listed
+        page.get_by_text("QC montages", exact=True).first.click()
+        assert page.locator("tr", has_text="sub-demo01_ses-baseline.png").count() == 1
+        browser.close()

@@ -568,7 +568,7 @@ def _present(row):
     return out
 
 
-def write_agreement(path, rows):
+def write_agreement(path, rows, provenance=None):
     """Write ``qa_agreement.tsv`` and its JSON data dictionary (``.json``) atomically.
 
     Parameters
@@ -578,4 +578,4 @@ def write_agreement(path, rows):
     rows : list of dict
         As :func:`agreement_rows` returns.
     """
-    write_table(path, AGREEMENT_COLUMNS, [_present(r) for r in rows])
+    write_table(path, AGREEMENT_COLUMNS, [_present(r) for r in rows], provenance)

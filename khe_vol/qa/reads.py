@@ -454,9 +454,12 @@ def main_final(args):
     def auto_mask(pid, ses):
         return load_image(Path(rec_path_of(args.records, pid, ses)).with_name("mask.nii.gz"), "mask").data != 0
 
+    from khe_vol.provenance import table_provenance
+
     by_series = reader_reads(key_rows, reads, by_ids)
     write_agreement(args.agreement, agreement_rows(
-        agreement_reads(by_ids, by_series, list(args.reader), args.baseline_session, auto_mask)))
+        agreement_reads(by_ids, by_series, list(args.reader), args.baseline_session, auto_mask)),
+        table_provenance(list(args.key)))
     atomic_write_text(args.out, json.dumps(finals, indent=2) + "\n")
     counts = {}
     for f in finals:

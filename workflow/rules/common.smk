@@ -151,9 +151,30 @@ def table_records():
     return [f"{WORK}/qa/final_records.json"] if READERS else all_records()
 
 
+def provenance_outputs():
+    """Results whose checksums provenance.json records: the data, not the JSON metadata beside it."""
+    return [p for p in result_files() if not p.endswith(".json")]
+
+
+def workbook_tables():
+    """The tables the workbook holds, in reading order."""
+    tables = ["volumes.tsv", "response.tsv"]
+    if config["allocation"]:
+        tables.append("response_by_arm.tsv")
+    if READERS:
+        tables.append("qa_agreement.tsv")
+    return [f"{RESULTS}/{name}" for name in tables + ["check.tsv"]]
+
+
 def final_outputs():
+    reports = [f"{RESULTS}/figures/waterfall.png", f"{RESULTS}/figures/montages", f"{RESULTS}/khe_vol_results.xlsx"]
+    return result_files() + reports + [f"{RESULTS}/provenance.json"]
+
+
+def result_files():
     qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv"] if READERS else []
-    return qa + [
+    arms = [f"{RESULTS}/response_by_arm.tsv", f"{RESULTS}/response_by_arm.json"] if config["allocation"] else []
+    return qa + arms + [
         f"{RESULTS}/check.tsv",
         f"{RESULTS}/check.json",
         f"{RESULTS}/volumes.tsv",

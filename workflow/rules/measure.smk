@@ -10,6 +10,8 @@ rule measure_series:
         mask=f"{WORK}/series/{{participant}}/{{session}}/mask.nii.gz",
     params:
         args=series_args,
+    message:
+        "measuring {wildcards.participant} {wildcards.session}"
     conda:
         "../../environment.yml"
     log:

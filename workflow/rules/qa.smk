@@ -77,16 +77,18 @@ rule qa_audit:
         unblinding_keys=qa_keys(),
         # Reader comments are checked too: a new read means a new audit.
         dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+        allocation=config["allocation"] or [],
     output:
         f"{BLINDING}/audit.txt",
     params:
         results_dir=lambda wildcards, output: str(Path(output[0]).parents[1]),
+        allocation=lambda wildcards, input: f"--allocation {shlex.quote(input.allocation)}" if input.allocation else "",
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_audit.log",
     shell:
-        "khe-vol qa audit --results-dir {params.results_dir:q} > {output:q} 2> {log:q}"
+        "khe-vol qa audit --results-dir {params.results_dir:q} {params.allocation} > {output:q} 2> {log:q}"
 
 
 rule qa_final:

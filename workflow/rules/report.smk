@@ -1,0 +1,93 @@
+# Stage 7: what a run leaves for people: figures and QC montages for the
+# Snakemake report (`snakemake --report`), one workbook an analyst opens
+# directly, and provenance.json (software, config, inputs and the checksum of
+# every result).
+
+
+rule figures:
+    input:
+        response=f"{RESULTS}/response.tsv",
+        volumes=f"{RESULTS}/volumes.tsv",
+        allocation=config["allocation"] or [],
+    output:
+        waterfall=report(
+            f"{RESULTS}/figures/waterfall.png",
+            caption="../report/waterfall.rst",
+            category="Response",
+        ),
+        spaghetti=report(
+            f"{RESULTS}/figures/spaghetti.png",
+            caption="../report/spaghetti.rst",
+            category="Response",
+        ),
+        counts=report(
+            f"{RESULTS}/figures/category_counts.png",
+            caption="../report/category_counts.rst",
+            category="Response",
+        ),
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.waterfall).parent),
+        allocation=lambda wildcards, input: (
+            f"--allocation {shlex.quote(input.allocation)} "
+            + " ".join(f"--arm {shlex.quote(a)}" for a in config["arms"] or [])
+            if input.allocation
+            else ""
+        ),
+        primary_month=config["primary_month"],
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/figures.log",
+    shell:
+        "khe-vol figures --response {input.response:q} --volumes {input.volumes:q} {params.allocation} "
+        "--primary-month {params.primary_month} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule montages:
+    input:
+        records=all_records(),
+        masks=all_masks(),
+    output:
+        report(
+            directory(f"{RESULTS}/figures/montages"),
+            patterns=["{name}.png"],
+            caption="../report/qc_montage.rst",
+            category="QC montages",
+        ),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/montages.log",
+    shell:
+        "khe-vol montages --out-dir {output:q} {input.records:q} > {log:q} 2>&1"
+
+
+rule workbook:
+    input:
+        tables=workbook_tables(),
+    output:
+        report(f"{RESULTS}/khe_vol_results.xlsx", caption="../report/workbook.rst", category="Tables"),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/workbook.log",
+    shell:
+        "khe-vol workbook --out {output:q} {input.tables:q} > {log:q} 2>&1"
+
+
+rule provenance:
+    input:
+        records=table_records(),
+        results=provenance_outputs(),
+    output:
+        report(f"{RESULTS}/provenance.json", caption="../report/provenance.rst", category="Provenance"),
+    params:
+        config_json=shlex.quote(json.dumps(config, sort_keys=True)),
+        outputs=lambda wildcards, input: " ".join(f"--output {shlex.quote(p)}" for p in input.results),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/provenance.log",
+    shell:
+        "khe-vol provenance --out {output:q} --config-json {params.config_json} {params.outputs} "
+        "{input.records:q} > {log:q} 2>&1"
