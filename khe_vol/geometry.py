@@ -125,7 +125,10 @@ def resample_mask_to_grid(mask, mask_affine, target_shape, target_affine):
         offset=t2s[:3, 3],
         output_shape=tuple(int(s) for s in target_shape[:3]),
         order=0,
-        mode="constant",
+        # "grid-constant": a target centre within half a voxel of the source's
+        # edge takes that edge voxel; "constant" would drop it (even a centre at
+        # -1e-16 from an identical grid's first slice).
+        mode="grid-constant",
         cval=0,
     ).astype(np.uint8)
 

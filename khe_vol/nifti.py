@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from khe_vol.geometry import voxel_sizes_mm
 
@@ -68,8 +69,13 @@ def _chosen_affine(img, path):
     that is refused rather than guessed.
     """
     header = img.header
-    sform, scode = header.get_sform(coded=True)
-    qform, qcode = header.get_qform(coded=True)
+    try:
+        sform, scode = header.get_sform(coded=True)
+        # The qform is only read when it is the one used: a junk qform beside
+        # a valid sform does not matter.
+        qform, qcode = (None, 0) if sform is not None and int(scode) > 0 else header.get_qform(coded=True)
+    except Exception as exc:  # nibabel's HeaderDataError (bad quaternion, ...)
+        raise SeriesError(f"{path}: unreadable orientation in the header ({exc})") from exc
     if sform is not None and int(scode) > 0:
         affine, source = sform, "sform"
     elif qform is not None and int(qcode) > 0:
@@ -79,6 +85,17 @@ def _chosen_affine(img, path):
             f"{path}: no scanner orientation (sform_code and qform_code are both 0), "
             "so positions in mm cannot be trusted; re-export the series from the scanner DICOM"
         )
+    if source == "qform":
+        # nibabel silently replaces a pixdim of 0 by 1 mm when it reads the
+        # header; the qform's voxel size would then be a guess, so look at
+        # the header as stored.
+        with ImageOpener(path) as fh:
+            pixdim = type(header).from_fileobj(fh, check=False)["pixdim"][1:4]
+        if np.any(pixdim == 0):
+            raise SeriesError(
+                f"{path}: the qform has a voxel size of 0 (pixdim {pixdim.tolist()}), "
+                "so the voxel volume is unknown"
+            )
     affine = np.asarray(affine, dtype=float)
     if not np.all(np.isfinite(affine)):
         raise SeriesError(f"{path}: the {source} affine contains NaN or infinite values")
@@ -132,8 +149,43 @@ def open_image(path, kind="series"):
         )
     if min(shape) < 1:
         raise SeriesError(f"{path}: {kind} has an empty dimension, shape {tuple(img.shape)}")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf":
+        raise SeriesError(
+            f"{path}: {kind} voxels are of type {dtype} ("
+            + ("complex" if dtype.kind == "c" else "not plain numbers, e.g. RGB")
+            + "); a real-valued (integer or float) image is expected"
+        )
     affine, source = _chosen_affine(img, path)
     return img, shape, affine, source
+
+
+def _check_data_size(img, path):
+    """Refuse a file holding fewer voxel bytes than its header declares.
+
+    Checked before reading, so a header declaring a huge image over a short
+    file is a clear error rather than an attempt to allocate the declared
+    size. A gzip file is decompressed through to its end (without keeping
+    the data), which also verifies its CRC.
+    """
+    offset = getattr(img.dataobj, "offset", None)  # the header copy on the image says 0
+    offset = int(img.header.get_data_offset() if offset is None else offset)
+    needed = offset + int(np.prod(img.shape, dtype=object)) * img.get_data_dtype().itemsize
+    if str(path).endswith(".gz"):
+        have = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    have += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise SeriesError(f"{path}: image data is truncated or corrupt ({exc})") from exc
+    else:
+        have = path.stat().st_size
+    if have < needed:
+        raise SeriesError(
+            f"{path}: image data is truncated: the header declares shape {tuple(img.shape)} "
+            f"({needed} bytes with the header) but the file holds {have} bytes"
+        )
 
 
 def load_image(path, kind="series"):
@@ -157,10 +209,13 @@ def load_image(path, kind="series"):
     """
     path = Path(path)
     img, shape, affine, source = open_image(path, kind)
+    _check_data_size(img, path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise SeriesError(f"{path}: image data is truncated or corrupt ({exc})") from exc
+    except MemoryError as exc:
+        raise SeriesError(f"{path}: image of shape {tuple(img.shape)} is too large to load") from exc
     n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if n_bad:
         raise SeriesError(f"{path}: {n_bad} voxel(s) are NaN or infinite")

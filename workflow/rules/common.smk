@@ -192,8 +192,15 @@ def results_banner():
             n_err += json.loads(Path(rec).read_text())["status"] != "ok"
         except (OSError, ValueError):
             pass
-    return (
-        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:\n"
-        f"  volumes.tsv, response.tsv (+ .json data dictionaries), check.tsv,\n"
-        f"  derivatives/ (lesion masks), logs/\n"
-    )
+    lines = [
+        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:",
+        "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
+        "  derivatives/ (lesion masks), figures/, provenance.json, logs/",
+    ]
+    if config["allocation"]:
+        lines.append("  response_by_arm.tsv (intention to treat)")
+    if READERS:
+        lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
+        lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
+    lines.append("  HTML report: add --report report.html to this command")
+    return "\n".join(lines) + "\n"
