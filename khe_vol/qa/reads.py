@@ -281,7 +281,12 @@ def apply_reads(records, key_rows, reads, readers, adjudicator, baseline_session
         Every usable edited mask of every reader, for the derivatives.
     """
     by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
-    by_series = reader_reads(key_rows, reads, by_ids)
+    return decide_series(records, reader_reads(key_rows, reads, by_ids), readers, adjudicator, baseline_session_id)
+
+
+def decide_series(records, by_series, readers, adjudicator, baseline_session_id):
+    """:func:`apply_reads` on reads already unblinded by :func:`reader_reads`."""
+    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
     adjudication = needs_adjudication(by_series, by_ids, list(readers), baseline_session_id)
     if adjudication and adjudicator is None:
         # Without an adjudicator the first reader decides; the disagreement stays visible.
@@ -438,14 +443,16 @@ def main_final(args):
 
     everyone = list(args.reader) + ([args.adjudicator] if args.adjudicator else [])
     records, key_rows, reads = _load_inputs(args, everyone)
-    finals, adjudication, edited = apply_reads(records, key_rows, reads, args.reader, args.adjudicator,
-                                               args.baseline_session)
+    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
+    # Unblinded (and edited masks decoded) once, for the final records and the agreement.
+    by_series = reader_reads(key_rows, reads, by_ids)
+    finals, adjudication, edited = decide_series(records, by_series, args.reader, args.adjudicator,
+                                                 args.baseline_session)
     # Edited masks: built aside and moved into place, never half-written.
     out_dir = Path(args.edited_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
     for reader, pid, ses, mask in edited:
         write_nifti(tmp / reader / pid / ses / "mask.nii.gz", mask_image(mask, by_ids[(pid, ses)]["affine"]))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -456,7 +463,6 @@ def main_final(args):
 
     from khe_vol.provenance import table_provenance
 
-    by_series = reader_reads(key_rows, reads, by_ids)
     write_agreement(args.agreement, agreement_rows(
         agreement_reads(by_ids, by_series, list(args.reader), args.baseline_session, auto_mask)),
         table_provenance(list(args.key)))
