@@ -119,6 +119,7 @@ def _read_records(paths):
 
 
 def _cmd_tables(args):
+    from khe_vol.provenance import run_provenance
     from khe_vol.tables import (
         RESPONSE_COLUMNS,
         VOLUME_COLUMNS,
@@ -126,8 +127,6 @@ def _cmd_tables(args):
         volume_rows,
         write_table,
     )
-
-    from khe_vol.provenance import run_provenance
 
     records = _read_records(args.records)
     out = Path(args.results_dir)
@@ -231,18 +230,12 @@ def _add_qa_parser(sub):
 
 
 def _cmd_arms(args):
-    import csv
-
     from khe_vol.arms import read_allocation, response_by_arm, write_response_by_arm
 
-    def rows(path):
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh, delimiter="\t"))
-
-    participants = sorted({r["participant_id"] for r in rows(args.volumes)})
+    participants = sorted({r["participant_id"] for r in _tsv_rows(args.volumes)})
     try:
         allocation, warnings = read_allocation(args.allocation, participants, args.arm)
-        result = response_by_arm(rows(args.response), allocation, args.arm, args.month, args.primary_month)
+        result = response_by_arm(_tsv_rows(args.response), allocation, args.arm, args.month, args.primary_month)
     except ValueError as exc:
         print(f"khe-vol arms: {exc}", file=sys.stderr)
         return 2
