@@ -160,32 +160,40 @@ def open_image(path, kind="series"):
     return img, shape, affine, source
 
 
-def _check_data_size(img, path):
-    """Refuse a file holding fewer voxel bytes than its header declares.
+def _stored_image(img, path):
+    """The image with its voxel bytes in memory, refusing a file shorter than its header declares.
 
-    Checked before reading, so a header declaring a huge image over a short
-    file is a clear error rather than an attempt to allocate the declared
-    size. A gzip file is decompressed through to its end (without keeping
-    the data), which also verifies its CRC.
+    Checked before the voxel array is built, so a header declaring a huge
+    image over a short file is a clear error rather than an attempt to
+    allocate the declared size. A gzip file is decompressed once, through to
+    its end (which verifies its CRC), keeping only the declared bytes; the
+    image is then built from those, so the series is not decompressed twice.
     """
     offset = getattr(img.dataobj, "offset", None)  # the header copy on the image says 0
     offset = int(img.header.get_data_offset() if offset is None else offset)
     needed = offset + int(np.prod(img.shape, dtype=object)) * img.get_data_dtype().itemsize
-    if str(path).endswith(".gz"):
-        have = 0
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    have += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise SeriesError(f"{path}: image data is truncated or corrupt ({exc})") from exc
-    else:
+    if not str(path).endswith(".gz"):
         have = path.stat().st_size
-    if have < needed:
-        raise SeriesError(
-            f"{path}: image data is truncated: the header declares shape {tuple(img.shape)} "
-            f"({needed} bytes with the header) but the file holds {have} bytes"
-        )
+        if have < needed:
+            raise _truncated(img, path, needed, have)
+        return img
+    try:
+        with gzip.open(path, "rb") as fh:
+            payload = fh.read(needed)
+            while fh.read(1 << 24):  # to the end: the CRC is checked there
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise SeriesError(f"{path}: image data is truncated or corrupt ({exc})") from exc
+    if len(payload) < needed:
+        raise _truncated(img, path, needed, len(payload))
+    return type(img).from_bytes(payload)
+
+
+def _truncated(img, path, needed, have):
+    return SeriesError(
+        f"{path}: image data is truncated: the header declares shape {tuple(img.shape)} "
+        f"({needed} bytes with the header) but the file holds {have} bytes"
+    )
 
 
 def load_image(path, kind="series"):
@@ -209,7 +217,7 @@ def load_image(path, kind="series"):
     """
     path = Path(path)
     img, shape, affine, source = open_image(path, kind)
-    _check_data_size(img, path)
+    img = _stored_image(img, path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
