@@ -360,6 +360,11 @@ def fill_holes(mask, slice_axis=None):
     return filled
 
 
+def fill_lesion_holes(mask, spacing_mm, params):
+    """:func:`fill_holes` in 3D and, if ``params.fill_holes_slicewise``, slice by slice across the thickest axis."""
+    return fill_holes(mask, int(np.argmax(spacing_mm)) if params.fill_holes_slicewise else None)
+
+
 def ball_mask(shape, center_ijk, spacing_mm, radius_mm):
     """Voxels whose centres lie within ``radius_mm`` of a voxel centre."""
     grids = np.ogrid[tuple(slice(0, n) for n in shape)]
@@ -828,8 +833,7 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
         # partial-volume rim rather than lesion.
         rim = ndimage.binary_dilation(beside, structure=np.ones((3, 3, 3), bool))
         region = components_touching(region & ~rim, core & ~rim)
-    slice_axis = int(np.argmax(spacing_mm)) if params.fill_holes_slicewise else None
-    return fill_holes(region, slice_axis)
+    return fill_lesion_holes(region, spacing_mm, params)
 
 
 def thick_low_band(smoothed, model, region, spacing_mm, params):
@@ -880,8 +884,7 @@ def with_low_band(smoothed, model, region, spacing_mm, params):
     extra = thick_low_band(smoothed, model, region, spacing_mm, params)
     if not extra.any():
         return region
-    slice_axis = int(np.argmax(spacing_mm)) if params.fill_holes_slicewise else None
-    return fill_holes(region | extra, slice_axis)
+    return fill_lesion_holes(region | extra, spacing_mm, params)
 
 
 def iterate_segmentation(smoothed, model, start, spacing_mm, params, search_radius_mm=0.0):
@@ -967,7 +970,7 @@ def threshold_band_ml(smoothed, model, region, spacing_mm, params, voxel_ml, cor
         if sub.any():
             sub = refine_edges(smoothed[box], sub, spacing_mm, moved)
         if core is not None and core.any():
-            sub = fill_holes(sub | core[box], int(np.argmax(spacing_mm)) if params.fill_holes_slicewise else None)
+            sub = fill_lesion_holes(sub | core[box], spacing_mm, params)
         volumes.append(float(sub.sum() * voxel_ml))
     return volumes
 
@@ -1017,8 +1020,7 @@ def refine_edges(smoothed, region, spacing_mm, params):
     refined = watershed(np.sqrt(squared), markers) == 1
     out = np.zeros_like(region)
     out[box] = refined
-    slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
-    return fill_holes(components_touching(out, region & out), slice_axis)
+    return fill_lesion_holes(components_touching(out, region & out), spacing, params)
 
 
 # --------------------------------------------------------------------------
@@ -1091,8 +1093,7 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     region = refine_edges(smoothed, region, spacing, params)
     core = enclosed_core(region, seed_roi, spacing, params)
     if core.any():
-        slice_axis = int(np.argmax(spacing)) if params.fill_holes_slicewise else None
-        region = fill_holes(region | core, slice_axis)
+        region = fill_lesion_holes(region | core, spacing, params)
     info["enclosed_core_voxels"] = int(core.sum())
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info["threshold_band_ml"] = threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
