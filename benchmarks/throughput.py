@@ -9,8 +9,11 @@ scratch, and prints:
 - wall time of the run;
 - CPU seconds and peak RSS per series job (from Snakemake's ``benchmark:`` files);
 - the floor measured in the same run: reading every series with nibabel on N processes;
+- the CPU time of the whole run (every process, from rusage) and how busy that kept the N cores;
 - Snakemake's own share of the wall time: the part not covered by jobs running
-  on all N cores, ``1 - sum(job wall) / (N x wall)``, and its start-up (DAG) time.
+  on all N cores, ``1 - sum(job wall) / (N x wall)`` over the jobs that keep
+  benchmark files (series and montages; the few cohort-wide steps count as
+  Snakemake's), and its start-up (DAG) time.
 
 Usage, from the repository root (takes 15-25 minutes on 2 cores)::
 
@@ -26,6 +29,7 @@ import argparse
 import csv
 import json
 import math
+import resource
 import shutil
 import statistics
 import subprocess
@@ -115,10 +119,10 @@ def nibabel_floor_seconds(paths, cores):
     return time.perf_counter() - t0
 
 
-def job_benchmarks(results):
-    """Snakemake benchmark rows of the per-series jobs."""
+def job_benchmarks(results, rule="measure_series"):
+    """Snakemake benchmark rows of one rule's jobs (``*`` for every rule that keeps them)."""
     rows = []
-    for path in sorted((Path(results) / "benchmarks" / "measure_series").glob("*.tsv")):
+    for path in sorted((Path(results) / "benchmarks").glob(f"{rule}/*.tsv")):
         with open(path, newline="") as fh:
             row = next(csv.DictReader(fh, delimiter="\t"))
         rows.append({"series": path.stem, "wall_s": float(row["s"]), "cpu_s": float(row["cpu_time"]),
@@ -161,14 +165,19 @@ def main(argv=None):
     dag_s = time.perf_counter() - t0
     print(f"== snakemake --cores {args.cores} (DAG and start-up alone: {dag_s:.1f} s)", flush=True)
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(base, capture_output=True, text=True)
     wall_s = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Every process of the run, Snakemake and all jobs (reaped children count):
+    # a check on the benchmark files, whose psutil sampling misses a job's last moments.
+    run_cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode:
         print(proc.stderr[-3000:])
         return 1
     jobs = job_benchmarks(results)
     floor_s = nibabel_floor_seconds(paths, args.cores)
-    busy = sum(j["wall_s"] for j in jobs) / (args.cores * wall_s)
+    busy = sum(j["wall_s"] for j in job_benchmarks(results, "*")) / (args.cores * wall_s)
     summary = {
         "series": len(paths),
         "cores": args.cores,
@@ -181,6 +190,8 @@ def main(argv=None):
         "job_peak_rss_mb_max": round(max(j["max_rss_mb"] for j in jobs), 1),
         "nibabel_floor_s": round(floor_s, 1),
         "snakemake_share_of_wall_pct": round(100 * (1 - busy), 1),
+        "run_cpu_s": round(run_cpu_s, 1),
+        "cores_busy_pct": round(100 * run_cpu_s / (args.cores * wall_s), 1),
         "snakemake_dag_startup_s": round(dag_s, 1),
         "series_with_errors": sum(json.loads(p.read_text())["status"] != "ok"
                                   for p in (results / "work" / "series").rglob("record.json")),

@@ -70,6 +70,7 @@ def _cmd_check(args):
 
 def _cmd_series(args):
     import numpy as np
+    import SimpleITK as sitk
 
     from khe_vol.nifti import (
         atomic_write_bytes,
@@ -80,6 +81,9 @@ def _cmd_series(args):
     )
     from khe_vol.series import measure_series
 
+    # Snakemake runs series side by side, one thread each: more ITK threads
+    # per job would only contend for the same cores.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, args.threads))
     reference = None
     if args.reference_record:
         ref_record = json.loads(Path(args.reference_record).read_text())
@@ -353,6 +357,8 @@ def build_parser():
     p.add_argument("--reference-record", default=None)
     p.add_argument("--reference-mask", default=None)
     p.add_argument("--segmentation-json", default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="SimpleITK threads (default 1: series run side by side; results do not depend on it)")
     p.add_argument("--record", required=True)
     p.add_argument("--mask", required=True)
     p.set_defaults(func=_cmd_series)

@@ -19,6 +19,7 @@ from khe_vol.geometry import resample_mask_to_grid, voxel_sizes_mm, voxel_volume
 from khe_vol.segment import (
     SegmentationError,
     SegmentationParams,
+    correct_bias,
     dilate_mm,
     erode_mm,
     segment_from_seed,
@@ -85,6 +86,25 @@ def test_info_is_json_serialisable(baseline):
         assert key in info
     assert info["lower_threshold"] < info["lesion_level"] < info["upper_threshold"]
     assert json.loads(text)["n_voxels"] == info["n_voxels"]
+
+
+@pytest.mark.parametrize("threads", [2, 7])
+def test_bias_field_does_not_depend_on_the_machine_thread_count(baseline, threads):
+    """N4 sums over threads in a thread-count-dependent order; masks must not depend on the machine."""
+    import SimpleITK as sitk
+
+    series = baseline[0]
+    params = SegmentationParams()
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        one, _ = correct_bias(series.image, series.affine, params)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        many, _ = correct_bias(series.image, series.affine, params)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # restored after N4
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    assert one.tobytes() == many.tobytes()
 
 
 def test_relabelled_grid_gives_the_same_physical_mask(baseline):

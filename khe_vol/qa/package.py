@@ -255,7 +255,8 @@ def _display_slice(volume, affine, axis, index):
     NiiVue's default neurological view).
     """
     affine = np.asarray(affine, float)
-    plane = np.take(volume, index, axis=axis)
+    # Basic indexing is a view; np.take copies through a slow generic path.
+    plane = volume[(slice(None),) * axis + (index,)]
     in_plane = [a for a in range(3) if a != axis]
     world_axis = [int(np.argmax(np.abs(affine[:3, a]))) for a in in_plane]
     # col axis = lower world axis, row axis = higher.
@@ -308,8 +309,9 @@ def qc_montage_png(data, affine, mask):
         ax = fig.add_subplot(nrows, ncols, n + 1)
         img, aspect = _display_slice(data, affine, axis, index)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest", origin="upper")
-        if mask is not None and np.any(np.take(mask, index, axis=axis)):
-            m, _ = _display_slice(np.asarray(mask, dtype=np.float32), affine, axis, index)
+        m = None if mask is None else _display_slice(mask, affine, axis, index)[0]
+        if m is not None and m.any():
+            m = m.astype(np.float32)
             # Explicit pixel-centre coordinates, as imshow uses: contour's own
             # ``origin`` would shift by half a pixel and flip rows a second time.
             ax.contour(np.arange(m.shape[1]), np.arange(m.shape[0]), m, levels=[0.5], colors=["#ff3030"],

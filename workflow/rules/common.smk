@@ -57,6 +57,19 @@ def all_masks():
     return [mask_path(*key) for key in SLOTS]
 
 
+PARTICIPANTS = sorted({pid for pid, _ in SLOTS})
+
+
+def participant_series(wildcards):
+    """Records and masks of one participant's series, in session order."""
+    keys = [key for key in SLOTS if key[0] == wildcards.participant]
+    return {"records": [record_path(*k) for k in keys], "masks": [mask_path(*k) for k in keys]}
+
+
+def montage_dir(participant):
+    return f"{RESULTS}/figures/montages/{participant}"
+
+
 def tracked_from(participant, session):
     """The session this series is tracked from, or None if it is segmented itself."""
     key = (participant, session)
@@ -167,7 +180,8 @@ def workbook_tables():
 
 
 def final_outputs():
-    reports = [f"{RESULTS}/figures/waterfall.png", f"{RESULTS}/figures/montages", f"{RESULTS}/khe_vol_results.xlsx"]
+    montages = [montage_dir(pid) for pid in PARTICIPANTS]
+    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx"]
     return result_files() + reports + [f"{RESULTS}/provenance.json"]
 
 

@@ -18,8 +18,9 @@ rule measure_series:
         f"{RESULTS}/logs/measure_series/{{participant}}_{{session}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/measure_series/{{participant}}_{{session}}.tsv"
+    threads: 1
     resources:
         mem_mb=2048,
         runtime=10,
     shell:
-        "khe-vol series {params.args} --record {output.record:q} --mask {output.mask:q} > {log:q} 2>&1"
+        "khe-vol series {params.args} --threads {threads} --record {output.record:q} --mask {output.mask:q} > {log:q} 2>&1"

@@ -43,13 +43,14 @@ rule figures:
         "--primary-month {params.primary_month} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# One job per participant, so montages are drawn while other series are still
+# being measured and a changed series redraws only its participant's.
 rule montages:
     input:
-        records=all_records(),
-        masks=all_masks(),
+        unpack(participant_series),
     output:
         report(
-            directory(f"{RESULTS}/figures/montages"),
+            directory(montage_dir("{participant}")),
             patterns=["{name}.png"],
             caption="../report/qc_montage.rst",
             category="QC montages",
@@ -57,7 +58,9 @@ rule montages:
     conda:
         "../../environment.yml"
     log:
-        f"{RESULTS}/logs/montages.log",
+        f"{RESULTS}/logs/montages/{{participant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/montages/{{participant}}.tsv"
     shell:
         "khe-vol montages --out-dir {output:q} {input.records:q} > {log:q} 2>&1"
 
