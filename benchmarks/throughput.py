@@ -9,7 +9,8 @@ scratch, and prints:
 - wall time of the run;
 - CPU seconds and peak RSS per series job (from Snakemake's ``benchmark:`` files);
 - the floor measured in the same run: reading every series with nibabel on N processes;
-- the CPU time of the whole run (every process, from rusage) and how busy that kept the N cores;
+- the CPU time of the whole run (every process, from rusage), how busy that kept
+  the N cores, and the CPU time of the Snakemake process itself (psutil);
 - Snakemake's own share of the wall time: the part not covered by jobs running
   on all N cores, ``1 - sum(job wall) / (N x wall)`` over the jobs that keep
   benchmark files (series and montages; the few cohort-wide steps count as
@@ -130,6 +131,30 @@ def job_benchmarks(results, rule="measure_series"):
     return rows
 
 
+def run_and_sample_own_cpu(cmd, log, interval_s=0.5):
+    """Run ``cmd``; return the finished process and the CPU seconds of that process alone.
+
+    psutil separates a process's own CPU time from its reaped children's (the
+    jobs), so sampling the Snakemake process gives Snakemake's own cost; the
+    last sample before it exits misses at most ``interval_s``.
+    """
+    import psutil
+
+    own = 0.0
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                t = watched.cpu_times()
+                own = t.user + t.system
+            except psutil.Error:
+                break
+            time.sleep(interval_s)
+        proc.wait()
+    return proc, own
+
+
 def percentile(values, q):
     return float(np.percentile(values, q)) if values else math.nan
 
@@ -166,14 +191,14 @@ def main(argv=None):
     print(f"== snakemake --cores {args.cores} (DAG and start-up alone: {dag_s:.1f} s)", flush=True)
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(base, capture_output=True, text=True)
+    proc, snakemake_own_cpu_s = run_and_sample_own_cpu(base, log=work / "snakemake.log")
     wall_s = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     # Every process of the run, Snakemake and all jobs (reaped children count):
     # a check on the benchmark files, whose psutil sampling misses a job's last moments.
     run_cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode:
-        print(proc.stderr[-3000:])
+        print((work / "snakemake.log").read_text()[-3000:])
         return 1
     jobs = job_benchmarks(results)
     floor_s = nibabel_floor_seconds(paths, args.cores)
@@ -191,6 +216,8 @@ def main(argv=None):
         "nibabel_floor_s": round(floor_s, 1),
         "snakemake_share_of_wall_pct": round(100 * (1 - busy), 1),
         "run_cpu_s": round(run_cpu_s, 1),
+        "snakemake_own_cpu_s": round(snakemake_own_cpu_s, 1),
+        "snakemake_own_cpu_pct_of_cores": round(100 * snakemake_own_cpu_s / (args.cores * wall_s), 1),
         "cores_busy_pct": round(100 * run_cpu_s / (args.cores * wall_s), 1),
         "snakemake_dag_startup_s": round(dag_s, 1),
         "series_with_errors": sum(json.loads(p.read_text())["status"] != "ok"
