@@ -479,9 +479,9 @@ def enclosed_core(region, seed_ijk, spacing_mm, params):
 def components_touching(mask, start):
     """Union of the connected components of ``mask`` that overlap ``start``."""
     labels, n = ndimage.label(mask)
-    keep = np.zeros(n + 1, bool)
-    keep[labels[start & mask]] = True
-    return select_labels(labels, keep)
+    touched = np.zeros(n + 1, bool)
+    touched[labels[start & mask]] = True
+    return select_labels(labels, touched[1:])
 
 
 # Per-label statistics over the labelled voxels only. scipy.ndimage's
@@ -490,10 +490,8 @@ def components_touching(mask, start):
 
 
 def select_labels(labels, keep):
-    """Voxels whose label is kept; ``keep`` is a bool per label 0..n (label 0 is never kept)."""
-    keep = np.asarray(keep, bool).copy()
-    keep[0] = False
-    return keep[labels]
+    """Voxels whose label is kept; ``keep`` is a bool per label 1..n (background is never kept)."""
+    return np.concatenate([[False], np.asarray(keep, bool)])[labels]
 
 
 def label_sums(labels, n, where, weights=None):
@@ -767,7 +765,7 @@ def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
     mean = label_sums(labels, n, interior, smoothed) / count
     sd = np.sqrt(np.maximum(label_sums(labels, n, interior, np.square(smoothed, dtype=np.float64)) / count - mean**2, 0))
     flat = (count >= 8) & (sd <= max_sd) & (mean - upper >= min_height_sd * sd)
-    plateaus = select_labels(labels, np.concatenate([[False], flat]))
+    plateaus = select_labels(labels, flat)
     return ndimage.binary_dilation(plateaus, structure=cube) & candidates
 
 
@@ -795,7 +793,7 @@ def enclosed_components(candidates, region, min_fraction):
     total = label_sums(border_labels, n, border)
     inside = label_sums(border_labels, n, border, region)
     frac = np.divide(inside, total, out=np.zeros(n), where=total > 0)
-    return select_labels(labels, np.concatenate([[False], frac >= min_fraction]))
+    return select_labels(labels, frac >= min_fraction)
 
 
 def restorable(removed, core, spacing_mm, params):
@@ -822,8 +820,8 @@ def restorable(removed, core, spacing_mm, params):
     if n == 0:
         return np.zeros(core.shape, bool)
     nearest, farthest = label_extrema(dist, labels, n, removed)
-    touching = np.concatenate([[False], nearest <= float(np.max(spacing_mm)) * 1.01])
-    whole = select_labels(labels, touching & np.concatenate([[False], farthest <= params.restore_max_mm]))
+    touching = nearest <= float(np.max(spacing_mm)) * 1.01
+    whole = select_labels(labels, touching & (farthest <= params.restore_max_mm))
     part = select_labels(labels, touching) & (dist <= params.restore_radius_mm)
     return components_touching(whole | part | core, core) & ~core
 
