@@ -235,11 +235,12 @@ def _add_qa_parser(sub):
 
 def _cmd_arms(args):
     from khe_vol.arms import read_allocation, response_by_arm, write_response_by_arm
+    from khe_vol.tables import read_tsv
 
-    participants = sorted({r["participant_id"] for r in _tsv_rows(args.volumes)})
+    participants = sorted({r["participant_id"] for r in read_tsv(args.volumes)})
     try:
         allocation, warnings = read_allocation(args.allocation, participants, args.arm)
-        result = response_by_arm(_tsv_rows(args.response), allocation, args.arm, args.month, args.primary_month)
+        result = response_by_arm(read_tsv(args.response), allocation, args.arm, args.month, args.primary_month)
     except ValueError as exc:
         print(f"khe-vol arms: {exc}", file=sys.stderr)
         return 2
@@ -252,19 +253,13 @@ def _cmd_arms(args):
     return 0
 
 
-def _tsv_rows(path):
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh, delimiter="\t"))
-
-
 def _cmd_figures(args):
     from khe_vol.arms import read_allocation
     from khe_vol.figures import category_counts_png, spaghetti_png, waterfall_png
     from khe_vol.nifti import atomic_write_bytes
+    from khe_vol.tables import read_tsv
 
-    response, volumes = _tsv_rows(args.response), _tsv_rows(args.volumes)
+    response, volumes = read_tsv(args.response), read_tsv(args.volumes)
     allocation, arms = None, None
     if args.allocation:
         allocation, _ = read_allocation(args.allocation, sorted({r["participant_id"] for r in volumes}), args.arm)

@@ -6,6 +6,7 @@ at presentation. Missing values are ``n/a`` (BIDS tabular convention).
 
 from __future__ import annotations
 
+import csv
 import json
 
 from khe_vol.nifti import atomic_write_text
@@ -87,6 +88,12 @@ def _tsv(columns, rows):
         # Tabs and newlines would break the table; messages keep their words.
         lines.append("\t".join(" ".join(str(row.get(col) or NA).split()) for col in columns))
     return "\n".join(lines) + "\n"
+
+
+def read_tsv(path):
+    """Rows of a TSV file as dicts (header line = column names; no quoting, as ``_tsv`` writes)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def volume_rows(records):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from khe_vol.nifti import load_image, mask_image, nifti_bytes
-from khe_vol.qa.package import read_tsv
+from khe_vol.tables import read_tsv
 from khe_vol.qa.store import record_read
 from tests.cohort import write_mask_cohort
 from tests.test_workflow import read_tsv as read_table

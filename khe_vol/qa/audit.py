@@ -45,7 +45,8 @@ from pathlib import Path
 import nibabel as nib
 
 from khe_vol.qa import WORKLIST_NAME, default_db_path
-from khe_vol.qa.package import HEADER_TEXT_FIELDS, key_paths, read_key, read_tsv
+from khe_vol.qa.package import HEADER_TEXT_FIELDS, key_paths, read_key
+from khe_vol.tables import read_tsv
 
 #: Characters that make a token part of a longer word (so no match).
 _WORD = "A-Za-z0-9"

@@ -38,6 +38,7 @@ from khe_vol.nifti import (
     sha256_file,
 )
 from khe_vol.qa import VERDICTS, WORKLIST_NAME, check_reader_id, key_dir, reader_dir
+from khe_vol.tables import read_tsv
 
 #: Crockford base32 (no I, L, O, U): no look-alike characters for readers to mistype.
 CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -421,12 +422,6 @@ class _Series:
     @property
     def ids(self):
         return self.record["participant_id"], self.record["session_id"]
-
-
-def read_tsv(path):
-    """Rows of a TSV file as dicts (header line = column names; no quoting)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _tsv_text(columns, rows):

@@ -316,8 +316,8 @@ def _load_inputs(args, readers):
     from pathlib import Path
 
     from khe_vol.qa import default_db_path
-    from khe_vol.qa.package import read_tsv
     from khe_vol.qa.store import current_reads
+    from khe_vol.tables import read_tsv
 
     records = []
     for path in args.records:
