@@ -69,6 +69,7 @@ def base_record(participant_id, session_id, month):
         "reference_session_id": None,
         "parameters": None,
         "details": None,
+        "review": [],
         "khe_vol_version": __version__,
     }
 

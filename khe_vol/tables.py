@@ -17,6 +17,7 @@ from khe_vol.response import (
     is_good_response,
     is_overall_response,
 )
+from khe_vol.review import REVIEW_REASONS, reader_decided, reason_text, series_reasons
 from khe_vol.uncertainty import near_threshold
 
 NA = "n/a"
@@ -40,6 +41,16 @@ VOLUME_COLUMNS = {
     "volume_auto_ml": {"LongName": "Automatic lesion volume", "Description": "Volume of the automatic (or supplied) mask, before reader QA; volume_ml is the final volume.", "Units": "mL"},
     "volume_source": {"LongName": "Source of the final volume", "Description": "auto or reader_mask without reader QA; with it <reader>:<verdict> of the read that decided (accept: the automatic mask; edited: that reader's mask, kept in derivatives as desc-<reader>; no_residual_lesion: 0 mL)."},
     "qa_status": {"LongName": "Blinded reader QA status", "Description": "Where the series stands in blinded reading.", "Levels": QA_STATUSES},
+    "needs_review": {
+        "LongName": "Needs a reader's review",
+        "Description": "Whether this value may be wrong and no blinded reader has decided it yet: one of review_reason applies. Reader QA puts these series first in each worklist.",
+        "Levels": {"1": "look at this series before using its value", "0": "no reason to doubt it, or a reader has decided it"},
+    },
+    "review_reason": {
+        "LongName": "Why the value may be wrong",
+        "Description": "Review reasons joined by ';' (n/a: none). Listed even after a reader decided the value.",
+        "Levels": REVIEW_REASONS,
+    },
     "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume; see message and qa_status"}},
     "message": {"LongName": "Message", "Description": "Why the series has no volume, naming the file and the problem."},
 }
@@ -69,6 +80,12 @@ RESPONSE_COLUMNS = {
     "good_response": {"LongName": "Good lesion response", "Description": "Complete or nearly complete involution.", "Levels": {"1": "yes", "0": "no"}},
     "baseline_volume_source": {"LongName": "Source of the baseline volume", "Description": "As volume_source in volumes.tsv, for the baseline."},
     "volume_source": {"LongName": "Source of the follow-up volume", "Description": "As volume_source in volumes.tsv."},
+    "needs_review": {
+        "LongName": "Needs a reader's review",
+        "Description": "Whether this category may be wrong: near_threshold, or a review reason of the follow-up or its baseline that no blinded reader has decided.",
+        "Levels": VOLUME_COLUMNS["needs_review"]["Levels"],
+    },
+    "review_reason": VOLUME_COLUMNS["review_reason"],
     "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message"}},
     "message": {"LongName": "Message", "Description": "Why no category was assigned."},
 }
@@ -109,13 +126,16 @@ def volume_rows(records):
             "volume_low_ml": _fmt(rec.get("volume_low_ml"), ".6f") if ok else NA,
             "volume_high_ml": _fmt(rec.get("volume_high_ml"), ".6f") if ok else NA,
             "n_voxels": _fmt(rec["n_voxels"]) if ok else NA,
-            "voxel_volume_mm3": _fmt(rec["voxel_volume_mm3"], ".9g") if ok else NA,
+            # float32 headers store 0.55 mm as 0.550000012: six decimals keep
+            # every real digit and drop that noise.
+            "voxel_volume_mm3": _fmt(rec["voxel_volume_mm3"], ".6f") if ok else NA,
             "mesh_volume_ml": _fmt(rec["mesh_volume_ml"], ".6f") if ok else NA,
             "max_diameter_cm": _fmt(rec["max_diameter_cm"], ".2f") if ok else NA,
             "method": _fmt(rec["method"]),
             "volume_auto_ml": _fmt(_auto_ml(rec), ".6f"),
             "volume_source": _fmt(rec.get("volume_source", rec["method"] if ok else None)),
             "qa_status": rec.get("qa_status", "not_configured"),
+            **review_columns(series_reasons(rec), not reader_decided(rec)),
             "status": rec["status"],
             "message": _fmt(rec["message"]),
         })
@@ -159,6 +179,8 @@ def response_rows(records, baseline_session_id):
             "good_response": NA,
             "baseline_volume_source": _fmt(base.get("volume_source", base.get("method"))) if base and base["status"] == "ok" else NA,
             "volume_source": _fmt(rec.get("volume_source", rec.get("method"))) if rec["status"] == "ok" else NA,
+            "needs_review": NA,
+            "review_reason": NA,
             "status": "error",
             "message": NA,
         }
@@ -182,8 +204,33 @@ def response_rows(records, baseline_session_id):
                 good_response=str(is_good_response(category)),
                 status="ok",
             )
+            row.update(_response_review(base, rec, row["near_threshold"] == "1"))
         rows.append(row)
     return rows
+
+
+def review_columns(reasons, open_):
+    """``needs_review`` and ``review_reason`` cells from a list of reasons.
+
+    ``open_`` is False when a blinded reader has decided the value, so the
+    reasons stay listed but no longer ask for a review.
+    """
+    return {"needs_review": str(int(bool(reasons) and open_)), "review_reason": _fmt(reason_text(reasons))}
+
+
+def _response_review(base, rec, near):
+    """Review cells of a classified follow-up: its own reasons, its baseline's, near_threshold."""
+    own, base_reasons = series_reasons(rec), series_reasons(base)
+    open_ = bool(own) and not reader_decided(rec)
+    reasons = list(own)
+    if base_reasons:
+        reasons.append({"reason": "baseline_needs_review", "detail": reason_text(base_reasons)})
+        open_ = open_ or not reader_decided(base)
+    if near:
+        reasons.append({"reason": "near_threshold", "detail": "category could flip within the bands"})
+        open_ = True
+    reasons.sort(key=lambda item: item["reason"])
+    return review_columns(reasons, open_)
 
 
 def _band_columns(base, rec):

@@ -38,6 +38,7 @@ from khe_vol.nifti import (
     sha256_file,
 )
 from khe_vol.qa import VERDICTS, WORKLIST_NAME, check_reader_id, key_dir, reader_dir
+from khe_vol.review import series_reasons
 from khe_vol.tables import read_tsv
 
 #: Crockford base32 (no I, L, O, U): no look-alike characters for readers to mistype.
@@ -333,8 +334,11 @@ def build_worklist(cases, reader, seed):
     cases : list of dict
         One per packaged series, in participant/session order, with keys
         ``participant_id``, ``session_id``, ``automatic_volume_ml`` (float or
-        None), ``has_proposed_mask`` (bool) and ``overlays`` (list of dicts
-        with ``reader``, ``verdict``, ``volume_ml``, ``has_mask``; may be empty).
+        None), ``has_proposed_mask`` (bool), ``overlays`` (list of dicts
+        with ``reader``, ``verdict``, ``volume_ml``, ``has_mask``; may be empty)
+        and optionally ``review_reasons`` (review reason codes, see
+        :mod:`khe_vol.review`): cases with reasons come first, each group in
+        the reader's own shuffled order.
     reader : str
     seed : int
 
@@ -355,7 +359,9 @@ def build_worklist(cases, reader, seed):
     codes = [case_code(seed, reader, c["participant_id"], c["session_id"]) for c in cases]
     if len(set(codes)) != len(codes):
         raise PackageError(f"two cases of reader {reader} got the same code; choose another seed")
-    order = reader_order(len(cases), seed, reader)
+    shuffled = reader_order(len(cases), seed, reader)
+    order = [i for i in shuffled if cases[i].get("review_reasons")] + [
+        i for i in shuffled if not cases[i].get("review_reasons")]
     placement = [None] * len(cases)
     entries = []
     for position, index in enumerate(order, start=1):
@@ -380,6 +386,7 @@ def build_worklist(cases, reader, seed):
             "automatic_volume_ml": _round_ml(c["automatic_volume_ml"]),
             "qc_montage": f"{code}_qc.png",
             "overlays": overlays,
+            "review_reasons": list(c.get("review_reasons", [])),
         })
         placement[index] = {"case_code": code, "position": position, "overlay_labels": labels}
     worklist = {
@@ -588,6 +595,8 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
             "session_id": s.ids[1],
             "automatic_volume_ml": s.record.get("volume_ml") if s.mask_bytes is not None else None,
             "has_proposed_mask": s.mask_bytes is not None,
+            # Codes only: a reason's detail text may name a session.
+            "review_reasons": [r["reason"] for r in series_reasons(s.record)],
             "overlays": [{"reader": o["reader"], "verdict": o["verdict"], "volume_ml": o["volume_ml"],
                           "has_mask": o["mask_bytes"] is not None} for o in s.overlays],
         } for s in packaged]
