@@ -34,11 +34,11 @@ def _cmd_demo(args):
 
 
 def _load_config_arg(args):
-    from khe_vol.config import load_config, validate_config
+    # The same resolution as the workflow's (khe_vol.config.resolve_config).
+    from khe_vol.config import resolve_config
 
-    if args.config_json:
-        return validate_config(json.loads(args.config_json))
-    return load_config(args.config)
+    overrides = json.loads(args.config_json) if args.config_json else None
+    return resolve_config(args.config, overrides)
 
 
 def _cmd_check(args):
@@ -334,7 +334,7 @@ def build_parser():
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check", help="report every problem in a study folder at once, before a run")
-    p.add_argument("config", nargs="?", help="workflow config YAML")
+    p.add_argument("config", nargs="*", help="workflow config YAML (several: a later file's top-level keys replace an earlier's, as with snakemake --configfile)")
     p.add_argument("--config-json", help="the config as JSON (used by the workflow)")
     p.add_argument("--report", help="also write the report to this file")
     p.add_argument("--headers-only", action="store_true", help="skip reading voxel data")

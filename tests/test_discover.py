@@ -1,6 +1,6 @@
 import pytest
 
-from khe_vol.config import ConfigError, load_config, validate_config
+from khe_vol.config import ConfigError, load_config, resolve_config, validate_config
 from khe_vol.discover import discover_study, find_series, read_seeds, reference_session
 from tests.conftest import save_nifti
 
@@ -109,3 +109,27 @@ def test_repository_default_config_is_valid():
 
     config = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
     assert config["sessions"]["baseline"] == 0
+    # the blinded-reading demo is a whole config of its own, not an extension
+    qa = load_config(Path(__file__).parents[1] / "config" / "demo_qa.yaml")
+    assert qa["imaging_dir"] == "demo/imaging" and qa["readers"] == ["R1", "R2"]
+
+
+def test_resolve_config_replaces_top_level_keys_and_defaults_the_rest(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).parents[1] / "config" / "config.yaml"
+    study = tmp_path / "study.yaml"
+    study.write_text("imaging_dir: /data/khe\nsessions: {screening: 0, m06: 6}\nprimary_month: 6\n")
+    alone = resolve_config([study])
+    assert alone["seeds"] is None and alone["allocation"] is None and alone["arms"] is None
+    assert alone["masks_dir"] is None and alone["sessions"] == {"screening": 0, "m06": 6}
+    # after the demo config (snakemake --configfile demo.yaml study.yaml): sessions replaced, not merged
+    both = resolve_config([demo, study])
+    assert both["sessions"] == {"screening": 0, "m06": 6}
+    assert resolve_config([study], {"results_dir": "elsewhere"})["results_dir"] == "elsewhere"
+    with pytest.raises(ConfigError, match="--configfile config/config.yaml"):
+        resolve_config([])
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- imaging_dir\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*mapping"):
+        resolve_config([bad])

@@ -5,17 +5,21 @@ import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from khe_vol.config import ConfigError, baseline_session, validate_config
+from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study, reference_session
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+# The config is resolved by khe-vol itself, as `khe-vol check` resolves it: only
+# the --configfile files given (a later file's top-level keys replace, never
+# merge, an earlier's) and --config values; a key left out takes the schema's
+# default. Snakemake's own deep merge of the files is discarded.
 try:
-    validate_config(config)  # what a schema cannot say (exactly one month-0 session)
+    _resolved = resolve_config(workflow.config_settings.configfiles, workflow.config_settings.config)
 except ConfigError as exc:
-    raise WorkflowError(str(exc))
+    raise WorkflowError(f"khe-vol: {exc}")
+config.clear()
+config.update(_resolved)
 
 RESULTS = config["results_dir"]
 WORK = f"{RESULTS}/work"
