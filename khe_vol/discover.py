@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,11 @@ _T2W = re.compile(
 _MASK_FILE = re.compile(r"\.(?:nii(?:\.gz)?|nrrd)$")
 _MASK = re.compile(rf"^sub-(?P<sub>{_LABEL})_ses-(?P<ses>{_LABEL})_label-lesion_mask\.(?:nii(?:\.gz)?|seg\.nrrd|nrrd)$")
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
+#: Files never opened to look for DICOM: NIfTI, and the text files BIDS puts beside them.
+_NOT_DICOM = re.compile(r"\.(?:nii(?:\.gz)?|json|tsv|txt|md|bval|bvec)$", re.IGNORECASE)
+#: DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name.
+_DICOM_MAGIC_OFFSET, _DICOM_MAGIC = 128, b"DICM"
+_DICOM_SUFFIX = re.compile(r"\.(?:dcm|dicom|ima)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,65 @@ def _walk_anat(root, pattern, kind, suffix=None):
     return found, problems
 
 
+def is_dicom(path):
+    """Whether a file is DICOM: the 'DICM' marker at byte 128, or a DICOM file name suffix.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A regular file.
+
+    Returns
+    -------
+    bool
+    """
+    if _DICOM_SUFFIX.search(path.name):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(_DICOM_MAGIC_OFFSET)
+            return fh.read(len(_DICOM_MAGIC)) == _DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def find_dicom(imaging_dir):
+    """Folders under the imaging folder holding DICOM files, one problem per folder.
+
+    khe-vol reads NIfTI only, so DICOM files would be skipped without a word:
+    each folder holding any is named with its count, an example file and what
+    to do (convert to NIfTI, named as the imaging folder expects).
+
+    Parameters
+    ----------
+    imaging_dir : path-like
+        Root of the imaging folder.
+
+    Returns
+    -------
+    list of str
+        One coordinator-readable problem per folder with DICOM files, sorted.
+    """
+    root = Path(imaging_dir)
+    by_folder: dict[Path, list[str]] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if not _NOT_DICOM.search(name) and path.is_file() and is_dicom(path):
+                by_folder.setdefault(Path(folder), []).append(name)
+    problems = []
+    for folder, names in sorted(by_folder.items()):
+        n = len(names)
+        problems.append(
+            f"{folder}: {n} DICOM file{'s' if n > 1 else ''} (e.g. {names[0]}) not read: khe-vol measures NIfTI only. "
+            "Convert the T2 series to NIfTI, e.g. `dcm2niix -z y -f sub-<label>_ses-<label>_T2w "
+            f"-o {root}/sub-<label>/ses-<label>/anat {folder}`, and move the DICOM files out of the imaging "
+            "folder (a `khe-vol import` that does this is planned)"
+        )
+    return problems
+
+
 def find_series(imaging_dir, sessions, series_select=None):
     """List the T2w series of a BIDS-like folder, one slot per participant x session.
 
@@ -115,13 +180,15 @@ def find_series(imaging_dir, sessions, series_select=None):
     slots : list of SeriesSlot
         Sorted by participant then month; slots with problems included.
     problems : list of str
-        Problems with files that belong to no slot.
+        Problems with files that belong to no slot, and folders of DICOM
+        files (:func:`find_dicom`).
     """
     root = Path(imaging_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: imaging folder does not exist")
     series_select = series_select or {}
     found, problems = _walk_anat(root, _T2W, "T2w")
+    problems += find_dicom(root)
     groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for sub, ses, path, m in found:
         groups.setdefault((sub, ses), []).append((path, _entities(m["entities"])))

@@ -36,6 +36,11 @@ def test_every_problem_reported_at_once(tmp_path):
         assert any(line.startswith(f"{pid}\t") and words in line for line in report.splitlines()), (pid, words, report)
     assert "sub-77" in report  # seed for a participant without images
     assert f"{len(report.splitlines()) - 1} problem(s) found" in proc.stderr
+    dicom = tmp_path / "imaging/sub-01/ses-m06/anat/IM0001"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    report = run_check(config).stdout
+    assert any(line.startswith("n/a\tn/a\t") and str(dicom.parent) in line and "DICOM" in line
+               for line in report.splitlines()), report
     # headers only: quicker, and still finds the header problems
     quick = run_check(config, "--headers-only", "--no-fail")
     assert quick.returncode == 0 and "3 volumes" in quick.stdout and "NaN" not in quick.stdout

@@ -55,6 +55,37 @@ def test_misnamed_and_misplaced_files_are_problems(tmp_path):
     assert len(problems) == 2  # the T1w is simply not ours
 
 
+def write_dicom(path):
+    """A file as a scanner exports it: 128-byte preamble, 'DICM', then data elements."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\xc8\x00\x00\x00" + b"\x01" * 200)
+    return path
+
+
+def test_dicom_in_the_imaging_folder_is_reported_with_what_to_do(tmp_path):
+    _t2(tmp_path, "01", "baseline")
+    # a DICOM series folder (files without extension, found by content) and a .dcm beside a NIfTI
+    for i in range(3):
+        write_dicom(tmp_path / f"sub-02/ses-baseline/DICOM/IM{i:04d}")
+    write_dicom(tmp_path / "sub-01/ses-m06/anat/export.dcm")
+    (tmp_path / "sub-01/ses-m06/anat/notes.txt").write_text("not an image\n" * 20)
+    (tmp_path / "README").write_bytes(b"x" * 300)  # not DICOM: no 'DICM' at byte 128
+    slots, problems = find_series(tmp_path, SESSIONS)
+    assert [(s.participant_id, s.session_id) for s in slots] == [("sub-01", "ses-baseline")]
+    assert len(problems) == 2, problems
+    series_dir = next(p for p in problems if str(tmp_path / "sub-02/ses-baseline/DICOM") in p)
+    assert "3 DICOM files" in series_dir and "IM0000" in series_dir
+    assert "NIfTI" in series_dir and "dcm2niix" in series_dir and "khe-vol import" in series_dir
+    assert any(str(tmp_path / "sub-01/ses-m06/anat") in p and "1 DICOM file " in p for p in problems)
+
+
+def test_a_folder_of_dicom_only_says_so_when_no_series_is_found(tmp_path):
+    write_dicom(tmp_path / "sub-01/ses-baseline/anat/IM0001")
+    config = validate_config({"imaging_dir": str(tmp_path), "sessions": SESSIONS})
+    study = discover_study(config)
+    assert study.slots == [] and any("DICOM" in p and "dcm2niix" in p for p in study.problems)
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_series(tmp_path / "nope", SESSIONS)

@@ -80,6 +80,10 @@ def write_study(root):
             base = f"sub-{pid}/ses-{ses}/anat/sub-{pid}_ses-{ses}"
             save_nifti(root / "imaging" / f"{base}_T2w.nii.gz", image, aff)
             save_nifti(root / "masks" / f"{base}_label-lesion_mask.nii.gz", mask, aff)
+    # a session exported as DICOM only: reported, not skipped without a word
+    dicom = root / "imaging/sub-s02/ses-m12/DICOM/IM0001"
+    dicom.parent.mkdir(parents=True)
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
     config = {
         "imaging_dir": str(root / "imaging"),
         "masks_dir": str(root / "masks"),
@@ -124,6 +128,10 @@ def test_study_config_takes_nothing_from_the_demo(repo_root_run, tmp_path):
     assert check.returncode == 0, check.stderr
     assert check.stdout == (results / "check.tsv").read_text()
     assert "ses-m24" in check.stdout
+    dicom_rows = [r for r in read_tsv(results / "check.tsv") if "DICOM" in r["problem"]]
+    assert len(dicom_rows) == 1 and "sub-s02/ses-m12/DICOM" in dicom_rows[0]["problem"], dicom_rows
+    assert "dcm2niix" in dicom_rows[0]["problem"]
+    assert "check.tsv: 2 problem(s) in the study folder" in proc.stdout + proc.stderr
 
 
 def test_snakemake_without_a_configfile_says_to_pass_one(repo_root_run):

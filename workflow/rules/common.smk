@@ -35,7 +35,9 @@ except (FileNotFoundError, ValueError) as exc:
 for _problem in STUDY.problems:
     logger.warning(f"khe-vol: {_problem}")
 if not STUDY.slots:
-    raise WorkflowError(f"khe-vol: no T2w series found under {config['imaging_dir']}")
+    raise WorkflowError(
+        f"khe-vol: no T2w series found under {config['imaging_dir']}" + "".join(f"\n  {p}" for p in STUDY.problems)
+    )
 
 SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
 
@@ -210,6 +212,10 @@ def results_banner():
             n_err += json.loads(Path(rec).read_text())["status"] != "ok"
         except (OSError, ValueError):
             pass
+    try:
+        n_problems = len(Path(f"{RESULTS}/check.tsv").read_text().splitlines()) - 1
+    except OSError:
+        n_problems = 0
     lines = [
         f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
@@ -220,5 +226,10 @@ def results_banner():
     if READERS:
         lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
+    if n_problems:
+        lines.append(
+            f"  check.tsv: {n_problems} problem(s) in the study folder (DICOM or misnamed files, unknown "
+            "sessions, allocation mismatches, ...): read it, some series may not have been measured"
+        )
     lines.append("  HTML report: add --report report.html to this command")
     return "\n".join(lines) + "\n"
