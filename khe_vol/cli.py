@@ -234,13 +234,15 @@ def _add_qa_parser(sub):
 
 
 def _cmd_arms(args):
-    from khe_vol.arms import read_allocation, response_by_arm, write_response_by_arm
+    from khe_vol.arms import allocation_mismatches, allocation_note, read_allocation, response_by_arm, write_response_by_arm
     from khe_vol.tables import read_tsv
 
     participants = sorted({r["participant_id"] for r in read_tsv(args.volumes)})
     try:
         allocation, warnings = read_allocation(args.allocation, participants, args.arm)
-        result = response_by_arm(read_tsv(args.response), allocation, args.arm, args.month, args.primary_month)
+        mismatches = allocation_mismatches(allocation, participants)
+        result = response_by_arm(read_tsv(args.response), allocation, args.arm, args.month, args.primary_month,
+                                 note=allocation_note(mismatches))
     except ValueError as exc:
         print(f"khe-vol arms: {exc}", file=sys.stderr)
         return 2
@@ -248,7 +250,9 @@ def _cmd_arms(args):
         print(f"khe-vol arms: {warning}", file=sys.stderr)
     from khe_vol.provenance import table_provenance
 
-    write_response_by_arm(args.out, result, table_provenance([args.response, args.volumes, args.allocation]))
+    provenance = table_provenance([args.response, args.volumes, args.allocation])
+    provenance["AllocationMismatches"] = [f"{pid} {what}" for pid, what in mismatches]
+    write_response_by_arm(args.out, result, provenance)
     print(f"wrote {args.out} ({len(allocation)} allocated participants, intention to treat)")
     return 0
 

@@ -104,6 +104,35 @@ def test_seeds_table(tmp_path):
         read_seeds(q, "baseline")
 
 
+SEEDS_TEXT = "participant_id\tx\ty\tz\nsub-01\t1.5\t-2\t3\nsub-02\t4\t5\t6\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be"])
+def test_seeds_saved_by_a_spreadsheet_with_a_byte_order_mark(tmp_path, encoding):
+    # Excel's "UTF-8" text carries a BOM; its "Unicode Text" is UTF-16 with a BOM and CRLF line ends.
+    p = tmp_path / "seeds.tsv"
+    text = SEEDS_TEXT.replace("\n", "\r\n") if encoding.startswith("utf-16") else SEEDS_TEXT
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    p.write_bytes(data)
+    seeds, problems = read_seeds(p, "baseline")
+    assert problems == {}
+    assert seeds[("sub-01", "ses-baseline")].seed_ras_mm == (1.5, -2.0, 3.0)
+    assert seeds[("sub-02", "ses-baseline")].seed_ras_mm == (4.0, 5.0, 6.0)
+
+
+def test_seeds_in_another_encoding_name_the_file_and_the_encoding(tmp_path):
+    p = tmp_path / "seeds.tsv"
+    p.write_bytes("participant_id\tx\ty\tz\tnote\nsub-01\t1\t2\t3\tl\u00e9sion\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=f"{p}.*not UTF-8.*UTF-16"):
+        read_seeds(p, "baseline")
+    q = tmp_path / "utf16_without_bom.tsv"
+    q.write_bytes(SEEDS_TEXT.encode("utf-16-le"))
+    with pytest.raises(ValueError, match=f"{q}.*not UTF-8"):
+        read_seeds(q, "baseline")
+
+
 def test_study_reference_session_and_masks(tmp_path):
     img = tmp_path / "img"
     for ses in ("baseline", "m06"):
