@@ -46,5 +46,16 @@ if config["allocation"]:
 include: "workflow/rules/report.smk"
 
 
+# Another run writing the same results_dir (from another working directory,
+# where Snakemake's own lock does not reach) is refused (khe_vol/runlock.py).
+onstart:
+    hold_results_lock()
+
+
 onsuccess:
+    release_results_lock()
     print(results_banner())
+
+
+onerror:
+    release_results_lock()

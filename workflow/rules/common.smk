@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study, reference_session
+from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
 
 # The config is resolved by khe-vol itself, as `khe-vol check` resolves it: only
@@ -45,6 +46,22 @@ SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
 wildcard_constraints:
     participant="sub-[A-Za-z0-9]+",
     session="ses-[A-Za-z0-9]+",
+
+
+_RESULTS_LOCK = []
+
+
+def hold_results_lock():
+    """Lock results_dir for this Snakemake process (from onstart: real runs only, not in SLURM jobs)."""
+    try:
+        _RESULTS_LOCK.append(lock_results_dir(RESULTS))
+    except (ResultsFolderBusy, OSError) as exc:
+        raise WorkflowError(f"khe-vol: {exc}")
+
+
+def release_results_lock():
+    while _RESULTS_LOCK:
+        release_results_dir(_RESULTS_LOCK.pop())
 
 
 def record_path(participant, session):
