@@ -257,6 +257,22 @@ def _cmd_arms(args):
     return 0
 
 
+def _cmd_report_page(args):
+    from khe_vol import report_tables
+    from khe_vol.nifti import atomic_write_text
+    from khe_vol.tables import read_tsv
+
+    rows = read_tsv(args.table)
+    if args.kind == "response":
+        page, summary = report_tables.response_page(rows, args.table), report_tables.categories_summary(rows)
+    else:
+        page, summary = report_tables.by_arm_page(rows, args.table), report_tables.by_arm_summary(rows)
+    atomic_write_text(args.out, page)
+    atomic_write_text(args.summary, summary)
+    print(f"wrote {args.out} and {args.summary}")
+    return 0
+
+
 def _cmd_figures(args):
     from khe_vol.arms import read_allocation
     from khe_vol.figures import category_counts_png, spaghetti_png, waterfall_png
@@ -387,6 +403,13 @@ def build_parser():
     p.add_argument("--primary-month", type=int, default=12)
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("report-page", help="a result table as an HTML page for the Snakemake report, and a front-page summary")
+    p.add_argument("--kind", choices=["response", "response_by_arm"], required=True)
+    p.add_argument("--table", required=True, help="response.tsv or response_by_arm.tsv")
+    p.add_argument("--out", required=True, help="the HTML page")
+    p.add_argument("--summary", required=True, help="an HTML fragment the report's front page includes")
+    p.set_defaults(func=_cmd_report_page)
 
     p = sub.add_parser("montages", help="a QC montage (slices with the mask contour) per series")
     p.add_argument("--out-dir", required=True)

@@ -202,9 +202,17 @@ def workbook_tables():
     return [f"{RESULTS}/{name}" for name in tables + ["check.tsv"]]
 
 
+def report_pages():
+    """The tables as HTML pages for the report, and the summaries its front page includes."""
+    names = ["response_table", "response_summary"]
+    if config["allocation"]:
+        names += ["response_by_arm", "response_by_arm_summary"]
+    return [f"{RESULTS}/figures/{name}.html" for name in names]
+
+
 def final_outputs():
     montages = [montage_dir(pid) for pid in PARTICIPANTS]
-    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx"]
+    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx", *report_pages()]
     return result_files() + reports + [f"{RESULTS}/provenance.json"]
 
 
