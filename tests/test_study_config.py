@@ -131,7 +131,7 @@ def test_study_config_takes_nothing_from_the_demo(repo_root_run, tmp_path):
     dicom_rows = [r for r in read_tsv(results / "check.tsv") if "DICOM" in r["problem"]]
     assert len(dicom_rows) == 1 and "sub-s02/ses-m12/DICOM" in dicom_rows[0]["problem"], dicom_rows
     assert "dcm2niix" in dicom_rows[0]["problem"]
-    assert "check.tsv: 2 problem(s) in the study folder" in proc.stdout + proc.stderr
+    assert "check.tsv: 2 problem(s) with the inputs" in proc.stdout + proc.stderr
 
 
 def test_snakemake_without_a_configfile_says_to_pass_one(repo_root_run):

@@ -253,8 +253,8 @@ def results_banner():
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
     if n_problems:
         lines.append(
-            f"  check.tsv: {n_problems} problem(s) in the study folder (DICOM or misnamed files, unknown "
-            "sessions, allocation mismatches, ...): read it, some series may not have been measured"
+            f"  check.tsv: {n_problems} problem(s) with the inputs (files not read such as DICOM, unknown "
+            "sessions, allocation mismatches, ...): read it"
         )
     lines.append("  HTML report: add --report report.html to this command")
     return "\n".join(lines) + "\n"
