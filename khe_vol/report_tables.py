@@ -4,8 +4,8 @@ Snakemake's report shows HTML items in place but offers TSV files only as
 downloads, so the tables a trial team reads first are rendered here from the
 written TSVs (strings in, strings out: nothing is recomputed or re-rounded):
 
-* :func:`response_page`: ``response.tsv``: category counts per follow-up
-  month, then one row per follow-up with its volumes, change and flags.
+* :func:`response_page`: ``response.tsv``: participants per category and
+  follow-up month, then one row per follow-up with its volumes, change and flags.
 * :func:`by_arm_page`: ``response_by_arm.tsv``: per month (primary first)
   the response endpoints per arm with their comparison, then the category
   counts per arm; the notes (allocation mismatches) said once above.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from html import escape
 
-from khe_vol.response import CATEGORIES
+from khe_vol.figures import category_counts as figure_counts
 
 NA = "n/a"
 _STYLE = """
@@ -57,12 +57,8 @@ def _page(title, source, body):
     )
 
 
-def _months(rows):
-    return sorted({int(r["month"]) for r in rows if r.get("month", NA) not in ("", NA)})
-
-
 def category_counts(response_rows):
-    """Follow-ups per category and month.
+    """Participants per category and follow-up month, as the category-counts figure counts them.
 
     Parameters
     ----------
@@ -72,17 +68,24 @@ def category_counts(response_rows):
     Returns
     -------
     header : list of str
-        ``month``, each category, ``not classified``, ``follow-ups``.
+        ``month``, each category, ``not_assessed``, ``participants``.
     rows : list of list of str
         One per follow-up month, ascending.
+
+    Notes
+    -----
+    Counting is :func:`khe_vol.figures.category_counts` (itself
+    :func:`khe_vol.arms.categories_by_month`): every participant counts at every
+    month, ``not_assessed`` without a usable category there.
     """
-    header = ["month", *CATEGORIES, "not classified", "follow-ups"]
-    rows = []
-    for month in _months(response_rows):
-        at = [r for r in response_rows if r.get("month") == str(month)]
-        counts = [sum(r["status"] == "ok" and r["category"] == c for r in at) for c in CATEGORIES]
-        rows.append([str(month), *map(str, counts), str(len(at) - sum(counts)), str(len(at))])
-    return header, rows
+    months, groups = figure_counts(response_rows)
+    if not groups:
+        return ["month"], []
+    (_, counts), = groups
+    names = list(counts)
+    rows = [[str(m), *(str(counts[c][i]) for c in names), str(sum(counts[c][i] for c in names))]
+            for i, m in enumerate(months)]
+    return ["month", *names, "participants"], rows
 
 
 _RESPONSE_SHOWN = (
@@ -115,7 +118,7 @@ def response_page(response_rows, source="response.tsv"):
     flagged = ["flag" if r.get("needs_review") == "1" or r.get("near_threshold") == "1" or r.get("status") != "ok"
                else "" for r in response_rows]
     body = (
-        "<h2>Follow-ups per response category and month</h2>"
+        "<h2>Participants per response category and month</h2>"
         + _table(header, counts, {"month"})
         + "<h2>Every follow-up</h2><p class=\"note\">Shaded: a category that could flip within the volume bands "
         "(near_threshold), a series flagged for review (needs_review, see review_reason) or no category (status=error, "
@@ -126,7 +129,7 @@ def response_page(response_rows, source="response.tsv"):
 
 
 def categories_summary(response_rows):
-    """A small table for the report's front page: follow-ups per category (rows) and month (columns)."""
+    """A small table for the report's front page: participants per category (rows) and month (columns)."""
     header, counts = category_counts(response_rows)
     if not counts:
         return "<p>No follow-up series.</p>\n"
