@@ -5,7 +5,8 @@ with Snakemake's ``--configfile`` files and ``--config`` values, and
 ``khe-vol check`` with its config file(s), so both see the same keys, defaults
 and errors. Nothing comes from the repository's demo config unless it is one of
 the files given: a key no file sets takes the schema's documented default
-(``khe_vol/schemas/config.schema.yaml``; null or empty for every input path).
+(``khe_vol/schemas/config.schema.yaml``: null or empty for ``seeds``, ``masks_dir``,
+``allocation``, ``arms``).
 A later file replaces an earlier file's top-level key as a whole: a study's
 ``sessions`` mapping is its own, never merged with another's.
 """
