@@ -58,7 +58,21 @@ def check_study(config, headers_only=False):
             elif seed is None and ref is None:
                 problems.append((pid, slot.session_id,
                                  f"{slot.path}: no seed and no reader mask for {pid}, so nothing to segment from"))
+    if config.get("allocation"):
+        problems.extend(_allocation_problems(config["allocation"], config.get("arms"), participants))
     return problems
+
+
+def _allocation_problems(allocation_path, arms, imaged_participants):
+    """Participants the allocation and the imaging disagree on, or why the allocation cannot be read."""
+    from khe_vol.arms import allocation_mismatches, read_allocation
+
+    try:
+        allocation, _ = read_allocation(allocation_path, imaged_participants, arms)
+    except (OSError, ValueError) as exc:
+        message = str(exc) if str(allocation_path) in str(exc) else f"{allocation_path}: {exc}"
+        return [("", "", f"allocation cannot be read, so the by-arm step will fail: {message}")]
+    return [(pid, "", f"{allocation_path}: {pid} {what}") for pid, what in allocation_mismatches(allocation, imaged_participants)]
 
 
 def _mask_problems(mask_path, shape, affine, headers_only):

@@ -5,17 +5,22 @@ import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from khe_vol.config import ConfigError, baseline_session, validate_config
+from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study, reference_session
+from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+# The config is resolved by khe-vol itself, as `khe-vol check` resolves it: only
+# the --configfile files given (a later file's top-level keys replace, never
+# merge, an earlier's) and --config values; a key left out takes the schema's
+# default. Snakemake's own deep merge of the files is discarded.
 try:
-    validate_config(config)  # what a schema cannot say (exactly one month-0 session)
+    _resolved = resolve_config(workflow.config_settings.configfiles, workflow.config_settings.config)
 except ConfigError as exc:
-    raise WorkflowError(str(exc))
+    raise WorkflowError(f"khe-vol: {exc}")
+config.clear()
+config.update(_resolved)
 
 RESULTS = config["results_dir"]
 WORK = f"{RESULTS}/work"
@@ -31,7 +36,9 @@ except (FileNotFoundError, ValueError) as exc:
 for _problem in STUDY.problems:
     logger.warning(f"khe-vol: {_problem}")
 if not STUDY.slots:
-    raise WorkflowError(f"khe-vol: no T2w series found under {config['imaging_dir']}")
+    raise WorkflowError(
+        f"khe-vol: no T2w series found under {config['imaging_dir']}" + "".join(f"\n  {p}" for p in STUDY.problems)
+    )
 
 SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
 
@@ -39,6 +46,22 @@ SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
 wildcard_constraints:
     participant="sub-[A-Za-z0-9]+",
     session="ses-[A-Za-z0-9]+",
+
+
+_RESULTS_LOCK = []
+
+
+def hold_results_lock():
+    """Lock results_dir for this Snakemake process (from onstart: real runs only, not in SLURM jobs)."""
+    try:
+        _RESULTS_LOCK.append(lock_results_dir(RESULTS))
+    except (ResultsFolderBusy, OSError) as exc:
+        raise WorkflowError(f"khe-vol: {exc}")
+
+
+def release_results_lock():
+    while _RESULTS_LOCK:
+        release_results_dir(_RESULTS_LOCK.pop())
 
 
 def record_path(participant, session):
@@ -179,9 +202,17 @@ def workbook_tables():
     return [f"{RESULTS}/{name}" for name in tables + ["check.tsv"]]
 
 
+def report_pages():
+    """The tables as HTML pages for the report, and the summaries its front page includes."""
+    names = ["response_table", "response_summary"]
+    if config["allocation"]:
+        names += ["response_by_arm", "response_by_arm_summary"]
+    return [f"{RESULTS}/figures/{name}.html" for name in names]
+
+
 def final_outputs():
     montages = [montage_dir(pid) for pid in PARTICIPANTS]
-    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx"]
+    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx", *report_pages()]
     return result_files() + reports + [f"{RESULTS}/provenance.json"]
 
 
@@ -206,6 +237,10 @@ def results_banner():
             n_err += json.loads(Path(rec).read_text())["status"] != "ok"
         except (OSError, ValueError):
             pass
+    try:
+        n_problems = len(Path(f"{RESULTS}/check.tsv").read_text().splitlines()) - 1
+    except OSError:
+        n_problems = 0
     lines = [
         f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
@@ -216,5 +251,10 @@ def results_banner():
     if READERS:
         lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
+    if n_problems:
+        lines.append(
+            f"  check.tsv: {n_problems} problem(s) with the inputs (files not read such as DICOM, unknown "
+            "sessions, allocation mismatches, ...): read it"
+        )
     lines.append("  HTML report: add --report report.html to this command")
     return "\n".join(lines) + "\n"
