@@ -51,6 +51,8 @@ def write(path, data, affine, slope=None, inter=None):
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     nib.save(img, path)
+    if slope is not None:  # the file really carries that scaling
+        assert (nib.load(path).dataobj.slope, nib.load(path).dataobj.inter) == pytest.approx((slope, inter))
     return path
 
 
