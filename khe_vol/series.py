@@ -211,7 +211,8 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         )
 
     from khe_vol.segment import SegmentationError, segment_from_seed
-    from khe_vol.track import track_followup
+    from khe_vol.review import flag
+    from khe_vol.track import scale_review_detail, track_followup
 
     params = segmentation_params(params_overrides)
     record["parameters"] = dataclasses.asdict(params)
@@ -241,6 +242,9 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
             # Nothing to track: the reference has no lesion.
             return np.zeros(series.data.shape, np.uint8), {"tracking": "reference mask is empty"}
         mask, info = track_followup(series.data, series.affine, ref_series.data, ref_series.affine, ref_mask, params)
+        scale_detail = scale_review_detail(info["intensity_map"])
+        if scale_detail:  # another gain-and-offset, sign or z-scoring than the reference
+            flag(record, "intensity_scale_differs", scale_detail)
         return mask, info
     except SegmentationError as exc:
         raise SeriesError(f"{series.path}: automatic segmentation failed: {exc}") from exc
