@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from khe_vol.geometry import (
     seed_voxel,
 )
 from khe_vol.measure import lesion_size
-from khe_vol.nifti import LoadedImage, SeriesError, load_image, load_series, sha256_file
+from khe_vol.nifti import SeriesError, load_series
 from khe_vol.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
@@ -81,21 +80,20 @@ def _fov_text(shape, affine):
 
 
 def load_mask_file(mask_path):
-    """A reader's mask file as a :class:`~khe_vol.nifti.LoadedImage`.
+    """A reader's mask file as a :class:`~khe_vol.nifti.LoadedImage` of 0/1, possibly empty.
 
-    NIfTI label maps (ITK-SNAP) go through the usual header checks; 3D
-    Slicer segmentations and NRRD label maps through
-    :func:`khe_vol.reader_masks.load_reader_mask`, whose affine is RAS+.
+    Every format (NIfTI label maps from ITK-SNAP, 3D Slicer segmentations,
+    NRRD label maps) goes through :func:`khe_vol.reader_masks.read_reader_mask`:
+    the same header checks and the same label-value checks; its affine is RAS+.
     """
-    from khe_vol.reader_masks import is_nrrd, load_reader_mask
+    from khe_vol.reader_masks import read_reader_mask
 
-    if not is_nrrd(mask_path):
-        return load_image(mask_path, "mask")
     try:
-        data, affine = load_reader_mask(mask_path)
+        return read_reader_mask(mask_path)
+    except SeriesError:
+        raise
     except ValueError as exc:
         raise SeriesError(str(exc)) from exc
-    return LoadedImage(data, affine, "nrrd space directions", Path(mask_path), sha256_file(mask_path))
 
 
 def reader_mask_on_grid(mask_path, series):
@@ -202,6 +200,15 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         mask, mask_image = reader_mask_on_grid(reader_mask_path, series)
         record.update(method=METHOD_READER, reader_mask_file=str(reader_mask_path),
                       reader_mask_sha256=mask_image.sha256)
+        if record["month"] == 0 and not mask.any():
+            # Every follow-up is compared with the baseline: 0 mL there leaves
+            # no category, and a KHE participant enrols with a lesion, so an
+            # empty baseline mask is a wrong file, not a measurement.
+            raise SeriesError(
+                f"{mask_image.path}: reader mask is empty (no lesion voxels) at the baseline, so no "
+                "follow-up can be compared with it; check this is the lesion mask (not an empty export "
+                "or another label), or remove it to segment the baseline from the seed"
+            )
         return mask, {"mask_affine_source": mask_image.affine_source}
 
     if seed_ras_mm is None and reference is None:
@@ -238,8 +245,13 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         ref_series = load_series(ref_record["source_file"])
         ref_mask = reference["mask"]
         if ref_mask is None or not np.count_nonzero(ref_mask):
-            # Nothing to track: the reference has no lesion.
-            return np.zeros(series.data.shape, np.uint8), {"tracking": "reference mask is empty"}
+            # Tracking follows the reference lesion: from nothing it would
+            # find nothing, a silent 0 mL whatever this series holds.
+            raise SeriesError(
+                f"{series.path}: cannot track the lesion because its reference session "
+                f"{ref_record['session_id']} has an empty lesion mask (0 mL): there is no lesion to follow; "
+                "check that session's mask or seed, or give this series a reader mask"
+            )
         mask, info = track_followup(series.data, series.affine, ref_series.data, ref_series.affine, ref_mask, params)
         return mask, info
     except SegmentationError as exc:
