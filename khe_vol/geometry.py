@@ -240,6 +240,34 @@ def grid_corners_world(shape, affine):
     return voxel_to_world(corners, affine)
 
 
+def affine_disagreement(affine_a, affine_b, shape):
+    """How differently two affines place one grid.
+
+    Parameters
+    ----------
+    affine_a, affine_b : (4, 4) array_like
+        Voxel-to-world affines, mm.
+    shape : sequence of int
+        Spatial shape of the grid.
+
+    Returns
+    -------
+    distance_mm : float
+        Largest distance between the world positions the two give the
+        centre of a corner voxel (the largest over the field of view, since
+        the difference is affine).
+    rotation_deg : float
+        Largest angle between corresponding voxel axes (180 for a flip).
+    """
+    a, b = np.asarray(affine_a, float), np.asarray(affine_b, float)
+    extent = np.asarray(shape[:3], float) - 1
+    corners = np.array([[i, j, k] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])])
+    distance_mm = float(np.linalg.norm(voxel_to_world(corners, a) - voxel_to_world(corners, b), axis=1).max())
+    ua, ub = a[:3, :3] / voxel_sizes_mm(a), b[:3, :3] / voxel_sizes_mm(b)
+    cosines = np.clip((ua * ub).sum(axis=0), -1.0, 1.0)
+    return distance_mm, float(np.degrees(np.arccos(cosines)).max())
+
+
 def grids_overlap(shape_a, affine_a, shape_b, affine_b):
     """Whether two fields of view share any physical space.
 
