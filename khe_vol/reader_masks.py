@@ -308,11 +308,7 @@ def read_reader_mask(path, label=None):
 
     Parameters
     ----------
-    path : path-like
-        NIfTI label map (``.nii``, ``.nii.gz``; ITK-SNAP), Slicer
-        segmentation (``.seg.nrrd``) or NRRD label map (``.nrrd``, raw or
-        gzip encoded).
-    label : int or str, optional
+    path, label
         As :func:`load_reader_mask`.
 
     Returns
