@@ -42,7 +42,7 @@ from khe_vol.response import (
     classify_ratio,
     percent_change,
 )
-from khe_vol.uncertainty import categories_within, near_threshold, volume_band_ml
+from khe_vol.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -369,5 +369,8 @@ def test_boundary_shells_of_a_box_are_analytic(data, shape, affine):
     assert volume == pytest.approx(a * b * c * v_ml, rel=1e-12)
     low, high = volume_band_ml(mask, affine)
     assert 0 <= low <= volume <= high
-    assert low == pytest.approx(max(volume - 0.25 * inner, 0), rel=1e-9, abs=1e-15)
-    assert high == pytest.approx(volume + 0.25 * outer, rel=1e-9)
+    # A quarter of each shell up to 5 mm slices, more on thicker ones.
+    share = boundary_fraction_for(affine)
+    assert share == pytest.approx(0.25 * max(1.0, voxel_sizes_mm(affine).max() / 5.0))
+    assert low == pytest.approx(max(volume - share * inner, 0), rel=1e-9, abs=1e-15)
+    assert high == pytest.approx(volume + share * outer, rel=1e-9)
