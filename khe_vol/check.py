@@ -5,7 +5,7 @@ from __future__ import annotations
 from khe_vol.config import baseline_session
 from khe_vol.discover import discover_study, reference_session
 from khe_vol.geometry import grids_overlap, seed_voxel
-from khe_vol.nifti import SeriesError, load_image, load_series, open_image
+from khe_vol.nifti import SeriesError, load_series, open_image
 
 
 def check_study(config, headers_only=False):
@@ -54,7 +54,8 @@ def check_study(config, headers_only=False):
                     problems.append((pid, slot.session_id,
                                      f"{slot.path}: seed ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the image"))
             if key in study.masks:
-                problems.extend((pid, slot.session_id, p) for p in _mask_problems(study.masks[key], shape, affine, headers_only))
+                problems.extend((pid, slot.session_id, p) for p in _mask_problems(
+                    study.masks[key], shape, affine, headers_only, slot.session_id == baseline_id))
             elif seed is None and ref is None:
                 problems.append((pid, slot.session_id,
                                  f"{slot.path}: no seed and no reader mask for {pid}, so nothing to segment from"))
@@ -75,13 +76,19 @@ def _allocation_problems(allocation_path, arms, imaged_participants):
     return [(pid, "", f"{allocation_path}: {pid} {what}") for pid, what in allocation_mismatches(allocation, imaged_participants)]
 
 
-def _mask_problems(mask_path, shape, affine, headers_only):
+def _mask_problems(mask_path, shape, affine, headers_only, is_baseline=False):
+    from khe_vol.reader_masks import is_nrrd
+    from khe_vol.series import load_mask_file
+
     try:
-        if headers_only:
+        if headers_only and not is_nrrd(mask_path):
             _, mshape, maffine, _ = open_image(mask_path, "mask")
         else:
-            mask = load_image(mask_path, "mask")
+            # The workflow's own checks: every format, label values, emptiness.
+            mask = load_mask_file(mask_path)
             mshape, maffine = mask.data.shape, mask.affine
+            if is_baseline and not mask.data.any():
+                return [f"{mask_path}: reader mask is empty (no lesion voxels) at the baseline"]
     except SeriesError as exc:
         return [str(exc)]
     if not grids_overlap(shape, affine, mshape, maffine):

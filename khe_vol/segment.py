@@ -1116,6 +1116,7 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     near = ball_mask(smoothed.shape, seed_roi, spacing, params.seed_search_radius_mm)
     model, tissue_sd = initial_model(smoothed, smoothed[near])
     info["initial_model"] = {**model.as_dict(params), "tissue_sd": tissue_sd}
+    info["seed_level"] = float(smoothed[seed_roi])  # bias-corrected, smoothed intensity at the seed
     if model.contrast < params.min_contrast * max(tissue_sd, 1e-6 * abs(model.lesion)):
         raise SegmentationError(
             f"no hyperintense tissue within {params.seed_search_radius_mm:g} mm of the seed "
