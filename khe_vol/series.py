@@ -276,6 +276,11 @@ def measure_series(
 
 
 def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record):
+    # Which source applies is decided once, by khe_vol.plan.series_plan.
+    if sum(x is not None for x in (reader_mask_path, seed_ras_mm, reference)) > 1:
+        raise ValueError(
+            f"{series.path}: give one of a reader mask, a seed or a reference (see khe_vol.plan.series_plan)"
+        )
     if reader_mask_path is not None:
         mask, mask_image = reader_mask_on_grid(reader_mask_path, series)
         record.update(method=METHOD_READER, reader_mask_file=str(reader_mask_path),
