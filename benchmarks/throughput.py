@@ -85,8 +85,8 @@ def _write_participant(args):
         path = Path(out) / "imaging" / pid / f"ses-{label}" / "anat" / f"{pid}_ses-{label}_T2w.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(phantom.nifti_gz_bytes(ph.image, ph.affine, np.int16, "khe-vol throughput phantom"))
-        if label == "baseline":
-            seed = ph.seed_ras_mm
+        if label == "baseline":  # where a reader clicks, not the lesion's deepest point
+            seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
     return pid, seed
 
 
@@ -94,7 +94,7 @@ def make_cohort(out, n_participants, cores):
     """Write the cohort (images and seeds) unless the same one is already there."""
     out = Path(out)
     stamp = out / "cohort.json"
-    spec = {"participants": n_participants, "shape": SHAPE, "voxel_mm": VOXEL_MM, "version": 1}
+    spec = {"participants": n_participants, "shape": SHAPE, "voxel_mm": VOXEL_MM, "version": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(spec)):
         return out
     shutil.rmtree(out, ignore_errors=True)
