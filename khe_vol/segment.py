@@ -822,8 +822,10 @@ def fluid_mask(smoothed, model, params):
     )
     if not fluid.any() or params.nodule_border_fraction > 1:
         return fluid
-    tissue = (smoothed >= model.lower(params)) & ~fluid
-    return fluid & ~enclosed_components(fluid, tissue, params.nodule_border_fraction)
+    box = mask_box(fluid, np.ones(3), 1)  # the plateaus and their face neighbours only
+    tissue = (smoothed[box] >= model.lower(params)) & ~fluid[box]
+    fluid[box] &= ~enclosed_components(fluid[box], tissue, params.nodule_border_fraction)
+    return fluid
 
 
 def enclosed_components(candidates, region, min_fraction):
@@ -1260,9 +1262,7 @@ def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params):
             f"tissue there ({model.lesion:.4g}) is barely above the surrounding tissue ({model.surround:.4g}); "
             "place the seed inside the lesion"
         )
-    region, model, history = iterate_segmentation(
-        smoothed, model, seed_roi, spacing, params, params.seed_search_radius_mm
-    )
+    region, model, history = _search_near_seed(smoothed, model, seed_roi, spacing, params)
     if not region.any():
         raise SegmentationError(
             f"no lesion found within {params.seed_search_radius_mm:g} mm of the seed "
@@ -1270,6 +1270,35 @@ def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params):
             "place the seed inside the lesion"
         )
     return smoothed, refine_edges(smoothed, region, spacing, params), model, history, info
+
+
+def _search_near_seed(smoothed, model, seed_roi, spacing, params):
+    """:func:`iterate_segmentation` from the seed, first within ``max_radius_mm`` of it.
+
+    The intensity model comes from the whole region of interest; only the
+    search is confined, which saves time on a region larger than that box.
+    The steps look at most ``margin`` mm beyond the lesion (the statistics of
+    a fluid plateau reaching from the lesion to the cut aside), so a lesion
+    farther than that from where the box cuts the region is the one the
+    whole region gives; otherwise the whole region is searched.
+    """
+    search = crop_box(seed_roi, smoothed.shape, spacing, params.max_radius_mm)
+    margin = np.ceil((params.shell_outer_mm + params.opening_radius_mm + 10.0) / np.asarray(spacing, float))
+    if any(sl.start > 0 or sl.stop < n for sl, n in zip(search, smoothed.shape)):
+        start = tuple(i - sl.start for i, sl in zip(seed_roi, search))
+        sub, sub_model, history = iterate_segmentation(
+            smoothed[search], model, start, spacing, params, params.seed_search_radius_mm
+        )
+        if sub.any():
+            idx = np.argwhere(sub)
+            lo, hi = idx.min(axis=0), idx.max(axis=0)
+            clear = all((sl.start == 0 or a >= m) and (sl.stop == n or b < sl.stop - sl.start - m)
+                        for sl, n, a, b, m in zip(search, smoothed.shape, lo, hi, margin))
+            if clear:
+                region = np.zeros(smoothed.shape, bool)
+                region[search] = sub
+                return region, sub_model, history
+    return iterate_segmentation(smoothed, model, seed_roi, spacing, params, params.seed_search_radius_mm)
 
 
 def _summary(mask, affine, region, box, shape):
