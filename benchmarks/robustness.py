@@ -51,12 +51,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import yaml
+from throughput import workflow_command
 
 from khe_vol import phantom
 from khe_vol.nifti import atomic_write_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 SESSIONS = (("baseline", 0), ("m06", 6), ("m12", 12))
 #: Month-12 volume ratios, cycled: every category and complete involution.
 M12_RATIOS = (1.45, 0.95, 0.55, 0.12, 0.0, 0.70, 1.30, 0.35)
@@ -321,15 +320,7 @@ def main(argv=None):
     truth = json.loads((cohort / "truth.json").read_text())
 
     results = work / "results"
-    shutil.rmtree(results, ignore_errors=True)
-    shutil.rmtree(work / "run", ignore_errors=True)
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "imaging_dir": str(cohort / "imaging"), "seeds": str(cohort / "seeds.tsv"), "results_dir": str(results),
-        "sessions": {label: month for label, month in SESSIONS}, "allocation": None, "arms": None,
-    }))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work / "run"),
-           "--configfile", str(config), "--cores", str(args.cores)]
+    cmd = workflow_command(work, cohort, results, args.cores, SESSIONS)
     n_series = sum(1 for _ in (cohort / "imaging").glob("sub-*/ses-*/anat/*_T2w.nii.gz"))
     print(f"== snakemake --cores {args.cores} on {n_series} series", flush=True)
     t0 = time.perf_counter()

@@ -107,6 +107,24 @@ def make_cohort(out, n_participants, cores):
     return out
 
 
+def workflow_command(work, cohort, results, cores, sessions=SESSIONS):
+    """The snakemake command for a phantom cohort (``imaging/``, ``seeds.tsv``), from scratch.
+
+    Empties ``results`` and ``work/run``, writes ``work/config.yaml``.
+    """
+    work = Path(work)
+    shutil.rmtree(results, ignore_errors=True)
+    shutil.rmtree(work / "run", ignore_errors=True)
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "imaging_dir": str(Path(cohort) / "imaging"), "seeds": str(Path(cohort) / "seeds.tsv"),
+        "results_dir": str(results), "sessions": {label: month for label, month in sessions},
+        "allocation": None, "arms": None,
+    }))
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work / "run"),
+            "--configfile", str(config), "--cores", str(cores)]
+
+
 def _load(path):
     img = nib.load(path)
     return float(np.asarray(img.dataobj, dtype=np.float32).sum())
@@ -176,15 +194,7 @@ def main(argv=None):
     paths = sorted(str(p) for p in (cohort / "imaging").rglob("*_T2w.nii.gz"))
 
     results = work / "results"
-    shutil.rmtree(results, ignore_errors=True)
-    shutil.rmtree(work / "run", ignore_errors=True)
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "imaging_dir": str(cohort / "imaging"), "seeds": str(cohort / "seeds.tsv"), "results_dir": str(results),
-        "sessions": {label: month for label, month in SESSIONS}, "allocation": None, "arms": None,
-    }))
-    base = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work / "run"),
-            "--configfile", str(config), "--cores", str(args.cores)]
+    base = workflow_command(work, cohort, results, args.cores)
     t0 = time.perf_counter()
     subprocess.run([*base, "--dry-run", "--quiet"], check=True, capture_output=True)
     dag_s = time.perf_counter() - t0
