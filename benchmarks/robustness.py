@@ -1,6 +1,6 @@
 """Robustness benchmark: is every follow-up category right, or flagged for a reader?
 
-Builds (once, then reused) a variation cohort from :mod:`khe_vol.phantom` and
+Builds (once, then reused) a variation cohort from :mod:`khe_vol.synthetic` and
 runs the real workflow (``snakemake``, as ``benchmarks/throughput.py`` does) on
 it. Per phantom participant ``sub-rbNN`` (baseline, m06, m12 on 0.7-0.9 mm x
 3-4.5 mm grids of several orientations, bias field, noise, repositioning, and
@@ -9,7 +9,7 @@ a lesion that grows, shrinks or vanishes):
 - **reader-placed seeds**: ``sub-rbNN`` and ``sub-rbNNs2`` ... are the same
   baseline and m12 series (symlinks) seeded at different voxels of bright
   lesion tissue >= 3 mm inside the boundary
-  (:func:`khe_vol.phantom.reader_seeds_ras_mm`);
+  (:func:`khe_vol.synthetic.seeds.reader_seeds_ras_mm`);
 - **rescaled intensities**: ``sub-rbNNa`` (m06 x 2.5 + 300, m12 z-scored),
   ``sub-rbNNb`` (m06 x 0.37 - 200 stored int16 with scl_slope/scl_inter,
   m12 x 0.01 - 3, i.e. negative values), ``sub-rbNNc`` (a z-scored baseline,
@@ -53,7 +53,11 @@ from pathlib import Path
 import numpy as np
 from throughput import workflow_command
 
-from khe_vol import phantom
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.demo import nifti_gz_bytes, true_category
+from khe_vol.synthetic.render import lesion_fits_fov, render_series
+from khe_vol.synthetic.seeds import phantom_reader_seeds
+from khe_vol.synthetic.specs import SeriesSpec
 from khe_vol.nifti import atomic_write_bytes
 
 SESSIONS = (("baseline", 0), ("m06", 6), ("m12", 12))
@@ -84,7 +88,7 @@ def participant_specs(index, rng_seed=2027):
     m12 = M12_RATIOS[index % len(M12_RATIOS)]
     ratios = {"baseline": 1.0, "m06": 1.0 + (m12 - 1.0) * float(rng.uniform(0.4, 0.7)), "m12": m12}
     for _attempt in range(20):
-        anatomy = phantom.make_anatomy(int(rng.integers(1 << 31)))
+        anatomy = make_anatomy(int(rng.integers(1 << 31)))
         specs, thick = {}, {}
         for n, (ses, ratio) in enumerate(ratios.items()):
             in_plane = float(rng.uniform(0.7, 0.9))
@@ -98,14 +102,14 @@ def participant_specs(index, rng_seed=2027):
                 translation_mm=tuple(rng.uniform(-15, 15, 3)) if n else (0.0, 0.0, 0.0),
                 fov_offset_mm=tuple(rng.uniform(-10, 10, 3)), volume_ratio=float(ratio),
             )
-            specs[ses] = phantom.SeriesSpec(
+            specs[ses] = SeriesSpec(
                 shape=tuple(int(math.ceil(f / v)) for f, v in zip(fov_mm, (in_plane, in_plane, slice_mm))),
                 voxel_mm=(in_plane, in_plane, slice_mm), rng_seed=int(rng.integers(1 << 31)), **common)
             thick_mm = THICK_SLICES_MM[n]
-            thick[ses] = phantom.SeriesSpec(
+            thick[ses] = SeriesSpec(
                 shape=tuple(int(math.ceil(f / v)) for f, v in zip(fov_mm, (in_plane, in_plane, thick_mm))),
                 voxel_mm=(in_plane, in_plane, thick_mm), rng_seed=int(rng.integers(1 << 31)), **common)
-        if all(phantom.lesion_fits_fov(anatomy, s) for s in (*specs.values(), *thick.values())):
+        if all(lesion_fits_fov(anatomy, s) for s in (*specs.values(), *thick.values())):
             return anatomy, specs, thick
     raise RuntimeError(f"participant {index}: the lesion does not fit the field of view")
 
@@ -130,7 +134,7 @@ def stored(image, storage):
 
 def write_series(path, image, affine, storage=None):
     data, dtype = stored(image, storage)
-    atomic_write_bytes(path, phantom.nifti_gz_bytes(data, affine, dtype, f"khe-vol robustness {storage or 'rendered'}"))
+    atomic_write_bytes(path, nifti_gz_bytes(data, affine, dtype, f"khe-vol robustness {storage or 'rendered'}"))
 
 
 def series_path(root, pid, ses):
@@ -155,11 +159,11 @@ def _write_participant(job):
     seeds, truth = {}, []
     rendered = {}
     for ses, spec in specs.items():
-        ph = phantom.render_series(anatomy, spec)
+        ph = render_series(anatomy, spec)
         rendered[ses] = ph
         write_series(series_path(out, pid, ses), ph.image, ph.affine)
     base = rendered["baseline"]
-    reader = phantom.phantom_reader_seeds(anatomy, specs["baseline"], base, rng, n_seeds)
+    reader = phantom_reader_seeds(anatomy, specs["baseline"], base, rng, n_seeds)
     seeds[pid] = reader[0]
     for k in range(1, n_seeds):  # the same series, seeded elsewhere
         vid = f"{pid}s{k + 1}"
@@ -176,14 +180,14 @@ def _write_participant(job):
                 link(series_path(out, pid, ses), series_path(out, vid, ses))
     vid = f"{pid}t"
     for ses, spec in thick.items():
-        ph = phantom.render_series(anatomy, spec)
+        ph = render_series(anatomy, spec)
         write_series(series_path(out, vid, ses), ph.image, ph.affine)
         if ses == "baseline":
-            seeds[vid] = phantom.phantom_reader_seeds(anatomy, spec, ph, rng)[0]
+            seeds[vid] = phantom_reader_seeds(anatomy, spec, ph, rng)[0]
     for ses, spec in specs.items():
         truth.append({"participant": pid, "session_id": f"ses-{ses}", "volume_ratio": spec.volume_ratio,
                       "true_volume_ml": spec.volume_ratio * anatomy.baseline_volume_ml,
-                      "true_category": "n/a" if ses == "baseline" else phantom.true_category(spec.volume_ratio)})
+                      "true_category": "n/a" if ses == "baseline" else true_category(spec.volume_ratio)})
     return {vid: [float(v) for v in xyz] for vid, xyz in seeds.items()}, truth
 
 

@@ -4,7 +4,7 @@ Runs the workflow's own per-series path (:func:`khe_vol.series.measure_series`:
 validate, segment from the baseline seed, track follow-ups from the baseline
 mask, measure) on
 
-(a) a reproducible phantom cohort from :mod:`khe_vol.phantom` (fat-suppressed
+(a) a reproducible phantom cohort from :mod:`khe_vol.synthetic` (fat-suppressed
     T2, bias up to +-50 %, Rician noise SNR 12-30, 0.5-1 mm in plane and 3-5 mm
     slices, RAS/LPS/sagittal/coronal and oblique grids, repositioning, lesions
     that grow, shrink to a residue or vanish; truth from the continuous shape);
@@ -37,7 +37,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from khe_vol import phantom
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.render import render_series
+from khe_vol.synthetic.seeds import phantom_reader_seeds, reader_seeds_ras_mm
+from khe_vol.synthetic.specs import SeriesSpec
 from khe_vol.response import classify_ratio
 from khe_vol.series import measure_series
 from khe_vol.uncertainty import near_threshold
@@ -69,7 +72,7 @@ def phantom_specs(index, rng_seed=2026):
         slice_mm = float(rng.uniform(3.0, 5.0))
         fov_mm = np.array([rng.uniform(170, 200), rng.uniform(170, 200), rng.uniform(140, 170)])
         shape = tuple(int(math.ceil(f / v)) for f, v in zip(fov_mm, (in_plane, in_plane, slice_mm)))
-        specs[ses] = phantom.SeriesSpec(
+        specs[ses] = SeriesSpec(
             shape=shape,
             voxel_mm=(in_plane, in_plane, slice_mm),
             orientation=ORIENTATIONS[(index + n) % len(ORIENTATIONS)],
@@ -115,13 +118,13 @@ def phantom_cohort(n_participants, tmp, log):
     for index in range(n_participants):
         pid = f"sub-ph{index + 1:02d}"
         anatomy_seed, specs = phantom_specs(index)
-        anatomy = phantom.make_anatomy(anatomy_seed)
+        anatomy = make_anatomy(anatomy_seed)
         base_record = base_mask = None
         for ses, spec in specs.items():
             month = {"baseline": 0, "m06": 6, "m12": 12}[ses]
-            ph = phantom.render_series(anatomy, spec)
+            ph = render_series(anatomy, spec)
             if ses == "baseline":  # seeded where a reader clicks, not at the deepest point
-                seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
+                seed = phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
                 record, mask, cpu = run_series(tmp, pid, f"ses-{ses}", month, ph.image, ph.affine, seed=seed)
                 base_record, base_mask = record, mask
             else:
@@ -175,7 +178,7 @@ def real_cohort(tmp, log, realdata=REALDATA):
         # necrosis, 1), >= 3 mm inside.
         dseg = nib.load(next((realdata / "truth" / pid).glob("*_dseg.nii.gz")))
         bright = np.isin(np.asarray(dseg.dataobj), (2, 3, 4))
-        seed = phantom.reader_seeds_ras_mm(bright, dseg.affine, np.random.default_rng([2026, n, 3]))[0]
+        seed = reader_seeds_ras_mm(bright, dseg.affine, np.random.default_rng([2026, n, 3]))[0]
         t0 = _cpu()
         record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seed)
         row = _row(pid, "ses-baseline", truth_ml[pid], record, mask, np.asarray(truth.dataobj), _cpu() - t0)
@@ -218,11 +221,11 @@ def summarise(rows, m12=None):
 
 def job_cost(tmp):
     """CPU seconds and peak RSS of one `khe-vol series` job on a 320x320x40 T2."""
-    anatomy = phantom.make_anatomy(7)
-    spec = phantom.SeriesSpec(shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0), orientation="axial_lps", snr=18,
+    anatomy = make_anatomy(7)
+    spec = SeriesSpec(shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0), orientation="axial_lps", snr=18,
                               bias_amplitude=0.4, rng_seed=11)
-    ph = phantom.render_series(anatomy, spec)
-    seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng(7))[0]
+    ph = render_series(anatomy, spec)
+    seed = phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng(7))[0]
     path = Path(tmp) / "job_T2w.nii.gz"
     img = nib.Nifti1Image(ph.image, ph.affine)
     img.set_qform(ph.affine, code=1)

@@ -1,6 +1,6 @@
 """Uncertainty band on thick slices: does it hold the true volume?
 
-Renders the six demo participants (:data:`khe_vol.phantom.DEMO_PLAN`: every
+Renders the six demo participants (:data:`khe_vol.synthetic.demo.DEMO_PLAN`: every
 response category, 45-105 mL at baseline) on grids with slices of 6, 8 and
 10 mm (in-plane as planned, 0.8-1.0 mm), seeds each baseline as a reader
 would (a random bright lesion voxel at least 3 mm inside, not the deepest
@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from khe_vol import phantom as ph
+from khe_vol.synthetic.demo import demo_participant, nifti_gz_bytes
+from khe_vol.synthetic.render import render_labels, render_series
+from khe_vol.synthetic.specs import LESION, LESION_LABELS
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.nifti import atomic_write_bytes
 from khe_vol.review import series_reasons
@@ -39,23 +41,23 @@ from khe_vol.uncertainty import BOUNDARY_FRACTION, volume_band_ml
 
 def reader_seed(anatomy, spec, affine, rng):
     """A bright lesion voxel at least 3 mm inside the lesion, RAS+ mm."""
-    labels = ph.render_labels(anatomy, spec)
-    depth = ndimage.distance_transform_edt(np.isin(labels, ph.LESION_LABELS), sampling=voxel_sizes_mm(affine))
-    candidates = np.argwhere((labels == ph.LESION) & (depth >= 3))
+    labels = render_labels(anatomy, spec)
+    depth = ndimage.distance_transform_edt(np.isin(labels, LESION_LABELS), sampling=voxel_sizes_mm(affine))
+    candidates = np.argwhere((labels == LESION) & (depth >= 3))
     return voxel_to_world(candidates[rng.integers(len(candidates))], affine)
 
 
 def run(slice_mm, participants, tmp, log):
     rows = []
     for index in range(participants):
-        anatomy, sessions = ph.demo_participant(index)
+        anatomy, sessions = demo_participant(index)
         reference = None
         for label, month, spec in sessions:
             spec = replace(spec, voxel_mm=(spec.voxel_mm[0], spec.voxel_mm[1], slice_mm),
                            shape=(spec.shape[0], spec.shape[1], math.ceil(30 * 4.0 / slice_mm) + 2))
-            rendered = ph.render_series(anatomy, spec)
+            rendered = render_series(anatomy, spec)
             path = Path(tmp) / f"p{index}_{label}_{slice_mm:g}_T2w.nii.gz"
-            atomic_write_bytes(path, ph.nifti_gz_bytes(rendered.image, rendered.affine, np.int16, "thick"))
+            atomic_write_bytes(path, nifti_gz_bytes(rendered.image, rendered.affine, np.int16, "thick"))
             pid, ses = f"sub-demo{index + 1:02d}", f"ses-{label}"
             if month == 0:
                 seed = reader_seed(anatomy, spec, rendered.affine, np.random.default_rng([index, 7]))

@@ -43,7 +43,11 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from khe_vol import phantom
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.demo import nifti_gz_bytes
+from khe_vol.synthetic.render import lesion_fits_fov, render_series
+from khe_vol.synthetic.seeds import phantom_reader_seeds
+from khe_vol.synthetic.specs import SeriesSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (320, 320, 40)
@@ -60,17 +64,17 @@ def participant_series(index, rng_seed=2026):
     m12 = M12_RATIOS[index % len(M12_RATIOS)]
     ratios = (1.0, 1.0 + (m12 - 1.0) * 0.6, m12)
     for attempt in range(20):
-        anatomy = phantom.make_anatomy(int(rng.integers(1 << 31)))
+        anatomy = make_anatomy(int(rng.integers(1 << 31)))
         specs = []
         for n, ((label, month), ratio) in enumerate(zip(SESSIONS, ratios)):
-            specs.append((label, month, phantom.SeriesSpec(
+            specs.append((label, month, SeriesSpec(
                 shape=SHAPE, voxel_mm=VOXEL_MM, orientation=ORIENTATIONS[(index + n) % 3],
                 oblique_deg=float(rng.uniform(0, 12)), snr=float(rng.uniform(12, 30)),
                 bias_amplitude=float(rng.uniform(0.2, 0.5)),
                 rotation_deg=tuple(rng.uniform(-4, 4, 3)) if n else (0.0, 0.0, 0.0),
                 translation_mm=tuple(rng.uniform(-10, 10, 3)) if n else (0.0, 0.0, 0.0),
                 volume_ratio=float(ratio), rng_seed=int(rng.integers(1 << 31)))))
-        if all(phantom.lesion_fits_fov(anatomy, spec) for _, _, spec in specs):
+        if all(lesion_fits_fov(anatomy, spec) for _, _, spec in specs):
             return anatomy, specs
     raise RuntimeError(f"participant {index}: lesion does not fit the field of view")
 
@@ -81,12 +85,12 @@ def _write_participant(args):
     anatomy, specs = participant_series(index)
     seed = None
     for label, _, spec in specs:
-        ph = phantom.render_series(anatomy, spec)
+        ph = render_series(anatomy, spec)
         path = Path(out) / "imaging" / pid / f"ses-{label}" / "anat" / f"{pid}_ses-{label}_T2w.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(phantom.nifti_gz_bytes(ph.image, ph.affine, np.int16, "khe-vol throughput phantom"))
+        path.write_bytes(nifti_gz_bytes(ph.image, ph.affine, np.int16, "khe-vol throughput phantom"))
         if label == "baseline":  # where a reader clicks, not the lesion's deepest point
-            seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
+            seed = phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
     return pid, seed
 
 

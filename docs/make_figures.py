@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from khe_vol import phantom  # noqa: E402
+from khe_vol.synthetic.anatomy import make_anatomy  # noqa: E402
+from khe_vol.synthetic.render import render_series  # noqa: E402
+from khe_vol.synthetic.specs import SeriesSpec  # noqa: E402
 from khe_vol.series import measure_series  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "figures" / "segmentation.png"
@@ -41,17 +43,17 @@ def canonical(data, affine):
 
 
 def main():
-    anatomy = phantom.make_anatomy(2026)
+    anatomy = make_anatomy(2026)
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         for n, (ses, month, ratio) in enumerate(SESSIONS):
-            spec = phantom.SeriesSpec(
+            spec = SeriesSpec(
                 shape=(200, 200, 36), voxel_mm=(0.8, 0.8, 4.0), orientation=("axial_lps", "axial_ras", "axial_lps")[n],
                 oblique_deg=8.0 * n, snr=18.0, bias_amplitude=0.4, volume_ratio=ratio, rng_seed=n + 1,
                 rotation_deg=(0.0, 0.0, 4.0 * n), translation_mm=(6.0 * n, -4.0 * n, 3.0 * n),
             )
-            ph = phantom.render_series(anatomy, spec)
+            ph = render_series(anatomy, spec)
             path = Path(tmp) / f"{ses}.nii.gz"
             img = nib.Nifti1Image(ph.image.astype(np.float32), ph.affine)
             img.set_qform(ph.affine, code=1)

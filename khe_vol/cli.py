@@ -14,7 +14,7 @@ from khe_vol import __version__
 
 
 def _cmd_demo(args):
-    from khe_vol.phantom import write_demo_cohort
+    from khe_vol.synthetic.demo import write_demo_cohort
 
     out = Path(args.out_dir)
     with tempfile.TemporaryDirectory(prefix=".khe-vol-demo-", dir=out.parent if out.parent.exists() else None) as tmp:

@@ -1,6 +1,6 @@
 """Seeded segmentation and follow-up tracking on synthetic fat-suppressed T2 series.
 
-Every scene comes from :mod:`khe_vol.phantom`: a lobulated, heterogeneous
+Every scene comes from :mod:`khe_vol.synthetic`: a lobulated, heterogeneous
 lesion with dark septa and flow voids, a bright vessel and a very bright
 fluid collection touching it after partial volume, a partial oedema rim, a
 smooth bias field and Rician noise, on anisotropic grids.
@@ -14,7 +14,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from khe_vol import phantom as ph
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.render import body_to_world, lesion_centre_ras_mm, lesion_fits_fov, render_labels, render_series
+from khe_vol.synthetic.seeds import phantom_reader_seeds
+from khe_vol.synthetic.specs import FLOW_VOID, FLUID, SEPTUM, SeriesSpec, VESSEL
 from khe_vol.geometry import resample_mask_to_grid, voxel_sizes_mm, voxel_volume_mm3
 from khe_vol.segment import (
     SegmentationError,
@@ -27,7 +30,7 @@ from khe_vol.segment import (
 from khe_vol.track import register_rigid, track_followup
 
 # A small trunk field of view keeps every test quick; 0.9 x 0.9 x 4 mm voxels.
-SPEC = ph.SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
+SPEC = SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
 
 
 def dice(a, b):
@@ -41,22 +44,22 @@ def volume_ml(mask, affine):
 
 @pytest.fixture(scope="module")
 def anatomy():
-    return ph.make_anatomy(3, lesion_volume_ml=35.0)
+    return make_anatomy(3, lesion_volume_ml=35.0)
 
 
 def reader_seed(anatomy, spec, series, rng_seed=1):
     """A seed where a reader would click: bright lesion tissue >= 3 mm inside, not the deepest point."""
-    return ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(rng_seed))[0]
+    return phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(rng_seed))[0]
 
 
 @pytest.fixture(scope="module")
 def baseline(anatomy):
     """The baseline series, its tissue labels, the segmentation from a reader's seed, and that seed."""
-    assert ph.lesion_fits_fov(anatomy, SPEC)
-    series = ph.render_series(anatomy, SPEC)
+    assert lesion_fits_fov(anatomy, SPEC)
+    series = render_series(anatomy, SPEC)
     seed = reader_seed(anatomy, SPEC, series)
     mask, info = segment_from_seed(series.image, series.affine, seed)
-    return series, ph.render_labels(anatomy, SPEC), mask, info, seed
+    return series, render_labels(anatomy, SPEC), mask, info, seed
 
 
 # -- baseline segmentation ---------------------------------------------------
@@ -77,11 +80,11 @@ def test_no_leak_into_touching_vessel_or_fluid(baseline):
     lesion = np.count_nonzero(mask)
     # The vessel and fluid are bridged to the lesion by partial volume; at
     # most their one-voxel contact rim may be taken, never the structures.
-    for tissue in (ph.VESSEL, ph.FLUID):
+    for tissue in (VESSEL, FLUID):
         assert np.count_nonzero(labels == tissue) > 100  # they are in the scene
         assert np.count_nonzero(mask.astype(bool) & (labels == tissue)) <= 0.01 * lesion
     # Septa and flow voids inside the lesion are lesion.
-    inner = (labels == ph.SEPTUM) | (labels == ph.FLOW_VOID)
+    inner = (labels == SEPTUM) | (labels == FLOW_VOID)
     assert np.count_nonzero(mask.astype(bool) & inner) >= 0.8 * np.count_nonzero(inner)
 
 
@@ -140,8 +143,8 @@ def test_other_grid_gives_the_same_lesion(anatomy, baseline, grid):
     spec = replace(SPEC, rng_seed=8, **grid)
     if grid["orientation"] == "sagittal":
         spec = replace(spec, shape=(128, 110, 30))  # i posterior, j superior, k (4 mm slices) right
-    assert ph.lesion_fits_fov(anatomy, spec)
-    other = ph.render_series(anatomy, spec)
+    assert lesion_fits_fov(anatomy, spec)
+    other = render_series(anatomy, spec)
     found, _ = segment_from_seed(other.image, other.affine, reader_seed(anatomy, spec, other, rng_seed=2))
     assert dice(found, other.truth_mask) >= 0.92
     assert volume_ml(found, other.affine) == pytest.approx(volume_ml(mask, series.affine), rel=0.05)
@@ -160,10 +163,10 @@ def test_volume_does_not_depend_on_where_in_the_lesion_the_seed_lies():
     30.1): from a seed among dimmer tissue the brightest nodules passed for
     fluid and took a lobe with them.
     """
-    anatomy = ph.make_anatomy(9104, lesion_volume_ml=30.0)
-    spec = ph.SeriesSpec(shape=(120, 120, 24), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=3)
-    series = ph.render_series(anatomy, spec)
-    seeds = ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(0), n_seeds=5)
+    anatomy = make_anatomy(9104, lesion_volume_ml=30.0)
+    spec = SeriesSpec(shape=(120, 120, 24), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=3)
+    series = render_series(anatomy, spec)
+    seeds = phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(0), n_seeds=5)
     volumes = np.array([segment_from_seed(series.image, series.affine, seed)[1]["volume_ml"] for seed in seeds])
     assert (volumes.max() - volumes.min()) / np.median(volumes) <= 0.01, volumes
     assert np.median(volumes) == pytest.approx(series.true_volume_ml, rel=0.03)
@@ -173,11 +176,11 @@ def test_large_field_of_view_region_is_recentred_on_the_lesion():
     """On a 288 mm field of view the region of interest (180 mm) cuts the image; it is
     re-centred on the lesion, so where it cuts does not follow the seed (before: 0.23 %
     apart over three seeds)."""
-    big = ph.make_anatomy(1, lesion_volume_ml=35.0)
-    spec = ph.SeriesSpec(shape=(320, 320, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3,
+    big = make_anatomy(1, lesion_volume_ml=35.0)
+    spec = SeriesSpec(shape=(320, 320, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3,
                          rng_seed=5, fov_offset_mm=(60.0, -30.0, 0.0))
-    series = ph.render_series(big, spec)
-    seeds = ph.phantom_reader_seeds(big, spec, series, np.random.default_rng(1), n_seeds=3)
+    series = render_series(big, spec)
+    seeds = phantom_reader_seeds(big, spec, series, np.random.default_rng(1), n_seeds=3)
     infos = [segment_from_seed(series.image, series.affine, seed)[1] for seed in seeds]
     assert all(info["roi_recentred"] >= 1 for info in infos)
     volumes = np.array([info["volume_ml"] for info in infos])
@@ -198,7 +201,7 @@ def test_seed_outside_the_image_raises(baseline):
 def test_seed_on_ordinary_tissue_raises(anatomy, baseline):
     # The lesion gone (same grid and pose): the reader's seed lies on plain muscle.
     seed = baseline[4]
-    empty = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.0))
+    empty = render_series(anatomy, replace(SPEC, volume_ratio=0.0))
     with pytest.raises(SegmentationError, match="seed"):
         segment_from_seed(empty.image, empty.affine, seed)
 
@@ -211,19 +214,19 @@ FOLLOW = dict(rotation_deg=(3.0, -2.0, 4.0), translation_mm=(5.0, -4.0, 9.0), rn
 def test_register_rigid_recovers_repositioning(anatomy, baseline):
     series, _, _, _, _ = baseline
     spec = replace(SPEC, **FOLLOW)
-    follow = ph.render_series(anatomy, spec)
+    follow = render_series(anatomy, spec)
     _, info = register_rigid(series.image, series.affine, follow.image, follow.affine)
     # Truth: follow-up scanner -> body -> baseline scanner.
-    truth = ph.body_to_world(SPEC) @ np.linalg.inv(ph.body_to_world(spec))
+    truth = body_to_world(SPEC) @ np.linalg.inv(body_to_world(spec))
     got = np.asarray(info["fixed_to_moving_ras"])
-    centre = np.append(ph.lesion_centre_ras_mm(anatomy, spec), 1.0)
+    centre = np.append(lesion_centre_ras_mm(anatomy, spec), 1.0)
     assert np.linalg.norm((got @ centre)[:3] - (truth @ centre)[:3]) < 3.0
     json.dumps(info)
 
 
 def test_followup_shrunk_by_88_percent_is_found(anatomy, baseline):
     series, _, mask, _, _ = baseline
-    follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.12, **FOLLOW))
+    follow = render_series(anatomy, replace(SPEC, volume_ratio=0.12, **FOLLOW))
     found, info = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert found.shape == follow.image.shape and found.dtype == np.uint8
     assert info["status"] == "found"
@@ -234,7 +237,7 @@ def test_followup_shrunk_by_88_percent_is_found(anatomy, baseline):
 
 def test_followup_growth_is_followed(anatomy, baseline):
     series, _, mask, _, _ = baseline
-    follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=1.3, **FOLLOW))
+    follow = render_series(anatomy, replace(SPEC, volume_ratio=1.3, **FOLLOW))
     found, _ = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert dice(found, follow.truth_mask) >= 0.92
     assert volume_ml(found, follow.affine) == pytest.approx(follow.true_volume_ml, rel=0.06)
@@ -243,7 +246,7 @@ def test_followup_growth_is_followed(anatomy, baseline):
 def test_vanished_lesion_gives_an_empty_mask(anatomy, baseline):
     """Complete involution: nothing found, not the vessel, the fluid or noise."""
     series, _, mask, _, _ = baseline
-    follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.0, **FOLLOW))
+    follow = render_series(anatomy, replace(SPEC, volume_ratio=0.0, **FOLLOW))
     found, info = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert np.count_nonzero(found) == 0
     assert info["status"] == "not found" and info["volume_ml"] == 0.0

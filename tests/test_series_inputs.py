@@ -14,12 +14,14 @@ import pytest
 from conftest import make_affine, rotation, save_nifti
 from scipy import ndimage
 
-from khe_vol import phantom as ph
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.render import render_labels, render_series
+from khe_vol.synthetic.specs import FAT, LESION, LESION_LABELS, MUSCLE, SeriesSpec, TISSUES, VESSEL
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.series import measure_series, seed_tissue_problem
 
 # As tests/test_segment.py: a small trunk field of view, 0.9 x 0.9 x 4 mm voxels.
-SPEC = ph.SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
+SPEC = SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
 
 
 def reasons(record):
@@ -31,12 +33,12 @@ def reasons(record):
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    anatomy = ph.make_anatomy(3, lesion_volume_ml=35.0)
-    series = ph.render_series(anatomy, SPEC)
-    labels = ph.render_labels(anatomy, SPEC)
+    anatomy = make_anatomy(3, lesion_volume_ml=35.0)
+    series = render_series(anatomy, SPEC)
+    labels = render_labels(anatomy, SPEC)
     path = save_nifti(tmp_path_factory.mktemp("seed") / "sub-01_ses-baseline_T2w.nii.gz", series.image, series.affine)
     spacing = voxel_sizes_mm(series.affine)
-    truth = np.isin(labels, ph.LESION_LABELS)
+    truth = np.isin(labels, LESION_LABELS)
     depth_mm = ndimage.distance_transform_edt(truth, sampling=spacing)
     gap_mm = ndimage.distance_transform_edt(~truth, sampling=spacing)
     return series, labels, path, depth_mm, gap_mm
@@ -49,22 +51,22 @@ def _measure(scene, ijk):
     return record, mask
 
 
-@pytest.mark.parametrize("tissue", [ph.VESSEL, ph.FAT, ph.MUSCLE])
+@pytest.mark.parametrize("tissue", [VESSEL, FAT, MUSCLE])
 def test_seed_beside_the_lesion_is_flagged(scene, tissue):
     _, labels, _, _, gap_mm = scene
     # The voxel of that tissue 2-5 mm outside the lesion nearest its centre: close
     # enough that the segmentation still finds a lesion from it.
     candidates = np.argwhere((labels == tissue) & (gap_mm >= 2) & (gap_mm <= 5))
-    centre = np.argwhere(np.isin(labels, ph.LESION_LABELS)).mean(axis=0)
+    centre = np.argwhere(np.isin(labels, LESION_LABELS)).mean(axis=0)
     ijk = candidates[np.argmin(np.linalg.norm(candidates - centre, axis=1))]
     record, _ = _measure(scene, ijk)
-    assert "seed_not_in_lesion_tissue" in reasons(record), (ph.TISSUES[tissue], record["review"])
+    assert "seed_not_in_lesion_tissue" in reasons(record), (TISSUES[tissue], record["review"])
 
 
 def test_reader_seeds_in_bright_lesion_tissue_are_not_flagged(scene):
     _, labels, _, depth_mm, _ = scene
     # As a reader clicks: anywhere in bright lesion tissue, at least 3 mm inside.
-    candidates = np.argwhere((labels == ph.LESION) & (depth_mm >= 3))
+    candidates = np.argwhere((labels == LESION) & (depth_mm >= 3))
     rng = np.random.default_rng(11)
     for ijk in candidates[rng.choice(len(candidates), size=3, replace=False)]:
         record, mask = _measure(scene, ijk)

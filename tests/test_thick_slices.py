@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from khe_vol import phantom as ph
+from khe_vol.synthetic.demo import demo_participant, nifti_gz_bytes
+from khe_vol.synthetic.render import render_labels, render_series
+from khe_vol.synthetic.specs import LESION, LESION_LABELS
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.nifti import atomic_write_bytes
 from khe_vol.tables import read_tsv
@@ -35,22 +37,22 @@ def khe_vol(*args):
 @pytest.fixture(scope="module")
 def thick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("thick")
-    anatomy, sessions = ph.demo_participant(1)
+    anatomy, sessions = demo_participant(1)
     series = {}
     for label, month, spec in sessions:
         if label == "m06":
             continue
         spec = replace(spec, voxel_mm=(spec.voxel_mm[0], spec.voxel_mm[1], SLICE_MM),
                        shape=(spec.shape[0], spec.shape[1], math.ceil(30 * 4.0 / SLICE_MM) + 2))
-        rendered = ph.render_series(anatomy, spec)
+        rendered = render_series(anatomy, spec)
         path = tmp / f"sub-01_ses-{label}_T2w.nii.gz"
-        atomic_write_bytes(path, ph.nifti_gz_bytes(rendered.image, rendered.affine, np.int16, "thick"))
+        atomic_write_bytes(path, nifti_gz_bytes(rendered.image, rendered.affine, np.int16, "thick"))
         series[label] = (month, path, rendered, spec)
     # A reader's click: a bright lesion voxel at least 3 mm inside, not the deepest point.
     _, _, base, spec = series["baseline"]
-    labels = ph.render_labels(anatomy, spec)
-    depth = ndimage.distance_transform_edt(np.isin(labels, ph.LESION_LABELS), sampling=voxel_sizes_mm(base.affine))
-    candidates = np.argwhere((labels == ph.LESION) & (depth >= 3))
+    labels = render_labels(anatomy, spec)
+    depth = ndimage.distance_transform_edt(np.isin(labels, LESION_LABELS), sampling=voxel_sizes_mm(base.affine))
+    candidates = np.argwhere((labels == LESION) & (depth >= 3))
     seed = voxel_to_world(candidates[np.random.default_rng(4).integers(len(candidates))], base.affine)
 
     out = {}

@@ -4,7 +4,7 @@ Sessions of a trial come from different scanners, software versions and
 preprocessing: a follow-up may store its intensities with a gain and an
 offset, inverted, z-scored, or as int16 with scl_slope / scl_inter; the
 baseline may be z-scored and the follow-ups not. Every test below writes
-real NIfTI files from :mod:`khe_vol.phantom` and measures them through the
+real NIfTI files from :mod:`khe_vol.synthetic` and measures them through the
 workflow's per-series path (:func:`khe_vol.series.measure_series`): the
 volume must be that of the follow-up stored plainly, and the review flag
 ``intensity_scale_differs`` set exactly where :func:`khe_vol.track.working_scale`
@@ -21,13 +21,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from khe_vol import phantom as ph
+from khe_vol.synthetic.anatomy import make_anatomy
+from khe_vol.synthetic.render import lesion_fits_fov, render_labels, render_series, series_affine
+from khe_vol.synthetic.specs import LESION, LESION_LABELS, SeriesSpec
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.segment import itk_threads
 from khe_vol.series import measure_series
 from khe_vol.track import OFFSET_TOLERANCE, register_rigid, track_followup
 
-SPEC = ph.SeriesSpec(shape=(112, 112, 24), voxel_mm=(1.0, 1.0, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
+SPEC = SeriesSpec(shape=(112, 112, 24), voxel_mm=(1.0, 1.0, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
 FOLLOW = dict(rotation_deg=(3.0, -2.0, 4.0), translation_mm=(5.0, -4.0, 9.0), rng_seed=21)
 #: Unchanged, shrunk by about half, vanished.
 RATIOS = (1.0, 0.5, 0.0)
@@ -72,21 +74,21 @@ CASES = [(s, r) for s in sorted(STORAGE) if s != "gain2" for r in RATIOS] + [("g
 
 def reader_seed_ras_mm(anatomy, spec, rng):
     """A seed where a reader might click: bright lesion tissue >= 3 mm inside the boundary, not its centre."""
-    labels = ph.render_labels(anatomy, spec)
-    depth_mm = ndimage.distance_transform_edt(np.isin(labels, ph.LESION_LABELS), sampling=spec.voxel_mm)
-    candidates = np.argwhere((labels == ph.LESION) & (depth_mm >= 3.0) & (depth_mm < 0.6 * depth_mm.max()))
+    labels = render_labels(anatomy, spec)
+    depth_mm = ndimage.distance_transform_edt(np.isin(labels, LESION_LABELS), sampling=spec.voxel_mm)
+    candidates = np.argwhere((labels == LESION) & (depth_mm >= 3.0) & (depth_mm < 0.6 * depth_mm.max()))
     assert len(candidates) > 20
     ijk = candidates[rng.integers(len(candidates))]
-    return voxel_to_world(ijk, ph.series_affine(anatomy, spec))
+    return voxel_to_world(ijk, series_affine(anatomy, spec))
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Baseline (plain and z-scored) measured from a reader's seed, and the plain follow-ups' volumes."""
     root = tmp_path_factory.mktemp("scales")
-    anatomy = ph.make_anatomy(3, lesion_volume_ml=30.0)
-    assert ph.lesion_fits_fov(anatomy, SPEC)
-    base = ph.render_series(anatomy, SPEC)
+    anatomy = make_anatomy(3, lesion_volume_ml=30.0)
+    assert lesion_fits_fov(anatomy, SPEC)
+    base = render_series(anatomy, SPEC)
     seed = reader_seed_ras_mm(anatomy, SPEC, np.random.default_rng(11))
     refs = {}
     for name, data in (("plain", base.image), ("zscored", zscored(base.image))):
@@ -96,7 +98,7 @@ def study(tmp_path_factory):
         refs[name] = {"record": record, "mask": mask}
     follow = {}
     for ratio in RATIOS:
-        ph_f = ph.render_series(anatomy, replace(SPEC, volume_ratio=ratio, **FOLLOW))
+        ph_f = render_series(anatomy, replace(SPEC, volume_ratio=ratio, **FOLLOW))
         path = write(root / f"follow_{ratio}_plain_T2w.nii.gz", ph_f.image, ph_f.affine)
         record, mask, _ = measure_series("sub-01", "ses-m06", 6, path, reference=refs["plain"])
         assert record["status"] == "ok", record["message"]

@@ -122,24 +122,28 @@ def test_band_holds_the_true_volume_on_fresh_phantoms(tmp_path):
     baselines seeded where a reader clicks, 4 tracked follow-ups) about 0.7 may miss:
     at most one may, and by at most a tenth of the volume.
     """
-    from khe_vol import phantom as ph
+    from khe_vol.synthetic.anatomy import make_anatomy
+    from khe_vol.synthetic.demo import nifti_gz_bytes
+    from khe_vol.synthetic.render import lesion_fits_fov, render_series
+    from khe_vol.synthetic.seeds import phantom_reader_seeds
+    from khe_vol.synthetic.specs import SeriesSpec
     from khe_vol.series import measure_series
 
-    spec = ph.SeriesSpec(shape=(120, 120, 24), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3)
+    spec = SeriesSpec(shape=(120, 120, 24), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3)
     held, misses = 0, []
     for n, (anatomy_seed, ratio) in enumerate(zip(FRESH_ANATOMIES, FRESH_RATIOS)):
-        anatomy = ph.make_anatomy(anatomy_seed, lesion_volume_ml=30.0)
+        anatomy = make_anatomy(anatomy_seed, lesion_volume_ml=30.0)
         follow = dict(volume_ratio=ratio, rotation_deg=(2.0, -3.0, 2.0), translation_mm=(4.0, -3.0, 6.0),
                       orientation="axial_lps", rng_seed=100 + n)
         reference = None
         for session, session_spec in (("ses-baseline", replace(spec, rng_seed=n)), ("ses-m12", replace(spec, **follow))):
-            assert ph.lesion_fits_fov(anatomy, session_spec)
-            series = ph.render_series(anatomy, session_spec)
+            assert lesion_fits_fov(anatomy, session_spec)
+            series = render_series(anatomy, session_spec)
             path = tmp_path / f"sub-{n}_{session}_T2w.nii.gz"
-            path.write_bytes(ph.nifti_gz_bytes(series.image, series.affine, np.int16, "fresh phantom"))
+            path.write_bytes(nifti_gz_bytes(series.image, series.affine, np.int16, "fresh phantom"))
             seed = None
             if reference is None:
-                seed = ph.phantom_reader_seeds(anatomy, session_spec, series, np.random.default_rng(n))[0]
+                seed = phantom_reader_seeds(anatomy, session_spec, series, np.random.default_rng(n))[0]
             record, mask, _ = measure_series(f"sub-{n}", session, 0 if reference is None else 12, path,
                                              seed_ras_mm=seed, reference=reference)
             assert record["status"] == "ok", record["message"]
