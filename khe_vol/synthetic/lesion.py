@@ -225,6 +225,209 @@ def rescale_lesion_shape(lesion, k):
     )
 
 
+def _draw_lobes(rng, r_eq_mm, n_lobes, thin_direction):
+    """Ellipsoidal lobes: a main lobe thin along ``thin_direction`` and ``n_lobes - 1`` satellites.
+
+    Draws from ``rng`` in a fixed order (the phantoms depend on it).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    r_eq_mm : float
+        Radius of the sphere of the target volume, mm.
+    n_lobes : int
+    thin_direction : (3,) float
+        The main lobe's shortest axis lies within 20 degrees of it.
+
+    Returns
+    -------
+    centres_mm, semi_axes_mm : list of (3,) ndarray
+        Local lobe centres and semi-axes, mm.
+    rotations : list of (3, 3) ndarray
+        Columns are each lobe's axes in the local frame.
+    """
+    # Main lobe: shortest axis near thin_direction, the others random across it.
+    thin = unit_vector(rotation_about(random_unit_vectors(rng), rng.uniform(0, 20)) @ unit_vector(thin_direction))
+    e1 = unit_vector(np.cross(thin, random_unit_vectors(rng)))
+    centres = [np.zeros(3)]
+    axes = [r_eq_mm * np.array([rng.uniform(1.05, 1.3), rng.uniform(0.85, 1.05), rng.uniform(0.5, 0.62)])]
+    rots = [np.stack([e1, np.cross(thin, e1), thin], axis=1)]
+    for _ in range(n_lobes - 1):
+        # Satellites spread across thin_direction more than along it.
+        d = rng.standard_normal(3)
+        d -= 0.75 * (d @ thin) * thin
+        centres.append(unit_vector(d) * r_eq_mm * rng.uniform(0.55, 0.85))
+        axes.append(r_eq_mm * rng.uniform(0.35, 0.6, size=3))
+        rots.append(random_rotation(rng))
+    return centres, axes, rots
+
+
+def _draft_lesion(rng, r_eq_mm, lobes, signal_rel, oedema_rel):
+    """The lesion before scaling: lobes, margin field, oedema rim and signals; no texture, septa or voids.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    r_eq_mm : float
+        Radius of the sphere of the target volume, mm (sets the margin's wavelengths).
+    lobes : tuple
+        ``(centres_mm, semi_axes_mm, rotations)`` from :func:`_draw_lobes`.
+    signal_rel, oedema_rel : float or None
+        Lesion and oedema-rim signal relative to muscle (None: drawn).
+
+    Returns
+    -------
+    LesionSpec
+        Centred at the local origin, ``seed_mm`` = 0.
+    """
+    centres, axes, rots = lobes
+    mw, ma, mp = random_plane_waves(rng, 4, (0.5 * r_eq_mm, 1.1 * r_eq_mm), 0.07 * r_eq_mm)
+    fw, fa, fp = random_plane_waves(rng, 2, (5.0, 9.0), 0.5)  # fine infiltrative ripple
+    rw, _, rp = random_plane_waves(rng, 3, (0.8 * r_eq_mm, 1.6 * r_eq_mm), 1.0)
+    empty3 = frozen_array(np.zeros((0, 3)))
+    # Keyword arguments are evaluated in order: rim width, then signal, septum and oedema draws.
+    return LesionSpec(
+        centre_mm=frozen_array(np.zeros(3)),
+        lobe_centres_mm=frozen_array(centres), lobe_semi_axes_mm=frozen_array(axes), lobe_rotations=frozen_array(rots),
+        margin_wavevectors_per_mm=frozen_array(np.vstack([mw, fw])),
+        margin_amplitudes_mm=frozen_array(np.concatenate([ma, fa])),
+        margin_phases=frozen_array(np.concatenate([mp, fp])),
+        texture_centres_mm=empty3, texture_widths_mm=frozen_array(np.zeros(0)), texture_weights=frozen_array(np.zeros(0)),
+        texture_amplitude=0.15,
+        septa_origins_mm=empty3, septa_normals=empty3, septa_radii_mm=frozen_array(np.zeros(0)),
+        septum_thickness_mm=1.0,
+        void_starts_mm=empty3, void_ends_mm=empty3, void_radii_mm=frozen_array(np.zeros(0)),
+        rim_width_mm=float(rng.uniform(2.5, 4.0)), rim_wavevectors_per_mm=frozen_array(rw), rim_phases=frozen_array(rp),
+        rim_threshold=0.0, seed_mm=frozen_array(np.zeros(3)),
+        signal_rel=float(rng.uniform(2.6, 3.3) if signal_rel is None else signal_rel),
+        septum_rel=float(rng.uniform(1.1, 1.3)), void_rel=0.2,
+        oedema_rel=float(rng.uniform(1.45, 1.65) if oedema_rel is None else oedema_rel),
+    )
+
+
+def _scale_to_volume(lesion, volume_ml):
+    """The lesion similarity-scaled so that its 1 mm grid count matches ``volume_ml`` (volume ~ k^3).
+
+    Parameters
+    ----------
+    lesion : LesionSpec
+    volume_ml : float
+        Target volume, mL.
+
+    Returns
+    -------
+    LesionSpec
+    """
+    pts = lesion_grid_points(lesion, 1.0)
+    k = (volume_ml / (np.count_nonzero(lesion_function(pts, lesion, np.float32) > 0) / 1000.0)) ** (1 / 3)
+    return rescale_lesion_shape(lesion, k)
+
+
+def _ideal_seed_mm(lesion, pts, f):
+    """The lesion's deep point: its centre if deep enough, else the deepest grid point.
+
+    Parameters
+    ----------
+    lesion : LesionSpec
+    pts : (3, N) ndarray
+        Local grid points, mm.
+    f : (N,) ndarray
+        The lesion function at ``pts``, mm.
+
+    Returns
+    -------
+    (3,) ndarray
+        Local mm.
+    """
+    f0 = float(lesion_function_block(np.zeros((3, 1)), lesion)[0])
+    return np.zeros(3) if f0 >= 0.6 * f.max() else pts[:, np.argmax(f)]
+
+
+def _draw_texture_blobs(rng, inside_mm, n_blobs=30):
+    """Nodular heterogeneity: signed Gaussian blobs spread through the lesion.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    inside_mm : (N, 3) ndarray
+        Local grid points inside the lesion, mm.
+    n_blobs : int
+
+    Returns
+    -------
+    centres_mm : (n_blobs, 3) ndarray
+    widths_mm : (n_blobs,) ndarray
+        Standard deviations, mm.
+    weights : (n_blobs,) ndarray
+        Signed, dimensionless (see :func:`lesion_texture`).
+    """
+    centres = inside_mm[rng.integers(len(inside_mm), size=n_blobs)] + rng.uniform(-0.5, 0.5, size=(n_blobs, 3))
+    widths = rng.uniform(3.0, 8.0, size=n_blobs)
+    weights = rng.choice([-1.0, 1.0], size=n_blobs) * rng.uniform(0.6, 1.2, size=n_blobs)
+    return centres, widths, weights
+
+
+def _draw_septa(rng, deep_mm, seed_mm, r_eq_mm):
+    """2-4 dark septa (discs) through deep lesion points, each kept 4 mm clear of the seed.
+
+    A septum whose 50 tries all pass within 4 mm of the seed is dropped, so
+    the reader's click lands on lesion signal.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    deep_mm : (N, 3) ndarray
+        Local points well inside the lesion, mm.
+    seed_mm : (3,) ndarray
+        The ideal seed, local mm.
+    r_eq_mm : float
+        Radius of the sphere of the target volume, mm (sets the disc radii).
+
+    Returns
+    -------
+    origins_mm, normals, radii_mm : lists
+    """
+    origins, normals, radii = [], [], []
+    for _ in range(int(rng.integers(2, 5))):
+        for _attempt in range(50):
+            o = deep_mm[rng.integers(len(deep_mm))]
+            nrm = random_unit_vectors(rng)
+            rad = r_eq_mm * rng.uniform(0.3, 0.55)
+            d = float((seed_mm - o) @ nrm)
+            ring = math.sqrt(max(float((seed_mm - o) @ (seed_mm - o)) - d * d, 0.0))
+            if abs(d) > 4.0 or ring > rad + 4.0:
+                origins.append(o), normals.append(nrm), radii.append(rad)
+                break
+    return origins, normals, radii
+
+
+def _draw_flow_voids(rng, deep_mm, seed_mm):
+    """2-4 flow-void tubes from deep lesion points, each axis kept 6 mm clear of the seed.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    deep_mm : (N, 3) ndarray
+        Local points well inside the lesion, mm.
+    seed_mm : (3,) ndarray
+        The ideal seed, local mm.
+
+    Returns
+    -------
+    starts_mm, ends_mm, radii_mm : lists
+        Tube axes (8-20 mm long) and radii (0.8-1.4 mm).
+    """
+    starts, ends, radii = [], [], []
+    for _ in range(int(rng.integers(2, 5))):
+        for _attempt in range(50):
+            a = deep_mm[rng.integers(len(deep_mm))]
+            b = a + random_unit_vectors(rng) * rng.uniform(8.0, 20.0)
+            if segment_distance_mm(seed_mm[:, None], a, b)[0] > 6.0:
+                starts.append(a), ends.append(b), radii.append(rng.uniform(0.8, 1.4))
+                break
+    return starts, ends, radii
+
+
 def make_lesion(rng, volume_ml, *, thin_direction=(1.0, 0.0, 0.0), n_lobes=None, signal_rel=None, oedema_rel=None):
     """A random lobulated lesion of about ``volume_ml``, centred at the local origin.
 
@@ -249,80 +452,16 @@ def make_lesion(rng, volume_ml, *, thin_direction=(1.0, 0.0, 0.0), n_lobes=None,
     """
     r_eq = (3 * volume_ml * 1000 / (4 * np.pi)) ** (1 / 3)
     n_lobes = int(rng.integers(3, 6)) if n_lobes is None else int(n_lobes)
-    # Main lobe: shortest axis near thin_direction, the others random across it.
-    thin = unit_vector(rotation_about(random_unit_vectors(rng), rng.uniform(0, 20)) @ unit_vector(thin_direction))
-    e1 = unit_vector(np.cross(thin, random_unit_vectors(rng)))
-    centres = [np.zeros(3)]
-    axes = [r_eq * np.array([rng.uniform(1.05, 1.3), rng.uniform(0.85, 1.05), rng.uniform(0.5, 0.62)])]
-    rots = [np.stack([e1, np.cross(thin, e1), thin], axis=1)]
-    for _ in range(n_lobes - 1):
-        # Satellites spread across thin_direction more than along it.
-        d = rng.standard_normal(3)
-        d -= 0.75 * (d @ thin) * thin
-        centres.append(unit_vector(d) * r_eq * rng.uniform(0.55, 0.85))
-        axes.append(r_eq * rng.uniform(0.35, 0.6, size=3))
-        rots.append(random_rotation(rng))
-    mw, ma, mp = random_plane_waves(rng, 4, (0.5 * r_eq, 1.1 * r_eq), 0.07 * r_eq)
-    fw, fa, fp = random_plane_waves(rng, 2, (5.0, 9.0), 0.5)  # fine infiltrative ripple
-    rw, _, rp = random_plane_waves(rng, 3, (0.8 * r_eq, 1.6 * r_eq), 1.0)
-    empty3 = frozen_array(np.zeros((0, 3)))
-    draft = LesionSpec(
-        centre_mm=frozen_array(np.zeros(3)),
-        lobe_centres_mm=frozen_array(centres), lobe_semi_axes_mm=frozen_array(axes), lobe_rotations=frozen_array(rots),
-        margin_wavevectors_per_mm=frozen_array(np.vstack([mw, fw])),
-        margin_amplitudes_mm=frozen_array(np.concatenate([ma, fa])),
-        margin_phases=frozen_array(np.concatenate([mp, fp])),
-        texture_centres_mm=empty3, texture_widths_mm=frozen_array(np.zeros(0)), texture_weights=frozen_array(np.zeros(0)),
-        texture_amplitude=0.15,
-        septa_origins_mm=empty3, septa_normals=empty3, septa_radii_mm=frozen_array(np.zeros(0)),
-        septum_thickness_mm=1.0,
-        void_starts_mm=empty3, void_ends_mm=empty3, void_radii_mm=frozen_array(np.zeros(0)),
-        rim_width_mm=float(rng.uniform(2.5, 4.0)), rim_wavevectors_per_mm=frozen_array(rw), rim_phases=frozen_array(rp),
-        rim_threshold=0.0, seed_mm=frozen_array(np.zeros(3)),
-        signal_rel=float(rng.uniform(2.6, 3.3) if signal_rel is None else signal_rel),
-        septum_rel=float(rng.uniform(1.1, 1.3)), void_rel=0.2,
-        oedema_rel=float(rng.uniform(1.45, 1.65) if oedema_rel is None else oedema_rel),
-    )
-    # Similarity-scale the whole shape to the target volume (volume ~ k^3).
-    pts = lesion_grid_points(draft, 1.0)
-    k = (volume_ml / (np.count_nonzero(lesion_function(pts, draft, np.float32) > 0) / 1000.0)) ** (1 / 3)
-    draft = rescale_lesion_shape(draft, k)
-
-    # Seed: the centre if it is deep enough, else the deepest grid point.
+    lobes = _draw_lobes(rng, r_eq, n_lobes, thin_direction)
+    draft = _scale_to_volume(_draft_lesion(rng, r_eq, lobes, signal_rel, oedema_rel), volume_ml)
     pts = lesion_grid_points(draft, 1.0)
     f = lesion_function(pts, draft, np.float32)
-    f0 = float(lesion_function_block(np.zeros((3, 1)), draft)[0])
-    seed = np.zeros(3) if f0 >= 0.6 * f.max() else pts[:, np.argmax(f)]
-
-    # Nodular heterogeneity: signed Gaussian blobs spread through the lesion.
-    inside = pts[:, f > 0].T
-    n_blobs = 30
-    blob_centres = inside[rng.integers(len(inside), size=n_blobs)] + rng.uniform(-0.5, 0.5, size=(n_blobs, 3))
-    blob_widths = rng.uniform(3.0, 8.0, size=n_blobs)
-    blob_weights = rng.choice([-1.0, 1.0], size=n_blobs) * rng.uniform(0.6, 1.2, size=n_blobs)
-
-    # Septa and flow voids, kept away from the seed so that the reader's
-    # click lands on lesion signal.
+    seed = _ideal_seed_mm(draft, pts, f)
+    blob_centres, blob_widths, blob_weights = _draw_texture_blobs(rng, pts[:, f > 0].T)
+    # Septa and flow voids start from points well inside, kept away from the seed.
     deep = pts[:, f > min(4.0, 0.5 * float(f.max()))].T
-    origins, normals, radii = [], [], []
-    for _ in range(int(rng.integers(2, 5))):
-        for _attempt in range(50):
-            o = deep[rng.integers(len(deep))]
-            nrm = random_unit_vectors(rng)
-            rad = r_eq * rng.uniform(0.3, 0.55)
-            d = float((seed - o) @ nrm)
-            ring = math.sqrt(max(float((seed - o) @ (seed - o)) - d * d, 0.0))
-            if abs(d) > 4.0 or ring > rad + 4.0:
-                origins.append(o), normals.append(nrm), radii.append(rad)
-                break
-    starts, ends, vradii = [], [], []
-    for _ in range(int(rng.integers(2, 5))):
-        for _attempt in range(50):
-            a = deep[rng.integers(len(deep))]
-            b = a + random_unit_vectors(rng) * rng.uniform(8.0, 20.0)
-            if segment_distance_mm(seed[:, None], a, b)[0] > 6.0:
-                starts.append(a), ends.append(b), vradii.append(rng.uniform(0.8, 1.4))
-                break
+    origins, normals, radii = _draw_septa(rng, deep, seed, r_eq)
+    starts, ends, vradii = _draw_flow_voids(rng, deep, seed)
     return replace(
         draft,
         septa_origins_mm=frozen_array(np.reshape(origins, (-1, 3))), septa_normals=frozen_array(np.reshape(normals, (-1, 3))),
