@@ -8,6 +8,7 @@ the vessel are moved out from the lesion until they clear it by a chosen gap
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,6 +72,190 @@ def _first_clear_offset(lesion, centre, direction, shape_pts, clearance_mm, max_
     return float(offset), float(gap)
 
 
+class _Trunk(NamedTuple):
+    """The trunk's outline and superficial layers (body frame, mm)."""
+
+    semi_axes_mm: np.ndarray
+    taper: float
+    taper_wavelength_mm: float
+    taper_phase: float
+    skin_mm: float
+    fat_mm: float
+
+
+def _trunk_r2(P, trunk):
+    """Normalised radius squared of body-frame columns P (3, N) in the trunk (< 1 inside)."""
+    return _body_r2(P, trunk.semi_axes_mm, trunk.taper, trunk.taper_wavelength_mm, trunk.taper_phase)
+
+
+def _draw_trunk(rng, body_semi_axes_mm=None):
+    """Trunk semi-axes (68-80 x 50-60 mm unless given), taper along z, skin 1.5 mm and fat rim 4-7 mm.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    body_semi_axes_mm : (2,) float, optional
+
+    Returns
+    -------
+    _Trunk
+    """
+    if body_semi_axes_mm is None:
+        body_semi_axes_mm = (rng.uniform(68, 80), rng.uniform(50, 60))
+    semi = np.asarray(body_semi_axes_mm, dtype=float)
+    taper, taper_lambda, taper_phase = rng.uniform(0.02, 0.06), rng.uniform(200, 320), rng.uniform(0, 2 * np.pi)
+    skin_mm, fat_mm = 1.5, float(rng.uniform(4.0, 7.0))
+    return _Trunk(semi, taper, taper_lambda, taper_phase, skin_mm, fat_mm)
+
+
+def _place_lesion_on_flank(lesion, direction, trunk):
+    """The lesion moved along ``direction`` as close to the skin as it fits inside the body.
+
+    Tries centres from 80 % of the way to the skin inwards in 2 % steps and
+    keeps the first whose lesion points stay 0.5 mm under the skin, else the
+    best seen (larger follow-ups may bulge, as KHE does).
+
+    Parameters
+    ----------
+    lesion : LesionSpec
+        Centred at the local origin.
+    direction : (3,) ndarray
+        Unit direction from the body axis, in the x-y plane.
+    trunk : _Trunk
+
+    Returns
+    -------
+    LesionSpec
+        With ``centre_mm`` set (body frame, mm).
+    """
+    semi = trunk.semi_axes_mm
+    pts = lesion_grid_points(lesion, 1.5)
+    pts = pts[:, lesion_function(pts, lesion, np.float32) > 0]
+    to_skin = 1 / np.hypot(direction[0] / semi[0], direction[1] / semi[1])
+    limit = (1 - (trunk.skin_mm + 0.5) / semi.min()) ** 2
+    best = None
+    for frac in np.arange(0.8, -0.001, -0.02):
+        centre = direction * to_skin * frac
+        worst = _trunk_r2(centre[:, None] + pts, trunk).max()
+        if best is None or worst < best[1]:
+            best = (centre, worst)
+        if worst <= limit:
+            best = (centre, worst)
+            break
+    return replace(lesion, centre_mm=frozen_array(best[0]))
+
+
+def _place_fluid(rng, lesion, trunk, fluid_gap_mm=None):
+    """A fluid ellipsoid deep to the lesion, towards the anterior midline, just clear of it.
+
+    It is moved out along that direction until it clears the lesion by the
+    gap (default 0-0.6 mm: touching), and shrunk (up to 5 times by 15 %)
+    while it does not fit 2 mm under the fat rim.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    lesion : LesionSpec
+        Placed (``centre_mm`` set).
+    trunk : _Trunk
+    fluid_gap_mm : float, optional
+
+    Returns
+    -------
+    centre_mm : (3,) ndarray
+    rotation : (3, 3) ndarray
+        Columns are the ellipsoid's axes.
+    semi_axes_mm : (3,) ndarray
+    direction : (3,) ndarray
+        Unit direction from the lesion centre to the fluid (the vessel is placed across it).
+    gap_mm : float
+        Measured smallest distance to the lesion, mm.
+    """
+    c, semi = lesion.centre_mm, trunk.semi_axes_mm
+    fluid_gap = rng.uniform(0.0, 0.6) if fluid_gap_mm is None else float(fluid_gap_mm)
+    u2 = rotation_about((0, 0, 1), rng.uniform(-20, 20)) @ unit_vector(np.array([0.0, 0.3 * semi[1], c[2]]) - c)
+    u2 = unit_vector(u2 + np.array([0.0, 0.0, rng.uniform(-0.2, 0.2)]))
+    fluid_axes = np.array([rng.uniform(10, 14), rng.uniform(9, 12), rng.uniform(12, 18)])
+    fluid_rot = rotation_about(random_unit_vectors(rng), rng.uniform(0, 25))
+    sphere = fibonacci_sphere(500)
+    for _ in range(6):
+        surface = fluid_rot @ (sphere * fluid_axes[:, None])
+        t, fluid_gap_measured = _first_clear_offset(lesion, c, u2, surface, fluid_gap, 120.0)
+        fc = c + t * u2
+        inner = (1 - (trunk.fat_mm + 2) / semi.min()) ** 2
+        if _trunk_r2(fc[:, None] + surface, trunk).max() < inner:
+            break
+        fluid_axes = fluid_axes * 0.85  # does not fit inside the body: shrink
+    return fc, fluid_rot, fluid_axes, u2, fluid_gap_measured
+
+
+def _vessel_wall_points(base_mm, along, u1, side, radius_mm, reach_mm):
+    """Points on the tube's wall, every ~1 mm along the stretch within ``reach_mm`` of the lesion centre.
+
+    Parameters
+    ----------
+    base_mm : (5, 3) ndarray
+        Vessel axis polyline relative to the lesion side, mm.
+    along, u1, side : (3,) ndarray
+        The axis' main direction, the direction away from the lesion and the
+        third (unit vectors).
+    radius_mm, reach_mm : float
+
+    Returns
+    -------
+    (3, M) ndarray
+        Relative to the lesion centre, mm.
+    """
+    axis_pts = np.concatenate([a + np.linspace(0, 1, int(np.linalg.norm(b - a)) + 1)[:, None] * (b - a)
+                               for a, b in zip(base_mm[:-1], base_mm[1:])])
+    axis_pts = axis_pts[np.abs(axis_pts @ along) < reach_mm]
+    n1 = unit_vector(u1 - (u1 @ along) * along)
+    angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    ring = radius_mm * (np.cos(angles)[:, None] * n1 + np.sin(angles)[:, None] * side)
+    return (axis_pts[:, None, :] + ring[None]).reshape(-1, 3).T
+
+
+def _place_vessel(rng, lesion, fluid_direction, vessel_gap_mm=None):
+    """A vessel roughly along the body axis beside the lesion, moved out sideways until its wall clears it.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    lesion : LesionSpec
+        Placed (``centre_mm`` set).
+    fluid_direction : (3,) ndarray
+        From :func:`_place_fluid`; the vessel lies across it.
+    vessel_gap_mm : float, optional
+        Wall-to-lesion clearance (default 0.5-2 mm).
+
+    Returns
+    -------
+    path_mm : (5, 3) ndarray
+        Axis polyline, body frame.
+    radius_mm : float
+        2-3 mm.
+    gap_mm : float
+        Measured smallest distance of the wall to the lesion, mm.
+    """
+    c, u2 = lesion.centre_mm, fluid_direction
+    vessel_gap = rng.uniform(0.5, 2.0) if vessel_gap_mm is None else float(vessel_gap_mm)
+    vessel_r = float(rng.uniform(2.0, 3.0))
+    u1 = np.cross([0.0, 0.0, 1.0], u2) * rng.choice([-1.0, 1.0])
+    u1 = unit_vector(rotation_about((0, 0, 1), rng.uniform(-25, 25)) @ u1)
+    tilt_axis = unit_vector(np.cross([0.0, 0.0, 1.0], random_unit_vectors(rng)))
+    along = rotation_about(tilt_axis, rng.uniform(5, 18)) @ np.array([0.0, 0.0, 1.0])
+    side = unit_vector(np.cross(along, u1))
+    ts = np.array([-160.0, -45.0, 0.0, 45.0, 160.0])
+    bend = rng.uniform(-4, 4, size=5) * np.array([1, 1, 0, 1, 1])
+    base = ts[:, None] * along + bend[:, None] * side  # (5, 3) relative to the lesion side
+    # The wall near the lesion: its box plus the lateral reach of the scan.
+    lo, hi = lesion_bounds_mm(lesion)
+    reach = float(np.max(np.abs(np.r_[lo, hi]))) + 20.0
+    wall = _vessel_wall_points(base, along, u1, side, vessel_r, reach)
+    t, vessel_gap_measured = _first_clear_offset(lesion, c, u1, wall, vessel_gap, 150.0)
+    return c + t * u1 + base, vessel_r, vessel_gap_measured
+
+
 def make_anatomy(
     rng_seed,
     *,
@@ -84,6 +269,10 @@ def make_anatomy(
     volume_step_mm=0.2,
 ):
     """One participant's anatomy in the body frame.
+
+    The steps draw from one generator in a fixed order (trunk, lesion size
+    and side, lesion, fluid, vessel, muscle and bone, signals): the
+    phantoms depend on that order.
 
     Parameters
     ----------
@@ -111,11 +300,8 @@ def make_anatomy(
     Anatomy
     """
     rng = np.random.default_rng(rng_seed)
-    if body_semi_axes_mm is None:
-        body_semi_axes_mm = (rng.uniform(68, 80), rng.uniform(50, 60))
-    semi = np.asarray(body_semi_axes_mm, dtype=float)
-    taper, taper_lambda, taper_phase = rng.uniform(0.02, 0.06), rng.uniform(200, 320), rng.uniform(0, 2 * np.pi)
-    skin_mm, fat_mm = 1.5, float(rng.uniform(4.0, 7.0))
+    trunk = _draw_trunk(rng, body_semi_axes_mm)
+    semi, fat_mm = trunk.semi_axes_mm, trunk.fat_mm
     volume_ml = rng.uniform(40, 110) if lesion_volume_ml is None else float(lesion_volume_ml)
     if lesion_angle_deg is None:
         lesion_angle_deg = rng.choice([0.0, 180.0]) + rng.uniform(-35, 35)
@@ -123,76 +309,20 @@ def make_anatomy(
     # The body wall's normal there (gradient of the ellipse), for the lesion's thin axis.
     normal = unit_vector(direction / np.r_[semi**2, 1.0])
     lesion = make_lesion(rng, volume_ml, thin_direction=normal, signal_rel=lesion_signal_rel)
-
-    # Put the lesion on the flank, as close to the skin as it fits inside
-    # the body at baseline (larger follow-ups may bulge, as KHE does).
-    pts = lesion_grid_points(lesion, 1.5)
-    pts = pts[:, lesion_function(pts, lesion, np.float32) > 0]
-    to_skin = 1 / np.hypot(direction[0] / semi[0], direction[1] / semi[1])
-    limit = (1 - (skin_mm + 0.5) / semi.min()) ** 2
-    best = None
-    for frac in np.arange(0.8, -0.001, -0.02):
-        centre = direction * to_skin * frac
-        worst = _body_r2(centre[:, None] + pts, semi, taper, taper_lambda, taper_phase).max()
-        if best is None or worst < best[1]:
-            best = (centre, worst)
-        if worst <= limit:
-            best = (centre, worst)
-            break
-    lesion = replace(lesion, centre_mm=frozen_array(best[0]))
-    c = lesion.centre_mm
-
-    # Fluid collection deep to the lesion, towards the anterior midline,
-    # moved out along that direction until it just clears the lesion.
-    fluid_gap = rng.uniform(0.0, 0.6) if fluid_gap_mm is None else float(fluid_gap_mm)
-    u2 = rotation_about((0, 0, 1), rng.uniform(-20, 20)) @ unit_vector(np.array([0.0, 0.3 * semi[1], c[2]]) - c)
-    u2 = unit_vector(u2 + np.array([0.0, 0.0, rng.uniform(-0.2, 0.2)]))
-    fluid_axes = np.array([rng.uniform(10, 14), rng.uniform(9, 12), rng.uniform(12, 18)])
-    fluid_rot = rotation_about(random_unit_vectors(rng), rng.uniform(0, 25))
-    sphere = fibonacci_sphere(500)
-    for _ in range(6):
-        surface = fluid_rot @ (sphere * fluid_axes[:, None])
-        t, fluid_gap_measured = _first_clear_offset(lesion, c, u2, surface, fluid_gap, 120.0)
-        fc = c + t * u2
-        inner = (1 - (fat_mm + 2) / semi.min()) ** 2
-        if _body_r2(fc[:, None] + surface, semi, taper, taper_lambda, taper_phase).max() < inner:
-            break
-        fluid_axes = fluid_axes * 0.85  # does not fit inside the body: shrink
-
-    # Vessel: runs roughly along the body axis beside the lesion, moved out
-    # sideways until its wall clears the lesion by vessel_gap.
-    vessel_gap = rng.uniform(0.5, 2.0) if vessel_gap_mm is None else float(vessel_gap_mm)
-    vessel_r = float(rng.uniform(2.0, 3.0))
-    u1 = np.cross([0.0, 0.0, 1.0], u2) * rng.choice([-1.0, 1.0])
-    u1 = unit_vector(rotation_about((0, 0, 1), rng.uniform(-25, 25)) @ u1)
-    tilt_axis = unit_vector(np.cross([0.0, 0.0, 1.0], random_unit_vectors(rng)))
-    along = rotation_about(tilt_axis, rng.uniform(5, 18)) @ np.array([0.0, 0.0, 1.0])
-    side = unit_vector(np.cross(along, u1))
-    ts = np.array([-160.0, -45.0, 0.0, 45.0, 160.0])
-    bend = rng.uniform(-4, 4, size=5) * np.array([1, 1, 0, 1, 1])
-    base = ts[:, None] * along + bend[:, None] * side  # (5, 3) relative to the lesion side
-    # Points on the tube's wall, every ~1 mm along the stretch that can come
-    # near the lesion (the lesion's box plus the lateral reach of the scan).
-    lo, hi = lesion_bounds_mm(lesion)
-    reach = float(np.max(np.abs(np.r_[lo, hi]))) + 20.0
-    axis_pts = np.concatenate([a + np.linspace(0, 1, int(np.linalg.norm(b - a)) + 1)[:, None] * (b - a)
-                               for a, b in zip(base[:-1], base[1:])])
-    axis_pts = axis_pts[np.abs(axis_pts @ along) < reach]
-    n1 = unit_vector(u1 - (u1 @ along) * along)
-    angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
-    ring = vessel_r * (np.cos(angles)[:, None] * n1 + np.sin(angles)[:, None] * side)
-    wall = (axis_pts[:, None, :] + ring[None]).reshape(-1, 3).T
-    t, vessel_gap_measured = _first_clear_offset(lesion, c, u1, wall, vessel_gap, 150.0)
-    path = c + t * u1 + base
+    lesion = _place_lesion_on_flank(lesion, direction, trunk)
+    fc, fluid_rot, fluid_axes, u2, fluid_gap_measured = _place_fluid(rng, lesion, trunk, fluid_gap_mm)
+    path, vessel_r, vessel_gap_measured = _place_vessel(rng, lesion, u2, vessel_gap_mm)
 
     muscle_w, muscle_a, muscle_p = random_plane_waves(rng, 4, (15.0, 40.0), 0.05)
     fascia_n = np.array([unit_vector(rng.standard_normal(2)) for _ in range(2)])
     fascia_off = rng.uniform(-0.5, 0.5, size=2) * semi.min()
     bone_r = float(rng.uniform(8.0, 11.0))
+    # Keyword arguments are evaluated in order: the signal draws come last.
     return Anatomy(
         rng_seed=int(rng_seed),
-        body_semi_axes_mm=frozen_array(semi), body_taper=float(taper), body_taper_wavelength_mm=float(taper_lambda),
-        body_taper_phase=float(taper_phase), skin_mm=skin_mm, fat_mm=fat_mm,
+        body_semi_axes_mm=frozen_array(semi), body_taper=float(trunk.taper),
+        body_taper_wavelength_mm=float(trunk.taper_wavelength_mm),
+        body_taper_phase=float(trunk.taper_phase), skin_mm=trunk.skin_mm, fat_mm=fat_mm,
         fascia_normals=frozen_array(fascia_n), fascia_offsets_mm=frozen_array(fascia_off), fascia_thickness_mm=1.5,
         bone_centre_mm=frozen_array([0.0, -semi[1] + fat_mm + bone_r + 6.0]), bone_radius_mm=bone_r, cortex_mm=2.0,
         muscle_wavevectors_per_mm=frozen_array(muscle_w), muscle_amplitudes=frozen_array(muscle_a),
