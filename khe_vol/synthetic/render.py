@@ -136,6 +136,125 @@ def render_labels(anatomy, series_spec):
     return classify_points(P, anatomy, spec.volume_ratio ** (1 / 3))[0].reshape(spec.shape)
 
 
+def _label_voxels(centres_body_mm, anatomy, lesion_scale, reach):
+    """Tissue at every voxel centre, and which voxels a boundary may cross (in blocks).
+
+    Parameters
+    ----------
+    centres_body_mm : (3, N) float32 ndarray
+        Voxel centres in the body frame, mm.
+    anatomy : Anatomy
+    lesion_scale : float
+    reach : (float, float)
+        Sub-sample reach in the body's x-y plane and in 3D, mm.
+
+    Returns
+    -------
+    labels : (N,) int8 ndarray
+    mixed : (N,) bool ndarray
+    """
+    lab = np.empty(centres_body_mm.shape[1], dtype=np.int8)
+    mixed = np.empty(centres_body_mm.shape[1], dtype=bool)
+    for start in range(0, lab.size, _RENDER_CHUNK):
+        block = slice(start, start + _RENDER_CHUNK)
+        lab[block], mixed[block] = classify_points(centres_body_mm[:, block], anatomy, lesion_scale, reach)
+    return lab, mixed
+
+
+def _partial_volume(centres_body_mm, offsets_mm, anatomy, lesion_scale, labels, mixed, flat_lut):
+    """Flat signal and lesion and muscle fractions per voxel, sub-sampling the mixed voxels.
+
+    Parameters
+    ----------
+    centres_body_mm : (3, N) float32 ndarray
+    offsets_mm : (3, n_sub) float32 ndarray
+        Sub-sample offsets from a voxel centre, body frame, mm.
+    anatomy : Anatomy
+    lesion_scale : float
+    labels, mixed : (N,) ndarray
+        From :func:`_label_voxels`.
+    flat_lut : (len(TISSUES),) float32 ndarray
+        Signal of the untextured tissues (0 for lesion and muscle).
+
+    Returns
+    -------
+    flat : (N,) float32 ndarray
+        Mean untextured signal, image units.
+    frac_lesion, frac_muscle : (N,) float32 ndarray
+        Fractions of the voxel's sub-samples in lesion and in muscle.
+    """
+    n_sub = offsets_mm.shape[1]
+    flat = flat_lut[labels]
+    frac_lesion = (labels == LESION).astype(np.float32)
+    frac_muscle = (labels == MUSCLE).astype(np.float32)
+    todo = np.flatnonzero(mixed)
+    step = max(1, _RENDER_CHUNK // n_sub)
+    for start in range(0, todo.size, step):
+        idx = todo[start:start + step]
+        P = (centres_body_mm[:, idx, None] + offsets_mm[:, None, :]).reshape(3, -1)
+        sub = classify_points(P, anatomy, lesion_scale)[0].reshape(idx.size, n_sub)
+        flat[idx] = flat_lut[sub].mean(axis=1)
+        frac_lesion[idx] = np.count_nonzero(sub == LESION, axis=1) / n_sub
+        frac_muscle[idx] = np.count_nonzero(sub == MUSCLE, axis=1) / n_sub
+    return flat, frac_lesion, frac_muscle
+
+
+def _textured_image(centres_body_mm, anatomy, lesion_scale, flat, frac_lesion, frac_muscle, signal):
+    """Noise-free image before bias: flat signal plus textured muscle and lesion (float64, image units).
+
+    Parameters
+    ----------
+    centres_body_mm : (3, N) float32 ndarray
+    anatomy : Anatomy
+    lesion_scale : float
+    flat, frac_lesion, frac_muscle : (N,) ndarray
+        From :func:`_partial_volume`.
+    signal : (len(TISSUES),) float32 ndarray
+        Nominal signal per tissue (:func:`tissue_signal`).
+
+    Returns
+    -------
+    (N,) float64 ndarray
+    """
+    s, lesion = lesion_scale, anatomy.lesion
+    image = flat.astype(np.float64)
+    sel = np.flatnonzero(frac_muscle)
+    texture = cosine_field(centres_body_mm[:, sel], anatomy.muscle_wavevectors_per_mm, anatomy.muscle_amplitudes,
+                           anatomy.muscle_phases)
+    image[sel] += frac_muscle[sel] * signal[MUSCLE] * (1 + texture)
+    sel = np.flatnonzero(frac_lesion)
+    if sel.size:
+        local = (centres_body_mm[:, sel] - lesion.centre_mm.astype(np.float32)[:, None]) / np.float32(s)
+        texture = lesion_texture(local, lesion)
+        image[sel] += frac_lesion[sel] * signal[LESION] * (1 + texture)
+    return image
+
+
+def _bias_and_noise(image, world_ras_mm, series_spec):
+    """The image times the bias field, with Rician noise (the magnitude of signal plus complex Gaussian noise).
+
+    Both draw from ``default_rng(series_spec.rng_seed)``, bias first.
+
+    Parameters
+    ----------
+    image : (N,) float64 ndarray
+        Modified in place (the bias).
+    world_ras_mm : (3, N) ndarray
+        Voxel centres in scanner RAS+ mm.
+    series_spec : SeriesSpec
+
+    Returns
+    -------
+    (N,) float32 ndarray
+    """
+    rng = np.random.default_rng(series_spec.rng_seed)
+    image *= bias_field(world_ras_mm.T, rng, series_spec.bias_amplitude)
+    sigma = MUSCLE_SIGNAL / series_spec.snr
+    real = image + rng.normal(0.0, sigma, image.size)
+    imag = rng.normal(0.0, sigma, image.size)
+    return np.sqrt(real * real + imag * imag).astype(np.float32)
+
+
 def render_series(anatomy, series_spec):
     """Render one fat-suppressed T2 series of a participant.
 
@@ -162,7 +281,6 @@ def render_series(anatomy, series_spec):
     lesion = anatomy.lesion
 
     offsets = (m[:3, :3] @ subsample_offsets(spec.voxel_mm, spec.subsamples).T).astype(np.float32)  # (3, ns) mm
-    n_sub = offsets.shape[1]
     reach = (float(np.max(np.hypot(offsets[0], offsets[1]))), float(np.max(np.linalg.norm(offsets, axis=0))))
     ijk = np.indices(shape).reshape(3, -1)
     centres = affine_columns(m, ijk, np.float32)
@@ -171,43 +289,10 @@ def render_series(anatomy, series_spec):
     # Lesion and muscle get a smooth per-voxel modulation; the rest is flat.
     flat_lut = signal.copy()
     flat_lut[[LESION, MUSCLE]] = 0
-    lab = np.empty(centres.shape[1], dtype=np.int8)
-    mixed = np.empty(centres.shape[1], dtype=bool)
-    for start in range(0, lab.size, _RENDER_CHUNK):
-        block = slice(start, start + _RENDER_CHUNK)
-        lab[block], mixed[block] = classify_points(centres[:, block], anatomy, s, reach)
-    flat = flat_lut[lab]
-    frac_lesion = (lab == LESION).astype(np.float32)
-    frac_muscle = (lab == MUSCLE).astype(np.float32)
-    todo = np.flatnonzero(mixed)
-    step = max(1, _RENDER_CHUNK // n_sub)
-    for start in range(0, todo.size, step):
-        idx = todo[start:start + step]
-        P = (centres[:, idx, None] + offsets[:, None, :]).reshape(3, -1)
-        sub = classify_points(P, anatomy, s)[0].reshape(idx.size, n_sub)
-        flat[idx] = flat_lut[sub].mean(axis=1)
-        frac_lesion[idx] = np.count_nonzero(sub == LESION, axis=1) / n_sub
-        frac_muscle[idx] = np.count_nonzero(sub == MUSCLE, axis=1) / n_sub
-
-    image = flat.astype(np.float64)
-    sel = np.flatnonzero(frac_muscle)
-    texture = cosine_field(centres[:, sel], anatomy.muscle_wavevectors_per_mm, anatomy.muscle_amplitudes,
-                            anatomy.muscle_phases)
-    image[sel] += frac_muscle[sel] * signal[MUSCLE] * (1 + texture)
-    sel = np.flatnonzero(frac_lesion)
-    if sel.size:
-        local = (centres[:, sel] - lesion.centre_mm.astype(np.float32)[:, None]) / np.float32(s)
-        texture = lesion_texture(local, lesion)
-        image[sel] += frac_lesion[sel] * signal[LESION] * (1 + texture)
-
-    rng = np.random.default_rng(spec.rng_seed)
-    world = affine_columns(affine, ijk)
-    image *= bias_field(world.T, rng, spec.bias_amplitude)
-    # Rician noise: the magnitude of signal plus complex Gaussian noise.
-    sigma = MUSCLE_SIGNAL / spec.snr
-    real = image + rng.normal(0.0, sigma, image.size)
-    imag = rng.normal(0.0, sigma, image.size)
-    image = np.sqrt(real * real + imag * imag).astype(np.float32).reshape(shape)
+    lab, mixed = _label_voxels(centres, anatomy, s, reach)
+    flat, frac_lesion, frac_muscle = _partial_volume(centres, offsets, anatomy, s, lab, mixed, flat_lut)
+    image = _textured_image(centres, anatomy, s, flat, frac_lesion, frac_muscle, signal)
+    image = _bias_and_noise(image, affine_columns(affine, ijk), spec).reshape(shape)
 
     seed_body = lesion.centre_mm + s * lesion.seed_mm
     return Phantom(
