@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from khe_vol.series import measure_series  # noqa: E402
 from khe_vol.synthetic.anatomy import make_anatomy  # noqa: E402
 from khe_vol.synthetic.render import render_series  # noqa: E402
 from khe_vol.synthetic.specs import SeriesSpec  # noqa: E402
-from khe_vol.series import measure_series  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "figures" / "segmentation.png"
 SESSIONS = (("ses-baseline", 0, 1.0), ("ses-m06", 6, 0.55), ("ses-m12", 12, 0.14))
