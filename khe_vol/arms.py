@@ -33,6 +33,7 @@ Choices (also stated in the data dictionary):
 from __future__ import annotations
 
 import csv
+import io
 import math
 
 import numpy as np
@@ -40,6 +41,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import Table2x2
 from statsmodels.stats.proportion import confint_proportions_2indep
 
+from khe_vol.discover import read_text_table
 from khe_vol.response import CATEGORIES, GOOD_RESPONSE, OVERALL_RESPONSE
 from khe_vol.tables import NA, RESPONSE_COLUMNS, write_table
 
@@ -104,7 +106,7 @@ ARM_COLUMNS = {
     "odds_ratio_ci_high": {"LongName": "Upper 95% confidence limit of the odds ratio", "Description": "As odds_ratio_ci_low, with +."},
     "fisher_p": {"LongName": "Fisher exact p-value", "Description": "Two-sided Fisher exact test of the 2x2 table arm x endpoint (uncorrected counts)."},
     "method": {"LongName": "Method", "Description": "Library and function that computed each value, and any correction used."},
-    "note": {"LongName": "Note", "Description": "Why a value is n/a."},
+    "note": {"LongName": "Note", "Description": "Why a value is n/a; and, on every row, the participants the allocation and the imaging disagree on (allocated but never imaged: non-responders; imaged but not allocated: not counted). The same list is in this dictionary's Provenance.AllocationMismatches."},
 }
 
 _FORMATS = {
@@ -150,8 +152,8 @@ def read_allocation(path, known_participants=(), arms=None):
     """
     allowed = None if arms is None else list(arms)
     allocation, first_line = {}, {}
-    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    # Spreadsheets save a byte-order mark, or UTF-16 ("Unicode Text"): read_text_table takes both.
+    with io.StringIO(read_text_table(path, "allocation"), newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = [name.strip() for name in reader.fieldnames or []]
         if not header:
@@ -178,16 +180,57 @@ def read_allocation(path, known_participants=(), arms=None):
             first_line[pid] = line
     if not allocation:
         raise ValueError(f"{path}: no participants (header only)")
-    known = set(known_participants)
-    warnings = [
-        f"{path}: {pid} has imaging but is not in the allocation: not counted in response_by_arm"
-        for pid in sorted(known - set(allocation))
-    ]
-    warnings += [
-        f"{path}: {pid} is allocated but has no imaging: counted as a non-responder at every month (intention to treat)"
-        for pid in sorted(set(allocation) - known)
-    ]
+    warnings = [f"{path}: {pid} {what}" for pid, what in allocation_mismatches(allocation, known_participants)]
     return allocation, warnings
+
+
+_NOT_ALLOCATED = "has imaging but is not in the allocation: not counted in response_by_arm"
+_NOT_IMAGED = "is allocated but has no imaging: counted as a non-responder (not_assessed) at every month (intention to treat)"
+
+
+def allocation_mismatches(allocation, imaged_participants):
+    """Participants the allocation and the imaging folder disagree on.
+
+    Parameters
+    ----------
+    allocation : dict
+        ``{participant_id: arm}``.
+    imaged_participants : iterable of str
+        Participants with at least one T2w series.
+
+    Returns
+    -------
+    list of (participant_id, what)
+        Imaged but not allocated (not counted anywhere in the by-arm table),
+        then allocated but never imaged (non-responders), each sorted.
+    """
+    imaged, allocated = set(imaged_participants), set(allocation)
+    return [(pid, _NOT_ALLOCATED) for pid in sorted(imaged - allocated)] + [
+        (pid, _NOT_IMAGED) for pid in sorted(allocated - imaged)
+    ]
+
+
+def allocation_note(mismatches):
+    """One line for the note of every by-arm row: whom the table leaves out or counts unseen.
+
+    Parameters
+    ----------
+    mismatches : list of (participant_id, what)
+        As :func:`allocation_mismatches` returns.
+
+    Returns
+    -------
+    str
+        Empty when the allocation and the imaging agree.
+    """
+    parts = []
+    not_allocated = [pid for pid, what in mismatches if what == _NOT_ALLOCATED]
+    not_imaged = [pid for pid, what in mismatches if what == _NOT_IMAGED]
+    if not_imaged:
+        parts.append(f"allocated but never imaged (counted as not_assessed, a non-responder): {', '.join(not_imaged)}")
+    if not_allocated:
+        parts.append(f"imaged but not allocated (not counted): {', '.join(not_allocated)}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- counting
@@ -340,7 +383,7 @@ def _arm_columns(index, arm, n, responders):
     }
 
 
-def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMARY_MONTH):
+def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMARY_MONTH, note=""):
     """Response rates per arm at every follow-up month, and their comparison.
 
     Parameters
@@ -356,6 +399,9 @@ def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMA
         Follow-up months (months after baseline) to report; 0 is dropped.
     primary_month : int
         Primary endpoint month; must be one of ``months``.
+    note : str
+        Added to every row's note, e.g. :func:`allocation_note`: a reader of
+        any one row learns whom the table leaves out or counts unseen.
 
     Returns
     -------
@@ -394,6 +440,9 @@ def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMA
             else:
                 row.update(method=_METHOD_COUNTS, note="category counts are descriptive: no comparison")
             rows.append(row)
+    if note:
+        for row in rows:
+            row["note"] = f"{row['note']}; {note}" if row.get("note") else note
     return rows
 
 

@@ -34,11 +34,11 @@ def _cmd_demo(args):
 
 
 def _load_config_arg(args):
-    from khe_vol.config import load_config, validate_config
+    # The same resolution as the workflow's (khe_vol.config.resolve_config).
+    from khe_vol.config import resolve_config
 
-    if args.config_json:
-        return validate_config(json.loads(args.config_json))
-    return load_config(args.config)
+    overrides = json.loads(args.config_json) if args.config_json else None
+    return resolve_config(args.config, overrides)
 
 
 def _cmd_check(args):
@@ -234,13 +234,15 @@ def _add_qa_parser(sub):
 
 
 def _cmd_arms(args):
-    from khe_vol.arms import read_allocation, response_by_arm, write_response_by_arm
+    from khe_vol.arms import allocation_mismatches, allocation_note, read_allocation, response_by_arm, write_response_by_arm
     from khe_vol.tables import read_tsv
 
     participants = sorted({r["participant_id"] for r in read_tsv(args.volumes)})
     try:
         allocation, warnings = read_allocation(args.allocation, participants, args.arm)
-        result = response_by_arm(read_tsv(args.response), allocation, args.arm, args.month, args.primary_month)
+        mismatches = allocation_mismatches(allocation, participants)
+        result = response_by_arm(read_tsv(args.response), allocation, args.arm, args.month, args.primary_month,
+                                 note=allocation_note(mismatches))
     except ValueError as exc:
         print(f"khe-vol arms: {exc}", file=sys.stderr)
         return 2
@@ -248,8 +250,26 @@ def _cmd_arms(args):
         print(f"khe-vol arms: {warning}", file=sys.stderr)
     from khe_vol.provenance import table_provenance
 
-    write_response_by_arm(args.out, result, table_provenance([args.response, args.volumes, args.allocation]))
+    provenance = table_provenance([args.response, args.volumes, args.allocation])
+    provenance["AllocationMismatches"] = [f"{pid} {what}" for pid, what in mismatches]
+    write_response_by_arm(args.out, result, provenance)
     print(f"wrote {args.out} ({len(allocation)} allocated participants, intention to treat)")
+    return 0
+
+
+def _cmd_report_page(args):
+    from khe_vol import report_tables
+    from khe_vol.nifti import atomic_write_text
+    from khe_vol.tables import read_tsv
+
+    rows = read_tsv(args.table)
+    if args.kind == "response":
+        page, summary = report_tables.response_page(rows, args.table), report_tables.categories_summary(rows)
+    else:
+        page, summary = report_tables.by_arm_page(rows, args.table), report_tables.by_arm_summary(rows)
+    atomic_write_text(args.out, page)
+    atomic_write_text(args.summary, summary)
+    print(f"wrote {args.out} and {args.summary}")
     return 0
 
 
@@ -334,7 +354,7 @@ def build_parser():
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check", help="report every problem in a study folder at once, before a run")
-    p.add_argument("config", nargs="?", help="workflow config YAML")
+    p.add_argument("config", nargs="*", help="workflow config YAML (several: a later file's top-level keys replace an earlier's, as with snakemake --configfile)")
     p.add_argument("--config-json", help="the config as JSON (used by the workflow)")
     p.add_argument("--report", help="also write the report to this file")
     p.add_argument("--headers-only", action="store_true", help="skip reading voxel data")
@@ -383,6 +403,13 @@ def build_parser():
     p.add_argument("--primary-month", type=int, default=12)
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("report-page", help="a result table as an HTML page for the Snakemake report, and a front-page summary")
+    p.add_argument("--kind", choices=["response", "response_by_arm"], required=True)
+    p.add_argument("--table", required=True, help="response.tsv or response_by_arm.tsv")
+    p.add_argument("--out", required=True, help="the HTML page")
+    p.add_argument("--summary", required=True, help="an HTML fragment the report's front page includes")
+    p.set_defaults(func=_cmd_report_page)
 
     p = sub.add_parser("montages", help="a QC montage (slices with the mask contour) per series")
     p.add_argument("--out-dir", required=True)

@@ -1,8 +1,14 @@
-"""Loading and validating the workflow configuration outside Snakemake.
+"""The run configuration: one resolution for the workflow and ``khe-vol check``.
 
-The workflow validates its config with ``snakemake.utils.validate`` against
-the same schema (``khe_vol/schemas/config.schema.yaml``); ``khe-vol check``
-uses :func:`load_config` so both agree on defaults and errors.
+:func:`resolve_config` is the only way a config is read: the Snakefile calls it
+with Snakemake's ``--configfile`` files and ``--config`` values, and
+``khe-vol check`` with its config file(s), so both see the same keys, defaults
+and errors. Nothing comes from the repository's demo config unless it is one of
+the files given: a key no file sets takes the schema's documented default
+(``khe_vol/schemas/config.schema.yaml``: null or empty for ``seeds``, ``masks_dir``,
+``allocation``, ``arms``).
+A later file replaces an earlier file's top-level key as a whole: a study's
+``sessions`` mapping is its own, never merged with another's.
 """
 
 from __future__ import annotations
@@ -80,19 +86,67 @@ def validate_config(config):
     return filled
 
 
-def load_config(path):
-    """Read a YAML config file and validate it (see :func:`validate_config`)."""
+#: What to do when a run names no config (Snakemake without --configfile).
+NO_CONFIG_MESSAGE = (
+    "no configuration given: pass one with --configfile, e.g. "
+    "`snakemake --cores 2 --configfile config/config.yaml` for the demo cohort (after `khe-vol demo demo`) "
+    "or `--configfile my_study.yaml` for a study (every key is documented in khe_vol/schemas/config.schema.yaml)"
+)
+
+
+def _read_config_file(path):
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        config = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: configuration must be a YAML mapping")
+        raise ConfigError(f"{path}: configuration must be a YAML mapping of keys to values")
+    return config
+
+
+def resolve_config(config_files=(), overrides=None):
+    """The run's configuration from its config files, validated, with defaults filled.
+
+    Parameters
+    ----------
+    config_files : sequence of path-like
+        YAML files in order (Snakemake's ``--configfile``). A later file's
+        top-level key replaces an earlier one's whole value (a ``sessions``
+        mapping is replaced, not merged).
+    overrides : mapping, optional
+        Top-level keys set last (Snakemake's ``--config key=value``).
+
+    Returns
+    -------
+    dict
+        The validated config (:func:`validate_config`): every key the files
+        leave out has the schema's default, never another study's value.
+
+    Raises
+    ------
+    ConfigError
+        No file and no override (:data:`NO_CONFIG_MESSAGE`), a file that
+        cannot be read, or an invalid config (naming the file(s) and keys).
+    """
+    config_files = [Path(p) for p in config_files]
+    overrides = dict(overrides or {})
+    if not config_files and not overrides:
+        raise ConfigError(NO_CONFIG_MESSAGE)
+    config = {}
+    for path in config_files:
+        config.update(_read_config_file(path))
+    config.update(overrides)
     try:
         return validate_config(config)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        where = ", ".join(str(p) for p in config_files) or "--config"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(path):
+    """Read one YAML config file and validate it (see :func:`resolve_config`)."""
+    return resolve_config([path])
 
 
 def baseline_session(config):

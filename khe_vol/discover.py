@@ -7,8 +7,11 @@ kept with the series it concerns, so one bad file never hides the others.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,11 @@ _T2W = re.compile(
 _MASK_FILE = re.compile(r"\.(?:nii(?:\.gz)?|nrrd)$")
 _MASK = re.compile(rf"^sub-(?P<sub>{_LABEL})_ses-(?P<ses>{_LABEL})_label-lesion_mask\.(?:nii(?:\.gz)?|seg\.nrrd|nrrd)$")
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
+#: Files never opened to look for DICOM: NIfTI, and the text files BIDS puts beside them.
+_NOT_DICOM = re.compile(r"\.(?:nii(?:\.gz)?|json|tsv|txt|md|bval|bvec)$", re.IGNORECASE)
+#: DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name.
+_DICOM_MAGIC_OFFSET, _DICOM_MAGIC = 128, b"DICM"
+_DICOM_SUFFIX = re.compile(r"\.(?:dcm|dicom|ima)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,65 @@ def _walk_anat(root, pattern, kind, suffix=None):
     return found, problems
 
 
+def is_dicom(path):
+    """Whether a file is DICOM: the 'DICM' marker at byte 128, or a DICOM file name suffix.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A regular file.
+
+    Returns
+    -------
+    bool
+    """
+    if _DICOM_SUFFIX.search(path.name):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(_DICOM_MAGIC_OFFSET)
+            return fh.read(len(_DICOM_MAGIC)) == _DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def find_dicom(imaging_dir):
+    """Folders under the imaging folder holding DICOM files, one problem per folder.
+
+    khe-vol reads NIfTI only, so DICOM files would be skipped without a word:
+    each folder holding any is named with its count, an example file and what
+    to do (convert to NIfTI, named as the imaging folder expects).
+
+    Parameters
+    ----------
+    imaging_dir : path-like
+        Root of the imaging folder.
+
+    Returns
+    -------
+    list of str
+        One coordinator-readable problem per folder with DICOM files, sorted.
+    """
+    root = Path(imaging_dir)
+    by_folder: dict[Path, list[str]] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if not _NOT_DICOM.search(name) and path.is_file() and is_dicom(path):
+                by_folder.setdefault(Path(folder), []).append(name)
+    problems = []
+    for folder, names in sorted(by_folder.items()):
+        n = len(names)
+        problems.append(
+            f"{folder}: {n} DICOM file{'s' if n > 1 else ''} (e.g. {names[0]}) not read: khe-vol measures NIfTI only. "
+            "Convert the T2 series to NIfTI, e.g. `dcm2niix -z y -f sub-<label>_ses-<label>_T2w "
+            f"-o {root}/sub-<label>/ses-<label>/anat {folder}`, and move the DICOM files out of the imaging "
+            "folder (a `khe-vol import` that does this is planned)"
+        )
+    return problems
+
+
 def find_series(imaging_dir, sessions, series_select=None):
     """List the T2w series of a BIDS-like folder, one slot per participant x session.
 
@@ -115,13 +182,15 @@ def find_series(imaging_dir, sessions, series_select=None):
     slots : list of SeriesSlot
         Sorted by participant then month; slots with problems included.
     problems : list of str
-        Problems with files that belong to no slot.
+        Problems with files that belong to no slot, and folders of DICOM
+        files (:func:`find_dicom`).
     """
     root = Path(imaging_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: imaging folder does not exist")
     series_select = series_select or {}
     found, problems = _walk_anat(root, _T2W, "T2w")
+    problems += find_dicom(root)
     groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for sub, ses, path, m in found:
         groups.setdefault((sub, ses), []).append((path, _entities(m["entities"])))
@@ -174,6 +243,55 @@ def find_masks(masks_dir):
     return masks, problems
 
 
+#: Byte-order marks a spreadsheet may write, longest first (UTF-32's starts like UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def read_text_table(path, what):
+    """The text of a table a person may have saved from a spreadsheet.
+
+    UTF-8 with or without a byte-order mark (Excel's "UTF-8" formats write
+    one), and UTF-16 or UTF-32 with one (Excel's "Unicode Text", tab-separated);
+    line ends as saved (``csv`` reads CRLF). Anything else is refused rather
+    than guessed: a wrong guess would change participant ids.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    what : str
+        What the table is, for the message (e.g. "seeds table").
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    ValueError
+        Naming the file, the encoding tried and how to save it instead.
+    """
+    raw = Path(path).read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    how = ("save it as tab-separated text in UTF-8, or as UTF-16 with a byte-order mark "
+           "(Excel: 'Unicode Text')")
+    name = encoding.upper().replace("-SIG", "")
+    try:
+        text = raw.decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: {what} is not {name} text (byte {raw[exc.start]:#04x} at offset {exc.start}: {exc.reason}); {how}"
+        ) from None
+    if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with NUL between letters
+        raise ValueError(f"{path}: {what} is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark?); {how}")
+    return text
+
+
 def read_seeds(seeds_path, baseline_label):
     """Parse the seeds TSV.
 
@@ -194,17 +312,19 @@ def read_seeds(seeds_path, baseline_label):
     Raises
     ------
     ValueError
-        If the file cannot be read or lacks a required column.
+        If the file cannot be read or decoded (see :func:`read_text_table`:
+        UTF-8 with or without a byte-order mark, UTF-16 with one), or lacks a
+        required column.
     """
     if seeds_path is None:
         return {}, {}
     path = Path(seeds_path)
     try:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-            columns = set(rows[0].keys()) if rows else set()
+        text = read_text_table(path, "seeds table")
     except OSError as exc:
         raise ValueError(f"{path}: cannot read seeds table: {exc}") from exc
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
+    columns = set(rows[0].keys()) if rows else set()
     missing = {"participant_id", "x", "y", "z"} - columns
     if rows and missing:
         raise ValueError(f"{path}: seeds table lacks column(s) {', '.join(sorted(missing))}")

@@ -1186,6 +1186,7 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     if note:
         info["roi_recentre_note"] = note
     seed_roi = tuple(int(i - s.start) for i, s in zip(ijk, box))
+    info["seed_level"] = float(smoothed[seed_roi])  # bias-corrected, smoothed intensity at the seed
     core = enclosed_core(region, seed_roi, spacing, params)
     if core.any():
         region = fill_lesion_holes(region | core, spacing, params)

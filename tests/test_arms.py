@@ -287,6 +287,16 @@ def test_read_allocation_itt_and_warnings(tmp_path):
     assert all(str(path) in w for w in warnings)
 
 
+def test_read_allocation_saved_as_utf16_by_a_spreadsheet(tmp_path):
+    path = tmp_path / "alloc.tsv"
+    path.write_bytes("participant_id\tarm\r\nsub-01\tSP\r\nsub-02\tS\r\n".encode("utf-16"))
+    allocation, _ = read_allocation(path, arms=["SP", "S"])
+    assert allocation == {"sub-01": "SP", "sub-02": "S"}
+    path.write_bytes("participant_id\tarm\tsite\nsub-01\tSP\tK\u00f6ln\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=f"{path}.*not UTF-8"):
+        read_allocation(path, arms=["SP", "S"])
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -304,6 +314,34 @@ def test_read_allocation_errors_name_file_and_line(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as info:
         read_allocation(path, arms=["SP", "S"])
     assert str(path) in str(info.value)
+
+
+def test_allocation_mismatches_are_in_every_rows_note_and_the_dictionary(tmp_path):
+    import subprocess
+    import sys
+
+    volumes = write_tsv(tmp_path / "volumes.tsv", "participant_id\tsession_id\nsub-01\tses-baseline\nsub-02\tses-baseline\n"
+                        "sub-09\tses-baseline\n")
+    response = write_tsv(tmp_path / "response.tsv", "participant_id\tsession_id\tmonth\tcategory\tstatus\n"
+                         "sub-01\tses-m12\t12\tpartial_involution\tok\nsub-02\tses-m12\t12\tno_change\tok\n"
+                         "sub-09\tses-m12\t12\tpartial_involution\tok\n")
+    allocation = write_tsv(tmp_path / "alloc.tsv", "participant_id\tarm\nsub-01\tSP\nsub-02\tS\nsub-03\tS\n")
+    out = tmp_path / "response_by_arm.tsv"
+    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "arms", "--response", str(response), "--volumes", str(volumes),
+                           "--allocation", str(allocation), "--arm", "SP", "--arm", "S", "--month", "12", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh, delimiter="\t"))
+    for row in table:
+        assert "allocated but never imaged (counted as not_assessed, a non-responder): sub-03" in row["note"], row
+        assert "imaged but not allocated (not counted): sub-09" in row["note"], row
+    # the comparison's own note is kept beside it
+    assert "descriptive" in next(r for r in table if r["endpoint"] == "category:growth")["note"]
+    dictionary = json.loads(out.with_suffix(".json").read_text())
+    mismatches = dictionary["Provenance"]["AllocationMismatches"]
+    assert any("sub-03" in m for m in mismatches) and any("sub-09" in m for m in mismatches)
+    assert "allocation" in dictionary["note"]["Description"]
 
 
 # ---------------------------------------------------------------- output

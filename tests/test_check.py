@@ -36,6 +36,11 @@ def test_every_problem_reported_at_once(tmp_path):
         assert any(line.startswith(f"{pid}\t") and words in line for line in report.splitlines()), (pid, words, report)
     assert "sub-77" in report  # seed for a participant without images
     assert f"{len(report.splitlines()) - 1} problem(s) found" in proc.stderr
+    dicom = tmp_path / "imaging/sub-01/ses-m06/anat/IM0001"
+    dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    report = run_check(config).stdout
+    assert any(line.startswith("n/a\tn/a\t") and str(dicom.parent) in line and "DICOM" in line
+               for line in report.splitlines()), report
     # headers only: quicker, and still finds the header problems
     quick = run_check(config, "--headers-only", "--no-fail")
     assert quick.returncode == 0 and "3 volumes" in quick.stdout and "NaN" not in quick.stdout
@@ -46,3 +51,21 @@ def test_bad_config_exit_2(tmp_path):
     cfg.write_text("imaging_dir: 5\nfoo: 1\n")
     proc = run_check(cfg)
     assert proc.returncode == 2 and "foo" in proc.stderr and str(cfg) in proc.stderr
+
+
+def test_allocation_and_imaging_disagreements_are_reported(tmp_path):
+    config = write_mask_cohort(tmp_path)  # imaged: sub-01, sub-02
+    allocation = tmp_path / "allocation.tsv"
+    allocation.write_text("participant_id\tarm\nsub-01\tSP\nsub-05\tS\n")
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(allocation=str(allocation), arms=["SP", "S"], primary_month=6)
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_check(config)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()[1:]]
+    assert any(pid == "sub-02" and "not in the allocation" in msg and str(allocation) in msg for pid, _, msg in rows), rows
+    assert any(pid == "sub-05" and "no imaging" in msg and "non-responder" in msg for pid, _, msg in rows), rows
+    # a broken allocation file is a problem naming it, not a crash
+    allocation.write_text("participant_id\tgroup\nsub-01\tSP\n")
+    proc = run_check(config)
+    assert proc.returncode == 1 and str(allocation) in proc.stdout and "arm" in proc.stdout, proc.stdout + proc.stderr

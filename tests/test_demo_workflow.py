@@ -123,4 +123,26 @@ def test_report_renders_with_its_figures_in_chromium(demo_run):
         page.goto(report.as_uri())  # back to the start page, where every category is listed
         page.get_by_text("QC montages", exact=True).first.click()
         assert page.locator("tr", has_text="sub-demo01_ses-baseline.png").count() == 1
+        # The tables are readable in the report itself: a summary on the front page ...
+        by_arm = {(r["endpoint"], r["month"]): r for r in read_tsv(root / "results/response_by_arm.tsv")}
+        overall = by_arm[("overall_response", "12")]
+        arm_cell = f"{overall['responders_1']}/{overall['n_1']} ({overall['rate_1_pct']} %)"
+        page.goto(report.as_uri())
+        front = page.inner_text("body")
+        assert "sirolimus_prednisolone" in front and arm_cell in front, front
+        assert "nearly_complete_involution" in front  # the category counts per month
+        # ... and the whole by-arm table, and every follow-up's category, each one click away.
+        page.get_by_text("Response by arm", exact=True).first.click()
+        page.locator("tr", has_text="response_by_arm.html").locator("a[iconname=eye]").click()
+        table = page.frame_locator("iframe").locator("body").inner_text()
+        assert "Month 12 (primary endpoint)" in table and arm_cell in table, table
+        assert overall["fisher_p"] in table
+        assert "allocated but never imaged (counted as not_assessed, a non-responder): sub-demo07" in table
+        page.goto(report.as_uri())
+        page.get_by_text("Response", exact=True).first.click()
+        page.locator("tr", has_text="response_table.html").locator("a[iconname=eye]").click()
+        table = page.frame_locator("iframe").locator("body").inner_text()
+        for row in read_tsv(root / "results/response.tsv"):
+            assert f"{row['participant_id']}\t{row['session_id']}\t{row['month']}" in table, (row, table)
+            assert row["category"] in table
         browser.close()

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import make_affine
+from conftest import make_affine, rotation
 
 from khe_vol.measure import boundary_shells_ml
 from khe_vol.tables import response_rows
-from khe_vol.uncertainty import categories_within, near_threshold, volume_band_ml
+from khe_vol.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
 
 
 def test_boundary_shells_of_a_cube_on_anisotropic_grid():
@@ -82,6 +82,29 @@ def test_response_rows_flag_a_category_that_could_flip():
     assert rows["ses-m12"]["near_threshold"] == "1"
     assert float(rows["ses-m12"]["percent_change_low"]) == pytest.approx(100 * (76 / 105 - 1), abs=1e-3)
     assert float(rows["ses-m12"]["percent_change_high"]) == pytest.approx(100 * (84 / 95 - 1), abs=1e-3)
+
+
+@pytest.mark.parametrize("slice_mm, share", [(1.0, 0.25), (3.0, 0.25), (5.0, 0.25), (6.0, 0.3), (8.0, 0.4),
+                                             (10.0, 0.5)])
+def test_boundary_share_grows_with_thick_slices(slice_mm, share):
+    # Calibrated on 3-5 mm slices: unchanged there, proportional to the slice beyond.
+    oblique = make_affine((0.8, 0.8, slice_mm), (0, 0, 0), rot=rotation("x", 20))
+    assert boundary_fraction_for(oblique) == pytest.approx(share)
+
+
+def test_band_on_thick_slices_is_wider_than_the_calibrated_share():
+    mask = np.zeros((40, 40, 12), bool)
+    mask[10:30, 10:30, 3:9] = True
+    thick = make_affine((0.8, 0.8, 10.0), (0, 0, 0))
+    inner_ml, outer_ml = boundary_shells_ml(mask, thick)
+    volume_ml = mask.sum() * 6.4 / 1000
+    low, high = volume_band_ml(mask, thick)
+    assert low == pytest.approx(volume_ml - 0.5 * inner_ml)
+    assert high == pytest.approx(volume_ml + 0.5 * outer_ml)
+    # A 4 mm grid keeps the calibrated quarter.
+    low4, high4 = volume_band_ml(mask, make_affine((0.8, 0.8, 4.0), (0, 0, 0)))
+    inner4, outer4 = boundary_shells_ml(mask, make_affine((0.8, 0.8, 4.0), (0, 0, 0)))
+    assert (low4, high4) == pytest.approx((mask.sum() * 2.56 / 1000 - 0.25 * inner4, mask.sum() * 2.56 / 1000 + 0.25 * outer4))
 
 
 # -- coverage on phantoms the band was not calibrated on ----------------------

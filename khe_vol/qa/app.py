@@ -32,6 +32,7 @@ from khe_vol.qa import (
     store,
 )
 from khe_vol.qa.package import mask_like, same_grid
+from khe_vol.review import REVIEW_REASONS
 
 #: NiiVue's self-contained browser bundle, inside the npm package.
 NIIVUE_BUNDLE = Path("dist") / "niivue.umd.js"
@@ -231,7 +232,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def case_page(code):
         view = case_view(code)
         return render_template("case.html", view=view, verdicts=VERDICTS, verdict_labels=VERDICT_LABELS,
-                               reader=reader)
+                               reader=reader, review_reasons=REVIEW_REASONS)
 
     @app.get("/api/worklist")
     def api_worklist():

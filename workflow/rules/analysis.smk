@@ -27,3 +27,22 @@ rule response_by_arm:
         "khe-vol arms --response {input.response:q} --volumes {input.volumes:q} "
         "--allocation {input.allocation:q} {params.arms} {params.months} "
         "--primary-month {params.primary_month} --out {output.table:q} > {log:q} 2>&1"
+
+
+rule response_by_arm_page:
+    input:
+        f"{RESULTS}/response_by_arm.tsv",
+    output:
+        page=report(
+            f"{RESULTS}/figures/response_by_arm.html",
+            caption="../report/response_by_arm_table.rst",
+            category="Response by arm",
+        ),
+        summary=f"{RESULTS}/figures/response_by_arm_summary.html",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/response_by_arm_page.log",
+    shell:
+        "khe-vol report-page --kind response_by_arm --table {input:q} --out {output.page:q} "
+        "--summary {output.summary:q} > {log:q} 2>&1"

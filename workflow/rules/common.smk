@@ -5,17 +5,23 @@ import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from khe_vol.config import ConfigError, baseline_session, validate_config
-from khe_vol.discover import discover_study, reference_session
+from khe_vol.config import ConfigError, baseline_session, resolve_config
+from khe_vol.discover import discover_study
+from khe_vol.plan import SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
+from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+# The config is resolved by khe-vol itself, as `khe-vol check` resolves it: only
+# the --configfile files given (a later file's top-level keys replace, never
+# merge, an earlier's) and --config values; a key left out takes the schema's
+# default. Snakemake's own deep merge of the files is discarded.
 try:
-    validate_config(config)  # what a schema cannot say (exactly one month-0 session)
+    _resolved = resolve_config(workflow.config_settings.configfiles, workflow.config_settings.config)
 except ConfigError as exc:
-    raise WorkflowError(str(exc))
+    raise WorkflowError(f"khe-vol: {exc}")
+config.clear()
+config.update(_resolved)
 
 RESULTS = config["results_dir"]
 WORK = f"{RESULTS}/work"
@@ -31,14 +37,34 @@ except (FileNotFoundError, ValueError) as exc:
 for _problem in STUDY.problems:
     logger.warning(f"khe-vol: {_problem}")
 if not STUDY.slots:
-    raise WorkflowError(f"khe-vol: no T2w series found under {config['imaging_dir']}")
+    raise WorkflowError(
+        f"khe-vol: no T2w series found under {config['imaging_dir']}" + "".join(f"\n  {p}" for p in STUDY.problems)
+    )
 
 SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
+# Reader mask beats seed beats tracking: decided once, by khe_vol.plan.
+PLAN = series_plan(STUDY, BASELINE_ID)
 
 
 wildcard_constraints:
     participant="sub-[A-Za-z0-9]+",
     session="ses-[A-Za-z0-9]+",
+
+
+_RESULTS_LOCK = []
+
+
+def hold_results_lock():
+    """Lock results_dir for this Snakemake process (from onstart: real runs only, not in SLURM jobs)."""
+    try:
+        _RESULTS_LOCK.append(lock_results_dir(RESULTS))
+    except (ResultsFolderBusy, OSError) as exc:
+        raise WorkflowError(f"khe-vol: {exc}")
+
+
+def release_results_lock():
+    while _RESULTS_LOCK:
+        release_results_dir(_RESULTS_LOCK.pop())
 
 
 def record_path(participant, session):
@@ -70,48 +96,36 @@ def montage_dir(participant):
     return f"{RESULTS}/figures/montages/{participant}"
 
 
-def tracked_from(participant, session):
-    """The session this series is tracked from, or None if it is segmented itself."""
-    key = (participant, session)
-    if key in STUDY.masks or key in STUDY.seeds:
-        return None
-    ref = reference_session(STUDY, participant, BASELINE_ID)
-    if ref is None or ref == session or (participant, ref) not in SLOTS:
-        return None
-    return ref
-
-
 def series_inputs(wildcards):
     """Image, reader mask and (for tracked follow-ups) the reference session's outputs."""
-    slot = SLOTS[(wildcards.participant, wildcards.session)]
+    pid, ses = wildcards.participant, wildcards.session
+    slot, plan = SLOTS[(pid, ses)], PLAN[(pid, ses)]
     inputs = {}
     if slot.path is not None:
         inputs["image"] = str(slot.path)
-    if (slot.participant_id, slot.session_id) in STUDY.masks:
-        inputs["reader_mask"] = str(STUDY.masks[(slot.participant_id, slot.session_id)])
-    ref = tracked_from(slot.participant_id, slot.session_id)
-    if ref is not None:
-        inputs["reference_record"] = record_path(slot.participant_id, ref)
-        inputs["reference_mask"] = mask_path(slot.participant_id, ref)
+    if plan.source == SOURCE_READER_MASK:
+        inputs["reader_mask"] = str(plan.reader_mask)
+    elif plan.source == SOURCE_TRACKED:
+        inputs["reference_record"] = record_path(pid, plan.reference_session_id)
+        inputs["reference_mask"] = mask_path(pid, plan.reference_session_id)
     return inputs
 
 
 def series_args(wildcards):
     """Command-line arguments of `khe-vol series` for one slot, shell-quoted."""
     pid, ses = wildcards.participant, wildcards.session
-    slot = SLOTS[(pid, ses)]
+    slot, plan = SLOTS[(pid, ses)], PLAN[(pid, ses)]
     args = ["--participant", pid, "--session", ses, "--month", "n/a" if slot.month is None else str(slot.month)]
     if slot.path is not None:
         args += ["--image", str(slot.path)]
-    problem = slot.problem or STUDY.seed_problems.get(pid)
-    if problem:
-        args += ["--problem", problem]
-    if (pid, ses) in STUDY.masks:
-        args += ["--reader-mask", str(STUDY.masks[(pid, ses)])]
-    elif (pid, ses) in STUDY.seeds:
-        args += ["--seed", *(repr(float(v)) for v in STUDY.seeds[(pid, ses)].seed_ras_mm)]
-    ref = tracked_from(pid, ses)
-    if ref is not None:
+    if plan.problem:
+        args += ["--problem", plan.problem]
+    if plan.source == SOURCE_READER_MASK:
+        args += ["--reader-mask", str(plan.reader_mask)]
+    elif plan.source == SOURCE_SEED:
+        args += ["--seed", *(repr(float(v)) for v in plan.seed_ras_mm)]
+    elif plan.source == SOURCE_TRACKED:
+        ref = plan.reference_session_id
         args += ["--reference-record", record_path(pid, ref), "--reference-mask", mask_path(pid, ref)]
     if config["segmentation"]:
         args += ["--segmentation-json", json.dumps(config["segmentation"], sort_keys=True)]
@@ -179,9 +193,17 @@ def workbook_tables():
     return [f"{RESULTS}/{name}" for name in tables + ["check.tsv"]]
 
 
+def report_pages():
+    """The tables as HTML pages for the report, and the summaries its front page includes."""
+    names = ["response_table", "response_summary"]
+    if config["allocation"]:
+        names += ["response_by_arm", "response_by_arm_summary"]
+    return [f"{RESULTS}/figures/{name}.html" for name in names]
+
+
 def final_outputs():
     montages = [montage_dir(pid) for pid in PARTICIPANTS]
-    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx"]
+    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx", *report_pages()]
     return result_files() + reports + [f"{RESULTS}/provenance.json"]
 
 
@@ -206,6 +228,10 @@ def results_banner():
             n_err += json.loads(Path(rec).read_text())["status"] != "ok"
         except (OSError, ValueError):
             pass
+    try:
+        n_problems = len(Path(f"{RESULTS}/check.tsv").read_text().splitlines()) - 1
+    except OSError:
+        n_problems = 0
     lines = [
         f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
@@ -216,5 +242,10 @@ def results_banner():
     if READERS:
         lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
+    if n_problems:
+        lines.append(
+            f"  check.tsv: {n_problems} problem(s) with the inputs (files not read such as DICOM, unknown "
+            "sessions, allocation mismatches, ...): read it"
+        )
     lines.append("  HTML report: add --report report.html to this command")
     return "\n".join(lines) + "\n"

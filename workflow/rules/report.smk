@@ -43,6 +43,27 @@ rule figures:
         "--primary-month {params.primary_month} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
+# The tables readable inside the report (it offers TSVs only as downloads), and
+# a summary for its front page (workflow/report/workflow.rst includes it).
+rule response_page:
+    input:
+        f"{RESULTS}/response.tsv",
+    output:
+        page=report(
+            f"{RESULTS}/figures/response_table.html",
+            caption="../report/response_table.rst",
+            category="Response",
+        ),
+        summary=f"{RESULTS}/figures/response_summary.html",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/response_page.log",
+    shell:
+        "khe-vol report-page --kind response --table {input:q} --out {output.page:q} "
+        "--summary {output.summary:q} > {log:q} 2>&1"
+
+
 # One job per participant, so montages are drawn while other series are still
 # being measured and a changed series redraws only its participant's.
 rule montages:
