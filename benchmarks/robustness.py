@@ -276,6 +276,11 @@ def score(results, truth, n_participants):
         c["right_flagged"] = sum(r["outcome"] == "right" and r["needs_review"] == "1" for r in sel)
         return c
 
+    reasons = {}
+    for r in rows:
+        for code in (r["review_reason"] or "").split(";"):
+            if code and code != "n/a":
+                reasons[code] = reasons.get(code, 0) + 1
     by_variant = {v: counts([r for r in rows if r["variant"] == v])
                   for v in ("seeds", "rescaled_a", "rescaled_b", "rescaled_c", "thick_slices")}
     spreads = [s["spread_pct"] for s in spread.values() if s["spread_pct"] is not None]
@@ -289,6 +294,7 @@ def score(results, truth, n_participants):
         "error_no_category": total["error"],
         "wrong_and_silent": total["wrong_silent"],
         "right_but_flagged": total["right_flagged"],
+        "review_reasons_of_follow_ups": dict(sorted(reasons.items())),
         "seed_spread_median_pct": round(float(np.median(spreads)), 2) if spreads else None,
         "seed_spread_max_pct": round(float(np.max(spreads)), 2) if spreads else None,
         "seed_baselines_failed": sum(s["failed"] for s in spread.values()),
@@ -313,32 +319,36 @@ def main(argv=None):
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--work", default="results/robustness", help="cohort and run folder")
     parser.add_argument("--out", default="results/benchmark_robustness.json")
+    parser.add_argument("--rescore", action="store_true", help="score the last run's tables again, run nothing")
     args = parser.parse_args(argv)
 
     work = Path(args.work).resolve()
-    print(f"== cohort: {args.participants} participants, {args.seeds} reader seeds each, rescaled and "
-          f"thick-slice variants", flush=True)
-    t0 = time.perf_counter()
-    cohort = make_cohort(work / "cohort", args.participants, args.seeds, args.cores)
-    print(f"   ready in {time.perf_counter() - t0:.0f} s (reused when already there)", flush=True)
-    truth = json.loads((cohort / "truth.json").read_text())
-
-    results = work / "results"
-    cmd = workflow_command(work, cohort, results, args.cores, SESSIONS)
+    results, cohort = work / "results", work / "cohort"
+    wall_s = math.nan
+    if not args.rescore:
+        print(f"== cohort: {args.participants} participants, {args.seeds} reader seeds each, rescaled and "
+              f"thick-slice variants", flush=True)
+        t0 = time.perf_counter()
+        make_cohort(cohort, args.participants, args.seeds, args.cores)
+        print(f"   ready in {time.perf_counter() - t0:.0f} s (reused when already there)", flush=True)
+        cmd = workflow_command(work, cohort, results, args.cores, SESSIONS)
     n_series = sum(1 for _ in (cohort / "imaging").glob("sub-*/ses-*/anat/*_T2w.nii.gz"))
-    print(f"== snakemake --cores {args.cores} on {n_series} series", flush=True)
-    t0 = time.perf_counter()
-    with open(work / "snakemake.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wall_s = time.perf_counter() - t0
-    if proc.returncode:
-        print((work / "snakemake.log").read_text()[-3000:])
-        return 1
-    print(f"   {wall_s / 60:.1f} min", flush=True)
+    if not args.rescore:
+        print(f"== snakemake --cores {args.cores} on {n_series} series", flush=True)
+        t0 = time.perf_counter()
+        with open(work / "snakemake.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wall_s = time.perf_counter() - t0
+        if proc.returncode:
+            print((work / "snakemake.log").read_text()[-3000:])
+            return 1
+        print(f"   {wall_s / 60:.1f} min", flush=True)
+    truth = json.loads((cohort / "truth.json").read_text())
+    n_participants = json.loads((cohort / "cohort.json").read_text())["participants"]
 
-    result = score(results, truth, args.participants)
+    result = score(results, truth, n_participants)
     result["summary"]["series"] = n_series
-    result["summary"]["workflow_wall_min"] = round(wall_s / 60, 2)
+    result["summary"]["workflow_wall_min"] = None if math.isnan(wall_s) else round(wall_s / 60, 2)
     print("== baseline volume over reader seeds (same series, seed moved)")
     for b, s in result["seed_spread"].items():
         vols = " ".join(f"{v:.2f}" for v in s["volumes_ml"])
