@@ -14,7 +14,9 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.qa import store
 from khe_vol.qa.audit import Scanner, Token, png_text_chunks
-from khe_vol.qa.package import HEADER_TEXT_FIELDS, case_code, read_key
+from khe_vol.qa.codes import case_code
+from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
+from khe_vol.qa.key import read_key
 from tests.qa_cohort import write_cohort
 
 SEED = "8123456789012345"

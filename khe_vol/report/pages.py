@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from html import escape
 
-from khe_vol.figures import category_counts as figure_counts
+from khe_vol.report.figures import category_counts as figure_counts
 
 NA = "n/a"
 _STYLE = """
