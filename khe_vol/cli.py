@@ -72,7 +72,7 @@ def _cmd_series(args):
     import numpy as np
     import SimpleITK as sitk
 
-    from khe_vol.files import atomic_write_bytes, atomic_write_text
+    from khe_vol.files import atomic_write_bytes, atomic_write_text, read_records
     from khe_vol.nifti import load_image, mask_image, write_nifti
     from khe_vol.series import measure_series
 
@@ -81,7 +81,7 @@ def _cmd_series(args):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, args.threads))
     reference = None
     if args.reference_record:
-        ref_record = json.loads(Path(args.reference_record).read_text())
+        ref_record = read_records([args.reference_record])[0]
         ref_mask = None
         if ref_record["status"] == "ok":
             ref_mask = (load_image(args.reference_mask, "mask").data != 0).astype(np.uint8)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from khe_vol.files import atomic_write_text, mask_beside, read_records, replacing_dir, write_tsv
+from khe_vol.files import MASK_NAME, atomic_write_text, mask_beside, read_records, replacing_dir, write_tsv
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import load_image, mask_image, write_nifti
@@ -356,7 +355,7 @@ def write_disagreements(results_dir, readers, baseline_session_id, key_paths, re
     overlays_tsv : path-like
         The readers' reads of them (:data:`khe_vol.qa.OVERLAY_COLUMNS`).
     overlay_dir : path-like
-        Folder (rebuilt) for the readers' edited masks the overlays point to.
+        Folder (rebuilt as a whole) for the readers' edited masks the overlays point to.
 
     Returns
     -------
@@ -368,25 +367,24 @@ def write_disagreements(results_dir, readers, baseline_session_id, key_paths, re
     by_series = reader_reads(key_rows, reads, by_ids)
     adjudication = needs_adjudication(by_series, by_ids, readers, baseline_session_id)
     overlay_dir = Path(overlay_dir)
-    shutil.rmtree(overlay_dir, ignore_errors=True)
-    overlay_dir.mkdir(parents=True)
     series_rows, overlay_rows = [], []
-    for (pid, ses), reason in sorted(adjudication.items()):
-        series_rows.append({"participant_id": pid, "session_id": ses, "reason": reason})
-        rec = by_ids[(pid, ses)]
-        for reader, entry in sorted(by_series[(pid, ses)].items()):
-            if reader not in readers:
-                continue
-            mask_path = None
-            if entry.verdict == "accept":
-                mask_path = mask_beside(paths[(pid, ses)])
-            elif entry.verdict == "edited":
-                mask_path = overlay_dir / reader / f"{pid}_{ses}_mask.nii.gz"
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                write_nifti(mask_path, mask_image(entry.mask, rec["affine"]))
-            volume = None if entry.n_voxels is None else f"{entry.n_voxels * series_voxel_mm3(rec) / 1000:.3f}"
-            overlay_rows.append({"participant_id": pid, "session_id": ses, "reader": reader,
-                                 "verdict": entry.verdict, "volume_ml": volume, "mask": mask_path})
+    with replacing_dir(overlay_dir) as tmp:
+        for (pid, ses), reason in sorted(adjudication.items()):
+            series_rows.append({"participant_id": pid, "session_id": ses, "reason": reason})
+            rec = by_ids[(pid, ses)]
+            for reader, entry in sorted(by_series[(pid, ses)].items()):
+                if reader not in readers:
+                    continue
+                mask_path = None
+                if entry.verdict == "accept":
+                    mask_path = mask_beside(paths[(pid, ses)])
+                elif entry.verdict == "edited":
+                    name = Path(reader, f"{pid}_{ses}_mask.nii.gz")
+                    write_nifti(tmp / name, mask_image(entry.mask, rec["affine"]))
+                    mask_path = overlay_dir / name  # where it is once the folder is swapped in
+                volume = None if entry.n_voxels is None else f"{entry.n_voxels * series_voxel_mm3(rec) / 1000:.3f}"
+                overlay_rows.append({"participant_id": pid, "session_id": ses, "reader": reader,
+                                     "verdict": entry.verdict, "volume_ml": volume, "mask": mask_path})
     # keep_spaces: the package reads the mask paths back.
     write_tsv(out_tsv, ADJUDICATION_COLUMNS, series_rows, keep_spaces=True)
     write_tsv(overlays_tsv, OVERLAY_COLUMNS, overlay_rows, keep_spaces=True)
@@ -461,7 +459,8 @@ def write_final(results_dir, readers, adjudicator, baseline_session_id, key_path
     out_json : path-like
         JSON list of final series records.
     edited_dir : path-like
-        Folder (rebuilt as a whole) of ``<reader>/<participant>/<session>/mask.nii.gz``.
+        Folder (rebuilt as a whole) of ``<reader>/<participant>/<session>/mask.nii.gz``
+        (``khe-vol derivatives --edited-dir`` reads it).
     agreement_tsv : path-like
         ``qa_agreement.tsv`` (its ``.json`` dictionary goes beside it).
 
@@ -478,7 +477,7 @@ def write_final(results_dir, readers, adjudicator, baseline_session_id, key_path
     finals, adjudication, edited = decide_series(records, by_series, readers, adjudicator, baseline_session_id)
     with replacing_dir(edited_dir) as tmp:
         for reader, pid, ses, mask in edited:
-            write_nifti(tmp / reader / pid / ses / "mask.nii.gz", mask_image(mask, by_ids[(pid, ses)]["affine"]))
+            write_nifti(tmp / reader / pid / ses / MASK_NAME, mask_image(mask, by_ids[(pid, ses)]["affine"]))
 
     def auto_mask(pid, ses):
         return load_image(mask_beside(paths[(pid, ses)]), "mask").data != 0
