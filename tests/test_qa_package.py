@@ -179,6 +179,22 @@ def test_audit_is_clean_on_a_fresh_package(cohort, capsys, tmp_path):
     assert out.startswith("clean:") and "arm" in out and "site" in out
 
 
+def test_audit_reads_an_allocation_saved_as_utf16_by_a_spreadsheet(cohort, capsys, tmp_path):
+    # khe-vol check and the arms step take Excel's "Unicode Text"; the audit, which
+    # forbids the arm names under qa/, must read the same file, not stop the run.
+    results, records = cohort
+    build(results, records)
+    allocation = tmp_path / "allocation.tsv"
+    allocation.write_bytes("participant_id\tarm\nsub-01\tsirolimus\nsub-02\tsirolimus\n".encode("utf-16"))
+    rc, out = run_audit(results, capsys, "--allocation", str(allocation))
+    assert rc == 0, out
+    assert out.startswith("clean:") and "arm" in out
+    # And the arm name is still forbidden: planted in a file name, it is found.
+    (results / "qa" / "R1" / "sirolimus.txt").write_text("")
+    rc, out = run_audit(results, capsys, "--allocation", str(allocation))
+    assert rc == 1 and "qa/R1/sirolimus.txt: path component contains sirolimus (arm)" in out
+
+
 def _png_with_text(payload, keyword, text):
     chunk = keyword.encode() + b"\0" + text.encode()
     blob = b"tEXt" + chunk

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from khe_vol.files import read_tsv
+from khe_vol.files import read_text_table, tsv_dict_reader
 from khe_vol.qa import WORKLIST_NAME, default_db_path, store
 from khe_vol.qa.app import create_app
 from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
@@ -384,7 +384,8 @@ def audit(results_dir, allocation_tsv=None, db_dir=None, keys=None):
             records.append(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             pass  # the key itself still has the ids; the file name tokens of that series are lost
-    allocation = read_tsv(allocation_tsv) if allocation_tsv else []
+    # As a spreadsheet may have saved it (the arms step reads it the same way).
+    allocation = list(tsv_dict_reader(read_text_table(allocation_tsv, "allocation"))) if allocation_tsv else []
     tokens = forbidden_tokens(key_rows, records, allocation)
     scanner = Scanner(tokens)
     leaks = scan_files(scanner, results_dir)
