@@ -238,7 +238,7 @@ def write_table(path, columns, rows, provenance=None):
     """Write a TSV and its JSON data dictionary beside it (``.json``), atomically.
 
     ``provenance`` (software versions, config, inputs; see
-    :mod:`khe_vol.provenance`) goes into the dictionary under ``GeneratedBy``
+    :mod:`khe_vol.report.provenance`) goes into the dictionary under ``GeneratedBy``
     and ``Provenance``, beside the column entries.
     """
     # Tabs and line breaks would break the table; messages keep their words.
