@@ -120,8 +120,9 @@ def phantom_cohort(n_participants, tmp, log):
         for ses, spec in specs.items():
             month = {"baseline": 0, "m06": 6, "m12": 12}[ses]
             ph = phantom.render_series(anatomy, spec)
-            if ses == "baseline":
-                record, mask, cpu = run_series(tmp, pid, f"ses-{ses}", month, ph.image, ph.affine, seed=ph.seed_ras_mm)
+            if ses == "baseline":  # seeded where a reader clicks, not at the deepest point
+                seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
+                record, mask, cpu = run_series(tmp, pid, f"ses-{ses}", month, ph.image, ph.affine, seed=seed)
                 base_record, base_mask = record, mask
             else:
                 reference = {"record": base_record, "mask": base_mask}
@@ -164,14 +165,19 @@ def real_cohort(tmp, log, realdata=REALDATA):
     realdata = Path(realdata)
     if not realdata.is_dir():
         return []
-    seeds = {r["participant_id"]: [float(r[c]) for c in "xyz"] for r in csv.DictReader(open(realdata / "seeds.tsv"), delimiter="\t")}
     truth_ml = {r["participant_id"]: float(r["whole_tumour_ml"]) for r in csv.DictReader(open(realdata / "volumes.tsv"), delimiter="\t")}
     rows = []
-    for pid in sorted(seeds):
+    for n, pid in enumerate(sorted(truth_ml)):
         image_path = next((realdata / pid).rglob("*_FLAIR.nii.gz"))
         truth = nib.load(next((realdata / "truth" / pid).glob("*_label-wholetumour_mask.nii.gz")))
+        # Seeded where a reader clicks (the folder's seeds.tsv holds the deepest
+        # point): FLAIR-bright tumour or oedema (expert labels 2-4, not the
+        # necrosis, 1), >= 3 mm inside.
+        dseg = nib.load(next((realdata / "truth" / pid).glob("*_dseg.nii.gz")))
+        bright = np.isin(np.asarray(dseg.dataobj), (2, 3, 4))
+        seed = phantom.reader_seeds_ras_mm(bright, dseg.affine, np.random.default_rng([2026, n, 3]))[0]
         t0 = _cpu()
-        record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seeds[pid])
+        record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seed)
         row = _row(pid, "ses-baseline", truth_ml[pid], record, mask, np.asarray(truth.dataobj), _cpu() - t0)
         rows.append(row)
         log(row)
@@ -216,12 +222,13 @@ def job_cost(tmp):
     spec = phantom.SeriesSpec(shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0), orientation="axial_lps", snr=18,
                               bias_amplitude=0.4, rng_seed=11)
     ph = phantom.render_series(anatomy, spec)
+    seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng(7))[0]
     path = Path(tmp) / "job_T2w.nii.gz"
     img = nib.Nifti1Image(ph.image, ph.affine)
     img.set_qform(ph.affine, code=1)
     nib.save(img, path)
     cmd = [sys.executable, "-m", "khe_vol.cli", "series", "--participant", "sub-x",
-           "--session", "ses-baseline", "--month", "0", "--image", str(path), "--seed", *map(str, ph.seed_ras_mm),
+           "--session", "ses-baseline", "--month", "0", "--image", str(path), "--seed", *map(str, seed),
            "--record", str(Path(tmp) / "r.json"), "--mask", str(Path(tmp) / "m.nii.gz")]
     # /usr/bin/time measures the job alone; ru_maxrss of children would also
     # count the pages the job inherited when forked from this large process.

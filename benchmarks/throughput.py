@@ -85,8 +85,8 @@ def _write_participant(args):
         path = Path(out) / "imaging" / pid / f"ses-{label}" / "anat" / f"{pid}_ses-{label}_T2w.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(phantom.nifti_gz_bytes(ph.image, ph.affine, np.int16, "khe-vol throughput phantom"))
-        if label == "baseline":
-            seed = ph.seed_ras_mm
+        if label == "baseline":  # where a reader clicks, not the lesion's deepest point
+            seed = phantom.phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
     return pid, seed
 
 
@@ -94,7 +94,7 @@ def make_cohort(out, n_participants, cores):
     """Write the cohort (images and seeds) unless the same one is already there."""
     out = Path(out)
     stamp = out / "cohort.json"
-    spec = {"participants": n_participants, "shape": SHAPE, "voxel_mm": VOXEL_MM, "version": 1}
+    spec = {"participants": n_participants, "shape": SHAPE, "voxel_mm": VOXEL_MM, "version": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(spec)):
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -105,6 +105,24 @@ def make_cohort(out, n_participants, cores):
     (out / "seeds.tsv").write_text("\n".join(lines) + "\n")
     stamp.write_text(json.dumps(spec))
     return out
+
+
+def workflow_command(work, cohort, results, cores, sessions=SESSIONS):
+    """The snakemake command for a phantom cohort (``imaging/``, ``seeds.tsv``), from scratch.
+
+    Empties ``results`` and ``work/run``, writes ``work/config.yaml``.
+    """
+    work = Path(work)
+    shutil.rmtree(results, ignore_errors=True)
+    shutil.rmtree(work / "run", ignore_errors=True)
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "imaging_dir": str(Path(cohort) / "imaging"), "seeds": str(Path(cohort) / "seeds.tsv"),
+        "results_dir": str(results), "sessions": {label: month for label, month in sessions},
+        "allocation": None, "arms": None,
+    }))
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work / "run"),
+            "--configfile", str(config), "--cores", str(cores)]
 
 
 def _load(path):
@@ -176,15 +194,7 @@ def main(argv=None):
     paths = sorted(str(p) for p in (cohort / "imaging").rglob("*_T2w.nii.gz"))
 
     results = work / "results"
-    shutil.rmtree(results, ignore_errors=True)
-    shutil.rmtree(work / "run", ignore_errors=True)
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "imaging_dir": str(cohort / "imaging"), "seeds": str(cohort / "seeds.tsv"), "results_dir": str(results),
-        "sessions": {label: month for label, month in SESSIONS}, "allocation": None, "arms": None,
-    }))
-    base = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work / "run"),
-            "--configfile", str(config), "--cores", str(args.cores)]
+    base = workflow_command(work, cohort, results, args.cores)
     t0 = time.perf_counter()
     subprocess.run([*base, "--dry-run", "--quiet"], check=True, capture_output=True)
     dag_s = time.perf_counter() - t0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from khe_vol.config import baseline_session
-from khe_vol.discover import discover_study, reference_session
+from khe_vol.discover import discover_study
 from khe_vol.files import tsv_text
 from khe_vol.geometry import grids_overlap, seed_voxel
-from khe_vol.nifti import SeriesError, load_image, load_series, open_image
+from khe_vol.nifti import SeriesError, load_series, open_image
+from khe_vol.plan import SOURCE_NONE, SOURCE_READER_MASK, SOURCE_SEED, series_plan
 
 
 def check_study(config, headers_only=False):
@@ -27,13 +28,13 @@ def check_study(config, headers_only=False):
     baseline_id = f"ses-{baseline_session(config)}"
     problems = [("", "", p) for p in study.problems]
     participants = sorted({s.participant_id for s in study.slots})
+    plans = series_plan(study, baseline_id)
     for pid in participants:
         if pid in study.seed_problems:
             problems.append((pid, "", study.seed_problems[pid]))
         slots = [s for s in study.slots if s.participant_id == pid]
         if not any(s.session_id == baseline_id for s in slots):
             problems.append((pid, "", f"no baseline series ({baseline_id}): response cannot be classified"))
-        ref = reference_session(study, pid, baseline_id)
         for slot in slots:
             key = (pid, slot.session_id)
             if slot.problem:
@@ -48,15 +49,15 @@ def check_study(config, headers_only=False):
             except SeriesError as exc:
                 problems.append((pid, slot.session_id, str(exc)))
                 continue
-            seed = study.seeds.get(key)
-            if seed is not None and key not in study.masks:
-                if seed_voxel(seed.seed_ras_mm, affine, shape) is None:
-                    x, y, z = seed.seed_ras_mm
-                    problems.append((pid, slot.session_id,
-                                     f"{slot.path}: seed ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the image"))
-            if key in study.masks:
-                problems.extend((pid, slot.session_id, p) for p in _mask_problems(study.masks[key], shape, affine, headers_only))
-            elif seed is None and ref is None:
+            plan = plans[key]
+            if plan.source == SOURCE_SEED and seed_voxel(plan.seed_ras_mm, affine, shape) is None:
+                x, y, z = plan.seed_ras_mm
+                problems.append((pid, slot.session_id,
+                                 f"{slot.path}: seed ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the image"))
+            elif plan.source == SOURCE_READER_MASK:
+                problems.extend((pid, slot.session_id, p) for p in _mask_problems(
+                    plan.reader_mask, shape, affine, headers_only, slot.session_id == baseline_id))
+            elif plan.source == SOURCE_NONE:
                 problems.append((pid, slot.session_id,
                                  f"{slot.path}: no seed and no reader mask for {pid}, so nothing to segment from"))
     if config.get("allocation"):
@@ -76,13 +77,19 @@ def _allocation_problems(allocation_path, arms, imaged_participants):
     return [(pid, "", f"{allocation_path}: {pid} {what}") for pid, what in allocation_mismatches(allocation, imaged_participants)]
 
 
-def _mask_problems(mask_path, shape, affine, headers_only):
+def _mask_problems(mask_path, shape, affine, headers_only, is_baseline=False):
+    from khe_vol.reader_masks import is_nrrd
+    from khe_vol.series import load_mask_file
+
     try:
-        if headers_only:
+        if headers_only and not is_nrrd(mask_path):
             _, mshape, maffine, _ = open_image(mask_path, "mask")
         else:
-            mask = load_image(mask_path, "mask")
+            # The workflow's own checks: every format, label values, emptiness.
+            mask = load_mask_file(mask_path)
             mshape, maffine = mask.data.shape, mask.affine
+            if is_baseline and not mask.data.any():
+                return [f"{mask_path}: reader mask is empty (no lesion voxels) at the baseline"]
     except SeriesError as exc:
         return [str(exc)]
     if not grids_overlap(shape, affine, mshape, maffine):

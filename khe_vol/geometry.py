@@ -13,6 +13,8 @@ Conventions
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -21,8 +23,43 @@ from scipy import ndimage
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
+#: Relative precision of geometry read from a NIfTI header: float32 keeps
+#: about 7 significant digits (half an ulp is 6e-8); quaternion maths on a
+#: qform adds a little. Differences below this are representation noise.
+HEADER_RELATIVE_PRECISION = 2.5e-7
+
+
+def header_decimal(value, rel_tol=HEADER_RELATIVE_PRECISION):
+    """The shortest decimal within header precision of a float32-stored length.
+
+    A header stores 0.55 mm as 0.550000012; the scanner meant 0.55. The
+    value with the fewest significant digits within ``rel_tol`` of the
+    stored one is returned (0.46875 and 0.4296875, exact in float32, stay
+    as they are).
+
+    Parameters
+    ----------
+    value : float
+        A positive length read from a header, mm.
+    rel_tol : float
+        Relative tolerance.
+
+    Returns
+    -------
+    float
+    """
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if abs(candidate - value) <= rel_tol * value:
+            return candidate
+    return value
+
+
 def voxel_volume_mm3(affine):
-    """Volume of one voxel in cubic millimetres.
+    """Volume of one voxel in cubic millimetres, free of float32 header noise.
 
     Parameters
     ----------
@@ -32,13 +69,29 @@ def voxel_volume_mm3(affine):
     Returns
     -------
     float
-        ``|det(affine[:3, :3])|``, in mm^3.
+        ``|det(affine[:3, :3])|``, in mm^3. When the voxel axes are
+        orthogonal (to header precision) it is the product of the edge
+        lengths, each taken as :func:`header_decimal`: so two grids of
+        0.55 x 0.55 x 4 and 0.3 x 0.7 x 3.3 mm compare exactly, as their
+        headers meant (a change of exactly -20 % between them is -20 %, not
+        -20.0000004 %). Sheared grids keep ``|det|`` as is.
     """
-    return float(abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])))
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    det = abs(float(np.linalg.det(m)))
+    sizes = voxel_sizes_mm(m)
+    if det == 0 or np.any(sizes == 0):
+        return det
+    # |det| of the unit direction matrix is 1 for orthogonal axes.
+    if abs(det / float(np.prod(sizes)) - 1.0) > 10 * HEADER_RELATIVE_PRECISION:
+        return det
+    # The product of the decimals, correctly rounded once (0.33 x 0.33 x 1.1
+    # is 0.11979, not 0.11979000000000002).
+    edges = [Fraction(repr(header_decimal(s))) for s in sizes]
+    return float(edges[0] * edges[1] * edges[2])
 
 
 def voxel_sizes_mm(affine):
-    """Edge lengths of a voxel along each array axis, in millimetres."""
+    """Edge lengths of a voxel along each array axis, in millimetres (4x4 affine or its 3x3)."""
     return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
 
 
@@ -185,6 +238,34 @@ def grid_corners_world(shape, affine):
     corners = np.array([[hi[0] if a else lo[0], hi[1] if b else lo[1], hi[2] if c else lo[2]]
                         for a in (0, 1) for b in (0, 1) for c in (0, 1)])
     return voxel_to_world(corners, affine)
+
+
+def affine_disagreement(affine_a, affine_b, shape):
+    """How differently two affines place one grid.
+
+    Parameters
+    ----------
+    affine_a, affine_b : (4, 4) array_like
+        Voxel-to-world affines, mm.
+    shape : sequence of int
+        Spatial shape of the grid.
+
+    Returns
+    -------
+    distance_mm : float
+        Largest distance between the world positions the two give the
+        centre of a corner voxel (the largest over the field of view, since
+        the difference is affine).
+    rotation_deg : float
+        Largest angle between corresponding voxel axes (180 for a flip).
+    """
+    a, b = np.asarray(affine_a, float), np.asarray(affine_b, float)
+    extent = np.asarray(shape[:3], float) - 1
+    corners = np.array([[i, j, k] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])])
+    distance_mm = float(np.linalg.norm(voxel_to_world(corners, a) - voxel_to_world(corners, b), axis=1).max())
+    ua, ub = a[:3, :3] / voxel_sizes_mm(a), b[:3, :3] / voxel_sizes_mm(b)
+    cosines = np.clip((ua * ub).sum(axis=0), -1.0, 1.0)
+    return distance_mm, float(np.degrees(np.arccos(cosines)).max())
 
 
 def grids_overlap(shape_a, affine_a, shape_b, affine_b):

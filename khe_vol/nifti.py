@@ -17,10 +17,22 @@ from nibabel.openers import ImageOpener
 
 # Atomic writes and file checksums live in khe_vol.files; re-exported here for existing callers.
 from khe_vol.files import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401
-from khe_vol.geometry import voxel_sizes_mm
+from khe_vol.geometry import affine_disagreement, voxel_sizes_mm
 
 #: Plausible voxel edge lengths for clinical MRI, in mm.
 VOXEL_SIZE_RANGE_MM = (0.05, 20.0)
+
+#: Fewest voxels along any array axis: a lesion volume needs slices around
+#: it; one or two slices are a localiser or a 2D image, not a volume.
+MIN_SLICES = 3
+
+#: An sform and a qform that place the field of view further apart than
+#: this (mm, largest displacement of a voxel) or turn its axes by more than
+#: this (degrees) disagree: software reading the other one shows the image
+#: (and a reader's mask or seed) elsewhere. Float32 storage and quaternion
+#: rounding stay far below both.
+GEOMETRY_TOLERANCE_MM = 1.0
+GEOMETRY_TOLERANCE_DEG = 1.0
 
 
 class SeriesError(ValueError):
@@ -49,6 +61,10 @@ class LoadedImage:
     affine_source: str
     path: Path
     sha256: str
+    geometry_disagreement: dict | None = None
+    """``{"distance_mm", "rotation_deg", "used"}`` when the header's sform and
+    qform (both coded) disagree beyond :data:`GEOMETRY_TOLERANCE_MM` /
+    :data:`GEOMETRY_TOLERANCE_DEG`; ``None`` otherwise."""
 
 
 def _chosen_affine(img, path):
@@ -101,6 +117,40 @@ def _chosen_affine(img, path):
     return affine, source
 
 
+def geometry_disagreement(header, shape):
+    """How far a header's sform and qform disagree, when both are coded.
+
+    nibabel (and khe-vol) use the sform when its code is set; a viewer or
+    converter that reads the qform would place the image elsewhere.
+
+    Parameters
+    ----------
+    header : nibabel Nifti1Header or Nifti2Header
+    shape : tuple of int
+        Spatial shape of the image.
+
+    Returns
+    -------
+    dict or None
+        ``distance_mm``: largest displacement of a voxel of the field of
+        view between the two; ``rotation_deg``: largest angle between
+        corresponding voxel axes; ``used``: ``"sform"``. ``None`` when one
+        code is 0, the qform is unreadable, or both agree within
+        :data:`GEOMETRY_TOLERANCE_MM` and :data:`GEOMETRY_TOLERANCE_DEG`.
+    """
+    try:
+        sform, scode = header.get_sform(coded=True)
+        qform, qcode = header.get_qform(coded=True)
+    except Exception:  # an unreadable qform beside a valid sform is never used
+        return None
+    if sform is None or qform is None or int(scode) <= 0 or int(qcode) <= 0:
+        return None
+    distance_mm, rotation_deg = affine_disagreement(sform, qform, shape)
+    if distance_mm <= GEOMETRY_TOLERANCE_MM and rotation_deg <= GEOMETRY_TOLERANCE_DEG:
+        return None
+    return {"distance_mm": round(distance_mm, 2), "rotation_deg": round(rotation_deg, 2), "used": "sform"}
+
+
 def open_image(path, kind="series"):
     """Open a NIfTI file and validate its header, without reading voxel data.
 
@@ -132,6 +182,8 @@ def open_image(path, kind="series"):
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
+    if len(shape) < 3 and min(shape, default=0) >= 1:
+        raise SeriesError(f"{path}: one slice (a 2D image of shape {tuple(img.shape)}): a 3D volume is needed")
     if len(shape) != 3:
         raise SeriesError(
             f"{path}: {kind} must be one 3D volume, but it has shape {tuple(img.shape)}"
@@ -139,6 +191,14 @@ def open_image(path, kind="series"):
         )
     if min(shape) < 1:
         raise SeriesError(f"{path}: {kind} has an empty dimension, shape {tuple(img.shape)}")
+    if min(shape) == 1:
+        raise SeriesError(f"{path}: one slice (shape {shape}): a 3D volume is needed")
+    if min(shape) < MIN_SLICES:
+        axis = int(np.argmin(shape))
+        raise SeriesError(
+            f"{path}: only {shape[axis]} slices along array axis {axis} (shape {shape}): "
+            f"a 3D volume of at least {MIN_SLICES} slices is needed"
+        )
     dtype = img.get_data_dtype()
     if dtype.kind not in "iuf":
         raise SeriesError(
@@ -169,7 +229,16 @@ def _stored_image(img, path):
         return img
     try:
         with gzip.open(path, "rb") as fh:
-            payload = fh.read(needed)
+            # In chunks: a header may declare far more than the stream holds,
+            # and one read of the declared size would allocate all of it.
+            chunks, got = [], 0
+            while got < needed:
+                chunk = fh.read(min(1 << 24, needed - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            payload = b"".join(chunks)
             while fh.read(1 << 24):  # to the end: the CRC is checked there
                 pass
     except (EOFError, OSError, zlib.error) as exc:
@@ -217,7 +286,7 @@ def load_image(path, kind="series"):
     n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if n_bad:
         raise SeriesError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
-    return LoadedImage(data, affine, source, path, sha256_file(path))
+    return LoadedImage(data, affine, source, path, sha256_file(path), geometry_disagreement(img.header, shape))
 
 
 def load_series(path):

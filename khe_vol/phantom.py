@@ -153,7 +153,9 @@ class LesionSpec:
     rim_threshold : float
         ...namely where it exceeds this.
     seed_mm : (3,) ndarray
-        A deep point inside the lesion, local mm (where a reader would click).
+        A deep point inside the lesion, local mm: the *ideal* seed, kept
+        clear of septa and flow voids. Readers do not click there; tests
+        and benchmarks use :func:`reader_seeds_ras_mm`.
     signal_rel, septum_rel, void_rel, oedema_rel : float
         Signal relative to muscle.
     """
@@ -340,8 +342,9 @@ class Phantom:
     true_volume_ml : float
         Exact lesion volume of this session (``volume_ratio * baseline``), mL.
     seed_ras_mm : (3,) ndarray
-        The lesion seed in this session's scanner RAS+ mm (for ratio 0, where
-        the lesion's centre was).
+        The ideal seed (the lesion's deep point ``LesionSpec.seed_mm``) in
+        this session's scanner RAS+ mm (for ratio 0, where it was). Seeds as
+        a reader places them: :func:`phantom_reader_seeds`.
     volume_ratio : float
     body_to_world : (4, 4) ndarray
         This session's body-frame-to-scanner transform.
@@ -1375,6 +1378,101 @@ def lesion_fits_fov(anatomy, series_spec, margin_voxels=1.0):
 
 
 # --------------------------------------------------------------------------
+# Reader-placed seeds
+# --------------------------------------------------------------------------
+
+#: Default depth of a reader's click inside the lesion boundary, mm.
+READER_SEED_DEPTH_MM = 3.0
+
+
+def reader_seeds_ras_mm(truth_mask, affine, rng, n_seeds=1, labels=None, min_depth_mm=READER_SEED_DEPTH_MM):
+    """Seeds a reader would click: anywhere in bright lesion tissue, not at its deepest point.
+
+    A reader clicks a voxel that looks like lesion, somewhere inside it; which
+    one varies from reader to reader and read to read. Candidates are the
+    voxel centres of ``truth_mask``
+
+    - at least ``min_depth_mm`` inside the lesion boundary: the distance to
+      the nearest voxel centre outside the lesion (the array border counts
+      as outside) is at least ``min_depth_mm`` plus half the voxel diagonal,
+      since the boundary can lie anywhere between an inside and an outside
+      centre;
+    - with ``labels``, in bright lesion tissue: labelled ``LESION`` with no
+      face neighbour labelled ``SEPTUM`` or ``FLOW_VOID`` (partial volume
+      would make the voxel dark).
+
+    Seeds are drawn from them uniformly, without replacement.
+
+    Parameters
+    ----------
+    truth_mask : (I, J, K) array_like
+        Non-zero = lesion, on the series grid.
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ mm of that grid.
+    rng : numpy.random.Generator
+    n_seeds : int
+    labels : (I, J, K) array_like of int, optional
+        Tissue codes of the grid (:func:`render_labels`).
+    min_depth_mm : float
+
+    Returns
+    -------
+    (n_seeds, 3) float64 ndarray
+        Voxel centres in scanner RAS+ mm.
+
+    Raises
+    ------
+    ValueError
+        If fewer than ``n_seeds`` voxels qualify (a lesion too small or too
+        thin for the depth asked).
+    """
+    from scipy import ndimage
+
+    from khe_vol.geometry import voxel_sizes_mm
+
+    mask = np.asarray(truth_mask) != 0
+    affine = np.asarray(affine, dtype=float)
+    spacing = voxel_sizes_mm(affine)
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    ok = mask & (depth >= float(min_depth_mm) + 0.5 * float(np.linalg.norm(spacing)))
+    if labels is not None:
+        labels = np.asarray(labels)
+        dark = ndimage.binary_dilation((labels == SEPTUM) | (labels == FLOW_VOID),
+                                       structure=ndimage.generate_binary_structure(3, 1))
+        ok &= (labels == LESION) & ~dark
+    candidates = np.argwhere(ok)
+    if len(candidates) < n_seeds:
+        raise ValueError(
+            f"only {len(candidates)} voxels of bright lesion tissue lie {min_depth_mm:g} mm inside the lesion; "
+            f"{n_seeds} seeds asked"
+        )
+    picked = candidates[np.sort(rng.choice(len(candidates), size=int(n_seeds), replace=False))]
+    return voxel_to_world(picked, affine).reshape(-1, 3)
+
+
+def phantom_reader_seeds(anatomy, series_spec, phantom, rng, n_seeds=1, min_depth_mm=READER_SEED_DEPTH_MM):
+    """:func:`reader_seeds_ras_mm` on a rendered series, with its tissue labels.
+
+    Parameters
+    ----------
+    anatomy : Anatomy
+    series_spec : SeriesSpec
+        The spec ``phantom`` was rendered from.
+    phantom : Phantom
+    rng : numpy.random.Generator
+    n_seeds : int
+    min_depth_mm : float
+
+    Returns
+    -------
+    (n_seeds, 3) float64 ndarray
+        Scanner RAS+ mm.
+    """
+    return reader_seeds_ras_mm(phantom.truth_mask, phantom.affine, rng, n_seeds,
+                               labels=render_labels(anatomy, series_spec), min_depth_mm=min_depth_mm)
+
+
+# --------------------------------------------------------------------------
 # Demo cohort
 # --------------------------------------------------------------------------
 
@@ -1505,7 +1603,9 @@ def write_demo_cohort(out_dir, n_participants=6, rng_seed=0, shape=(160, 160, 30
 
         imaging/sub-demoNN/ses-{baseline,m06,m12}/anat/sub-demoNN_ses-*_T2w.nii.gz
         truth/sub-demoNN/ses-*/anat/sub-demoNN_ses-*_label-lesion_mask.nii.gz
-        seeds.tsv   participant_id x y z  (baseline seed, scanner RAS+ mm)
+        seeds.tsv   participant_id x y z  (baseline seed, scanner RAS+ mm: where a
+                    reader clicks, bright lesion tissue >= 3 mm inside the boundary,
+                    not the deepest point; :func:`reader_seeds_ras_mm`)
         truth.tsv   participant_id session_id month true_volume_ml
                     true_percent_change true_category
         allocation.tsv  participant_id arm  (randomised in blocks of two;
@@ -1555,7 +1655,8 @@ def write_demo_cohort(out_dir, n_participants=6, rng_seed=0, shape=(160, 160, 30
             atomic_write_bytes(mpath, nifti_gz_bytes(ph.truth_mask, ph.affine, np.uint8, f"khe_vol truth {pid} {sid}"))
             mask_paths[(pid, sid)] = mpath
             if month == 0:
-                seed_rows.append(f"{pid}\t" + "\t".join(f"{v:.2f}" for v in ph.seed_ras_mm))
+                seed = phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng(_child_seed(rng_seed, index, 3)))[0]
+                seed_rows.append(f"{pid}\t" + "\t".join(f"{v:.2f}" for v in seed))
                 change, category = "n/a", "n/a"
             else:
                 change = f"{(spec.volume_ratio - 1) * 100:.2f}"

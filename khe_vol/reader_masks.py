@@ -19,6 +19,9 @@ Which voxels are lesion
 -----------------------
 * NIfTI label maps and plain ``.nrrd`` label maps: all non-zero voxels, or
   only voxels equal to ``label`` (an int) when given.
+* Every format holds whole numbers >= 0 (:func:`check_label_values`): a
+  probability map, an interpolated label map, negative values or an image
+  saved as the mask are errors naming the file and what was found.
 * Slicer ``.seg.nrrd``: segments are described by ``Segment<N>_Name``,
   ``Segment<N>_LabelValue`` and ``Segment<N>_Layer``; a 4D array stores
   overlapping segments in separate layers along its first axis. The
@@ -29,13 +32,14 @@ Which voxels are lesion
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import nrrd
 import numpy as np
 
-from khe_vol.nifti import load_image
+from khe_vol.nifti import LoadedImage, load_image, sha256_file
 
 #: Sign of each NRRD world axis in RAS+ for the anatomical spaces accepted.
 NRRD_SPACE_SIGNS = {
@@ -186,14 +190,75 @@ def _find_segment(segments, label, path):
     return found[0]
 
 
-def _integer_labels(data, path):
-    """Refuse label maps that are not whole numbers (a resampled or probability map)."""
+#: A label map holds background and a few labels; more distinct non-zero
+#: values than this means an image was saved under the mask's name.
+MAX_MASK_LABELS = 64
+
+
+def check_label_values(data, path):
+    """Refuse voxel values a label map cannot hold, saying what was found.
+
+    Every mask format goes through this (NIfTI, Slicer ``.seg.nrrd``, NRRD
+    label maps): 0 is background, whole numbers >= 1 are labels.
+
+    Parameters
+    ----------
+    data : ndarray
+        Voxel values as stored (scaling applied).
+    path : path-like
+        Named in error messages.
+
+    Returns
+    -------
+    ndarray
+        ``data``, unchanged.
+
+    Raises
+    ------
+    ValueError
+        Complex or structured (RGB) values; NaN or infinite values; negative
+        values; non-integer values (a probability map when they lie between
+        0 and 1, else an interpolated label map or an image); more than
+        :data:`MAX_MASK_LABELS` distinct labels (an image).
+    """
     data = np.asarray(data)
+    if data.dtype.kind not in "iubf":
+        what = "complex" if data.dtype.kind == "c" else "not plain numbers, e.g. RGB"
+        raise ValueError(f"{path}: mask voxels are of type {data.dtype} ({what}); "
+                         "a label map of whole numbers (0 = background) is expected")
+    if data.dtype.kind == "b" or data.size == 0:
+        return data
     if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise ValueError(f"{path}: mask has non-integer values, so it is not a label map")
-    elif data.dtype.kind not in "iub":
-        raise ValueError(f"{path}: mask data type {data.dtype} is not a label map")
+        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if n_bad:
+            raise ValueError(f"{path}: {n_bad} mask voxel(s) are NaN or infinite, so it is not a label map")
+    lo, hi = data.min(), data.max()
+    if lo < 0:
+        raise ValueError(
+            f"{path}: mask has negative values (lowest {float(lo):g}); a label map holds 0 (background) "
+            "and positive labels: is this an image rather than a mask?"
+        )
+    if data.dtype.kind == "f":
+        fractional = data != np.round(data)
+        if fractional.any():
+            example = float(data[fractional][0])
+            if hi <= 1:
+                raise ValueError(
+                    f"{path}: mask has non-integer values between 0 and 1 (e.g. {example:.3g}): "
+                    "a probability map? Threshold it and save it as a label map (0 = background, 1 = lesion)"
+                )
+            raise ValueError(
+                f"{path}: mask has non-integer values (e.g. {example:.3g}, up to {float(hi):g}): a label map "
+                "resampled with linear interpolation, or an image? Save it with nearest-neighbour "
+                "interpolation as whole-number labels"
+            )
+    labels = np.unique(data)
+    n_labels = int(np.count_nonzero(labels))
+    if n_labels > MAX_MASK_LABELS:
+        raise ValueError(
+            f"{path}: mask has {n_labels} different non-zero values (a label map has a few labels, at most "
+            f"{MAX_MASK_LABELS} here): is this the T2 image rather than its lesion mask?"
+        )
     return data
 
 
@@ -220,7 +285,7 @@ def _load_nrrd(path, label):
     except Exception as exc:  # pynrrd raises NRRDError, OSError, zlib/bz2 errors...
         raise ValueError(f"{path}: not a readable NRRD file ({exc})") from exc
     affine, spatial_axes = nrrd_affine_ras(header, path)
-    data = _integer_labels(data, path)
+    data = check_label_values(data, path)
     segments = slicer_segments(header)
     if data.ndim == 4:
         if spatial_axes != (1, 2, 3):
@@ -236,6 +301,38 @@ def _load_nrrd(path, label):
     if not 0 <= segment["layer"] < layers.shape[0]:
         raise ValueError(f"{path}: segment {segment['name']!r} is in layer {segment['layer']}, but the file has {layers.shape[0]} layer(s)")
     return layers[segment["layer"]] == segment["label_value"], affine
+
+
+def read_reader_mask(path, label=None):
+    """A reader's lesion mask as a validated image, empty or not.
+
+    Parameters
+    ----------
+    path, label
+        As :func:`load_reader_mask`.
+
+    Returns
+    -------
+    khe_vol.nifti.LoadedImage
+        ``data`` uint8 0/1 (1 = lesion) indexed like the file's spatial
+        axes, ``affine`` voxel -> RAS+ mm, ``affine_source`` (``sform``,
+        ``qform`` or ``nrrd space directions``), and for NIfTI the sform/qform
+        disagreement (:attr:`~khe_vol.nifti.LoadedImage.geometry_disagreement`).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the problem (see :func:`load_reader_mask`),
+        except an empty mask.
+    """
+    path = Path(path)
+    if is_nrrd(path):
+        mask, affine = _load_nrrd(path, label)
+        return LoadedImage(mask.astype(np.uint8), np.asarray(affine, dtype=float), "nrrd space directions",
+                           path, sha256_file(path))
+    image = load_image(path, "mask")  # SeriesError is a ValueError naming the file
+    mask = _label_mask(check_label_values(image.data, path), label, path)
+    return dataclasses.replace(image, data=mask.astype(np.uint8))
 
 
 def load_reader_mask(path, label=None):
@@ -264,15 +361,10 @@ def load_reader_mask(path, label=None):
     ValueError
         Naming the file and the problem: unreadable file, unknown space,
         missing space directions, layered file without segments, no or
-        ambiguous lesion segment, non-integer labels, empty mask.
+        ambiguous lesion segment, values that are not a label map
+        (:func:`check_label_values`), empty mask.
     """
-    path = Path(path)
-    if is_nrrd(path):
-        mask, affine = _load_nrrd(path, label)
-    else:
-        image = load_image(path, "mask")  # SeriesError is a ValueError naming the file
-        mask = _label_mask(_integer_labels(image.data, path), label, path)
-        affine = image.affine
-    if not mask.any():
+    image = read_reader_mask(path, label)
+    if not image.data.any():
         raise ValueError(f"{path}: mask is empty (no lesion voxels" + (f" with label {label!r})" if label is not None else ")"))
-    return mask.astype(np.uint8), np.asarray(affine, dtype=float)
+    return image.data, image.affine

@@ -37,8 +37,9 @@ REVIEW_REASONS = {
         "check the seed is inside the lesion"
     ),
     "intensity_scale_differs": (
-        "this series stores intensities on another scale than its reference session (gain, offset "
-        "or sign differ); tissue and lesion levels were re-estimated on this series"
+        "this follow-up stores intensities on another scale than its reference session (an offset, an "
+        "inverted sign, z-scoring, or negative values in one session only; a plain gain is not flagged); "
+        "it was segmented after mapping its intensities onto the reference's: check the mask"
     ),
     "thick_slices": f"slices thicker than {THICK_SLICE_MM:g} mm: partial volume makes the volume uncertain",
     "wide_band": (

@@ -4,7 +4,12 @@ Method (every distance in mm, so anisotropic, oblique and flipped grids
 behave alike)
 -----------------------------------------------------------------------
 1. **Region of interest.** A box of half-width ``max_radius_mm`` around the
-   seed; everything below runs on it only.
+   seed, spanning the whole image along axes at most ``whole_axis_mm`` long;
+   everything below runs on it only. Where the image is larger, the box is
+   re-centred on the lesion found and steps 2-5 redone
+   (``recentre_passes``). Either way, where the box cuts the image, and with
+   it the bias field and the tissue level, does not depend on where in the
+   lesion the reader clicked.
 2. **Bias field.** N4 (SimpleITK) fitted on a copy shrunk to about
    ``n4_spacing_mm`` voxels, its field applied at full resolution; then a
    light Gaussian of ``smoothing_sigma_mm``. Data with negative values are
@@ -19,7 +24,8 @@ behave alike)
    ``L + max(fluid_fraction * c, fluid_sd_factor * sd)`` are fluid: fluid
    beside the lesion is excluded with its partial-volume rim, while a
    bright core the lesion surrounds (``enclosure_fraction``) is kept, as is
-   bright heterogeneous tissue. ``L`` and ``sd`` are re-estimated
+   bright heterogeneous tissue and a flat bright nodule bordered almost all
+   round by lesion-level tissue (``nodule_border_fraction``). ``L`` and ``sd`` are re-estimated
    from the segmentation ``threshold_iterations`` times (an isodata-like
    local threshold).
 4. **Shape.** A closing of ``closing_radius_mm`` bridges thin dark septa, an
@@ -74,6 +80,15 @@ class SegmentationParams:
     max_radius_mm : float
         Half-width of the box searched around the seed, mm. A lesion reaching
         further is cut at the box (``info["touches_roi_border"]``).
+    whole_axis_mm : float
+        Along an axis where the image is at most this long, mm, the box spans
+        the whole image: cropping it would save little, and where the box cuts
+        the image would depend on where the seed lies.
+    recentre_passes : int
+        Elsewhere, the box is re-centred on the lesion found (the centre of its
+        bounding box) and the segmentation redone, until the box stays put
+        or this many times, so the result does not depend on where in the
+        lesion the seed lies (0 = the box stays centred on the seed).
     seed_search_radius_mm : float
         Lesion tissue must lie within this distance of the seed, mm (a seed
         on a flow void, septum or necrosis still works).
@@ -107,7 +122,11 @@ class SegmentationParams:
     enclosure_fraction : float
         ...and not surrounded by the lesion: a flat bright region at least
         this fraction of whose bordering voxels are lesion is a bright core
-        and kept.
+        and kept...
+    nodule_border_fraction : float
+        ...and not a bright nodule of the lesion: a flat bright region at
+        least this fraction of whose bordering voxels are at or above the
+        lower threshold is lesion (:func:`fluid_mask`); above 1 turns this off.
     converged_fraction : float
         The re-estimation stops early once the thresholds move by at most
         this fraction of the contrast ``L - B`` (on the throughput cohort
@@ -165,6 +184,8 @@ class SegmentationParams:
     """
 
     max_radius_mm: float = 90.0
+    whole_axis_mm: float = 270.0
+    recentre_passes: int = 2
     seed_search_radius_mm: float = 10.0
     min_contrast: float = 2.0
     bias_correction: bool = True
@@ -178,6 +199,7 @@ class SegmentationParams:
     fluid_max_sd: float = 0.08
     fluid_height_sd: float = 3.0
     enclosure_fraction: float = 0.6
+    nodule_border_fraction: float = 0.8
     threshold_iterations: int = 3
     converged_fraction: float = 0.005
     shell_inner_mm: float = 1.5
@@ -769,6 +791,43 @@ def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
     return ndimage.binary_dilation(plateaus, structure=cube) & candidates
 
 
+def fluid_mask(smoothed, model, params):
+    """Fluid under an intensity model: :func:`fluid_plateaus` less the lesion's bright nodules.
+
+    A flat bright patch whose face neighbours are at least
+    ``nodule_border_fraction`` lesion-level tissue (at or above the lower
+    threshold) sits within the lesion: it is a nodule of the lesion's own
+    heterogeneity, flat where it saturates, not fluid. Fluid touches the
+    lesion along part of its surface only, and meets muscle and fat (below
+    the lower threshold) along the rest. Why: a lesion's brightest nodules
+    can lie within a few percent of the contrast of the dimmest fluid, so
+    level and flatness alone cannot tell them apart; taken for fluid, a
+    nodule was cut out with its rim, and the lobe behind it was lost (up to
+    a fifth of a phantom lesion), which also lowered ``L`` and ``sd`` and
+    so the upper threshold: which state the estimate settled in depended
+    on where the seed lay.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+    model : IntensityModel
+    params : SegmentationParams
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    fluid = fluid_plateaus(
+        smoothed, model.upper(params), params.fluid_max_sd * model.contrast, params.fluid_height_sd
+    )
+    if not fluid.any() or params.nodule_border_fraction > 1:
+        return fluid
+    box = mask_box(fluid, np.ones(3), 1)  # the plateaus and their face neighbours only
+    tissue = (smoothed[box] >= model.lower(params)) & ~fluid[box]
+    fluid[box] &= ~enclosed_components(fluid[box], tissue, params.nodule_border_fraction)
+    return fluid
+
+
 def enclosed_components(candidates, region, min_fraction):
     """Components of ``candidates`` mostly surrounded by ``region``.
 
@@ -846,9 +905,7 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
     ndarray of bool
         Empty when nothing is found.
     """
-    fluid = fluid_plateaus(
-        smoothed, model.upper(params), params.fluid_max_sd * model.contrast, params.fluid_height_sd
-    )
+    fluid = fluid_mask(smoothed, model, params)
     band = (smoothed >= model.lower(params)) & ~fluid
     closed = closing_mm(band, spacing_mm, params.closing_radius_mm) & ~fluid
     opened = opening_mm(closed, spacing_mm, params.opening_radius_mm)
@@ -910,9 +967,7 @@ def thick_low_band(smoothed, model, region, spacing_mm, params):
     """
     if params.low_band_fraction <= 0 or params.low_band_min_thickness_mm <= 0 or not region.any():
         return np.zeros(region.shape, bool)
-    fluid = fluid_plateaus(
-        smoothed, model.upper(params), params.fluid_max_sd * model.contrast, params.fluid_height_sd
-    )
+    fluid = fluid_mask(smoothed, model, params)
     if fluid.any():
         fluid = ndimage.binary_dilation(fluid, structure=np.ones((3, 3, 3), bool))
     low = smoothed >= model.surround + params.low_band_fraction * model.contrast
@@ -1109,30 +1164,29 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
             "outside the image"
         )
     spacing = voxel_sizes_mm(affine)
-    box = crop_box(ijk, image.shape, spacing, params.max_radius_mm)
-    smoothed, info = prepare_roi(image, affine, box, params)
+    # N4's fit and the tissue level depend on where the region of interest
+    # cuts the image, and must not depend on where in the lesion the reader
+    # clicked: the box spans the image along axes not much longer than the
+    # box, and is re-centred on the lesion found until it stays put.
+    box = roi_box(ijk, image.shape, spacing, params)
+    result = _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params)
+    recentred, note = 0, None
+    while recentred < params.recentre_passes:
+        moved = roi_box(lesion_box_centre(result[1], box), image.shape, spacing, params)
+        if moved == box or not _contains(moved, ijk):
+            break
+        try:
+            result = _segment_in_box(image, affine, moved, ijk, seed_ras_mm, spacing, params)
+        except SegmentationError as exc:  # keep the lesion found in the seed's box
+            note = f"re-centred region failed, the previous one kept: {exc}"
+            break
+        box, recentred = moved, recentred + 1
+    smoothed, region, model, history, info = result
+    info["roi_recentred"] = recentred
+    if note:
+        info["roi_recentre_note"] = note
     seed_roi = tuple(int(i - s.start) for i, s in zip(ijk, box))
-
-    near = ball_mask(smoothed.shape, seed_roi, spacing, params.seed_search_radius_mm)
-    model, tissue_sd = initial_model(smoothed, smoothed[near])
-    info["initial_model"] = {**model.as_dict(params), "tissue_sd": tissue_sd}
-    if model.contrast < params.min_contrast * max(tissue_sd, 1e-6 * abs(model.lesion)):
-        raise SegmentationError(
-            f"no hyperintense tissue within {params.seed_search_radius_mm:g} mm of the seed "
-            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm: the brightest "
-            f"tissue there ({model.lesion:.4g}) is barely above the surrounding tissue ({model.surround:.4g}); "
-            "place the seed inside the lesion"
-        )
-    region, model, history = iterate_segmentation(
-        smoothed, model, seed_roi, spacing, params, params.seed_search_radius_mm
-    )
-    if not region.any():
-        raise SegmentationError(
-            f"no lesion found within {params.seed_search_radius_mm:g} mm of the seed "
-            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm; "
-            "place the seed inside the lesion"
-        )
-    region = refine_edges(smoothed, region, spacing, params)
+    info["seed_level"] = float(smoothed[seed_roi])  # bias-corrected, smoothed intensity at the seed
     core = enclosed_core(region, seed_roi, spacing, params)
     if core.any():
         region = fill_lesion_holes(region | core, spacing, params)
@@ -1146,6 +1200,106 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     info.update(_summary(mask, affine, region, box, image.shape))
     info["seconds"] = round(time.process_time() - started, 3)
     return mask, info
+
+
+def roi_box(center_ijk, shape, spacing_mm, params):
+    """Region of interest around a voxel: :func:`crop_box` of ``max_radius_mm``,
+    spanning the whole image along axes at most ``whole_axis_mm`` long.
+
+    Returns
+    -------
+    tuple of slice
+    """
+    box = crop_box(center_ijk, shape, spacing_mm, params.max_radius_mm)
+    return tuple(slice(0, int(n)) if n * s <= params.whole_axis_mm else b
+                 for b, n, s in zip(box, shape[:3], spacing_mm))
+
+
+def _contains(box, ijk):
+    return all(sl.start <= i < sl.stop for sl, i in zip(box, ijk))
+
+
+def lesion_box_centre(region, box):
+    """Voxel (full-image indices) at the centre of a region's bounding box.
+
+    Parameters
+    ----------
+    region : ndarray of bool
+        A lesion on the grid of ``image[box]``.
+    box : tuple of slice
+        Where ``region`` lies in the full image.
+
+    Returns
+    -------
+    tuple of int
+    """
+    idx = np.argwhere(region)
+    mid = (idx.min(axis=0) + idx.max(axis=0)) // 2
+    return tuple(int(m + sl.start) for m, sl in zip(mid, box))
+
+
+def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params):
+    """Seeded segmentation within one region of interest (steps 2-5 of the module notes).
+
+    Returns
+    -------
+    smoothed : ndarray of float32
+        The prepared region.
+    region : ndarray of bool
+        The lesion, edges refined, on ``smoothed``'s grid.
+    model : IntensityModel
+    history : list of dict
+    info : dict
+    """
+    smoothed, info = prepare_roi(image, affine, box, params)
+    seed_roi = tuple(int(i - s.start) for i, s in zip(ijk, box))
+    near = ball_mask(smoothed.shape, seed_roi, spacing, params.seed_search_radius_mm)
+    model, tissue_sd = initial_model(smoothed, smoothed[near])
+    info["initial_model"] = {**model.as_dict(params), "tissue_sd": tissue_sd}
+    if model.contrast < params.min_contrast * max(tissue_sd, 1e-6 * abs(model.lesion)):
+        raise SegmentationError(
+            f"no hyperintense tissue within {params.seed_search_radius_mm:g} mm of the seed "
+            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm: the brightest "
+            f"tissue there ({model.lesion:.4g}) is barely above the surrounding tissue ({model.surround:.4g}); "
+            "place the seed inside the lesion"
+        )
+    region, model, history = _search_near_seed(smoothed, model, seed_roi, spacing, params)
+    if not region.any():
+        raise SegmentationError(
+            f"no lesion found within {params.seed_search_radius_mm:g} mm of the seed "
+            f"({seed_ras_mm[0]:.1f}, {seed_ras_mm[1]:.1f}, {seed_ras_mm[2]:.1f}) RAS+ mm; "
+            "place the seed inside the lesion"
+        )
+    return smoothed, refine_edges(smoothed, region, spacing, params), model, history, info
+
+
+def _search_near_seed(smoothed, model, seed_roi, spacing, params):
+    """:func:`iterate_segmentation` from the seed, first within ``max_radius_mm`` of it.
+
+    The intensity model comes from the whole region of interest; only the
+    search is confined, which saves time on a region larger than that box.
+    The steps look at most ``margin`` mm beyond the lesion (the statistics of
+    a fluid plateau reaching from the lesion to the cut aside), so a lesion
+    farther than that from where the box cuts the region is the one the
+    whole region gives; otherwise the whole region is searched.
+    """
+    search = crop_box(seed_roi, smoothed.shape, spacing, params.max_radius_mm)
+    margin = np.ceil((params.shell_outer_mm + params.opening_radius_mm + 10.0) / np.asarray(spacing, float))
+    if any(sl.start > 0 or sl.stop < n for sl, n in zip(search, smoothed.shape)):
+        start = tuple(i - sl.start for i, sl in zip(seed_roi, search))
+        sub, sub_model, history = iterate_segmentation(
+            smoothed[search], model, start, spacing, params, params.seed_search_radius_mm
+        )
+        if sub.any():
+            idx = np.argwhere(sub)
+            lo, hi = idx.min(axis=0), idx.max(axis=0)
+            clear = all((sl.start == 0 or a >= m) and (sl.stop == n or b < sl.stop - sl.start - m)
+                        for sl, n, a, b, m in zip(search, smoothed.shape, lo, hi, margin))
+            if clear:
+                region = np.zeros(smoothed.shape, bool)
+                region[search] = sub
+                return region, sub_model, history
+    return iterate_segmentation(smoothed, model, seed_roi, spacing, params, params.seed_search_radius_mm)
 
 
 def _summary(mask, affine, region, box, shape):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +18,11 @@ from khe_vol.geometry import (
     grids_overlap,
     resample_mask_to_grid,
     seed_voxel,
+    voxel_sizes_mm,
 )
 from khe_vol.measure import lesion_size
-from khe_vol.nifti import LoadedImage, SeriesError, load_image, load_series, sha256_file
+from khe_vol.nifti import SeriesError, load_series
+from khe_vol.review import flag
 from khe_vol.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
@@ -81,21 +82,97 @@ def _fov_text(shape, affine):
 
 
 def load_mask_file(mask_path):
-    """A reader's mask file as a :class:`~khe_vol.nifti.LoadedImage`.
+    """A reader's mask file as a :class:`~khe_vol.nifti.LoadedImage` of 0/1, possibly empty.
 
-    NIfTI label maps (ITK-SNAP) go through the usual header checks; 3D
-    Slicer segmentations and NRRD label maps through
-    :func:`khe_vol.reader_masks.load_reader_mask`, whose affine is RAS+.
+    Every format (NIfTI label maps from ITK-SNAP, 3D Slicer segmentations,
+    NRRD label maps) goes through :func:`khe_vol.reader_masks.read_reader_mask`:
+    the same header checks and the same label-value checks; its affine is RAS+.
     """
-    from khe_vol.reader_masks import is_nrrd, load_reader_mask
+    from khe_vol.reader_masks import read_reader_mask
 
-    if not is_nrrd(mask_path):
-        return load_image(mask_path, "mask")
     try:
-        data, affine = load_reader_mask(mask_path)
+        return read_reader_mask(mask_path)
+    except SeriesError:
+        raise
     except ValueError as exc:
         raise SeriesError(str(exc)) from exc
-    return LoadedImage(data, affine, "nrrd space directions", Path(mask_path), sha256_file(mask_path))
+
+
+def seed_tissue_problem(seed_level, lower_threshold, upper_threshold, seed_in_mask):
+    """Why a seed may not lie in bright lesion tissue, or None when it does.
+
+    A pure check of what :func:`khe_vol.segment.segment_from_seed` settled
+    on: lesion tissue is at least ``lower_threshold`` (half-way between the
+    surrounding tissue and the lesion level). A seed darker than that lies on
+    fat, muscle, oedema or a septum; a seed the segmented lesion does not
+    contain lies on a vessel, fluid or tissue beside the lesion (the
+    segmentation took the nearest lesion-like tissue instead). Either way the
+    segmented structure may not be the one the reader meant.
+
+    Parameters
+    ----------
+    seed_level : float
+        Bias-corrected, smoothed intensity at the seed voxel (image units).
+    lower_threshold, upper_threshold : float
+        The segmentation's final lesion band (image units); above the upper
+        one, tissue may be fluid.
+    seed_in_mask : bool
+        Whether the seed voxel is in the segmented lesion.
+
+    Returns
+    -------
+    str or None
+    """
+    band = f"lesion band {lower_threshold:.4g} to {upper_threshold:.4g}"
+    if seed_level < lower_threshold:
+        return (f"seed intensity {seed_level:.4g} (bias-corrected) is below the {band} the segmentation settled "
+                "on: the seed lies on darker tissue (fat, muscle, oedema or a septum)")
+    if not seed_in_mask:
+        return (f"the seed voxel (intensity {seed_level:.4g}; {band}) is not in the segmented lesion: the seed "
+                "may lie on a vessel, fluid or tissue beside the lesion, and the lesion nearest it was segmented")
+    return None
+
+
+def flag_geometry(record, image, what="series"):
+    """Flag ``geometry_disagrees`` when an image's sform and qform disagree (one entry, details joined)."""
+    found = image.geometry_disagreement
+    if not found:
+        return
+    detail = (f"{what} {image.path}: sform and qform differ by up to {found['distance_mm']:.1f} mm over the "
+              f"field of view and {found['rotation_deg']:.1f} degrees; the {found['used']} was used (nibabel's "
+              "rule); software reading the qform shows the image elsewhere")
+    for item in record.get("review") or []:
+        if item["reason"] == "geometry_disagrees":
+            item["detail"] += "; " + detail
+            return
+    flag(record, "geometry_disagrees", detail)
+
+
+def too_thin_for_bias_fit(shape, affine, params):
+    """The first array axis along which a grid is too thin for the N4 bias-field fit, or None.
+
+    N4 is fitted on a copy shrunk by ``round(n4_spacing_mm / voxel size)``
+    per axis (:func:`khe_vol.segment.correct_bias`) and needs at least two
+    voxels along every axis there; with fewer, ITK fails with a raw error.
+
+    Parameters
+    ----------
+    shape : sequence of int
+    affine : (4, 4) array_like
+    params : khe_vol.segment.SegmentationParams
+
+    Returns
+    -------
+    tuple or None
+        ``(axis, extent_mm, needed_mm)``.
+    """
+    if not params.bias_correction:
+        return None
+    for axis, (n, size) in enumerate(zip(shape, voxel_sizes_mm(affine))):
+        shrink = max(1, int(round(params.n4_spacing_mm / size)))
+        if n // shrink < 2:
+            return axis, float(n * size), float(2 * shrink * size)
+    return None
 
 
 def reader_mask_on_grid(mask_path, series):
@@ -176,6 +253,7 @@ def measure_series(
             shape=list(series.data.shape),
             affine=series.affine.tolist(),
         )
+        flag_geometry(record, series)
         mask, details = _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record)
     except (SeriesError, ValueError) as exc:
         record["message"] = str(exc)
@@ -198,10 +276,25 @@ def measure_series(
 
 
 def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record):
+    # Which source applies is decided once, by khe_vol.plan.series_plan.
+    if sum(x is not None for x in (reader_mask_path, seed_ras_mm, reference)) > 1:
+        raise ValueError(
+            f"{series.path}: give one of a reader mask, a seed or a reference (see khe_vol.plan.series_plan)"
+        )
     if reader_mask_path is not None:
         mask, mask_image = reader_mask_on_grid(reader_mask_path, series)
         record.update(method=METHOD_READER, reader_mask_file=str(reader_mask_path),
                       reader_mask_sha256=mask_image.sha256)
+        flag_geometry(record, mask_image, "reader mask")
+        if record["month"] == 0 and not mask.any():
+            # Every follow-up is compared with the baseline: 0 mL there leaves
+            # no category, and a KHE participant enrols with a lesion, so an
+            # empty baseline mask is a wrong file, not a measurement.
+            raise SeriesError(
+                f"{mask_image.path}: reader mask is empty (no lesion voxels) at the baseline, so no "
+                "follow-up can be compared with it; check this is the lesion mask (not an empty export "
+                "or another label), or remove it to segment the baseline from the seed"
+            )
         return mask, {"mask_affine_source": mask_image.affine_source}
 
     if seed_ras_mm is None and reference is None:
@@ -211,11 +304,20 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         )
 
     from khe_vol.segment import SegmentationError, segment_from_seed
-    from khe_vol.track import track_followup
+    from khe_vol.review import flag
+    from khe_vol.track import scale_review_detail, track_followup
 
     params = segmentation_params(params_overrides)
     record["parameters"] = dataclasses.asdict(params)
     record["method"] = METHOD_AUTO
+    thin = too_thin_for_bias_fit(series.data.shape, series.affine, params)
+    if thin is not None:
+        axis, extent_mm, needed_mm = thin
+        raise SeriesError(
+            f"{series.path}: the image covers only {extent_mm:.1f} mm along array axis {axis} "
+            f"({series.data.shape[axis]} slices); the automatic segmentation needs at least {needed_mm:.0f} mm "
+            "there (its bias-field fit); give this series a reader mask"
+        )
     try:
         if seed_ras_mm is not None:
             seed = [float(v) for v in seed_ras_mm]
@@ -227,6 +329,10 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                     "table uses scanner RAS+ mm (LPS values need x and y negated)"
                 )
             mask, info = segment_from_seed(series.data, series.affine, seed, params)
+            problem = seed_tissue_problem(info["seed_level"], info["lower_threshold"], info["upper_threshold"],
+                                          bool(mask[seed_voxel(seed, series.affine, series.data.shape)]))
+            if problem:
+                flag(record, "seed_not_in_lesion_tissue", problem)
             return mask, info
         ref_record = reference["record"]
         record["reference_session_id"] = ref_record["session_id"]
@@ -238,9 +344,17 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         ref_series = load_series(ref_record["source_file"])
         ref_mask = reference["mask"]
         if ref_mask is None or not np.count_nonzero(ref_mask):
-            # Nothing to track: the reference has no lesion.
-            return np.zeros(series.data.shape, np.uint8), {"tracking": "reference mask is empty"}
+            # Tracking follows the reference lesion: from nothing it would
+            # find nothing, a silent 0 mL whatever this series holds.
+            raise SeriesError(
+                f"{series.path}: cannot track the lesion because its reference session "
+                f"{ref_record['session_id']} has an empty lesion mask (0 mL): there is no lesion to follow; "
+                "check that session's mask or seed, or give this series a reader mask"
+            )
         mask, info = track_followup(series.data, series.affine, ref_series.data, ref_series.affine, ref_mask, params)
+        scale_detail = scale_review_detail(info["intensity_map"])
+        if scale_detail:  # another gain-and-offset, sign or z-scoring than the reference
+            flag(record, "intensity_scale_differs", scale_detail)
         return mask, info
     except SegmentationError as exc:
         raise SeriesError(f"{series.path}: automatic segmentation failed: {exc}") from exc

@@ -8,14 +8,30 @@
    better metric.
 2. **Carry** the reference lesion mask onto the follow-up grid through that
    transform (linear interpolation of the 0/1 mask, kept at >= 0.5).
-3. **Re-segment** on the follow-up with the band segmentation of
+3. **Relate the intensity scales** (:func:`intensity_map`): sessions come
+   from different scanners, software and preprocessing, so the follow-up may
+   store its intensities with another gain, an offset, the opposite sign
+   (an inverted image), z-scored, or as integers with ``scl_slope`` /
+   ``scl_inter``. An affine map ``reference = gain * follow-up + offset`` is
+   fitted on the tissue *around* the lesion (beyond ``track_margin_mm`` of
+   the carried lesion, where a grown, shrunk or vanished lesion changes
+   nothing), from the two registered images: the sign from the rank
+   correlation of corresponding voxels, gain and offset from their quantiles
+   (a robust Theil-Sen line through them). When the follow-up is a plain
+   positive rescaling of the reference (see :data:`OFFSET_TOLERANCE`) it is
+   used as stored; otherwise it is expressed on the reference's scale before
+   bias correction (or, when the reference has no zero to restore, e.g.
+   z-scored, turned the right way up on its own scale) and
+   ``info["intensity_map"]["plain_rescaling"]`` is false (review flag
+   ``intensity_scale_differs``).
+4. **Re-segment** on the follow-up with the band segmentation of
    :mod:`khe_vol.segment`, started from the carried lesion eroded by
    ``track_erosion_mm`` and with an intensity model carried over from the
-   reference (lesion contrast relative to the commonest ordinary tissue),
-   then refined on the follow-up itself. Whatever the lesion has become
-   (grown, shrunk to a residue, gone) is what the band finds there; a
-   residue smaller than ``min_lesion_ml`` or no band at all gives an empty
-   mask.
+   reference (lesion contrast relative to the commonest ordinary tissue of
+   each session, converted through the intensity map), then refined on the
+   follow-up itself. Whatever the lesion has become (grown, shrunk to a
+   residue, gone) is what the band finds there; a residue smaller than
+   ``min_lesion_ml`` or no band at all gives an empty mask.
 """
 
 from __future__ import annotations
@@ -25,11 +41,13 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from khe_vol.geometry import from_sitk, to_sitk, voxel_sizes_mm
+from khe_vol.geometry import from_sitk, grid_corners_world, to_sitk, voxel_sizes_mm, voxel_to_world, world_to_voxel
 from khe_vol.segment import (
     IntensityModel,
     SegmentationError,
     SegmentationParams,
+    crop_affine,
+    distance_outside_mm,
     erode_mm,
     iterate_segmentation,
     mask_box,
@@ -42,6 +60,21 @@ from khe_vol.segment import (
 
 #: Flip between RAS+ and LPS+ as a 4x4 (its own inverse).
 _FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: A follow-up is a *plain positive rescaling* of its reference when the map
+#: ``reference = gain * follow-up + offset`` has ``gain > 0`` and ``|offset|``
+#: at most this share of the reference's lesion contrast (lesion level minus
+#: tissue level, reference units). Unscaled phantom follow-ups (other bias
+#: field, noise and lesion size) give offsets of at most a few percent.
+OFFSET_TOLERANCE = 0.1
+
+#: Below this absolute rank correlation between the registered reference
+#: and follow-up around the lesion, their intensity scales cannot be related
+#: (registration failed, or another contrast altogether).
+MIN_SCALE_CORRELATION = 0.3
+
+#: Percentiles whose pairs the intensity map is fitted to.
+_MAP_PERCENTILES = np.linspace(5.0, 95.0, 19)
 
 
 def _shrunk(image, spacing_mm):
@@ -209,23 +242,240 @@ def reference_model(ref_image, ref_affine, ref_mask, params):
         "tissue_level": level,
         "lesion_sd": robust_sd(values),
         "dark": dark,
+        # Magnitude data (no negative values) have a true zero: no signal.
+        "magnitude": bool(float(np.min(ref_image[box])) >= 0),
     }
 
 
-def carried_model(ref, smoothed, params):
+def carried_model(ref, smoothed, params, gain=1.0):
     """Intensity model for the follow-up, carried over from the reference.
 
-    The lesion's contrast over the commonest ordinary tissue is kept; on
-    magnitude data it is rescaled by the ratio of the two tissue levels
-    (scanner gain and coil differ between sessions).
+    The lesion's contrast over the commonest ordinary tissue is kept. When
+    both are magnitude data it is rescaled by the ratio of the two tissue levels
+    (scanner gain and coil differ between sessions); otherwise by ``1 /
+    gain``, the follow-up-to-reference gain of :func:`intensity_map`.
+
+    Parameters
+    ----------
+    ref : dict
+        :func:`reference_model` of the reference.
+    smoothed : ndarray
+        The follow-up region, bias-corrected and smoothed, on its working
+        scale.
+    params : SegmentationParams
+    gain : float
+        Reference units per working-scale unit (> 0).
     """
     level, dark, _ = tissue_level(smoothed)
-    magnitude = float(np.min(smoothed)) >= 0 and ref["tissue_level"] > 0 and level > 0
-    scale = level / ref["tissue_level"] if magnitude else 1.0
+    # A ratio of levels is a ratio of gains only when both zeros mean no signal.
+    magnitude = ref["magnitude"] and float(np.min(smoothed)) >= 0 and ref["tissue_level"] > 0 and level > 0
+    scale = level / ref["tissue_level"] if magnitude else 1.0 / gain
     contrast = (ref["lesion_level"] - ref["tissue_level"]) * scale
     return IntensityModel(
         lesion=level + contrast, surround=level, lesion_sd=ref["lesion_sd"] * scale, dark=dark, floor=level
     ), {"tissue_level": level, "scale": scale}
+
+
+def theil_sen(x, y):
+    """Robust line ``y = slope * x + intercept``: median of pairwise slopes, median intercept."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    i, j = np.triu_indices(x.size, 1)
+    dx = x[j] - x[i]
+    ok = np.abs(dx) > 1e-12 * max(float(np.ptp(x)), 1e-300)
+    if not ok.any():
+        raise SegmentationError("the follow-up is uniform around the lesion: no intensity scale to relate")
+    slope = float(np.median((y[j] - y[i])[ok] / dx[ok]))
+    return slope, float(np.median(y - slope * x))
+
+
+def rank_correlation(x, y):
+    """Spearman rank correlation of two samples (tied values share their mean rank).
+
+    numpy only: importing scipy.stats would cost every series job about
+    35 MB of memory for one number.
+    """
+    centred = []
+    for v in (x, y):
+        _, inverse, counts = np.unique(np.asarray(v), return_inverse=True, return_counts=True)
+        mean_rank = np.cumsum(counts) - 0.5 * (counts - 1)
+        r = mean_rank[inverse.ravel()]
+        centred.append(r - r.mean())
+    a, b = centred
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def intensity_map(image, affine, ref_image, ref_affine, transform, carried, box, params):
+    """How the follow-up's stored intensities relate to the reference's.
+
+    Fitted where the lesion cannot have changed: the tissue of the follow-up
+    region ``box`` farther than ``track_margin_mm`` from the carried lesion
+    (the same margin within which a grown lesion is searched for), on copies
+    shrunk to about ``registration_spacing_mm``, with the reference resampled
+    through the registration. The sign is that of the rank (Spearman)
+    correlation of corresponding voxels; gain and offset come from a
+    Theil-Sen line through the pairs of their 5th, 10th, ..., 95th
+    percentiles (taken in opposite order for an inverted image). Quantiles
+    are not thrown by a small misregistration, and the line not by the
+    extremes (fluid, vessels, noise floor).
+
+    Parameters
+    ----------
+    image : (I, J, K) ndarray
+        Follow-up series as stored.
+    affine : (4, 4) ndarray
+    ref_image : ndarray
+        Reference series as stored.
+    ref_affine : (4, 4) ndarray
+    transform : SimpleITK.Transform
+        Follow-up (fixed) LPS to reference (moving) LPS, from :func:`register_rigid`.
+    carried : ndarray of bool
+        Reference lesion on the follow-up grid.
+    box : tuple of slice
+        The follow-up region segmented.
+    params : SegmentationParams
+
+    Returns
+    -------
+    dict
+        ``gain`` and ``offset`` (``reference = gain * follow-up + offset``, in
+        reference units; ``gain < 0`` for an inverted image),
+        ``rank_correlation``, ``n_voxels`` (voxels compared) and
+        ``residual`` (median absolute misfit of the percentile pairs,
+        reference units).
+
+    Raises
+    ------
+    SegmentationError
+        Too little tissue around the lesion overlaps the reference, or the
+        two barely correlate (:data:`MIN_SCALE_CORRELATION`).
+    """
+    roi_affine = crop_affine(affine, box)
+    follow = _shrunk(to_sitk(np.asarray(image[box], np.float32), roi_affine), params.registration_spacing_mm)
+    # Only the part of the reference the region maps into (memory: a series
+    # may be far larger than the region).
+    corners = grid_corners_world([s.stop - s.start for s in box], roi_affine)
+    ref_ijk = world_to_voxel(voxel_to_world(corners, transform_to_ras_matrix(transform)), ref_affine)
+    lo = np.clip(np.floor(ref_ijk.min(axis=0)).astype(int) - 1, 0, ref_image.shape)
+    hi = np.clip(np.ceil(ref_ijk.max(axis=0)).astype(int) + 2, 0, ref_image.shape)
+    ref_box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    if min(b - a for a, b in zip(lo, hi)) < 1:
+        raise SegmentationError("after registration this series' lesion region lies outside the reference series")
+    reference = sitk.Resample(to_sitk(np.asarray(ref_image[ref_box], np.float32), crop_affine(ref_affine, ref_box)),
+                              follow, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+    near = sitk.Resample(to_sitk(carried[box].astype(np.uint8), roi_affine), follow, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    values, small_affine = from_sitk(follow)
+    ref_values = from_sitk(reference)[0]
+    far = distance_outside_mm(from_sitk(near)[0] != 0, voxel_sizes_mm(small_affine)) > params.track_margin_mm
+    keep = far & np.isfinite(ref_values)
+    x, y = values[keep].astype(np.float64), ref_values[keep].astype(np.float64)
+    if x.size < 100:
+        raise SegmentationError(
+            f"only {x.size} voxels of tissue around the lesion lie in both this series and the reference "
+            "(at the registration's sampling); their intensity scales cannot be related"
+        )
+    rho = rank_correlation(x, y)
+    if not abs(rho) >= MIN_SCALE_CORRELATION:
+        raise SegmentationError(
+            f"the tissue around the lesion barely corresponds between this series and the reference "
+            f"(rank correlation {rho:.2f} after registration): check that both are T2 series of the same "
+            "region and that the registration succeeded"
+        )
+    qx = np.percentile(x, _MAP_PERCENTILES if rho > 0 else 100.0 - _MAP_PERCENTILES)
+    qy = np.percentile(y, _MAP_PERCENTILES)
+    gain, offset = theil_sen(qx, qy)
+    return {
+        "gain": round(gain, 9),
+        "offset": round(offset, 9),
+        "rank_correlation": round(rho, 6),
+        "n_voxels": int(x.size),
+        "residual": round(float(np.median(np.abs(qy - (gain * qx + offset)))), 9),
+    }
+
+
+def working_scale(roi, ref, mapping):
+    """The follow-up region on the scale it is segmented on, and whether that is plain.
+
+    Parameters
+    ----------
+    roi : ndarray
+        Follow-up region as stored.
+    ref : dict
+        :func:`reference_model`.
+    mapping : dict
+        :func:`intensity_map`.
+
+    Returns
+    -------
+    working : ndarray of float32
+    gain : float
+        Reference units per working unit (> 0).
+    info : dict
+        ``mapping`` plus ``offset_share`` (``|offset|`` over the reference
+        lesion contrast), ``magnitude`` and ``reference_magnitude`` (no
+        negative values in the region), ``plain_rescaling`` and
+        ``working_scale`` (``stored``, ``reference`` or ``stored, inverted``).
+
+    Notes
+    -----
+    A *plain positive rescaling* has ``gain > 0``, ``offset_share`` <=
+    :data:`OFFSET_TOLERANCE`, and negative values in neither region or in
+    both. It is segmented as stored, as every follow-up was before intensity
+    maps. Otherwise, when the reference is magnitude
+    data, the follow-up is put on the reference's scale, clipped at its zero
+    (no signal): bias correction, which divides by a field, then sees a true
+    zero again. When the reference has no true zero (z-scored), the
+    follow-up keeps its own scale, turned the right way up.
+    """
+    gain, offset = mapping["gain"], mapping["offset"]
+    contrast = ref["lesion_level"] - ref["tissue_level"]
+    share = abs(offset) / contrast if contrast > 0 else float("inf")
+    roi = np.asarray(roi, np.float32)
+    magnitude = bool(float(roi.min()) >= 0)
+    # Same domain too: bias correction runs on magnitude data only, so a
+    # z-scored follow-up of a magnitude reference is never "plain".
+    plain = gain > 0 and share <= OFFSET_TOLERANCE and magnitude == ref["magnitude"]
+    if plain:
+        working, scale_name, working_gain = roi, "stored", gain
+    elif ref["magnitude"]:
+        working = np.maximum(np.float32(gain) * roi + np.float32(offset), np.float32(0))
+        scale_name, working_gain = "reference", 1.0
+    else:
+        working = roi if gain > 0 else -roi
+        scale_name, working_gain = ("stored" if gain > 0 else "stored, inverted"), abs(gain)
+    info = {**mapping, "offset_share": round(share, 6), "offset_tolerance": OFFSET_TOLERANCE,
+            "magnitude": magnitude, "reference_magnitude": bool(ref["magnitude"]),
+            "plain_rescaling": bool(plain), "working_scale": scale_name}
+    return working, working_gain, info
+
+
+def scale_review_detail(mapping):
+    """Why a follow-up's intensity scale is not a plain positive rescaling, for a coordinator.
+
+    Parameters
+    ----------
+    mapping : dict
+        ``info["intensity_map"]`` of :func:`track_followup`.
+
+    Returns
+    -------
+    str or None
+        None when it is a plain positive rescaling (no review needed).
+    """
+    if mapping.get("plain_rescaling", True):
+        return None
+    why = []
+    if mapping["gain"] < 0:
+        why.append("inverted (negative gain)")
+    if mapping["offset_share"] > mapping["offset_tolerance"]:
+        why.append(f"offset {mapping['offset_share']:.0%} of the reference lesion contrast "
+                   f"(tolerance {mapping['offset_tolerance']:.0%})")
+    if mapping["magnitude"] != mapping["reference_magnitude"]:
+        why.append("this series has negative values and the reference none" if not mapping["magnitude"]
+                   else "the reference has negative values and this series none")
+    return (f"reference = {mapping['gain']:.4g} x this series {mapping['offset']:+.4g}: {', '.join(why)}; "
+            f"segmented on the {mapping['working_scale']} scale")
 
 
 def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=SegmentationParams()):
@@ -250,6 +500,10 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
         The lesion in the follow-up; all zeros when it has gone.
     info : dict
         JSON-serialisable: ``registration`` (see :func:`register_rigid`),
+        ``intensity_map`` (see :func:`intensity_map` and
+        :func:`working_scale`; ``plain_rescaling`` false means the follow-up
+        stores intensities on another scale than the reference: an offset
+        beyond :data:`OFFSET_TOLERANCE`, an inverted sign, z-scoring),
         ``reference_model`` and ``model`` (intensity levels), the threshold
         history, ``status`` (``"found"`` or ``"not found"``), ``n_voxels``,
         ``volume_ml``, ``seconds`` (CPU).
@@ -257,8 +511,9 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
     Raises
     ------
     SegmentationError
-        Empty reference mask, or the reference lesion falls outside the
-        follow-up's field of view.
+        Empty reference mask, the reference lesion falls outside the
+        follow-up's field of view, or the intensity scales cannot be related
+        (see :func:`intensity_map`).
     """
     started = time.process_time()
     image = np.asarray(image)
@@ -287,9 +542,12 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
 
     spacing = voxel_sizes_mm(affine)
     box = mask_box(carried, spacing, params.track_margin_mm + params.shell_outer_mm + 20.0)
-    smoothed, roi_info = prepare_roi(image, affine, box, params)
+    mapping = intensity_map(image, affine, ref_image, ref_affine, transform, carried, box, params)
+    working, gain, info["intensity_map"] = working_scale(image[box], ref, mapping)
+    smoothed, roi_info = prepare_roi(working, crop_affine(affine, box), tuple(slice(0, n) for n in working.shape),
+                                     params)
     info.update(roi_info)
-    model, carried_info = carried_model(ref, smoothed, params)
+    model, carried_info = carried_model(ref, smoothed, params, gain)
     info["carried_model"] = {**model.as_dict(params), **carried_info}
 
     start = erode_mm(carried[box], spacing, params.track_erosion_mm)

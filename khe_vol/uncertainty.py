@@ -15,20 +15,52 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from khe_vol.geometry import voxel_sizes_mm
 from khe_vol.measure import boundary_shells_ml
 from khe_vol.response import CATEGORIES, classify_ratio
 
 #: Fraction of the inner (outer) boundary shell that may be lost (gained):
 #: a quarter of a voxel either way. Calibrated on the phantom benchmark
-#: (benchmarks/segmentation.py, 12 participants): the smallest fraction whose
-#: band held every true volume (34/34; 0.15 held 33/34, threshold moves alone 19/34).
+#: (benchmarks/segmentation.py, 12 participants, 3-5 mm slices): the smallest
+#: fraction whose band held every true volume (34/34; 0.15 held 33/34,
+#: threshold moves alone 19/34).
 BOUNDARY_FRACTION = 0.25
+
+#: Thickest slices of that calibration, mm. Beyond it the share grows with
+#: the slice thickness (:func:`boundary_fraction_for`).
+CALIBRATED_SLICE_MM = 5.0
 
 #: Categories in increasing order of volume ratio.
 _BY_RATIO = tuple(reversed(CATEGORIES))
 
 
-def volume_band_ml(mask, affine, resegmented_ml=(), boundary_fraction=BOUNDARY_FRACTION):
+def boundary_fraction_for(affine):
+    """Share of each boundary shell that may change sides on a grid.
+
+    :data:`BOUNDARY_FRACTION` on slices up to :data:`CALIBRATED_SLICE_MM`;
+    on thicker slices it grows in proportion to the slice thickness (0.4 at
+    8 mm, 0.5 at 10 mm: half a voxel, the most a half-way threshold can
+    misplace a partial-volume voxel). Why: a thick slice averages the
+    lesion's outline over its whole thickness, so the caps and every edge
+    of the outline carry through-plane partial volume that no in-plane edge
+    refinement resolves; the shells are also made of thicker voxels, and
+    tracked follow-ups overshoot small lesions there (phantoms: 9 mL
+    measured 17 mL on 10 mm slices).
+
+    Parameters
+    ----------
+    affine : (4, 4) array_like
+        Voxel-to-world affine, mm.
+
+    Returns
+    -------
+    float
+    """
+    thickness_mm = float(voxel_sizes_mm(affine).max())
+    return BOUNDARY_FRACTION * max(1.0, thickness_mm / CALIBRATED_SLICE_MM)
+
+
+def volume_band_ml(mask, affine, resegmented_ml=(), boundary_fraction=None):
     """Lower and upper limits of a lesion volume, in mL.
 
     Parameters
@@ -39,8 +71,9 @@ def volume_band_ml(mask, affine, resegmented_ml=(), boundary_fraction=BOUNDARY_F
         Voxel-to-world affine, mm.
     resegmented_ml : sequence of float
         Volumes of the same lesion segmented under perturbed settings, mL.
-    boundary_fraction : float
-        Share of each one-voxel boundary shell that may change sides.
+    boundary_fraction : float, optional
+        Share of each one-voxel boundary shell that may change sides;
+        default :func:`boundary_fraction_for` the grid.
 
     Returns
     -------
@@ -50,10 +83,11 @@ def volume_band_ml(mask, affine, resegmented_ml=(), boundary_fraction=BOUNDARY_F
     """
     from khe_vol.measure import lesion_volume
 
+    share = boundary_fraction_for(affine) if boundary_fraction is None else boundary_fraction
     volume_ml = lesion_volume(mask, affine)["volume_ml"]
     inner_ml, outer_ml = boundary_shells_ml(mask, affine)
-    low = min([volume_ml, *resegmented_ml]) - boundary_fraction * inner_ml
-    high = max([volume_ml, *resegmented_ml]) + boundary_fraction * outer_ml
+    low = min([volume_ml, *resegmented_ml]) - share * inner_ml
+    high = max([volume_ml, *resegmented_ml]) + share * outer_ml
     return max(low, 0.0), high
 
 

@@ -193,3 +193,47 @@ def test_resolve_config_replaces_top_level_keys_and_defaults_the_rest(tmp_path):
     bad.write_text("- imaging_dir\n")
     with pytest.raises(ConfigError, match=f"{bad}.*mapping"):
         resolve_config([bad])
+
+
+def test_series_plan_reader_mask_beats_seed_beats_tracking(tmp_path):
+    from khe_vol.plan import series_plan
+
+    img, masks = tmp_path / "imaging", tmp_path / "masks"
+    for pid in ("01", "02", "03"):
+        for ses in SESSIONS:
+            _t2(img, pid, ses)
+    # sub-01: seed at baseline, reader mask at m12; sub-02: reader mask at m06 only; sub-03: nothing.
+    for pid, ses in (("01", "m12"), ("02", "m06")):
+        save_nifti(masks / f"sub-{pid}/ses-{ses}/anat/sub-{pid}_ses-{ses}_label-lesion_mask.nii.gz",
+                   np.ones((4, 4, 4), np.uint8), np.eye(4))
+    seeds = tmp_path / "seeds.tsv"
+    seeds.write_text("participant_id\tx\ty\tz\nsub-01\t1\t2\t3\n")
+    config = validate_config({"imaging_dir": str(img), "masks_dir": str(masks), "seeds": str(seeds), "sessions": SESSIONS})
+    plans = series_plan(discover_study(config), "ses-baseline")
+    plan = {k: (p.source, p.reference_session_id) for k, p in plans.items()}
+    assert plan[("sub-01", "ses-baseline")] == ("seed", None)
+    assert plan[("sub-01", "ses-m06")] == ("tracked", "ses-baseline")
+    assert plan[("sub-01", "ses-m12")] == ("reader_mask", None)
+    assert plan[("sub-02", "ses-baseline")] == ("tracked", "ses-m06")
+    assert plan[("sub-02", "ses-m06")] == ("reader_mask", None)
+    assert plan[("sub-02", "ses-m12")] == ("tracked", "ses-m06")
+    assert {plan[("sub-03", f"ses-{s}")] for s in SESSIONS} == {("none", None)}
+
+
+def test_segmentation_overrides_are_checked_by_the_schema_naming_the_key(tmp_path):
+    import dataclasses
+
+    from khe_vol.config import load_schema
+    from khe_vol.segment import SegmentationParams
+
+    schema = load_schema()["properties"]["segmentation"]["properties"]
+    json_type = {"float": "number", "int": "integer", "bool": "boolean"}
+    fields = {f.name: json_type[f.type if isinstance(f.type, str) else f.type.__name__]
+              for f in dataclasses.fields(SegmentationParams)}
+    assert {k: v["type"] for k, v in schema.items()} == fields
+    base = {"imaging_dir": str(tmp_path)}
+    validate_config(base | {"segmentation": {"max_radius_mm": 120, "bias_correction": False}})
+    with pytest.raises(ConfigError, match="max_radius_m"):
+        validate_config(base | {"segmentation": {"max_radius_m": 120}})
+    with pytest.raises(ConfigError, match="segmentation/n4_iterations"):
+        validate_config(base | {"segmentation": {"n4_iterations": "many"}})

@@ -41,6 +41,7 @@ TIMEOUT_S = 30.0  # per call; a normal call takes milliseconds
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 VOXEL_RANGE = (0.05, 20.0)  # khe_vol.nifti.VOXEL_SIZE_RANGE_MM, restated as the spec
+MIN_SLICES = 3  # khe_vol.nifti.MIN_SLICES: fewer voxels along an axis is not a volume
 
 # --------------------------------------------------------------------------- worker
 
@@ -238,6 +239,8 @@ def model(spec, arr, full):
         dims.pop()
     if len(dims) != 3 or min(dims) < 1:
         return "fail", "not one 3D volume"
+    if min(dims) < MIN_SLICES:
+        return "fail", "too few slices for a volume"
     if spec.dtype in ("complex64", "complex128", "RGB", "RGBA"):
         return "fail", "not real-valued"
     if not full:
@@ -306,7 +309,7 @@ DEFECTS = ["dims", "huge", "dtype", "pattern", "slope", "inter", "codes", "quat"
 def specs(draw):
     """A valid file (3D, real dtype, scanner geometry in sform and/or qform), then defects."""
     defects = set(draw(st.lists(st.sampled_from(DEFECTS), max_size=3)))
-    dims = draw(st.tuples(*[st.integers(1, 7)] * 3))
+    dims = draw(st.tuples(*[st.integers(2, 9)] * 3))
     if draw(st.integers(0, 4)) == 0:
         dims = (*dims, 1)  # a singleton 4th axis is fine
     if "dims" in defects:  # 0, negative, 1D, 2D, 4D, 5D
@@ -435,8 +438,11 @@ def test_header_fuzz_clear_error_or_correct_volume(worker, spec, measure, perm, 
         out = worker.call("measure", str(path), str(mask_path))
         assert out["ok"], out["message"]
         record = out["record"]
-        assert record["status"] == "ok", record["message"]
         n = int(mask.sum())
+        if n == 0:  # an empty reader mask at the baseline (month 0) is a wrong file
+            assert record["status"] == "error" and "empty" in record["message"], record["message"]
+            return
+        assert record["status"] == "ok", record["message"]
         assert record["n_voxels"] == n
         assert record["volume_ml"] == pytest.approx(n * expected["det"] / 1000, rel=1e-5, abs=1e-12)
         assert record["volume_low_ml"] <= record["volume_ml"] <= record["volume_high_ml"]
@@ -446,7 +452,7 @@ def test_header_fuzz_clear_error_or_correct_volume(worker, spec, measure, perm, 
 
 @st.composite
 def valid_files(draw):
-    shape = draw(st.tuples(*[st.integers(2, 8)] * 3))
+    shape = draw(st.tuples(*[st.integers(3, 8)] * 3))
     dtype = draw(st.sampled_from(["int16", "float32", "uint8"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     data = rng.integers(0, 200, shape).astype(dtype)
@@ -518,6 +524,9 @@ def test_truncated_or_corrupted_bytes(worker, base, op, where, noise, bit):
             out = worker.call("measure", str(path), str(mask_path))
             assert out["ok"], out["message"]
             record = out["record"]
+            if not mask.any():  # an empty reader mask at the baseline (month 0) is a wrong file
+                assert record["status"] == "error" and "empty" in record["message"], record["message"]
+                return
             assert record["status"] == "ok", record["message"]
             assert record["n_voxels"] == int(mask.sum())
             assert record["volume_ml"] == pytest.approx(

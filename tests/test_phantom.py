@@ -294,3 +294,54 @@ def test_series_spec_rejects_nonsense():
         ph.SeriesSpec(volume_ratio=-0.1)
     with pytest.raises(ValueError, match="voxel_mm"):
         ph.SeriesSpec(voxel_mm=(1, 1, 0))
+
+
+# -- reader-placed seeds -----------------------------------------------------
+
+
+def test_reader_seeds_lie_in_bright_lesion_tissue_3_mm_inside(anatomy):
+    """Checked on the continuous anatomy, not on the grid the seeds were drawn from."""
+    spec = ph.SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), rng_seed=3)
+    series = ph.render_series(anatomy, spec)
+    seeds = ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(0), n_seeds=8)
+    assert seeds.shape == (8, 3)
+    body = (np.linalg.inv(series.body_to_world) @ np.c_[seeds, np.ones(8)].T)[:3].T
+    assert set(ph.tissue_labels(body, anatomy)) == {ph.LESION}  # not on a septum or flow void
+    # Every point within 3 mm (shells of 1, 2 and 3 mm, 300 directions) is in the lesion.
+    directions = ph._fibonacci_sphere(300).T
+    for point in body:
+        shells = np.concatenate([point + r * directions for r in (1.0, 2.0, 3.0)])
+        assert set(ph.tissue_labels(shells, anatomy)) <= set(ph.LESION_LABELS)
+    # Anywhere in the lesion, not piled at its deepest point: spread over centimetres.
+    assert np.linalg.norm(seeds - series.seed_ras_mm, axis=1).max() > 10.0
+    assert np.linalg.norm(seeds - seeds.mean(axis=0), axis=1).mean() > 5.0
+    # Reproducible from the generator.
+    again = ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(0), n_seeds=8)
+    assert np.array_equal(seeds, again)
+
+
+def test_reader_seeds_refuse_a_lesion_too_thin_for_the_depth():
+    mask = np.zeros((20, 20, 5), np.uint8)
+    mask[5:15, 5:15, 1:4] = 1  # 3 slices of 4 mm: nothing lies 3 mm inside across the slices
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    with pytest.raises(ValueError, match="3 mm inside"):
+        ph.reader_seeds_ras_mm(mask, affine, np.random.default_rng(0))
+    thick = np.zeros((20, 20, 12), np.uint8)
+    thick[4:16, 4:16, 2:10] = 1
+    (seed,) = ph.reader_seeds_ras_mm(thick, affine, np.random.default_rng(0))
+    i, j, k = np.rint(seed / [1.0, 1.0, 4.0]).astype(int)
+    # 3 mm plus half the voxel diagonal from the nearest voxel centre outside.
+    assert min(i - 3, 16 - i, j - 3, 16 - j) >= 3 + 0.5 * np.sqrt(18) - 1e-9
+    assert 4 * min(k - 1, 10 - k) >= 3 + 0.5 * np.sqrt(18) - 1e-9
+
+
+def test_demo_seeds_are_reader_clicks_not_the_deepest_point(demo):
+    _, written = demo
+    seeds = {r["participant_id"]: np.array([float(r[c]) for c in "xyz"]) for r in read_tsv(written["seeds"])}
+    far = []
+    for index, pid in enumerate(sorted(seeds)):
+        anatomy, sessions = ph.demo_participant(index)
+        _, _, spec = sessions[0]
+        ideal = ph.render_series(anatomy, spec).seed_ras_mm
+        far.append(np.linalg.norm(seeds[pid] - ideal))
+    assert np.median(far) > 5.0, far

@@ -42,7 +42,7 @@ from khe_vol.response import (
     classify_ratio,
     percent_change,
 )
-from khe_vol.uncertainty import categories_within, near_threshold, volume_band_ml
+from khe_vol.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -187,7 +187,8 @@ def test_resample_treats_any_nonzero_label_as_lesion(data, affine, mask, label):
 @given(data=st.data(), affine=invertible_affines(), shape=shapes)
 def test_voxel_volume_is_abs_det_and_invariant_under_axis_order(data, affine, shape):
     v = voxel_volume_mm3(affine)
-    assert v == pytest.approx(abs(np.linalg.det(affine[:3, :3])), rel=1e-12)
+    # Edges are read to header (float32) precision, so |det| holds to 1e-6.
+    assert v == pytest.approx(abs(np.linalg.det(affine[:3, :3])), rel=1e-6)
     P, _, _ = data.draw(axis_maps(shape))
     assert voxel_volume_mm3(affine @ P) == pytest.approx(v, rel=1e-12)
     assert voxel_volume_mm3(affine @ np.diag([1, 1, 1, 1.0])) == v
@@ -200,7 +201,8 @@ def test_voxel_volume_is_abs_det_and_invariant_under_axis_order(data, affine, sh
 @FAST
 @given(affine=oblique_affines())
 def test_voxel_volume_is_product_of_edges_for_scanner_affines(affine):
-    assert voxel_volume_mm3(affine) == pytest.approx(np.prod(voxel_sizes_mm(affine)), rel=1e-9)
+    # Edges are read to header (float32) precision.
+    assert voxel_volume_mm3(affine) == pytest.approx(np.prod(voxel_sizes_mm(affine)), rel=1e-6)
 
 
 @FAST
@@ -286,11 +288,8 @@ def test_classification_invariant_to_a_common_voxel_scale(vb, vf, n_b, n_f, scal
     assert change == 100 * (Fraction(n_f) * vf / (Fraction(n_b) * vb) - 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: voxel volumes from float32 headers keep float32 noise at the 8th-9th digit "
-    "(0.4 mm iso -> 0.0640000029 mm^3, 0.8 mm iso -> 0.512000023 mm^3), so exactly +/-20 % "
-    "between a 0.4 mm and a 0.8 mm grid misclassifies; see the report on tests/test_properties.py"))
 def test_exact_threshold_between_float32_header_grids():
+    # float32 stores 0.4 as 0.400000006: the voxel volume reads the edges to header precision.
     v04 = voxel_volume_mm3(np.diag([np.float32(0.4)] * 3 + [1]).astype(float))
     v08 = voxel_volume_mm3(np.diag([np.float32(0.8)] * 3 + [1]).astype(float))
     assert classify_change(20, v04, 3, v08)[0] == GROWTH  # 1.28 -> 1.536 mm^3: exactly +20 %
@@ -370,5 +369,8 @@ def test_boundary_shells_of_a_box_are_analytic(data, shape, affine):
     assert volume == pytest.approx(a * b * c * v_ml, rel=1e-12)
     low, high = volume_band_ml(mask, affine)
     assert 0 <= low <= volume <= high
-    assert low == pytest.approx(max(volume - 0.25 * inner, 0), rel=1e-9, abs=1e-15)
-    assert high == pytest.approx(volume + 0.25 * outer, rel=1e-9)
+    # A quarter of each shell up to 5 mm slices, more on thicker ones.
+    share = boundary_fraction_for(affine)
+    assert share == pytest.approx(0.25 * max(1.0, voxel_sizes_mm(affine).max() / 5.0))
+    assert low == pytest.approx(max(volume - share * inner, 0), rel=1e-9, abs=1e-15)
+    assert high == pytest.approx(volume + share * outer, rel=1e-9)

@@ -1,6 +1,11 @@
 from fractions import Fraction
 
+import numpy as np
 import pytest
+from conftest import make_affine, rotation, save_nifti
+
+from khe_vol.geometry import voxel_volume_mm3
+from khe_vol.nifti import load_image
 
 from khe_vol.response import (
     COMPLETE,
@@ -58,9 +63,39 @@ def test_thresholds_exact_across_different_grids():
     assert classify_change(1500, v0, 1600, v1)[0] == PARTIAL  # 1200/1500 = 0.8 exactly
     assert classify_change(1500, v0, 2400, v1)[0] == GROWTH  # 1800/1500 = 1.2 exactly
     assert classify_change(1500, v0, 500, v1)[0] == NEARLY_COMPLETE  # 375/1500 = 0.25
-    # float32 header noise on the voxel volume must not flip a category
-    v1_noisy = float(__import__("numpy").float32(0.5)) ** 2 * float(__import__("numpy").float32(3.0))
-    assert classify_change(1500, v0, 1600, v1_noisy)[0] == PARTIAL
+
+
+def _header_voxel_volume(tmp_path, name, zooms_mm, degrees, qform_only):
+    """Voxel volume of a real NIfTI file with these voxel sizes, as the workflow reads it."""
+    affine = make_affine(zooms_mm, (-91.3, 47.9, -12.5), rot=rotation("y", degrees) @ rotation("z", degrees / 2))
+    path = save_nifti(tmp_path / name, np.zeros((4, 4, 4), np.int16), affine,
+                      sform_code=0 if qform_only else 1)
+    return voxel_volume_mm3(load_image(path).affine)
+
+
+@pytest.mark.parametrize("qform_only", [False, True])
+@pytest.mark.parametrize("degrees", [0.0, 17.0])
+@pytest.mark.parametrize("zooms_a, zooms_b", [
+    ((0.55, 0.55, 4.0), (0.3, 0.7, 3.3)),  # float32 stores none of 0.55, 0.3, 0.7, 3.3 exactly
+    ((0.4, 0.4, 0.4), (0.8, 0.8, 0.8)),
+    ((0.9, 0.9, 3.5), (0.33, 0.33, 1.1)),
+])
+@pytest.mark.parametrize("ratio, expected", [
+    (Fraction(6, 5), GROWTH), (Fraction(4, 5), PARTIAL), (Fraction(1, 4), NEARLY_COMPLETE)])
+def test_float32_header_noise_does_not_flip_a_category(tmp_path, zooms_a, zooms_b, degrees, qform_only,
+                                                       ratio, expected):
+    """A change of exactly a threshold between two grids read from real headers is that threshold."""
+    v_a = _header_voxel_volume(tmp_path, "a.nii", zooms_a, degrees, qform_only)
+    v_b = _header_voxel_volume(tmp_path, "b.nii", zooms_b, degrees, qform_only)
+    exact_a, exact_b = (Fraction(1) * Fraction(str(x)) * Fraction(str(y)) * Fraction(str(z))
+                        for x, y, z in (zooms_a, zooms_b))
+    # n_b * v_b / (n_a * v_a) == ratio exactly, in the sizes the headers meant.
+    counts = ratio * exact_a / exact_b
+    n_a, n_b = counts.denominator, counts.numerator
+    assert classify_change(n_a, v_a, n_b, v_b) == (expected, 100 * (ratio - 1))
+    # ... and the other way round (baseline on grid b).
+    back = ratio * exact_b / exact_a
+    assert classify_change(back.denominator, v_b, back.numerator, v_a) == (expected, 100 * (ratio - 1))
 
 
 def test_response_flags():

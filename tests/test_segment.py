@@ -40,20 +40,26 @@ def anatomy():
     return ph.make_anatomy(3, lesion_volume_ml=35.0)
 
 
+def reader_seed(anatomy, spec, series, rng_seed=1):
+    """A seed where a reader would click: bright lesion tissue >= 3 mm inside, not the deepest point."""
+    return ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(rng_seed))[0]
+
+
 @pytest.fixture(scope="module")
 def baseline(anatomy):
-    """The baseline series, its tissue labels, and the segmentation from its seed."""
+    """The baseline series, its tissue labels, the segmentation from a reader's seed, and that seed."""
     assert ph.lesion_fits_fov(anatomy, SPEC)
     series = ph.render_series(anatomy, SPEC)
-    mask, info = segment_from_seed(series.image, series.affine, series.seed_ras_mm)
-    return series, ph.render_labels(anatomy, SPEC), mask, info
+    seed = reader_seed(anatomy, SPEC, series)
+    mask, info = segment_from_seed(series.image, series.affine, seed)
+    return series, ph.render_labels(anatomy, SPEC), mask, info, seed
 
 
 # -- baseline segmentation ---------------------------------------------------
 
 
 def test_baseline_matches_truth(baseline):
-    series, _, mask, info = baseline
+    series, _, mask, info, _ = baseline
     assert mask.shape == series.image.shape and mask.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 1}
     assert dice(mask, series.truth_mask) >= 0.93
@@ -63,7 +69,7 @@ def test_baseline_matches_truth(baseline):
 
 
 def test_no_leak_into_touching_vessel_or_fluid(baseline):
-    series, labels, mask, _ = baseline
+    series, labels, mask, _, _ = baseline
     lesion = np.count_nonzero(mask)
     # The vessel and fluid are bridged to the lesion by partial volume; at
     # most their one-voxel contact rim may be taken, never the structures.
@@ -76,7 +82,7 @@ def test_no_leak_into_touching_vessel_or_fluid(baseline):
 
 
 def test_info_is_json_serialisable(baseline):
-    _, _, _, info = baseline
+    _, _, _, info, _ = baseline
     text = json.dumps(info)
     for key in ("lesion_level", "surrounding_level", "lower_threshold", "upper_threshold", "seconds"):
         assert key in info
@@ -105,7 +111,7 @@ def test_bias_field_does_not_depend_on_the_machine_thread_count(baseline, thread
 
 def test_relabelled_grid_gives_the_same_physical_mask(baseline):
     """The same voxels stored flipped and permuted (LPS-like) give the same lesion."""
-    series, _, mask, _ = baseline
+    series, _, mask, _, seed = baseline
     # New array axes (k, i, j) with i and j reversed: same voxels, other order.
     image = np.transpose(series.image[::-1, ::-1, :], (2, 0, 1))
     n_i, n_j = series.image.shape[:2]
@@ -115,7 +121,7 @@ def test_relabelled_grid_gives_the_same_physical_mask(baseline):
     index_map[2, 0] = 1
     index_map[3, 3] = 1
     affine = series.affine @ index_map
-    other, _ = segment_from_seed(image, affine, series.seed_ras_mm)
+    other, _ = segment_from_seed(image, affine, seed)
     back = resample_mask_to_grid(other, affine, series.image.shape, series.affine)
     assert dice(back, mask) >= 0.99
 
@@ -126,13 +132,13 @@ def test_relabelled_grid_gives_the_same_physical_mask(baseline):
 )
 def test_other_grid_gives_the_same_lesion(anatomy, baseline, grid):
     """An oblique LPS or a sagittal acquisition of the same scene finds the same lesion in space."""
-    series, _, mask, _ = baseline
+    series, _, mask, _, _ = baseline
     spec = replace(SPEC, rng_seed=8, **grid)
     if grid["orientation"] == "sagittal":
         spec = replace(spec, shape=(128, 110, 30))  # i posterior, j superior, k (4 mm slices) right
     assert ph.lesion_fits_fov(anatomy, spec)
     other = ph.render_series(anatomy, spec)
-    found, _ = segment_from_seed(other.image, other.affine, other.seed_ras_mm)
+    found, _ = segment_from_seed(other.image, other.affine, reader_seed(anatomy, spec, other, rng_seed=2))
     assert dice(found, other.truth_mask) >= 0.92
     assert volume_ml(found, other.affine) == pytest.approx(volume_ml(mask, series.affine), rel=0.05)
     # Same place: compare on the baseline grid by physical position.
@@ -140,21 +146,57 @@ def test_other_grid_gives_the_same_lesion(anatomy, baseline, grid):
     assert dice(on_baseline, mask) >= 0.85  # resampling a 4 mm grid onto another costs a few %
 
 
+# -- where the reader clicks ---------------------------------------------------
+
+
+def test_volume_does_not_depend_on_where_in_the_lesion_the_seed_lies():
+    """Five reader seeds in bright lesion tissue give one volume, the true one.
+
+    Before the fix one of them gave 23.7 mL for a true 30.0 mL (the others
+    30.1): from a seed among dimmer tissue the brightest nodules passed for
+    fluid and took a lobe with them.
+    """
+    anatomy = ph.make_anatomy(9104, lesion_volume_ml=30.0)
+    spec = ph.SeriesSpec(shape=(120, 120, 24), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=3)
+    series = ph.render_series(anatomy, spec)
+    seeds = ph.phantom_reader_seeds(anatomy, spec, series, np.random.default_rng(0), n_seeds=5)
+    volumes = np.array([segment_from_seed(series.image, series.affine, seed)[1]["volume_ml"] for seed in seeds])
+    assert (volumes.max() - volumes.min()) / np.median(volumes) <= 0.01, volumes
+    assert np.median(volumes) == pytest.approx(series.true_volume_ml, rel=0.03)
+
+
+def test_large_field_of_view_region_is_recentred_on_the_lesion():
+    """On a 288 mm field of view the region of interest (180 mm) cuts the image; it is
+    re-centred on the lesion, so where it cuts does not follow the seed (before: 0.23 %
+    apart over three seeds)."""
+    big = ph.make_anatomy(1, lesion_volume_ml=35.0)
+    spec = ph.SeriesSpec(shape=(320, 320, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3,
+                         rng_seed=5, fov_offset_mm=(60.0, -30.0, 0.0))
+    series = ph.render_series(big, spec)
+    seeds = ph.phantom_reader_seeds(big, spec, series, np.random.default_rng(1), n_seeds=3)
+    infos = [segment_from_seed(series.image, series.affine, seed)[1] for seed in seeds]
+    assert all(info["roi_recentred"] >= 1 for info in infos)
+    volumes = np.array([info["volume_ml"] for info in infos])
+    assert (volumes.max() - volumes.min()) / np.median(volumes) <= 0.001, volumes
+    assert np.median(volumes) == pytest.approx(series.true_volume_ml, rel=0.03)
+
+
 # -- errors ------------------------------------------------------------------
 
 
 def test_seed_outside_the_image_raises(baseline):
-    series, _, _, _ = baseline
-    far = np.asarray(series.seed_ras_mm) + np.array([0.0, 0.0, 500.0])
+    series, _, _, _, seed = baseline
+    far = np.asarray(seed) + np.array([0.0, 0.0, 500.0])
     with pytest.raises(SegmentationError, match="outside the image"):
         segment_from_seed(series.image, series.affine, far)
 
 
-def test_seed_on_ordinary_tissue_raises(anatomy):
-    # The lesion gone: the seed lies on plain muscle.
+def test_seed_on_ordinary_tissue_raises(anatomy, baseline):
+    # The lesion gone (same grid and pose): the reader's seed lies on plain muscle.
+    seed = baseline[4]
     empty = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.0))
     with pytest.raises(SegmentationError, match="seed"):
-        segment_from_seed(empty.image, empty.affine, empty.seed_ras_mm)
+        segment_from_seed(empty.image, empty.affine, seed)
 
 
 # -- follow-ups --------------------------------------------------------------
@@ -163,7 +205,7 @@ FOLLOW = dict(rotation_deg=(3.0, -2.0, 4.0), translation_mm=(5.0, -4.0, 9.0), rn
 
 
 def test_register_rigid_recovers_repositioning(anatomy, baseline):
-    series, _, _, _ = baseline
+    series, _, _, _, _ = baseline
     spec = replace(SPEC, **FOLLOW)
     follow = ph.render_series(anatomy, spec)
     _, info = register_rigid(series.image, series.affine, follow.image, follow.affine)
@@ -176,7 +218,7 @@ def test_register_rigid_recovers_repositioning(anatomy, baseline):
 
 
 def test_followup_shrunk_by_88_percent_is_found(anatomy, baseline):
-    series, _, mask, _ = baseline
+    series, _, mask, _, _ = baseline
     follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.12, **FOLLOW))
     found, info = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert found.shape == follow.image.shape and found.dtype == np.uint8
@@ -187,7 +229,7 @@ def test_followup_shrunk_by_88_percent_is_found(anatomy, baseline):
 
 
 def test_followup_growth_is_followed(anatomy, baseline):
-    series, _, mask, _ = baseline
+    series, _, mask, _, _ = baseline
     follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=1.3, **FOLLOW))
     found, _ = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert dice(found, follow.truth_mask) >= 0.92
@@ -196,7 +238,7 @@ def test_followup_growth_is_followed(anatomy, baseline):
 
 def test_vanished_lesion_gives_an_empty_mask(anatomy, baseline):
     """Complete involution: nothing found, not the vessel, the fluid or noise."""
-    series, _, mask, _ = baseline
+    series, _, mask, _, _ = baseline
     follow = ph.render_series(anatomy, replace(SPEC, volume_ratio=0.0, **FOLLOW))
     found, info = track_followup(follow.image, follow.affine, series.image, series.affine, mask)
     assert np.count_nonzero(found) == 0
@@ -204,7 +246,7 @@ def test_vanished_lesion_gives_an_empty_mask(anatomy, baseline):
 
 
 def test_followup_with_empty_reference_raises(baseline):
-    series, _, _, _ = baseline
+    series, _, _, _, _ = baseline
     with pytest.raises(SegmentationError, match="empty"):
         track_followup(series.image, series.affine, series.image, series.affine, np.zeros(series.image.shape))
 

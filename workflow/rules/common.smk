@@ -7,8 +7,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from khe_vol.config import ConfigError, baseline_session, resolve_config
-from khe_vol.discover import discover_study, reference_session
+from khe_vol.discover import discover_study
 from khe_vol.files import series_mask_path, series_record_path
+from khe_vol.plan import SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
 from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
 
@@ -42,6 +43,8 @@ if not STUDY.slots:
     )
 
 SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
+# Reader mask beats seed beats tracking: decided once, by khe_vol.plan.
+PLAN = series_plan(STUDY, BASELINE_ID)
 
 
 wildcard_constraints:
@@ -94,48 +97,36 @@ def montage_dir(participant):
     return f"{RESULTS}/figures/montages/{participant}"
 
 
-def tracked_from(participant, session):
-    """The session this series is tracked from, or None if it is segmented itself."""
-    key = (participant, session)
-    if key in STUDY.masks or key in STUDY.seeds:
-        return None
-    ref = reference_session(STUDY, participant, BASELINE_ID)
-    if ref is None or ref == session or (participant, ref) not in SLOTS:
-        return None
-    return ref
-
-
 def series_inputs(wildcards):
     """Image, reader mask and (for tracked follow-ups) the reference session's outputs."""
-    slot = SLOTS[(wildcards.participant, wildcards.session)]
+    pid, ses = wildcards.participant, wildcards.session
+    slot, plan = SLOTS[(pid, ses)], PLAN[(pid, ses)]
     inputs = {}
     if slot.path is not None:
         inputs["image"] = str(slot.path)
-    if (slot.participant_id, slot.session_id) in STUDY.masks:
-        inputs["reader_mask"] = str(STUDY.masks[(slot.participant_id, slot.session_id)])
-    ref = tracked_from(slot.participant_id, slot.session_id)
-    if ref is not None:
-        inputs["reference_record"] = record_path(slot.participant_id, ref)
-        inputs["reference_mask"] = mask_path(slot.participant_id, ref)
+    if plan.source == SOURCE_READER_MASK:
+        inputs["reader_mask"] = str(plan.reader_mask)
+    elif plan.source == SOURCE_TRACKED:
+        inputs["reference_record"] = record_path(pid, plan.reference_session_id)
+        inputs["reference_mask"] = mask_path(pid, plan.reference_session_id)
     return inputs
 
 
 def series_args(wildcards):
     """Command-line arguments of `khe-vol series` for one slot, shell-quoted."""
     pid, ses = wildcards.participant, wildcards.session
-    slot = SLOTS[(pid, ses)]
+    slot, plan = SLOTS[(pid, ses)], PLAN[(pid, ses)]
     args = ["--participant", pid, "--session", ses, "--month", "n/a" if slot.month is None else str(slot.month)]
     if slot.path is not None:
         args += ["--image", str(slot.path)]
-    problem = slot.problem or STUDY.seed_problems.get(pid)
-    if problem:
-        args += ["--problem", problem]
-    if (pid, ses) in STUDY.masks:
-        args += ["--reader-mask", str(STUDY.masks[(pid, ses)])]
-    elif (pid, ses) in STUDY.seeds:
-        args += ["--seed", *(repr(float(v)) for v in STUDY.seeds[(pid, ses)].seed_ras_mm)]
-    ref = tracked_from(pid, ses)
-    if ref is not None:
+    if plan.problem:
+        args += ["--problem", plan.problem]
+    if plan.source == SOURCE_READER_MASK:
+        args += ["--reader-mask", str(plan.reader_mask)]
+    elif plan.source == SOURCE_SEED:
+        args += ["--seed", *(repr(float(v)) for v in plan.seed_ras_mm)]
+    elif plan.source == SOURCE_TRACKED:
+        ref = plan.reference_session_id
         args += ["--reference-record", record_path(pid, ref), "--reference-mask", mask_path(pid, ref)]
     if config["segmentation"]:
         args += ["--segmentation-json", json.dumps(config["segmentation"], sort_keys=True)]
