@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from khe_vol.overlap import dice  # noqa: E402
 from khe_vol.series import measure_series  # noqa: E402
 from khe_vol.synthetic.anatomy import make_anatomy  # noqa: E402
 from khe_vol.synthetic.render import render_series  # noqa: E402
@@ -29,11 +30,6 @@ from khe_vol.synthetic.specs import SeriesSpec  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "figures" / "segmentation.png"
 SESSIONS = (("ses-baseline", 0, 1.0), ("ses-m06", 6, 0.55), ("ses-m12", 12, 0.14))
-
-
-def dice(a, b):
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
 def canonical(data, affine):

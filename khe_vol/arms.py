@@ -32,8 +32,6 @@ Choices (also stated in the data dictionary):
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 
 import numpy as np
@@ -41,9 +39,9 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import Table2x2
 from statsmodels.stats.proportion import confint_proportions_2indep
 
-from khe_vol.discover import read_text_table
+from khe_vol.files import NA, read_text_table, tsv_dict_reader
 from khe_vol.response import CATEGORIES, GOOD_RESPONSE, OVERALL_RESPONSE
-from khe_vol.tables import NA, RESPONSE_COLUMNS, write_table
+from khe_vol.tables import RESPONSE_COLUMNS, write_table
 
 #: Category of an allocated participant without a usable category at a month.
 NOT_ASSESSED = "not_assessed"
@@ -153,31 +151,30 @@ def read_allocation(path, known_participants=(), arms=None):
     allowed = None if arms is None else list(arms)
     allocation, first_line = {}, {}
     # Spreadsheets save a byte-order mark, or UTF-16 ("Unicode Text"): read_text_table takes both.
-    with io.StringIO(read_text_table(path, "allocation"), newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = [name.strip() for name in reader.fieldnames or []]
-        if not header:
-            raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(ALLOCATION_COLUMNS)}")
-        missing = [col for col in ALLOCATION_COLUMNS if col not in header]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)} (tab-separated header has: {', '.join(header)})"
-            )
-        reader.fieldnames = header
-        for row in reader:
-            line = reader.line_num
-            pid = (row.get("participant_id") or "").strip()
-            arm = (row.get("arm") or "").strip()
-            if not pid.startswith("sub-") or pid == "sub-":
-                raise ValueError(f"{path}, line {line}: participant_id {pid!r} is not sub-<label> as in the imaging folder")
-            if pid in allocation:
-                raise ValueError(f"{path}, line {line}: {pid} is allocated twice (first at line {first_line[pid]})")
-            if not arm:
-                raise ValueError(f"{path}, line {line}: {pid} has no arm")
-            if allowed is not None and arm not in allowed:
-                raise ValueError(f"{path}, line {line}: arm {arm!r} of {pid} is not one of the configured arms ({', '.join(allowed)})")
-            allocation[pid] = arm
-            first_line[pid] = line
+    reader = tsv_dict_reader(read_text_table(path, "allocation"))
+    header = [name.strip() for name in reader.fieldnames or []]
+    if not header:
+        raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(ALLOCATION_COLUMNS)}")
+    missing = [col for col in ALLOCATION_COLUMNS if col not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)} (tab-separated header has: {', '.join(header)})"
+        )
+    reader.fieldnames = header
+    for row in reader:
+        line = reader.line_num
+        pid = (row.get("participant_id") or "").strip()
+        arm = (row.get("arm") or "").strip()
+        if not pid.startswith("sub-") or pid == "sub-":
+            raise ValueError(f"{path}, line {line}: participant_id {pid!r} is not sub-<label> as in the imaging folder")
+        if pid in allocation:
+            raise ValueError(f"{path}, line {line}: {pid} is allocated twice (first at line {first_line[pid]})")
+        if not arm:
+            raise ValueError(f"{path}, line {line}: {pid} has no arm")
+        if allowed is not None and arm not in allowed:
+            raise ValueError(f"{path}, line {line}: arm {arm!r} of {pid} is not one of the configured arms ({', '.join(allowed)})")
+        allocation[pid] = arm
+        first_line[pid] = line
     if not allocation:
         raise ValueError(f"{path}: no participants (header only)")
     warnings = [f"{path}: {pid} {what}" for pid, what in allocation_mismatches(allocation, known_participants)]

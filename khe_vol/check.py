@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from khe_vol.config import baseline_session
 from khe_vol.discover import discover_study
+from khe_vol.files import tsv_text
 from khe_vol.geometry import grids_overlap, seed_voxel
 from khe_vol.nifti import SeriesError, load_series, open_image
 from khe_vol.plan import SOURCE_NONE, SOURCE_READER_MASK, SOURCE_SEED, series_plan
@@ -105,6 +106,5 @@ REPORT_COLUMNS = {
 
 def format_report(problems):
     """The problems as a TSV (participant_id, session_id, problem)."""
-    lines = ["participant_id\tsession_id\tproblem"]
-    lines += ["\t".join((pid or "n/a", ses or "n/a", " ".join(msg.split()))) for pid, ses, msg in problems]
-    return "\n".join(lines) + "\n"
+    rows = [{"participant_id": pid, "session_id": ses, "problem": msg} for pid, ses, msg in problems]
+    return tsv_text(REPORT_COLUMNS, rows)

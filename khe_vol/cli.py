@@ -57,7 +57,7 @@ def _cmd_check(args):
         return 2
     report = format_report(problems)
     if args.report:
-        from khe_vol.nifti import atomic_write_text
+        from khe_vol.files import atomic_write_text
 
         atomic_write_text(args.report, report)
         if args.report.endswith(".tsv"):
@@ -72,13 +72,8 @@ def _cmd_series(args):
     import numpy as np
     import SimpleITK as sitk
 
-    from khe_vol.nifti import (
-        atomic_write_bytes,
-        atomic_write_text,
-        load_image,
-        mask_image,
-        write_nifti,
-    )
+    from khe_vol.files import atomic_write_bytes, atomic_write_text, read_records
+    from khe_vol.nifti import load_image, mask_image, write_nifti
     from khe_vol.series import measure_series
 
     # Snakemake runs series side by side, one thread each: more ITK threads
@@ -86,7 +81,7 @@ def _cmd_series(args):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, args.threads))
     reference = None
     if args.reference_record:
-        ref_record = json.loads(Path(args.reference_record).read_text())
+        ref_record = read_records([args.reference_record])[0]
         ref_mask = None
         if ref_record["status"] == "ok":
             ref_mask = (load_image(args.reference_mask, "mask").data != 0).astype(np.uint8)
@@ -113,17 +108,9 @@ def _cmd_series(args):
     return 0
 
 
-def _read_records(paths):
-    """Records from record.json files, or from JSON lists of them (the reads' final records)."""
-    records = []
-    for path in paths:
-        loaded = json.loads(Path(path).read_text())
-        records.extend(loaded if isinstance(loaded, list) else [loaded])
-    return records
-
-
 def _cmd_tables(args):
-    from khe_vol.provenance import run_provenance
+    from khe_vol.files import read_records
+    from khe_vol.report.provenance import run_provenance
     from khe_vol.tables import (
         RESPONSE_COLUMNS,
         VOLUME_COLUMNS,
@@ -132,7 +119,7 @@ def _cmd_tables(args):
         write_table,
     )
 
-    records = _read_records(args.records)
+    records = read_records(args.records)
     out = Path(args.results_dir)
     config = json.loads(args.config_json) if args.config_json else None
     provenance = run_provenance(config, records, outputs=None)
@@ -145,16 +132,14 @@ def _cmd_tables(args):
 
 def _cmd_derivatives(args):
     from khe_vol.derivatives import write_derivatives
+    from khe_vol.files import MASK_NAME, mask_beside, read_records
 
-    pairs = []
-    for rec_path in args.records:
-        # The per-series job writes mask.nii.gz beside record.json.
-        pairs.append((json.loads(Path(rec_path).read_text()), Path(rec_path).with_name("mask.nii.gz")))
+    pairs = [(read_records([rec_path])[0], mask_beside(rec_path)) for rec_path in args.records]
     edited = []
     if args.edited_dir:
         # <edited-dir>/<reader>/<participant>/<session>/mask.nii.gz, from `khe-vol qa final`.
         by_ids = {(r["participant_id"], r["session_id"]): r for r, _ in pairs}
-        for path in sorted(Path(args.edited_dir).glob("*/*/*/mask.nii.gz")):
+        for path in sorted(Path(args.edited_dir).glob(f"*/*/*/{MASK_NAME}")):
             reader, pid, ses = path.parts[-4:-1]
             edited.append((by_ids[(pid, ses)], reader, path))
     write_derivatives(pairs, args.out_dir, edited)
@@ -165,16 +150,89 @@ def _cmd_derivatives(args):
 # ---- khe-vol qa: blinded reading (package, leak audit, reader app) -------------
 
 
-def _cmd_qa(args):
-    from importlib import import_module
+def _cmd_qa_package(args):
+    from khe_vol.nifti import SeriesError
+    from khe_vol.qa import reader_dir
+    from khe_vol.qa.key import default_key_path
+    from khe_vol.qa.package import PackageError, write_package
 
-    return import_module(f"khe_vol.qa.{args.qa_module}").main(args)
+    try:
+        rows = write_package(args.results_dir, args.reader, args.seed, args.records, series_tsv=args.series,
+                             overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key)
+    except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
+        print(f"khe-vol qa package: {exc}", file=sys.stderr)
+        return 2
+    for reader in args.reader:
+        n_case = sum(1 for r in rows if r["reader"] == reader and r["status"] == "case")
+        n_none = sum(1 for r in rows if r["reader"] == reader and r["status"] != "case")
+        print(f"{reader}: {n_case} case(s) in {reader_dir(args.results_dir, reader)}"
+              + (f"; {n_none} series not packaged (see the key)" if n_none else ""))
+    for r in rows:
+        if r["status"] != "case" and r["reader"] == args.reader[0]:
+            print(f"  not packaged: {r['message']}", file=sys.stderr)
+    print(f"unblinding key: {args.key or default_key_path(args.results_dir)} (keep it away from readers)")
+    if args.seed < 2**32:
+        print("note: a small seed can be guessed; use e.g. python -c 'import secrets; print(secrets.randbits(63))'",
+              file=sys.stderr)
+    return 0
 
 
-def _cmd_qa_reads(args):
-    from khe_vol.qa import reads
+def _cmd_qa_audit(args):
+    """Exit 1 listing every leak, 0 with a summary when clean."""
+    from khe_vol.qa.audit import audit
 
-    return getattr(reads, args.qa_entry)(args)
+    try:
+        leaks, problems, summary = audit(args.results_dir, args.allocation, args.db_dir, args.key)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"khe-vol qa audit: {exc}", file=sys.stderr)
+        return 2
+    for leak in leaks:
+        print(leak)
+    for problem in problems:
+        print(problem)
+    if leaks or problems:
+        print(f"khe-vol qa audit: {len(leaks) + len(problems)} leak(s) found", file=sys.stderr)
+        return 1
+    print(f"clean: {summary['files']} file(s) and the pages of {len(summary['readers'])} reader(s) "
+          f"({', '.join(summary['readers'])}) checked against {summary['tokens']} forbidden token(s) "
+          f"({', '.join(summary['kinds'])}) and date patterns; the key is outside qa/")
+    return 0
+
+
+def _cmd_qa_serve(args):
+    from khe_vol.qa.app import ViewerMissing, create_app, serve
+
+    try:
+        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir)
+    except (ViewerMissing, FileNotFoundError, ValueError) as exc:
+        print(f"khe-vol qa serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"reader {args.reader}: open http://127.0.0.1:{args.port}/ (reads in {app.config['KHE_DB']}); "
+          "Ctrl-C stops", flush=True)
+    serve(app, args.port)
+    return 0
+
+
+def _cmd_qa_disagreements(args):
+    from khe_vol.qa.reads import write_disagreements
+
+    adjudication = write_disagreements(args.results_dir, args.reader, args.baseline_session, args.key, args.records,
+                                       args.out, args.overlays, args.overlay_dir)
+    print(f"{len(adjudication)} series for adjudication")
+    return 0
+
+
+def _cmd_qa_final(args):
+    from khe_vol.qa.reads import write_final
+
+    finals, adjudication, edited = write_final(args.results_dir, args.reader, args.adjudicator, args.baseline_session,
+                                               args.key, args.records, args.out, args.edited_dir, args.agreement)
+    counts = {}
+    for f in finals:
+        counts[f["qa_status"]] = counts.get(f["qa_status"], 0) + 1
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+          + f"; {len(adjudication)} for adjudication; {len(edited)} edited mask(s)")
+    return 0
 
 
 def _add_qa_parser(sub):
@@ -192,7 +250,7 @@ def _add_qa_parser(sub):
     p.add_argument("--key", default=None, help="unblinding key TSV to write (default <results-dir>/blinding/key.tsv; "
                    "never under qa/)")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
-    p.set_defaults(func=_cmd_qa, qa_module="package")
+    p.set_defaults(func=_cmd_qa_package)
 
     p = qa_sub.add_parser("audit", help="check that nothing under qa/ identifies a participant, session, date or arm")
     p.add_argument("--results-dir", required=True)
@@ -200,7 +258,7 @@ def _add_qa_parser(sub):
     p.add_argument("--db-dir", help="folder of the readers' <reader>.sqlite (default <results-dir>/reads)")
     p.add_argument("--key", action="append", help="unblinding key TSV (repeatable; default: every key in "
                    "<results-dir>/blinding/)")
-    p.set_defaults(func=_cmd_qa, qa_module="audit")
+    p.set_defaults(func=_cmd_qa_audit)
 
     p = qa_sub.add_parser("serve", help="serve one reader's app on 127.0.0.1")
     p.add_argument("--results-dir", required=True)
@@ -208,7 +266,7 @@ def _add_qa_parser(sub):
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--db", default=None, help="reads database (default <results-dir>/reads/<reader>.sqlite)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
-    p.set_defaults(func=_cmd_qa, qa_module="app")
+    p.set_defaults(func=_cmd_qa_serve)
 
     def reads_args(p):
         p.add_argument("--results-dir", required=True, help="reads are taken from <dir>/reads/<reader>.sqlite")
@@ -222,7 +280,7 @@ def _add_qa_parser(sub):
     p.add_argument("--out", required=True, help="TSV of series to adjudicate")
     p.add_argument("--overlays", required=True, help="TSV of the readers' reads of those series")
     p.add_argument("--overlay-dir", required=True, help="folder for the readers' edited masks shown as overlays")
-    p.set_defaults(func=_cmd_qa_reads, qa_entry="main_disagreements")
+    p.set_defaults(func=_cmd_qa_disagreements)
 
     p = qa_sub.add_parser("final", help="import every read: final volumes, edited masks, reader agreement")
     reads_args(p)
@@ -230,12 +288,13 @@ def _add_qa_parser(sub):
     p.add_argument("--out", required=True, help="JSON list of final series records")
     p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
     p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
-    p.set_defaults(func=_cmd_qa_reads, qa_entry="main_final")
+    p.set_defaults(func=_cmd_qa_final)
 
 
 def _cmd_arms(args):
     from khe_vol.arms import allocation_mismatches, allocation_note, read_allocation, response_by_arm, write_response_by_arm
-    from khe_vol.tables import read_tsv
+    from khe_vol.files import read_tsv
+    from khe_vol.report.provenance import table_provenance
 
     participants = sorted({r["participant_id"] for r in read_tsv(args.volumes)})
     try:
@@ -248,8 +307,6 @@ def _cmd_arms(args):
         return 2
     for warning in warnings:
         print(f"khe-vol arms: {warning}", file=sys.stderr)
-    from khe_vol.provenance import table_provenance
-
     provenance = table_provenance([args.response, args.volumes, args.allocation])
     provenance["AllocationMismatches"] = [f"{pid} {what}" for pid, what in mismatches]
     write_response_by_arm(args.out, result, provenance)
@@ -258,15 +315,14 @@ def _cmd_arms(args):
 
 
 def _cmd_report_page(args):
-    from khe_vol import report_tables
-    from khe_vol.nifti import atomic_write_text
-    from khe_vol.tables import read_tsv
+    from khe_vol.files import atomic_write_text, read_tsv
+    from khe_vol.report import pages
 
     rows = read_tsv(args.table)
     if args.kind == "response":
-        page, summary = report_tables.response_page(rows, args.table), report_tables.categories_summary(rows)
+        page, summary = pages.response_page(rows, args.table), pages.categories_summary(rows)
     else:
-        page, summary = report_tables.by_arm_page(rows, args.table), report_tables.by_arm_summary(rows)
+        page, summary = pages.by_arm_page(rows, args.table), pages.by_arm_summary(rows)
     atomic_write_text(args.out, page)
     atomic_write_text(args.summary, summary)
     print(f"wrote {args.out} and {args.summary}")
@@ -275,9 +331,8 @@ def _cmd_report_page(args):
 
 def _cmd_figures(args):
     from khe_vol.arms import read_allocation
-    from khe_vol.figures import category_counts_png, spaghetti_png, waterfall_png
-    from khe_vol.nifti import atomic_write_bytes
-    from khe_vol.tables import read_tsv
+    from khe_vol.files import atomic_write_bytes, read_tsv
+    from khe_vol.report.figures import category_counts_png, spaghetti_png, waterfall_png
 
     response, volumes = read_tsv(args.response), read_tsv(args.volumes)
     allocation, arms = None, None
@@ -294,14 +349,15 @@ def _cmd_figures(args):
 
 
 def _cmd_montages(args):
-    from khe_vol.nifti import SeriesError, atomic_write_bytes, load_image
-    from khe_vol.qa.package import qc_montage_png
+    from khe_vol.files import atomic_write_bytes, mask_beside, read_records
+    from khe_vol.nifti import SeriesError, load_image
+    from khe_vol.report.montage import qc_montage_png
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for rec_path in args.records:
-        rec = json.loads(Path(rec_path).read_text())
+        rec = read_records([rec_path])[0]
         name = f"{rec['participant_id']}_{rec['session_id']}.png"
         try:
             image = load_image(rec["source_file"], "series")
@@ -309,7 +365,7 @@ def _cmd_montages(args):
             continue  # no image to show; the tables say why
         mask = None
         if rec["status"] == "ok":
-            mask = load_image(Path(rec_path).with_name("mask.nii.gz"), "mask").data != 0
+            mask = load_image(mask_beside(rec_path), "mask").data != 0
         atomic_write_bytes(out / name, qc_montage_png(image.data, image.affine, mask))
         n += 1
     print(f"wrote {n} montage(s) to {out}")
@@ -317,7 +373,7 @@ def _cmd_montages(args):
 
 
 def _cmd_workbook(args):
-    from khe_vol.workbook import write_workbook
+    from khe_vol.report.workbook import write_workbook
 
     tables = [(Path(p).stem, p) for p in args.tables]
     write_workbook(args.out, tables)
@@ -326,8 +382,8 @@ def _cmd_workbook(args):
 
 
 def _cmd_provenance(args):
-    from khe_vol.nifti import atomic_write_text, sha256_file
-    from khe_vol.provenance import run_provenance
+    from khe_vol.files import atomic_write_text, read_records, sha256_file
+    from khe_vol.report.provenance import run_provenance
 
     outputs = {}
     for path in args.output:
@@ -336,7 +392,7 @@ def _cmd_provenance(args):
         for f in files:
             outputs[str(f)] = sha256_file(f)
     config = json.loads(args.config_json) if args.config_json else None
-    summary = run_provenance(config, _read_records(args.records), outputs)
+    summary = run_provenance(config, read_records(args.records), outputs)
     atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out} ({len(outputs)} output files)")
     return 0

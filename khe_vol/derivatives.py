@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from khe_vol import __version__
-from khe_vol.nifti import atomic_write_text
-from khe_vol.provenance import software_versions
+from khe_vol.files import atomic_write_text, replacing_dir
+from khe_vol.report.provenance import software_versions
 
 DATASET_DESCRIPTION = {
     "Name": "khe-vol lesion masks",
@@ -80,24 +80,19 @@ def write_derivatives(records_and_masks, out_dir, edited=()):
         Dataset root; built in a sibling temporary folder and moved into
         place, so a crash never leaves a half-written dataset.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_write_text(tmp / "dataset_description.json", json.dumps(DATASET_DESCRIPTION, indent=2) + "\n")
-    for record, mask_path in records_and_masks:
-        if record["status"] != "ok":
-            continue
-        rel = mask_relpath(record["participant_id"], record["session_id"])
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(mask_path, tmp / rel)
-        sidecar = tmp / str(rel).replace(".nii.gz", ".json")
-        atomic_write_text(sidecar, json.dumps(mask_sidecar(record), indent=2, sort_keys=False) + "\n")
-    for record, reader, mask_path in edited:
-        rel = mask_relpath(record["participant_id"], record["session_id"], reader)
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(mask_path, tmp / rel)
-        atomic_write_text(tmp / str(rel).replace(".nii.gz", ".json"),
-                          json.dumps(edited_sidecar(record, reader), indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with replacing_dir(out_dir) as tmp:
+        atomic_write_text(tmp / "dataset_description.json", json.dumps(DATASET_DESCRIPTION, indent=2) + "\n")
+        for record, mask_path in records_and_masks:
+            if record["status"] != "ok":
+                continue
+            rel = mask_relpath(record["participant_id"], record["session_id"])
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mask_path, tmp / rel)
+            sidecar = tmp / str(rel).replace(".nii.gz", ".json")
+            atomic_write_text(sidecar, json.dumps(mask_sidecar(record), indent=2, sort_keys=False) + "\n")
+        for record, reader, mask_path in edited:
+            rel = mask_relpath(record["participant_id"], record["session_id"], reader)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mask_path, tmp / rel)
+            atomic_write_text(tmp / str(rel).replace(".nii.gz", ".json"),
+                              json.dumps(edited_sidecar(record, reader), indent=2) + "\n")

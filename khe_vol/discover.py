@@ -7,14 +7,13 @@ kept with the series it concerns, so one bad file never hides the others.
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from khe_vol.files import read_text_table, tsv_dict_reader
 
 _LABEL = r"[A-Za-z0-9]+"
 _T2W = re.compile(
@@ -243,55 +242,6 @@ def find_masks(masks_dir):
     return masks, problems
 
 
-#: Byte-order marks a spreadsheet may write, longest first (UTF-32's starts like UTF-16's).
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
-)
-
-
-def read_text_table(path, what):
-    """The text of a table a person may have saved from a spreadsheet.
-
-    UTF-8 with or without a byte-order mark (Excel's "UTF-8" formats write
-    one), and UTF-16 or UTF-32 with one (Excel's "Unicode Text", tab-separated);
-    line ends as saved (``csv`` reads CRLF). Anything else is refused rather
-    than guessed: a wrong guess would change participant ids.
-
-    Parameters
-    ----------
-    path : path-like
-        The file.
-    what : str
-        What the table is, for the message (e.g. "seeds table").
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    OSError
-        If the file cannot be read.
-    ValueError
-        Naming the file, the encoding tried and how to save it instead.
-    """
-    raw = Path(path).read_bytes()
-    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
-    how = ("save it as tab-separated text in UTF-8, or as UTF-16 with a byte-order mark "
-           "(Excel: 'Unicode Text')")
-    name = encoding.upper().replace("-SIG", "")
-    try:
-        text = raw.decode(encoding).removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path}: {what} is not {name} text (byte {raw[exc.start]:#04x} at offset {exc.start}: {exc.reason}); {how}"
-        ) from None
-    if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with NUL between letters
-        raise ValueError(f"{path}: {what} is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark?); {how}")
-    return text
-
-
 def read_seeds(seeds_path, baseline_label):
     """Parse the seeds TSV.
 
@@ -323,7 +273,7 @@ def read_seeds(seeds_path, baseline_label):
         text = read_text_table(path, "seeds table")
     except OSError as exc:
         raise ValueError(f"{path}: cannot read seeds table: {exc}") from exc
-    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
+    rows = list(tsv_dict_reader(text, quoted=True))
     columns = set(rows[0].keys()) if rows else set()
     missing = {"participant_id", "x", "y", "z"} - columns
     if rows and missing:

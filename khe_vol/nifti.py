@@ -7,9 +7,6 @@ coordinator can act on. Inputs are only ever opened for reading.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
+# Atomic writes and file checksums live in khe_vol.files; re-exported here for existing callers.
+from khe_vol.files import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401
 from khe_vol.geometry import affine_disagreement, voxel_sizes_mm
 
 #: Plausible voxel edge lengths for clinical MRI, in mm.
@@ -66,15 +65,6 @@ class LoadedImage:
     """``{"distance_mm", "rotation_deg", "used"}`` when the header's sform and
     qform (both coded) disagree beyond :data:`GEOMETRY_TOLERANCE_MM` /
     :data:`GEOMETRY_TOLERANCE_DEG`; ``None`` otherwise."""
-
-
-def sha256_file(path):
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _chosen_affine(img, path):
@@ -305,25 +295,6 @@ def load_series(path):
     if float(image.data.max()) == float(image.data.min()):
         raise SeriesError(f"{image.path}: series is blank (every voxel is {float(image.data.min())})")
     return image
-
-
-def atomic_write_bytes(path, payload):
-    """Write bytes to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path, text):
-    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def mask_image(mask, affine):

@@ -6,11 +6,10 @@ at presentation. Missing values are ``n/a`` (BIDS tabular convention).
 
 from __future__ import annotations
 
-import csv
 import json
 
-from khe_vol.nifti import atomic_write_text
-from khe_vol.qa.reads import QA_STATUSES
+from khe_vol.files import NA, atomic_write_text, write_tsv
+from khe_vol.qa import QA_STATUSES
 from khe_vol.response import (
     CATEGORIES,
     classify_change,
@@ -18,9 +17,6 @@ from khe_vol.response import (
     is_overall_response,
 )
 from khe_vol.review import REVIEW_REASONS, reader_decided, reason_text, series_reasons
-from khe_vol.uncertainty import near_threshold
-
-NA = "n/a"
 
 VOLUME_COLUMNS = {
     "participant_id": {"LongName": "Participant identifier", "Description": "BIDS participant label (sub-<label>)."},
@@ -97,20 +93,6 @@ def _fmt(value, spec=None):
     if spec is None:
         return str(value)
     return format(value, spec)
-
-
-def _tsv(columns, rows):
-    lines = ["\t".join(columns)]
-    for row in rows:
-        # Tabs and newlines would break the table; messages keep their words.
-        lines.append("\t".join(" ".join(str(row.get(col) or NA).split()) for col in columns))
-    return "\n".join(lines) + "\n"
-
-
-def read_tsv(path):
-    """Rows of a TSV file as dicts (header line = column names; no quoting, as ``_tsv`` writes)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def volume_rows(records):
@@ -235,6 +217,10 @@ def _response_review(base, rec, near):
 
 def _band_columns(base, rec):
     """percent_change_low/high and near_threshold from the two volume bands."""
+    # Imported here: khe_vol.uncertainty loads the measurement stack (SimpleITK,
+    # scikit-image), which the table and report commands never need otherwise.
+    from khe_vol.uncertainty import near_threshold
+
     base_band = (base["volume_low_ml"], base["volume_high_ml"])
     band = (rec["volume_low_ml"], rec["volume_high_ml"])
     if None in base_band or None in band:
@@ -252,10 +238,11 @@ def write_table(path, columns, rows, provenance=None):
     """Write a TSV and its JSON data dictionary beside it (``.json``), atomically.
 
     ``provenance`` (software versions, config, inputs; see
-    :mod:`khe_vol.provenance`) goes into the dictionary under ``GeneratedBy``
+    :mod:`khe_vol.report.provenance`) goes into the dictionary under ``GeneratedBy``
     and ``Provenance``, beside the column entries.
     """
-    atomic_write_text(path, _tsv(list(columns), rows))
+    # Tabs and line breaks would break the table; messages keep their words.
+    write_tsv(path, columns, rows)
     dictionary = dict(columns)
     if provenance is not None:
         dictionary["GeneratedBy"] = provenance["GeneratedBy"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from khe_vol.nifti import atomic_write_bytes, mask_image, sha256_file, write_nifti
+from khe_vol.files import atomic_write_bytes, sha256_file
+from khe_vol.nifti import mask_image, write_nifti
 from tests.conftest import make_affine
 
 SHAPE = (32, 28, 10)

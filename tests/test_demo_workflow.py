@@ -9,6 +9,9 @@ import yaml
 
 from tests.test_workflow import read_tsv, run_snakemake
 
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

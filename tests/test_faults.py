@@ -11,9 +11,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import yaml
 
 from tests.test_workflow import REPO, run_snakemake
+
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
 
 
 def _demo(root, n=2):

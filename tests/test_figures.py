@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from khe_vol.figures import (
+from khe_vol.report.figures import (
     CATEGORY_COLORS,
     DPI,
     NEAR_HATCH,

@@ -16,7 +16,6 @@ from khe_vol.qa.agreement import (
     bland_altman_log_ratio,
     category_table,
     comparisons,
-    dice_coefficient,
     hd95_mm,
     icc_log_volume,
     mask_agreement,
@@ -24,6 +23,7 @@ from khe_vol.qa.agreement import (
     weighted_kappa_category,
     write_agreement,
 )
+from khe_vol.overlap import dice
 from khe_vol.response import COMPLETE, GROWTH, NEARLY_COMPLETE, NO_CHANGE, PARTIAL
 
 VOLUMES_ML = [0.0, 2.5, 8.0, 15.0, 40.0, 95.0, 160.0, 300.0]
@@ -169,7 +169,7 @@ def test_mask_shifted_two_voxels_gives_hd95_three_mm():
     a = box_mask()
     b = box_mask(start=(7, 5, 5))  # 2 voxels of 1.5 mm along i
     assert hd95_mm(a, b, ISO_1P5) == pytest.approx(3.0)
-    assert dice_coefficient(a, b, ISO_1P5) == pytest.approx(2 * 6 / 16)
+    assert dice(a, b) == pytest.approx(2 * 6 / 16)
     # Same answer with the grid rotated and flipped: distances are physical.
     oblique = np.eye(4)
     oblique[:3, :3] = np.array([[0, -1.5, 0], [0, 0, 1.5], [-1.5, 0, 0]])

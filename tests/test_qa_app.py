@@ -25,7 +25,7 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.qa import store
 from khe_vol.qa.app import create_app, find_niivue
-from khe_vol.qa.package import read_key
+from khe_vol.qa.key import read_key
 from tests.qa_cohort import write_cohort
 
 CHROMIUM = "/usr/bin/chromium"
@@ -81,6 +81,7 @@ def world_to_voxel(mm, affine):
     return np.linalg.solve(np.asarray(affine, float), np.r_[np.asarray(mm, float)[:3], 1.0])[:3]
 
 
+@pytest.mark.slow  # a real browser
 def test_reader_session_in_a_real_browser(package, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -14,7 +14,9 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.qa import store
 from khe_vol.qa.audit import Scanner, Token, png_text_chunks
-from khe_vol.qa.package import HEADER_TEXT_FIELDS, case_code, read_key
+from khe_vol.qa.codes import case_code
+from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
+from khe_vol.qa.key import read_key
 from tests.qa_cohort import write_cohort
 
 SEED = "8123456789012345"
@@ -175,6 +177,22 @@ def test_audit_is_clean_on_a_fresh_package(cohort, capsys, tmp_path):
     rc, out = run_audit(results, capsys, "--allocation", str(allocation))
     assert rc == 0, out
     assert out.startswith("clean:") and "arm" in out and "site" in out
+
+
+def test_audit_reads_an_allocation_saved_as_utf16_by_a_spreadsheet(cohort, capsys, tmp_path):
+    # khe-vol check and the arms step take Excel's "Unicode Text"; the audit, which
+    # forbids the arm names under qa/, must read the same file, not stop the run.
+    results, records = cohort
+    build(results, records)
+    allocation = tmp_path / "allocation.tsv"
+    allocation.write_bytes("participant_id\tarm\nsub-01\tsirolimus\nsub-02\tsirolimus\n".encode("utf-16"))
+    rc, out = run_audit(results, capsys, "--allocation", str(allocation))
+    assert rc == 0, out
+    assert out.startswith("clean:") and "arm" in out
+    # And the arm name is still forbidden: planted in a file name, it is found.
+    (results / "qa" / "R1" / "sirolimus.txt").write_text("")
+    rc, out = run_audit(results, capsys, "--allocation", str(allocation))
+    assert rc == 1 and "qa/R1/sirolimus.txt: path component contains sirolimus (arm)" in out
 
 
 def _png_with_text(payload, keyword, text):

@@ -12,11 +12,14 @@ import pytest
 import yaml
 
 from khe_vol.nifti import load_image, mask_image, nifti_bytes
-from khe_vol.tables import read_tsv
+from khe_vol.files import read_tsv
 from khe_vol.qa.store import record_read
 from tests.cohort import write_mask_cohort
 from tests.test_workflow import read_tsv as read_table
 from tests.test_workflow import run_snakemake
+
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
 
 READERS = ["R1", "R2"]
 

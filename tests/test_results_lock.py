@@ -12,6 +12,9 @@ from khe_vol.runlock import LOCK_NAME, ResultsFolderBusy, lock_results_dir, rele
 from tests.cohort import write_mask_cohort
 from tests.test_workflow import REPO, run_snakemake
 
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 HOLD = (
     "import sys; from khe_vol.runlock import lock_results_dir; "
     "h = lock_results_dir(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"

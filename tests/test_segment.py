@@ -19,6 +19,7 @@ from khe_vol.synthetic.render import body_to_world, lesion_centre_ras_mm, lesion
 from khe_vol.synthetic.seeds import phantom_reader_seeds
 from khe_vol.synthetic.specs import FLOW_VOID, FLUID, SEPTUM, SeriesSpec, VESSEL
 from khe_vol.geometry import resample_mask_to_grid, voxel_sizes_mm, voxel_volume_mm3
+from khe_vol.overlap import dice
 from khe_vol.segment import (
     SegmentationError,
     SegmentationParams,
@@ -31,11 +32,6 @@ from khe_vol.track import register_rigid, track_followup
 
 # A small trunk field of view keeps every test quick; 0.9 x 0.9 x 4 mm voxels.
 SPEC = SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
-
-
-def dice(a, b):
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
 
 
 def volume_ml(mask, affine):

@@ -21,6 +21,9 @@ import yaml
 
 from tests.test_workflow import REPO, read_tsv, run_snakemake
 
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 PROFILE = REPO / "profiles/slurm"
 START = ".ci/slurm/start-cluster.sh"
 TIMEOUT_S = 900  # a hung status poll must fail the test, not eat the CI job

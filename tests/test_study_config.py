@@ -21,6 +21,9 @@ from tests.cohort import ball_scene
 from tests.conftest import make_affine, save_nifti
 from tests.test_workflow import read_tsv
 
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 #: The study's own schedule: month 0 is "screening", and there is no m24 (a m24 series is an error).
 SESSIONS = {"screening": 0, "m03": 3, "m09": 9}

@@ -20,9 +20,8 @@ from scipy import ndimage
 from khe_vol.synthetic.demo import demo_participant, nifti_gz_bytes
 from khe_vol.synthetic.render import render_labels, render_series
 from khe_vol.synthetic.specs import LESION, LESION_LABELS
+from khe_vol.files import atomic_write_bytes, read_tsv
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
-from khe_vol.nifti import atomic_write_bytes
-from khe_vol.tables import read_tsv
 
 SLICE_MM = 10.0
 

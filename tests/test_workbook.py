@@ -9,7 +9,7 @@ import openpyxl
 import pytest
 
 from khe_vol.tables import RESPONSE_COLUMNS, VOLUME_COLUMNS
-from khe_vol.workbook import (
+from khe_vol.report.workbook import (
     DICTIONARY_COLUMNS,
     DICTIONARY_SHEET,
     FIXED_DATETIME,

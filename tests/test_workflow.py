@@ -14,6 +14,9 @@ import yaml
 from tests.cohort import write_mask_cohort
 from tests.conftest import make_affine, save_nifti
 
+# End to end: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

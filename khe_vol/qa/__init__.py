@@ -30,7 +30,27 @@ VERDICT_LABELS = {
     "no_residual_lesion": "No residual lesion",
 }
 
+#: ``qa_status`` values of volumes.tsv: where a series stands in blinded reading.
+#: Here, not in :mod:`khe_vol.qa.reads`, so the tables can document them without
+#: loading the reads machinery.
+QA_STATUSES = {
+    "not_configured": "no reader QA in this run: the automatic (or supplied) mask's volume",
+    "pending_read": "not yet read by every reader (or a read is stale): no final volume",
+    "pending_adjudication": "readers disagree; waiting for the adjudicator: no final volume",
+    "accepted": "readers accepted the automatic mask",
+    "edited": "the deciding reader corrected the mask",
+    "no_residual_lesion": "the deciding reader found no residual lesion: 0 mL",
+    "rejected": "the deciding reader rejected the series as unmeasurable: excluded",
+    "no_case": "the series could not be shown to readers (see message)",
+}
+
 WORKLIST_NAME = "worklist.json"
+
+#: Columns of the adjudication list (``khe-vol qa disagreements --out``).
+ADJUDICATION_COLUMNS = ("participant_id", "session_id", "reason")
+#: Columns of an overlays TSV (``qa disagreements --overlays``, ``qa package --overlays``):
+#: one row per other reader's read of a series.
+OVERLAY_COLUMNS = ("participant_id", "session_id", "reader", "verdict", "volume_ml", "mask")
 
 
 def reader_dir(results_dir, reader):

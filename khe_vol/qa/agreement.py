@@ -45,7 +45,9 @@ from statsmodels.stats.inter_rater import cohens_kappa
 from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import DescrStatsW
 
+from khe_vol.files import NA
 from khe_vol.geometry import resample_mask_to_grid, to_sitk
+from khe_vol.overlap import cropped_pair, dice
 from khe_vol.response import (
     CATEGORIES,
     COMPLETE,
@@ -54,7 +56,7 @@ from khe_vol.response import (
     NO_CHANGE,
     PARTIAL,
 )
-from khe_vol.tables import NA, write_table
+from khe_vol.tables import write_table
 
 #: Reader id of the automatic result in the reads.
 AUTO_READER = "auto"
@@ -328,45 +330,6 @@ def percent_agreement_category(categories_a, categories_b):
 # ---------------------------------------------------------------- masks
 
 
-def _cropped_pair(mask_a, mask_b, affine):
-    """Both masks cropped to their union's bounding box plus one voxel.
-
-    Distances are to contours that lie inside that box, so cropping changes
-    no value and keeps distance maps small on large series grids.
-    """
-    union = np.argwhere(mask_a | mask_b)
-    lo = np.maximum(union.min(axis=0) - 1, 0)
-    hi = np.minimum(union.max(axis=0) + 2, mask_a.shape)
-    box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi))
-    shifted = np.array(affine, dtype=float)
-    shifted[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-    return mask_a[box], mask_b[box], shifted
-
-
-def dice_coefficient(mask_a, mask_b, affine):
-    """Dice coefficient of two masks on the same grid.
-
-    Parameters
-    ----------
-    mask_a, mask_b : (I, J, K) array_like
-        Masks on one grid; non-zero = lesion. At least one must be non-empty.
-    affine : (4, 4) array_like
-        Voxel -> RAS+ mm affine of the grid.
-
-    Returns
-    -------
-    float
-        ``2 |A & B| / (|A| + |B|)``, dimensionless in [0, 1].
-    """
-    a, b = np.asarray(mask_a) != 0, np.asarray(mask_b) != 0
-    if not (a.any() or b.any()):
-        raise ValueError("Dice is undefined for two empty masks")
-    a, b, aff = _cropped_pair(a, b, np.asarray(affine, dtype=float))
-    overlap = sitk.LabelOverlapMeasuresImageFilter()
-    overlap.Execute(to_sitk(a.astype(np.uint8), aff), to_sitk(b.astype(np.uint8), aff))
-    return float(overlap.GetDiceCoefficient())
-
-
 def _directed_contour_distances_mm(source, target):
     """Distances (mm) from each contour voxel of ``source`` to the contour of ``target``."""
     # Distance from every voxel to the nearest target contour voxel centre,
@@ -396,7 +359,7 @@ def hd95_mm(mask_a, mask_b, affine):
     a, b = np.asarray(mask_a) != 0, np.asarray(mask_b) != 0
     if not (a.any() and b.any()):
         raise ValueError("HD95 is undefined when a mask is empty")
-    a, b, aff = _cropped_pair(a, b, np.asarray(affine, dtype=float))
+    a, b, aff = cropped_pair(a, b, np.asarray(affine, dtype=float))
     image_a, image_b = to_sitk(a.astype(np.uint8), aff), to_sitk(b.astype(np.uint8), aff)
     return float(max(
         np.percentile(_directed_contour_distances_mm(image_a, image_b), HD_PERCENTILE),
@@ -431,7 +394,7 @@ def mask_agreement(mask_pairs):
         Rows ``dice_edited_masks_{median,min,max}`` (dimensionless) and
         ``hd95_edited_masks_{median,min,max}_mm`` (mm).
     """
-    dice, hd95 = [], []
+    dices, hd95 = [], []
     n_both_empty = n_one_empty = n_resampled = 0
     for mask_a, affine_a, mask_b, affine_b in mask_pairs:
         mask_a, mask_b = np.asarray(mask_a) != 0, np.asarray(mask_b) != 0
@@ -441,7 +404,7 @@ def mask_agreement(mask_pairs):
         if not (mask_a.any() or mask_b.any()):
             n_both_empty += 1
             continue
-        dice.append(dice_coefficient(mask_a, mask_b, affine_a))
+        dices.append(dice(mask_a, mask_b))
         if mask_a.any() and mask_b.any():
             hd95.append(hd95_mm(mask_a, mask_b, affine_a))
         else:
@@ -453,7 +416,7 @@ def mask_agreement(mask_pairs):
     hd_note = f"{n_one_empty} series with one empty mask left out (distance undefined)" if n_one_empty else None
     note = "; ".join(filter(None, notes)) or None
     return (
-        _summary_rows("dice_edited_masks", "dimensionless", _METHOD_DICE, dice, note)
+        _summary_rows("dice_edited_masks", "dimensionless", _METHOD_DICE, dices, note)
         + _summary_rows("hd95_edited_masks", "mm", _METHOD_HD95, hd95, "; ".join(filter(None, [*notes, hd_note])) or None)
     )
 

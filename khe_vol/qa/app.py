@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +30,7 @@ from khe_vol.qa import (
     reader_dir,
     store,
 )
-from khe_vol.qa.package import mask_like, same_grid
+from khe_vol.qa.deidentify import mask_like, same_grid
 from khe_vol.review import REVIEW_REASONS
 
 #: NiiVue's self-contained browser bundle, inside the npm package.
@@ -295,15 +294,6 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     return app
 
 
-def main(args):
-    """``khe-vol qa serve``: serve one reader's app on 127.0.0.1."""
-    try:
-        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir)
-    except (ViewerMissing, FileNotFoundError, ValueError) as exc:
-        print(f"khe-vol qa serve: {exc}", file=sys.stderr)
-        return 2
-    print(f"reader {args.reader}: open http://127.0.0.1:{args.port}/ (reads in {app.config['KHE_DB']}); "
-          "Ctrl-C stops", flush=True)
-    # Loopback only: the package must not be reachable from the network.
-    app.run(host="127.0.0.1", port=args.port, debug=False, use_reloader=False, threaded=True)
-    return 0
+def serve(app, port):
+    """Run the app until interrupted, on 127.0.0.1 only: the package must not be reachable from the network."""
+    app.run(host="127.0.0.1", port=port, debug=False, use_reloader=False, threaded=True)

@@ -36,7 +36,6 @@ import json
 import re
 import sqlite3
 import struct
-import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -44,9 +43,11 @@ from pathlib import Path
 
 import nibabel as nib
 
-from khe_vol.qa import WORKLIST_NAME, default_db_path
-from khe_vol.qa.package import HEADER_TEXT_FIELDS, key_paths, read_key
-from khe_vol.tables import read_tsv
+from khe_vol.files import read_text_table, tsv_dict_reader
+from khe_vol.qa import WORKLIST_NAME, default_db_path, store
+from khe_vol.qa.app import create_app
+from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
+from khe_vol.qa.key import key_paths, read_key
 
 #: Characters that make a token part of a longer word (so no match).
 _WORD = "A-Za-z0-9"
@@ -323,9 +324,6 @@ def scan_pages(scanner, results_dir, reader, db_path=None):
     Uses the reader's real reads (copied, never modified) when the database
     exists, so what a reader typed into comments is audited too.
     """
-    from khe_vol.qa import store
-    from khe_vol.qa.app import create_app
-
     leaks = []
     db_path = Path(db_path) if db_path else default_db_path(results_dir, reader)
     with tempfile.TemporaryDirectory(prefix="khe-vol-audit-") as tmp:
@@ -386,7 +384,8 @@ def audit(results_dir, allocation_tsv=None, db_dir=None, keys=None):
             records.append(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             pass  # the key itself still has the ids; the file name tokens of that series are lost
-    allocation = read_tsv(allocation_tsv) if allocation_tsv else []
+    # As a spreadsheet may have saved it (the arms step reads it the same way).
+    allocation = list(tsv_dict_reader(read_text_table(allocation_tsv, "allocation"))) if allocation_tsv else []
     tokens = forbidden_tokens(key_rows, records, allocation)
     scanner = Scanner(tokens)
     leaks = scan_files(scanner, results_dir)
@@ -400,23 +399,3 @@ def audit(results_dir, allocation_tsv=None, db_dir=None, keys=None):
     summary = {"tokens": len(tokens), "files": n_files, "readers": readers,
                "kinds": sorted({t.kind for t in tokens})}
     return leaks, problems, summary
-
-
-def main(args):
-    """``khe-vol qa audit``: exit 1 listing every leak, 0 with a summary when clean."""
-    try:
-        leaks, problems, summary = audit(args.results_dir, args.allocation, args.db_dir, args.key)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"khe-vol qa audit: {exc}", file=sys.stderr)
-        return 2
-    for leak in leaks:
-        print(leak)
-    for problem in problems:
-        print(problem)
-    if leaks or problems:
-        print(f"khe-vol qa audit: {len(leaks) + len(problems)} leak(s) found", file=sys.stderr)
-        return 1
-    print(f"clean: {summary['files']} file(s) and the pages of {len(summary['readers'])} reader(s) "
-          f"({', '.join(summary['readers'])}) checked against {summary['tokens']} forbidden token(s) "
-          f"({', '.join(summary['kinds'])}) and date patterns; the key is outside qa/")
-    return 0

@@ -19,26 +19,24 @@ Rules (also in README, "Blinded reading"):
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from khe_vol.files import MASK_NAME, atomic_write_text, mask_beside, read_records, replacing_dir, write_tsv
 from khe_vol.geometry import voxel_volume_mm3
+from khe_vol.measure import lesion_size
+from khe_vol.nifti import load_image, mask_image, write_nifti
+from khe_vol.qa import ADJUDICATION_COLUMNS, OVERLAY_COLUMNS, default_db_path
+from khe_vol.qa.agreement import AUTO_READER, agreement_rows, write_agreement
+from khe_vol.qa.key import read_key
+from khe_vol.qa.store import current_reads
+from khe_vol.report.provenance import table_provenance
 from khe_vol.response import classify_change
 from khe_vol.uncertainty import volume_band_ml
-
-#: ``qa_status`` values of volumes.tsv.
-QA_STATUSES = {
-    "not_configured": "no reader QA in this run: the automatic (or supplied) mask's volume",
-    "pending_read": "not yet read by every reader (or a read is stale): no final volume",
-    "pending_adjudication": "readers disagree; waiting for the adjudicator: no final volume",
-    "accepted": "readers accepted the automatic mask",
-    "edited": "the deciding reader corrected the mask",
-    "no_residual_lesion": "the deciding reader found no residual lesion: 0 mL",
-    "rejected": "the deciding reader rejected the series as unmeasurable: excluded",
-    "no_case": "the series could not be shown to readers (see message)",
-}
 
 _VERDICT_STATUS = {"accept": "accepted", "edited": "edited", "no_residual_lesion": "no_residual_lesion",
                    "reject": "rejected"}
@@ -246,8 +244,6 @@ def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
     final["volume_source"] = f"{decider.reader}:{decider.verdict}"
     if decider.verdict == "accept":
         return final, None
-    from khe_vol.measure import lesion_size
-
     affine = np.asarray(record["affine"], float)
     mask = decider.mask if decider.verdict == "edited" else np.zeros(record["shape"], bool)
     final.update(lesion_size(mask, affine))
@@ -307,74 +303,92 @@ def decide_series(records, by_series, readers, adjudicator, baseline_session_id)
 
 
 # --------------------------------------------------------------------------
-# Command-line edges: `khe-vol qa disagreements` and `khe-vol qa final`.
+# File edges: the adjudication list (`khe-vol qa disagreements`) and the final
+# records (`khe-vol qa final`).
 # --------------------------------------------------------------------------
 
 
-def _load_inputs(args, readers):
-    import json
-    from pathlib import Path
+def load_reads(results_dir, readers, key_paths, record_paths):
+    """Everything the reads import starts from.
 
-    from khe_vol.qa import default_db_path
-    from khe_vol.qa.store import current_reads
-    from khe_vol.tables import read_tsv
+    Parameters
+    ----------
+    results_dir : path-like
+        Reads are taken from ``R/reads/<reader>.sqlite``.
+    readers : list of str
+        Whose reads to load.
+    key_paths : list of path-like
+        Unblinding key TSVs.
+    record_paths : list of path-like
+        ``record.json`` files of the workflow (the automatic mask beside each).
 
-    records = []
-    for path in args.records:
-        loaded = json.loads(Path(path).read_text())
-        records.extend(loaded if isinstance(loaded, list) else [loaded])
-    key_rows = [{k: (None if v == "n/a" else v) for k, v in row.items()} for key in args.key for row in read_tsv(key)]
-    reads = [r for reader in readers for r in current_reads(default_db_path(args.results_dir, reader))]
-    return records, key_rows, reads
+    Returns
+    -------
+    records : list of dict
+    record_paths : dict
+        (participant_id, session_id) -> the record's path.
+    key_rows : list of dict
+    reads : list of dict
+        Current reads of ``readers``, with edited masks.
+    """
+    records, paths = [], {}
+    for path in record_paths:
+        for rec in read_records([path]):
+            records.append(rec)
+            paths[(rec["participant_id"], rec["session_id"])] = Path(path)
+    key_rows = read_key(results_dir, key_paths)
+    reads = [r for reader in readers for r in current_reads(default_db_path(results_dir, reader))]
+    return records, paths, key_rows, reads
 
 
-def main_disagreements(args):
-    """Write the adjudication list and the readers' overlays for the adjudicator."""
-    import shutil
-    from pathlib import Path
+def write_disagreements(results_dir, readers, baseline_session_id, key_paths, record_paths, out_tsv, overlays_tsv,
+                        overlay_dir):
+    """Write the adjudication list and the readers' reads of those series, shown to the adjudicator.
 
-    from khe_vol.nifti import atomic_write_text, mask_image, write_nifti
+    Parameters
+    ----------
+    results_dir, readers, key_paths, record_paths
+        As :func:`load_reads` (``readers``: the two blinded readers).
+    baseline_session_id : str
+    out_tsv : path-like
+        The series to adjudicate (:data:`khe_vol.qa.ADJUDICATION_COLUMNS`).
+    overlays_tsv : path-like
+        The readers' reads of them (:data:`khe_vol.qa.OVERLAY_COLUMNS`).
+    overlay_dir : path-like
+        Folder (rebuilt as a whole) for the readers' edited masks the overlays point to.
 
-    records, key_rows, reads = _load_inputs(args, args.reader)
+    Returns
+    -------
+    dict
+        (participant_id, session_id) -> why it needs adjudication.
+    """
+    records, paths, key_rows, reads = load_reads(results_dir, readers, key_paths, record_paths)
     by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
     by_series = reader_reads(key_rows, reads, by_ids)
-    adjudication = needs_adjudication(by_series, by_ids, args.reader, args.baseline_session)
-    overlay_dir = Path(args.overlay_dir)
-    shutil.rmtree(overlay_dir, ignore_errors=True)
-    overlay_dir.mkdir(parents=True)
-    series_lines = ["participant_id\tsession_id\treason"]
-    overlay_lines = ["participant_id\tsession_id\treader\tverdict\tvolume_ml\tmask"]
-    for (pid, ses), reason in sorted(adjudication.items()):
-        series_lines.append(f"{pid}\t{ses}\t{reason}")
-        rec = by_ids[(pid, ses)]
-        for reader, entry in sorted(by_series[(pid, ses)].items()):
-            if reader not in args.reader:
-                continue
-            mask_path = "n/a"
-            if entry.verdict == "accept":
-                mask_path = str(Path(rec_path_of(args.records, pid, ses)).with_name("mask.nii.gz"))
-            elif entry.verdict == "edited":
-                target = overlay_dir / reader / f"{pid}_{ses}_mask.nii.gz"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_nifti(target, mask_image(entry.mask, rec["affine"]))
-                mask_path = str(target)
-            volume = "n/a" if entry.n_voxels is None else f"{entry.n_voxels * series_voxel_mm3(rec) / 1000:.3f}"
-            overlay_lines.append(f"{pid}\t{ses}\t{reader}\t{entry.verdict}\t{volume}\t{mask_path}")
-    atomic_write_text(args.out, "\n".join(series_lines) + "\n")
-    atomic_write_text(args.overlays, "\n".join(overlay_lines) + "\n")
-    print(f"{len(adjudication)} series for adjudication")
-    return 0
-
-
-def rec_path_of(record_paths, participant_id, session_id):
-    """The record.json of one series among the workflow's record paths."""
-    from pathlib import Path
-
-    for path in record_paths:
-        p = Path(path)
-        if p.parent.name == session_id and p.parent.parent.name == participant_id:
-            return p
-    raise KeyError(f"no record for {participant_id} {session_id}")
+    adjudication = needs_adjudication(by_series, by_ids, readers, baseline_session_id)
+    overlay_dir = Path(overlay_dir)
+    series_rows, overlay_rows = [], []
+    with replacing_dir(overlay_dir) as tmp:
+        for (pid, ses), reason in sorted(adjudication.items()):
+            series_rows.append({"participant_id": pid, "session_id": ses, "reason": reason})
+            rec = by_ids[(pid, ses)]
+            for reader, entry in sorted(by_series[(pid, ses)].items()):
+                if reader not in readers:
+                    continue
+                mask_path = None
+                if entry.verdict == "accept":
+                    mask_path = mask_beside(paths[(pid, ses)])
+                elif entry.verdict == "edited":
+                    name = Path(reader, f"{pid}_{ses}_mask.nii.gz")
+                    write_nifti(tmp / name, mask_image(entry.mask, rec["affine"]))
+                    mask_path = overlay_dir / name  # where it is once the folder is swapped in
+                volume = None if entry.n_voxels is None else f"{entry.n_voxels * series_voxel_mm3(rec) / 1000:.3f}"
+                overlay_rows.append({"participant_id": pid, "session_id": ses, "reader": reader,
+                                     "verdict": entry.verdict, "volume_ml": volume, "mask": mask_path})
+    # keep_spaces: the package reads the mask paths back.
+    write_tsv(out_tsv, ADJUDICATION_COLUMNS, series_rows, keep_spaces=True)
+    write_tsv(overlays_tsv, OVERLAY_COLUMNS, overlay_rows, keep_spaces=True)
+    return adjudication
 
 
 def agreement_reads(records, by_series, readers, baseline_session_id, auto_mask):
@@ -397,8 +411,6 @@ def agreement_reads(records, by_series, readers, baseline_session_id, auto_mask)
     -------
     list of dict
     """
-    from khe_vol.qa.agreement import AUTO_READER
-
     rows = []
     for ids, per_reader in sorted(by_series.items()):
         rec = records[ids]
@@ -432,44 +444,46 @@ def agreement_reads(records, by_series, readers, baseline_session_id, auto_mask)
     return rows
 
 
-def main_final(args):
-    """Final records, every reader's edited masks and the agreement table."""
-    import json
-    import shutil
-    from pathlib import Path
+def write_final(results_dir, readers, adjudicator, baseline_session_id, key_paths, record_paths, out_json, edited_dir,
+                agreement_tsv):
+    """Write the final records, every reader's edited masks and the agreement table.
 
-    from khe_vol.nifti import atomic_write_text, load_image, mask_image, write_nifti
-    from khe_vol.qa.agreement import agreement_rows, write_agreement
+    Parameters
+    ----------
+    results_dir, key_paths, record_paths
+        As :func:`load_reads`.
+    readers : list of str
+        The blinded readers.
+    adjudicator : str or None
+    baseline_session_id : str
+    out_json : path-like
+        JSON list of final series records.
+    edited_dir : path-like
+        Folder (rebuilt as a whole) of ``<reader>/<participant>/<session>/mask.nii.gz``
+        (``khe-vol derivatives --edited-dir`` reads it).
+    agreement_tsv : path-like
+        ``qa_agreement.tsv`` (its ``.json`` dictionary goes beside it).
 
-    everyone = list(args.reader) + ([args.adjudicator] if args.adjudicator else [])
-    records, key_rows, reads = _load_inputs(args, everyone)
+    Returns
+    -------
+    finals, adjudication, edited
+        As :func:`apply_reads`.
+    """
+    everyone = list(readers) + ([adjudicator] if adjudicator else [])
+    records, paths, key_rows, reads = load_reads(results_dir, everyone, key_paths, record_paths)
     by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
     # Unblinded (and edited masks decoded) once, for the final records and the agreement.
     by_series = reader_reads(key_rows, reads, by_ids)
-    finals, adjudication, edited = decide_series(records, by_series, args.reader, args.adjudicator,
-                                                 args.baseline_session)
-    # Edited masks: built aside and moved into place, never half-written.
-    out_dir = Path(args.edited_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for reader, pid, ses, mask in edited:
-        write_nifti(tmp / reader / pid / ses / "mask.nii.gz", mask_image(mask, by_ids[(pid, ses)]["affine"]))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    finals, adjudication, edited = decide_series(records, by_series, readers, adjudicator, baseline_session_id)
+    with replacing_dir(edited_dir) as tmp:
+        for reader, pid, ses, mask in edited:
+            write_nifti(tmp / reader / pid / ses / MASK_NAME, mask_image(mask, by_ids[(pid, ses)]["affine"]))
 
     def auto_mask(pid, ses):
-        return load_image(Path(rec_path_of(args.records, pid, ses)).with_name("mask.nii.gz"), "mask").data != 0
+        return load_image(mask_beside(paths[(pid, ses)]), "mask").data != 0
 
-    from khe_vol.provenance import table_provenance
-
-    write_agreement(args.agreement, agreement_rows(
-        agreement_reads(by_ids, by_series, list(args.reader), args.baseline_session, auto_mask)),
-        table_provenance(list(args.key)))
-    atomic_write_text(args.out, json.dumps(finals, indent=2) + "\n")
-    counts = {}
-    for f in finals:
-        counts[f["qa_status"]] = counts.get(f["qa_status"], 0) + 1
-    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-          + f"; {len(adjudication)} for adjudication; {len(edited)} edited mask(s)")
-    return 0
+    write_agreement(agreement_tsv, agreement_rows(
+        agreement_reads(by_ids, by_series, list(readers), baseline_session_id, auto_mask)),
+        table_provenance(list(key_paths)))
+    atomic_write_text(out_json, json.dumps(finals, indent=2) + "\n")
+    return finals, adjudication, edited

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study
+from khe_vol.files import series_mask_path, series_record_path
 from khe_vol.plan import SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
 from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
@@ -68,11 +69,11 @@ def release_results_lock():
 
 
 def record_path(participant, session):
-    return f"{WORK}/series/{participant}/{session}/record.json"
+    return series_record_path(WORK, participant, session)
 
 
 def mask_path(participant, session):
-    return f"{WORK}/series/{participant}/{session}/mask.nii.gz"
+    return series_mask_path(WORK, participant, session)
 
 
 def all_records():

@@ -6,8 +6,8 @@ rule measure_series:
     input:
         unpack(series_inputs),
     output:
-        record=f"{WORK}/series/{{participant}}/{{session}}/record.json",
-        mask=f"{WORK}/series/{{participant}}/{{session}}/mask.nii.gz",
+        record=record_path("{participant}", "{session}"),
+        mask=mask_path("{participant}", "{session}"),
     params:
         args=series_args,
     message:

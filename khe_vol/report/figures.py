@@ -6,7 +6,7 @@ strings, ``n/a`` = missing), optionally the allocation
 order. Each figure has two entry points: ``*_figure`` builds a
 :class:`matplotlib.figure.Figure` (the tests count its axes and bars) and
 ``*_png`` renders it to bytes; write them with
-:func:`khe_vol.nifti.atomic_write_bytes`.
+:func:`khe_vol.files.atomic_write_bytes`.
 
 Choices:
 

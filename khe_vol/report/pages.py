@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from html import escape
 
-from khe_vol.figures import category_counts as figure_counts
+from khe_vol.report.figures import category_counts as figure_counts
 
 NA = "n/a"
 _STYLE = """
@@ -74,7 +74,7 @@ def category_counts(response_rows):
 
     Notes
     -----
-    Counting is :func:`khe_vol.figures.category_counts` (itself
+    Counting is :func:`khe_vol.report.figures.category_counts` (itself
     :func:`khe_vol.arms.categories_by_month`): every participant counts at every
     month, ``not_assessed`` without a usable category there.
     """

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from khe_vol import __version__
+from khe_vol.files import sha256_file
 
 #: Packages whose versions can change a result.
 PACKAGES = ("nibabel", "SimpleITK", "numpy", "scipy", "scikit-image", "snakemake", "statsmodels", "pingouin")
@@ -84,7 +85,5 @@ def run_provenance(config, records, outputs):
 
 def table_provenance(inputs):
     """Provenance of a table made from files: software, and each input with its sha256."""
-    from khe_vol.nifti import sha256_file
-
     return {"GeneratedBy": {"Name": "khe-vol", **software_versions()},
             "Inputs": {str(path): sha256_file(path) for path in inputs}}

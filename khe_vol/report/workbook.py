@@ -22,7 +22,6 @@ so the same tables give the same file on every run.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import io
 import json
@@ -36,9 +35,8 @@ from openpyxl.styles import Alignment, Font
 from openpyxl.utils import get_column_letter
 from openpyxl.writer.excel import ExcelWriter
 
-from khe_vol.nifti import atomic_write_bytes
+from khe_vol.files import NA, atomic_write_bytes, read_tsv_table
 
-NA = "n/a"
 DICTIONARY_SHEET = "dictionary"
 DICTIONARY_COLUMNS = ("table", "column", "LongName", "Description", "Units", "Levels")
 #: Creation and modification date written into the workbook (and its zip entries).
@@ -56,20 +54,6 @@ _SHEET_FORBIDDEN = re.compile(r"[\[\]:*?/\\]")
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_tsv(path):
-    """Header and rows (lists of strings) of a TSV as :mod:`khe_vol.tables` writes it."""
-    # utf-8-sig: a TSV saved back from a spreadsheet may start with a byte-order mark.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        lines = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not lines:
-        raise ValueError(f"{path}: empty file; expected a header line")
-    header, rows = lines[0], lines[1:]
-    for number, row in enumerate(rows, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}, line {number}: {len(row)} fields, header has {len(header)}")
-    return header, rows
 
 
 def read_dictionary(tsv_path):
@@ -234,7 +218,7 @@ def build_workbook(tables):
     for name, tsv_path in tables:
         check_sheet_name(name, taken)
         taken.append(name)
-        header, rows = read_tsv(tsv_path)
+        header, rows = read_tsv_table(tsv_path)
         fill_sheet(wb.create_sheet(name), header, cell_values(header, rows))
         dictionary += dictionary_rows(name, header, read_dictionary(tsv_path))
     fill_sheet(wb.create_sheet(DICTIONARY_SHEET), list(DICTIONARY_COLUMNS), dictionary,

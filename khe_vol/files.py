@@ -1,0 +1,244 @@
+"""Files: atomic writes, TSV tables, series records and where their masks are.
+
+Every result khe-vol writes goes through here, so the rules are in one place:
+
+* **Atomic**: a file is written to a temporary sibling and renamed over the
+  target (:func:`atomic_write_bytes`); a folder is built in a temporary
+  sibling and swapped in (:func:`replacing_dir`). A crash never leaves a
+  half-written result.
+* **TSV** (BIDS tabular): tab-separated, one header line, no quoting, ``n/a``
+  for a missing value, no tab or line break inside a cell
+  (:func:`tsv_text`, :func:`read_tsv`). Tables a person saved from a
+  spreadsheet are decoded by :func:`read_text_table`.
+* **Series records**: the per-series job writes ``record.json`` and its mask
+  ``mask.nii.gz`` side by side in one folder (:func:`series_record_path`,
+  :func:`series_mask_path`, :func:`mask_beside`).
+
+Standard library only: importing this module loads no imaging library.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+#: A missing value in every table (BIDS tabular convention).
+NA = "n/a"
+
+#: File names of one series' outputs, side by side in its folder.
+RECORD_NAME = "record.json"
+MASK_NAME = "mask.nii.gz"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path, payload):
+    """Write bytes to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def replacing_dir(out_dir):
+    """Build a folder aside and swap it in for ``out_dir`` when the block ends.
+
+    Yields the temporary sibling ``.<name>.tmp`` (emptied first) to write
+    into; on success ``out_dir`` is replaced by it as a whole, so a crash
+    never leaves a half-written folder (an exception leaves ``out_dir`` as
+    it was).
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- TSV
+
+_LINE_BREAK_OR_TAB = re.compile(r"[\t\r\n]")
+
+
+def tsv_cell(value, keep_spaces=False):
+    """One TSV cell: ``n/a`` for None or an empty string, never a tab or a line break.
+
+    Parameters
+    ----------
+    value : object
+        Written as ``str(value)``.
+    keep_spaces : bool
+        False (free text, e.g. messages): every run of whitespace becomes one
+        space and the ends are trimmed. True (paths and ids that must read
+        back exactly): only tabs and line breaks become spaces.
+    """
+    if value is None or value == "":
+        return NA
+    text = str(value)
+    return _LINE_BREAK_OR_TAB.sub(" ", text) if keep_spaces else " ".join(text.split())
+
+
+def tsv_text(columns, rows, keep_spaces=False):
+    """A TSV as text: header line, then one line per row (dicts; a missing key is ``n/a``)."""
+    columns = list(columns)
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(tsv_cell(row.get(col), keep_spaces) for col in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tsv(path, columns, rows, keep_spaces=False):
+    """Write :func:`tsv_text` to ``path`` atomically."""
+    atomic_write_text(path, tsv_text(columns, rows, keep_spaces))
+
+
+def tsv_dict_reader(text, quoted=False):
+    """A :class:`csv.DictReader` over TSV text (``quoted``: honour ``"..."`` quoting)."""
+    quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting)
+
+
+def read_tsv(path):
+    """Rows of a TSV file as dicts (header line = column names, values as written).
+
+    UTF-8, with or without a byte-order mark; blank lines are skipped.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        return list(tsv_dict_reader(fh.read()))
+
+
+def read_tsv_table(path):
+    """Header and rows (lists of strings) of a TSV, every row as long as the header.
+
+    Raises
+    ------
+    ValueError
+        Naming the file (and line): an empty file, or a row with another
+        number of fields than the header.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        lines = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        raise ValueError(f"{path}: empty file; expected a header line")
+    header, rows = lines[0], lines[1:]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {number}: {len(row)} fields, header has {len(header)}")
+    return header, rows
+
+
+#: Byte-order marks a spreadsheet may write, longest first (UTF-32's starts like UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def read_text_table(path, what):
+    """The text of a table a person may have saved from a spreadsheet.
+
+    UTF-8 with or without a byte-order mark (Excel's "UTF-8" formats write
+    one), and UTF-16 or UTF-32 with one (Excel's "Unicode Text", tab-separated);
+    line ends as saved (``csv`` reads CRLF). Anything else is refused rather
+    than guessed: a wrong guess would change participant ids.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    what : str
+        What the table is, for the message (e.g. "seeds table").
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    ValueError
+        Naming the file, the encoding tried and how to save it instead.
+    """
+    raw = Path(path).read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    how = ("save it as tab-separated text in UTF-8, or as UTF-16 with a byte-order mark "
+           "(Excel: 'Unicode Text')")
+    name = encoding.upper().replace("-SIG", "")
+    try:
+        text = raw.decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: {what} is not {name} text (byte {raw[exc.start]:#04x} at offset {exc.start}: {exc.reason}); {how}"
+        ) from None
+    if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with NUL between letters
+        raise ValueError(f"{path}: {what} is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark?); {how}")
+    return text
+
+
+# ---------------------------------------------------------------- series records
+
+
+def _series_dir(work_dir, participant_id, session_id):
+    # Joined as written, not normalised: Snakemake matches these paths exactly.
+    return f"{work_dir}/series/{participant_id}/{session_id}"
+
+
+def series_record_path(work_dir, participant_id, session_id):
+    """``<work_dir>/series/<participant>/<session>/record.json``: one series' record (str)."""
+    return f"{_series_dir(work_dir, participant_id, session_id)}/{RECORD_NAME}"
+
+
+def series_mask_path(work_dir, participant_id, session_id):
+    """The mask beside that record, ``.../mask.nii.gz`` (str)."""
+    return f"{_series_dir(work_dir, participant_id, session_id)}/{MASK_NAME}"
+
+
+def mask_beside(record_path):
+    """The mask the per-series job writes beside a ``record.json`` (a :class:`~pathlib.Path`)."""
+    return Path(record_path).with_name(MASK_NAME)
+
+
+def read_records(paths):
+    """Series records from ``record.json`` files, or from JSON lists of them (the reads' final records)."""
+    records = []
+    for path in paths:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+        records.extend(loaded if isinstance(loaded, list) else [loaded])
+    return records
