@@ -40,7 +40,7 @@ import numpy as np
 from khe_vol import phantom
 from khe_vol.response import classify_ratio
 from khe_vol.series import measure_series
-from khe_vol.uncertainty import near_threshold
+from khe_vol.segmentation.uncertainty import near_threshold
 from fractions import Fraction
 
 REPO = Path(__file__).resolve().parents[1]

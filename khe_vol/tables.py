@@ -18,7 +18,7 @@ from khe_vol.response import (
     is_overall_response,
 )
 from khe_vol.review import REVIEW_REASONS, reader_decided, reason_text, series_reasons
-from khe_vol.uncertainty import near_threshold
+from khe_vol.segmentation.uncertainty import near_threshold
 
 NA = "n/a"
 

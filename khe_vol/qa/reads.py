@@ -26,7 +26,7 @@ import numpy as np
 
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.response import classify_change
-from khe_vol.uncertainty import volume_band_ml
+from khe_vol.segmentation.uncertainty import volume_band_ml
 
 #: ``qa_status`` values of volumes.tsv.
 QA_STATUSES = {
