@@ -43,7 +43,7 @@ from khe_vol.synthetic.seeds import phantom_reader_seeds, reader_seeds_ras_mm
 from khe_vol.synthetic.specs import SeriesSpec
 from khe_vol.response import classify_ratio
 from khe_vol.series import measure_series
-from khe_vol.uncertainty import near_threshold
+from khe_vol.segmentation.uncertainty import near_threshold
 from fractions import Fraction
 
 REPO = Path(__file__).resolve().parents[1]

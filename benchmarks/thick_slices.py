@@ -6,8 +6,8 @@ response category, 45-105 mL at baseline) on grids with slices of 6, 8 and
 would (a random bright lesion voxel at least 3 mm inside, not the deepest
 point), tracks the follow-ups, and prints per series the true volume, the
 measured one and two bands: the calibrated one (a quarter of the boundary
-shells, :data:`khe_vol.uncertainty.BOUNDARY_FRACTION`) and the one the
-workflow writes (:func:`khe_vol.uncertainty.boundary_fraction_for`: grows
+shells, :data:`khe_vol.segmentation.uncertainty.BOUNDARY_FRACTION`) and the one the
+workflow writes (:func:`khe_vol.segmentation.uncertainty.boundary_fraction_for`: grows
 with slices beyond 5 mm). Then per slice thickness: how many bands hold the
 truth, the median band half-width, and how many series are flagged.
 
@@ -36,7 +36,7 @@ from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.nifti import atomic_write_bytes
 from khe_vol.review import series_reasons
 from khe_vol.series import measure_series
-from khe_vol.uncertainty import BOUNDARY_FRACTION, volume_band_ml
+from khe_vol.segmentation.uncertainty import BOUNDARY_FRACTION, volume_band_ml
 
 
 def reader_seed(anatomy, spec, affine, rng):

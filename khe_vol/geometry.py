@@ -226,6 +226,30 @@ def from_sitk(image):
     return array, affine
 
 
+def signed_distance_mm(mask, spacing_mm):
+    """Signed Euclidean distance in mm from each voxel centre to the edge of ``mask``.
+
+    Exact on the anisotropic grid (Maurer's algorithm, SimpleITK): negative
+    inside the mask, positive outside. Only distances matter, so the grid's
+    orientation and origin are left out.
+
+    Parameters
+    ----------
+    mask : (I, J, K) array_like of bool
+        Indexed as nibabel returns it.
+    spacing_mm : (3,) float
+        Voxel sizes along I, J, K, mm.
+
+    Returns
+    -------
+    (I, J, K) ndarray of float32
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8))
+    image.SetSpacing([float(v) for v in spacing_mm])
+    dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.transpose(sitk.GetArrayFromImage(dist), (2, 1, 0))
+
+
 def ras_to_lps(point_ras_mm):
     """Convert a RAS+ mm point to LPS+ mm (SimpleITK's physical frame)."""
     return RAS_TO_LPS @ np.asarray(point_ras_mm, dtype=float)

@@ -23,7 +23,7 @@ from khe_vol.geometry import (
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_series
 from khe_vol.review import flag
-from khe_vol.uncertainty import volume_band_ml
+from khe_vol.segmentation.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
 METHOD_READER = "reader_mask"
@@ -31,7 +31,7 @@ METHOD_READER = "reader_mask"
 
 def segmentation_params(overrides=None):
     """``SegmentationParams`` with config overrides applied (unknown names are errors)."""
-    from khe_vol.segment import SegmentationParams
+    from khe_vol.segmentation.params import SegmentationParams
 
     overrides = dict(overrides or {})
     known = {f.name for f in dataclasses.fields(SegmentationParams)}
@@ -101,7 +101,7 @@ def load_mask_file(mask_path):
 def seed_tissue_problem(seed_level, lower_threshold, upper_threshold, seed_in_mask):
     """Why a seed may not lie in bright lesion tissue, or None when it does.
 
-    A pure check of what :func:`khe_vol.segment.segment_from_seed` settled
+    A pure check of what :func:`khe_vol.segmentation.seeded.segment_from_seed` settled
     on: lesion tissue is at least ``lower_threshold`` (half-way between the
     surrounding tissue and the lesion level). A seed darker than that lies on
     fat, muscle, oedema or a septum; a seed the segmented lesion does not
@@ -152,14 +152,14 @@ def too_thin_for_bias_fit(shape, affine, params):
     """The first array axis along which a grid is too thin for the N4 bias-field fit, or None.
 
     N4 is fitted on a copy shrunk by ``round(n4_spacing_mm / voxel size)``
-    per axis (:func:`khe_vol.segment.correct_bias`) and needs at least two
+    per axis (:func:`khe_vol.segmentation.intensity.correct_bias`) and needs at least two
     voxels along every axis there; with fewer, ITK fails with a raw error.
 
     Parameters
     ----------
     shape : sequence of int
     affine : (4, 4) array_like
-    params : khe_vol.segment.SegmentationParams
+    params : khe_vol.segmentation.params.SegmentationParams
 
     Returns
     -------
@@ -303,9 +303,10 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
             "add a seed (participant_id, x, y, z in RAS+ mm) to the seeds table or a reader mask"
         )
 
-    from khe_vol.segment import SegmentationError, segment_from_seed
     from khe_vol.review import flag
-    from khe_vol.track import scale_review_detail, track_followup
+    from khe_vol.segmentation.params import SegmentationError
+    from khe_vol.segmentation.seeded import segment_from_seed
+    from khe_vol.segmentation.track import scale_review_detail, track_followup
 
     params = segmentation_params(params_overrides)
     record["parameters"] = dataclasses.asdict(params)

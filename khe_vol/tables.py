@@ -217,9 +217,9 @@ def _response_review(base, rec, near):
 
 def _band_columns(base, rec):
     """percent_change_low/high and near_threshold from the two volume bands."""
-    # Imported here: khe_vol.uncertainty loads the measurement stack (SimpleITK,
+    # Imported here: khe_vol.segmentation.uncertainty loads the measurement stack (SimpleITK,
     # scikit-image), which the table and report commands never need otherwise.
-    from khe_vol.uncertainty import near_threshold
+    from khe_vol.segmentation.uncertainty import near_threshold
 
     base_band = (base["volume_low_ml"], base["volume_high_ml"])
     band = (rec["volume_low_ml"], rec["volume_high_ml"])

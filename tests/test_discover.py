@@ -224,7 +224,7 @@ def test_segmentation_overrides_are_checked_by_the_schema_naming_the_key(tmp_pat
     import dataclasses
 
     from khe_vol.config import load_schema
-    from khe_vol.segment import SegmentationParams
+    from khe_vol.segmentation.params import SegmentationParams
 
     schema = load_schema()["properties"]["segmentation"]["properties"]
     json_type = {"float": "number", "int": "integer", "bool": "boolean"}

@@ -42,7 +42,7 @@ from khe_vol.response import (
     classify_ratio,
     percent_change,
 )
-from khe_vol.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
+from khe_vol.segmentation.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -20,15 +20,11 @@ from khe_vol.synthetic.seeds import phantom_reader_seeds
 from khe_vol.synthetic.specs import FLOW_VOID, FLUID, SEPTUM, SeriesSpec, VESSEL
 from khe_vol.geometry import resample_mask_to_grid, voxel_sizes_mm, voxel_volume_mm3
 from khe_vol.overlap import dice
-from khe_vol.segment import (
-    SegmentationError,
-    SegmentationParams,
-    correct_bias,
-    dilate_mm,
-    erode_mm,
-    segment_from_seed,
-)
-from khe_vol.track import register_rigid, track_followup
+from khe_vol.segmentation.intensity import correct_bias
+from khe_vol.segmentation.morphology import dilate_mm, erode_mm
+from khe_vol.segmentation.params import SegmentationError, SegmentationParams
+from khe_vol.segmentation.seeded import segment_from_seed
+from khe_vol.segmentation.track import register_rigid, track_followup
 
 # A small trunk field of view keeps every test quick; 0.9 x 0.9 x 4 mm voxels.
 SPEC = SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)

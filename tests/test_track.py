@@ -7,7 +7,7 @@ baseline may be z-scored and the follow-ups not. Every test below writes
 real NIfTI files from :mod:`khe_vol.synthetic` and measures them through the
 workflow's per-series path (:func:`khe_vol.series.measure_series`): the
 volume must be that of the follow-up stored plainly, and the review flag
-``intensity_scale_differs`` set exactly where :func:`khe_vol.track.working_scale`
+``intensity_scale_differs`` set exactly where :func:`khe_vol.segmentation.track.working_scale`
 says the scale is not a plain positive rescaling.
 """
 
@@ -25,9 +25,9 @@ from khe_vol.synthetic.anatomy import make_anatomy
 from khe_vol.synthetic.render import lesion_fits_fov, render_labels, render_series, series_affine
 from khe_vol.synthetic.specs import LESION, LESION_LABELS, SeriesSpec
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
-from khe_vol.segment import itk_threads
+from khe_vol.segmentation.intensity import itk_threads
 from khe_vol.series import measure_series
-from khe_vol.track import OFFSET_TOLERANCE, register_rigid, track_followup
+from khe_vol.segmentation.track import OFFSET_TOLERANCE, register_rigid, track_followup
 
 SPEC = SeriesSpec(shape=(112, 112, 24), voxel_mm=(1.0, 1.0, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
 FOLLOW = dict(rotation_deg=(3.0, -2.0, 4.0), translation_mm=(5.0, -4.0, 9.0), rng_seed=21)

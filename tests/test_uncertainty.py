@@ -10,7 +10,7 @@ from conftest import make_affine, rotation
 
 from khe_vol.measure import boundary_shells_ml
 from khe_vol.tables import response_rows
-from khe_vol.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
+from khe_vol.segmentation.uncertainty import boundary_fraction_for, categories_within, near_threshold, volume_band_ml
 
 
 def test_boundary_shells_of_a_cube_on_anisotropic_grid():

@@ -46,7 +46,7 @@ from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import DescrStatsW
 
 from khe_vol.files import NA
-from khe_vol.geometry import resample_mask_to_grid, to_sitk
+from khe_vol.geometry import from_sitk, resample_mask_to_grid, to_sitk
 from khe_vol.overlap import cropped_pair, dice
 from khe_vol.response import (
     CATEGORIES,
@@ -336,8 +336,8 @@ def _directed_contour_distances_mm(source, target):
     # in mm on the image's physical spacing (0 on the target contour).
     to_target = sitk.Abs(sitk.SignedMaurerDistanceMap(target, squaredDistance=False, useImageSpacing=True))
     # Copies, not views: a view of a temporary SimpleITK image outlives its buffer.
-    contour = sitk.GetArrayFromImage(sitk.LabelContour(source)) != 0
-    return sitk.GetArrayFromImage(to_target)[contour]
+    contour = from_sitk(sitk.LabelContour(source))[0] != 0
+    return from_sitk(to_target)[0][contour]
 
 
 def hd95_mm(mask_a, mask_b, affine):

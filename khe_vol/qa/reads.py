@@ -36,7 +36,7 @@ from khe_vol.qa.key import read_key
 from khe_vol.qa.store import current_reads
 from khe_vol.report.provenance import table_provenance
 from khe_vol.response import classify_change
-from khe_vol.uncertainty import volume_band_ml
+from khe_vol.segmentation.uncertainty import volume_band_ml
 
 _VERDICT_STATUS = {"accept": "accepted", "edited": "edited", "no_residual_lesion": "no_residual_lesion",
                    "reject": "rejected"}

@@ -25,7 +25,7 @@
    ``info["intensity_map"]["plain_rescaling"]`` is false (review flag
    ``intensity_scale_differs``).
 4. **Re-segment** on the follow-up with the band segmentation of
-   :mod:`khe_vol.segment`, started from the carried lesion eroded by
+   :mod:`khe_vol.segmentation.band`, started from the carried lesion eroded by
    ``track_erosion_mm`` and with an intensity model carried over from the
    reference (lesion contrast relative to the commonest ordinary tissue of
    each session, converted through the intensity map), then refined on the
@@ -42,21 +42,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from khe_vol.geometry import from_sitk, grid_corners_world, to_sitk, voxel_sizes_mm, voxel_to_world, world_to_voxel
-from khe_vol.segment import (
-    IntensityModel,
-    SegmentationError,
-    SegmentationParams,
-    crop_affine,
-    distance_outside_mm,
-    erode_mm,
-    iterate_segmentation,
-    mask_box,
-    prepare_roi,
-    refine_edges,
-    robust_sd,
-    threshold_band_ml,
-    tissue_level,
-)
+from khe_vol.segmentation.band import iterate_segmentation, threshold_band_ml
+from khe_vol.segmentation.edges import refine_edges
+from khe_vol.segmentation.intensity import IntensityModel, prepare_roi, robust_sd, tissue_level
+from khe_vol.segmentation.morphology import crop_affine, distance_outside_mm, erode_mm, mask_box
+from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
 #: Flip between RAS+ and LPS+ as a 4x4 (its own inverse).
 _FLIP4 = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -2,7 +2,7 @@
 
 A measured volume comes with two kinds of doubt. The *threshold* doubt: the
 automatic segmentation, re-run with its intensity threshold moved either way
-(:func:`khe_vol.segment.threshold_band`), gives a smaller and a larger lesion.
+(:func:`khe_vol.segmentation.band.threshold_band_ml`), gives a smaller and a larger lesion.
 The *boundary* doubt: each voxel of the one-voxel shells just inside and just
 outside the lesion is only partly lesion, so a fraction of each shell can go
 either way (:func:`khe_vol.measure.boundary_shells_ml`). The band is the

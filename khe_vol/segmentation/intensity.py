@@ -1,0 +1,273 @@
+"""Intensities of a region of interest: N4 bias correction, mm smoothing, the ordinary
+tissue level and the lesion intensity model (:class:`IntensityModel`), its first
+estimate and its re-estimation from a segmentation."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+import SimpleITK as sitk
+from skimage.filters import threshold_multiotsu
+
+from khe_vol.geometry import from_sitk, to_sitk
+from khe_vol.segmentation.morphology import crop_affine, erode_mm
+
+
+@dataclass(frozen=True)
+class IntensityModel:
+    """Lesion intensity model in image units.
+
+    Attributes
+    ----------
+    lesion : float
+        Lesion level ``L``.
+    surround : float
+        Surrounding tissue level ``B``.
+    lesion_sd : float
+        Robust standard deviation of the lesion signal.
+    dark : float
+        Values below this are air, suppressed fat or similar (the dark class
+        of the region).
+    floor : float
+        Ordinary tissue level of the region; re-estimations keep ``B`` at it.
+    """
+
+    lesion: float
+    surround: float
+    lesion_sd: float
+    dark: float
+    floor: float
+
+    @property
+    def contrast(self):
+        return self.lesion - self.surround
+
+    def lower(self, params):
+        """Lower threshold of lesion tissue."""
+        return self.surround + params.lower_fraction * self.contrast
+
+    def upper(self, params):
+        """Threshold above which tissue may be fluid."""
+        return self.lesion + max(params.fluid_fraction * self.contrast, params.fluid_sd_factor * self.lesion_sd)
+
+    def as_dict(self, params):
+        return {
+            "lesion_level": float(self.lesion),
+            "surrounding_level": float(self.surround),
+            "lesion_sd": float(self.lesion_sd),
+            "lower_threshold": float(self.lower(params)),
+            "upper_threshold": float(self.upper(params)),
+        }
+
+
+@contextlib.contextmanager
+def itk_threads(n):
+    """Run SimpleITK filters created inside with ``n`` threads by default, then restore."""
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def correct_bias(roi, roi_affine, params):
+    """N4 bias-field correction of a region, fitted on a shrunk copy.
+
+    Parameters
+    ----------
+    roi : (I, J, K) ndarray
+        Magnitude image (non-negative); data with negative values are
+        returned unchanged, since a multiplicative field does not apply to
+        intensities that were already normalised.
+    roi_affine : (4, 4) ndarray
+    params : SegmentationParams
+
+    Returns
+    -------
+    corrected : ndarray of float32
+    info : dict
+    """
+    data = np.asarray(roi, np.float32)
+    if float(data.min()) < 0:
+        return data, {"bias_correction": "skipped: negative intensities (already normalised)"}
+    # N4 works on log intensities: keep zeros (air) off the log by a tiny offset.
+    offset = 1e-3 * float(data.max() or 1.0)
+    image = to_sitk(data + offset, roi_affine)
+    shrink = [max(1, int(round(params.n4_spacing_mm / s))) for s in image.GetSpacing()]
+    small = sitk.Shrink(image, shrink)
+    # Fit on ordinary tissue only, the middle class of a three-class Otsu
+    # split: without air (no signal to correct) and without the lesion and
+    # fluid, whose brightness N4 would otherwise partly take for bias.
+    # (a histogram: the order of the values does not matter)
+    values, _ = from_sitk(small)
+    dark, bright = (float(t) for t in threshold_multiotsu(np.asarray(values, np.float32).ravel(), classes=3))
+    mask = sitk.BinaryThreshold(small, dark, bright, 1, 0)
+    # N4's B-spline fit sums over threads in a thread-count-dependent order,
+    # and its inner filters take the global default: one thread makes the
+    # field (and every threshold after it) the same on any machine.
+    with itk_threads(1):
+        corrector = sitk.N4BiasFieldCorrectionImageFilter()
+        corrector.SetMaximumNumberOfIterations([int(params.n4_iterations)] * int(params.n4_levels))
+        corrector.Execute(small, mask)
+        log_field, _ = from_sitk(corrector.GetLogBiasFieldAsImage(image))
+    field = np.exp(log_field).astype(np.float32)
+    corrected = (data + offset) / field - offset
+    info = {"bias_correction": "n4", "bias_field_min": float(field.min()), "bias_field_max": float(field.max())}
+    return corrected.astype(np.float32), info
+
+
+def smooth_mm(roi, roi_affine, sigma_mm):
+    """Gaussian smoothing with a physical ``sigma_mm`` (recursive, anisotropy-aware)."""
+    data = np.asarray(roi, np.float32)
+    if sigma_mm <= 0:
+        return data
+    image = sitk.SmoothingRecursiveGaussian(to_sitk(data, roi_affine), float(sigma_mm))
+    return from_sitk(image)[0].astype(np.float32)
+
+
+def prepare_roi(image, affine, box, params):
+    """Crop, bias-correct and smooth a box of an image.
+
+    Parameters
+    ----------
+    image : (I, J, K) ndarray
+    affine : (4, 4) ndarray
+    box : tuple of slice
+    params : SegmentationParams
+
+    Returns
+    -------
+    smoothed : ndarray of float32
+    info : dict
+    """
+    roi_affine = crop_affine(affine, box)
+    roi = np.asarray(image[box], np.float32)
+    info = {"roi_shape": [int(n) for n in roi.shape]}
+    if params.bias_correction:
+        roi, bias_info = correct_bias(roi, roi_affine, params)
+        info.update(bias_info)
+    else:
+        info["bias_correction"] = "off"
+    return smooth_mm(roi, roi_affine, params.smoothing_sigma_mm), info
+
+
+def robust_sd(values):
+    """1.4826 x median absolute deviation (the SD for Gaussian data)."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+def tissue_level(values, bins=256):
+    """Level and spread of the commonest ordinary tissue (muscle in a trunk, brain in a head).
+
+    A three-class Otsu split separates the dark class (air, background,
+    suppressed fat) from the rest; the level is the mode of a smoothed
+    histogram of what lies above it. Unlike a median, the mode does not
+    move when a large lesion takes a bigger share of the region, so it can
+    anchor intensities, also across sessions.
+
+    Parameters
+    ----------
+    values : ndarray
+    bins : int
+
+    Returns
+    -------
+    level : float
+    dark : float
+        Values below this are dark background.
+    sd : float
+        Spread of that tissue (from the full width at half maximum of its
+        histogram peak, as a Gaussian standard deviation).
+    """
+    values = np.asarray(values, np.float32).ravel()
+    if values.size > 2_000_000:  # a regular subsample is plenty for a histogram
+        values = values[:: values.size // 1_000_000]
+    try:
+        dark = float(threshold_multiotsu(values, classes=3)[0])
+    except ValueError:  # fewer than three distinct values
+        dark = float(values.min())
+    tissue = values[values > dark]
+    if tissue.size < 10:
+        return float(np.median(values)), dark, robust_sd(values)
+    lo, hi = np.percentile(tissue, [0.5, 99.5])
+    hist, edges = np.histogram(tissue, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+    hist = ndimage.gaussian_filter1d(hist.astype(float), 2.0)
+    k = int(np.argmax(hist))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    # Spread from the peak's full width at half maximum (Gaussian: 2.355 sd).
+    below_half = hist < 0.5 * hist[k]
+    left = np.flatnonzero(below_half[:k])
+    right = np.flatnonzero(below_half[k:])
+    lo_edge = centres[left[-1]] if left.size else centres[0]
+    hi_edge = centres[k + right[0]] if right.size else centres[-1]
+    return float(centres[k]), dark, float(hi_edge - lo_edge) / 2.355
+
+
+def initial_model(roi, sample):
+    """First guess of the intensity model from the region and a seed sample.
+
+    Parameters
+    ----------
+    roi : ndarray
+        Region intensities.
+    sample : ndarray
+        Intensities within ``seed_search_radius_mm`` of the seed.
+
+    Returns
+    -------
+    model : IntensityModel
+    tissue_sd : float
+        Robust standard deviation of ordinary tissue.
+
+    Notes
+    -----
+    The surrounding level starts as the commonest ordinary tissue
+    (:func:`tissue_level`). The lesion level is the median of the part of
+    the sample brighter than half-way between that and the sample's 90th
+    percentile, so a seed on a septum, flow void or necrosis still finds the
+    lesion around it.
+    """
+    level, dark, tissue_sd = tissue_level(roi)
+    top = float(np.percentile(sample, 90))
+    bright = sample[sample > 0.5 * (level + top)]
+    if bright.size == 0:
+        bright = np.array([top])
+    model = IntensityModel(
+        lesion=float(np.median(bright)), surround=level, lesion_sd=robust_sd(bright), dark=dark, floor=level
+    )
+    return model, tissue_sd
+
+
+def update_model(model, smoothed, region, spacing_mm, params):
+    """Re-estimate lesion and surrounding levels from a segmentation.
+
+    ``L`` and ``sd`` come from the lesion voxels at or above the lower
+    threshold (septa and voids excluded), ``sd`` from those at least
+    ``shell_inner_mm`` inside it, away from partial volume. ``B`` stays the
+    region's ordinary tissue level (``model.floor``, the mode of
+    :func:`tissue_level`), not the median of a shell just outside the
+    lesion. Why: around an infiltrative lesion that shell is largely the
+    lesion's own dimmer margin (oedema, infiltrated tissue); its median
+    raised ``B`` and the threshold with it, and the passes shrank the lesion
+    from its margin inward (real FLAIR tumours lost up to a third of their
+    volume). The tissue the lesion displaces is what it stands out from.
+    On bias-corrected phantoms the shell median was at or below that level
+    anyway (fat in the shell), so their results barely change.
+    """
+    lesion = region & (smoothed >= model.lower(params))
+    if not lesion.any():
+        return model
+    values = smoothed[lesion]
+    inner = smoothed[lesion & erode_mm(region, spacing_mm, params.shell_inner_mm)]
+    return IntensityModel(
+        lesion=float(np.median(values)), surround=model.floor,
+        lesion_sd=robust_sd(inner if inner.size >= 50 else values),
+        dark=model.dark, floor=model.floor,
+    )
