@@ -97,3 +97,11 @@ def test_grids_overlap():
     # Same space, stored flipped: overlaps.
     flipped = make_affine((1, 1, 1), (9, 0, 0), flips=(-1, 1, 1))
     assert grids_overlap((10, 10, 10), a, (10, 10, 10), flipped)
+
+
+def test_voxel_volume_of_a_slightly_sheared_grid_is_its_determinant():
+    # Found by hypothesis: a 0.002 shear passes as orthogonal, but the product of
+    # the (lengthened) edges would be 8.000016 mm^3 for a voxel of 8 mm^3.
+    affine = np.diag([4.0, 1.0, -2.0, 1.0])
+    affine[0, 2] = 0.004
+    assert voxel_volume_mm3(affine) == pytest.approx(8.0, rel=1e-12)
