@@ -22,6 +22,7 @@ from khe_vol.geometry import (
 )
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_series
+from khe_vol.record import SeriesRecord
 from khe_vol.review import flag
 from khe_vol.segmentation.uncertainty import volume_band_ml
 
@@ -43,7 +44,7 @@ def segmentation_params(overrides=None):
     return SegmentationParams(**overrides)
 
 
-def base_record(participant_id, session_id, month):
+def base_record(participant_id, session_id, month) -> SeriesRecord:
     """A record with every field present, as an error until proven otherwise."""
     return {
         "participant_id": participant_id,

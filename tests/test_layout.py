@@ -74,3 +74,12 @@ def test_tables_files_workbook_and_provenance_load_no_imaging_library():
             "print(sorted(m for m in ('SimpleITK', 'nibabel', 'skimage', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_series_record_type_names_every_field_a_record_has():
+    import typing
+
+    from khe_vol.record import SeriesRecord
+    from khe_vol.series import base_record
+
+    assert set(base_record("sub-01", "ses-baseline", 0)) == set(typing.get_type_hints(SeriesRecord))
