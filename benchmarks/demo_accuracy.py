@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from khe_vol.derivatives import mask_relpath
+from khe_vol.overlap import dice
 
 
 def read_tsv(path):
@@ -26,10 +27,6 @@ def read_tsv(path):
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def dice(a, b):
-    a, b = a != 0, b != 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2 * (a & b).sum() / denom)
 
 
 def main(argv=None):

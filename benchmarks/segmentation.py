@@ -44,6 +44,7 @@ from khe_vol.synthetic.specs import SeriesSpec
 from khe_vol.response import classify_ratio
 from khe_vol.series import measure_series
 from khe_vol.segmentation.uncertainty import near_threshold
+from khe_vol.overlap import dice
 from fractions import Fraction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,10 +56,6 @@ M12_RATIOS = (1.45, 0.95, 0.55, 0.12, 0.0, 0.70, 1.30, 0.35, 0.20, 1.05, 0.0, 0.
 ORIENTATIONS = ("axial_lps", "axial_ras", "sagittal", "coronal")
 
 
-def dice(a, b):
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2 * np.logical_and(a, b).sum() / denom)
 
 
 def phantom_specs(index, rng_seed=2026):
@@ -156,7 +153,7 @@ def _row(pid, ses, true_ml, record, mask, truth, cpu):
         "participant_id": pid, "session_id": ses, "true_volume_ml": round(true_ml, 3),
         "measured_volume_ml": None if measured is None else round(measured, 3),
         "relative_error": None if rel is None else round(rel, 4),
-        "dice": round(dice(mask, truth), 4) if ok else None,
+        "dice": round(dice(mask, truth), 4) if ok and (mask.any() or truth.any()) else None,
         "volume_low_ml": None if band[0] is None else round(band[0], 3),
         "volume_high_ml": None if band[1] is None else round(band[1], 3),
         "true_in_band": None if band[0] is None else bool(band[0] <= true_ml <= band[1]),
