@@ -118,8 +118,3 @@ def reader_decided(record):
 def reason_text(reasons):
     """``review_reason`` column value: codes joined by ``;`` (None when there are none)."""
     return ";".join(item["reason"] for item in reasons) or None
-
-
-def reason_details(reasons):
-    """Human-readable details of the reasons, for messages and worklists."""
-    return "; ".join(f"{item['reason']}: {item['detail']}" for item in reasons) or None
