@@ -63,6 +63,27 @@ class IntensityModel:
         }
 
 
+@dataclass(frozen=True)
+class PreparedRoi:
+    """A region of interest ready for segmentation.
+
+    Attributes
+    ----------
+    box : tuple of slice
+        Where it lies in the full image.
+    smoothed : ndarray of float32
+        Bias-corrected, smoothed intensities of ``image[box]``.
+    model : IntensityModel
+    spacing_mm : (3,) ndarray
+        Voxel sizes, mm.
+    """
+
+    box: tuple
+    smoothed: np.ndarray
+    model: IntensityModel
+    spacing_mm: np.ndarray
+
+
 @contextlib.contextmanager
 def itk_threads(n):
     """Run SimpleITK filters created inside with ``n`` threads by default, then restore."""

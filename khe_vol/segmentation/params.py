@@ -120,6 +120,13 @@ class SegmentationParams:
         on its own, so extensive dimmer tissue joins the lesion and a thin
         oedema rim does not. Either 0 turns this off (the default: on the
         benchmark it barely helped, see the function).
+    click_sample_radius_mm, click_level_tolerance, click_min_contrast_fraction : float
+        A reader's include click on tissue darker than the lesion threshold
+        (:func:`khe_vol.segmentation.interactive.grow_from_click`): the
+        connected tissue within ``click_level_tolerance`` robust standard
+        deviations (measured within ``click_sample_radius_mm`` of the click)
+        of the click's level, and at least ``click_min_contrast_fraction`` of
+        the lesion contrast, joins the lesion.
     """
 
     max_radius_mm: float = 90.0
@@ -159,3 +166,6 @@ class SegmentationParams:
     core_enclosure_fraction: float = 0.4
     low_band_fraction: float = 0.0
     low_band_min_thickness_mm: float = 0.0
+    click_sample_radius_mm: float = 3.0
+    click_level_tolerance: float = 2.5
+    click_min_contrast_fraction: float = 0.15

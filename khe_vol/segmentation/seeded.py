@@ -10,13 +10,16 @@ import numpy as np
 from khe_vol.geometry import seed_voxel, voxel_sizes_mm
 from khe_vol.segmentation.band import enclosed_core, iterate_segmentation, threshold_band_ml
 from khe_vol.segmentation.edges import refine_edges
-from khe_vol.segmentation.intensity import initial_model, prepare_roi
+from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_roi
 from khe_vol.segmentation.morphology import ball_mask, crop_box, fill_lesion_holes
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
 
 def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     """Segment the hyperintense lesion containing (or right next to) a seed point.
+
+    The automatic path of :func:`khe_vol.segmentation.interactive.segment_clicks`
+    with one include point.
 
     Parameters
     ----------
@@ -41,6 +44,21 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     ------
     SegmentationError
         Seed outside the image, or no hyperintense lesion at the seed.
+    """
+    mask, info, _ = seeded_roi(image, affine, seed_ras_mm, params)
+    return mask, info
+
+
+def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams()):
+    """:func:`segment_from_seed`, also returning the prepared region of interest.
+
+    Returns
+    -------
+    mask, info
+        As :func:`segment_from_seed`.
+    roi : PreparedRoi
+        Its box, bias-corrected smoothed intensities and intensity model
+        (reused by reader clicks, :mod:`khe_vol.segmentation.interactive`).
     """
     started = time.process_time()
     image = np.asarray(image)
@@ -90,7 +108,7 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     info["threshold_history"] = history
     info.update(_summary(mask, affine, region, box, image.shape))
     info["seconds"] = round(time.process_time() - started, 3)
-    return mask, info
+    return mask, info, PreparedRoi(box=box, smoothed=smoothed, model=model, spacing_mm=spacing)
 
 
 def roi_box(center_ijk, shape, spacing_mm, params):

@@ -1,0 +1,428 @@
+"""Interactive segmentation: a reader's include and exclude clicks steer the lesion mask.
+
+Clicks are points in scanner RAS+ mm, applied in order to a starting mask:
+either the automatic segmentation from the first include click (the seed,
+:func:`khe_vol.segmentation.seeded.segment_from_seed`), or a given mask (a
+tracked proposal, an earlier read).
+
+- **Include, outside the mask**: the tissue at the point joins the mask.
+  Lesion-bright tissue (at or above the model's lower threshold) joins as
+  the connected bright part around the point (after the usual opening, so
+  a vessel bridge does not bring in its neighbour). Darker tissue the reader
+  says belongs (a necrotic, fibrotic or haemorrhagic core) joins as the
+  connected tissue of the same level (within ``click_level_tolerance`` local
+  standard deviations, at least ``click_min_contrast_fraction`` of the
+  lesion contrast), confined slice by slice to the convex hull of the lesion
+  and the point, so it cannot run off into ordinary tissue elsewhere. Holes
+  the new part closes are filled.
+- **Include, inside the mask**: marks that part as lesion; a later exclude
+  will not take it.
+- **Exclude, inside the mask**: the mask is partitioned between the include
+  markers and the exclude markers along intensity edges (a marker watershed
+  of the gradient magnitude) and the part belonging to the exclude markers
+  goes. Include markers are the include clicks, the seed, and for a start
+  mask the interior-most voxel of each of its parts.
+- **Exclude, outside the mask**: a barrier: later growth competes with it
+  (the same watershed) and cannot take it.
+
+The same image, clicks, start mask and parameters give the same bytes on any
+thread count. :class:`ClickSession` keeps what it prepared for an image (the
+region of interest, bias correction, intensity model, gradient) and the mask
+after each click, so a further click, or an undo, costs one step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import convex_hull_image
+from skimage.segmentation import watershed
+
+from khe_vol.geometry import seed_voxel, voxel_sizes_mm
+from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_roi, robust_sd, update_model
+from khe_vol.segmentation.morphology import (
+    ball_mask,
+    component_near,
+    crop_box,
+    fill_lesion_holes,
+    mask_box,
+    opening_mm,
+)
+from khe_vol.segmentation.params import SegmentationError, SegmentationParams
+from khe_vol.segmentation.seeded import lesion_box_centre, roi_box, seeded_roi
+
+INCLUDE = "include"
+EXCLUDE = "exclude"
+CLICK_KINDS = (INCLUDE, EXCLUDE)
+
+#: Most clicks one segmentation takes (a reader's session, not a script).
+MAX_CLICKS = 200
+
+
+@dataclass(frozen=True)
+class Click:
+    """One reader click.
+
+    Attributes
+    ----------
+    kind : {"include", "exclude"}
+    ras_mm : tuple of float
+        The point, scanner RAS+ mm.
+    """
+
+    kind: str
+    ras_mm: tuple
+
+    def __post_init__(self):
+        if self.kind not in CLICK_KINDS:
+            raise ValueError(f"a click is 'include' or 'exclude', not {self.kind!r}")
+        try:
+            point = tuple(float(v) for v in self.ras_mm)
+        except (TypeError, ValueError):
+            raise ValueError(f"a click point is three numbers (RAS+ mm), not {self.ras_mm!r}") from None
+        if len(point) != 3 or not all(math.isfinite(v) for v in point):
+            raise ValueError(f"a click point is three finite numbers (RAS+ mm), not {self.ras_mm!r}")
+        object.__setattr__(self, "ras_mm", point)
+
+    def as_dict(self):
+        return {"kind": self.kind, "ras_mm": list(self.ras_mm)}
+
+
+def clicks_from_json(items):
+    """Clicks from a JSON list of ``{"kind": ..., "ras_mm": [x, y, z]}`` (hostile input).
+
+    Raises
+    ------
+    ValueError
+        Not such a list, or longer than :data:`MAX_CLICKS`.
+    """
+    if not isinstance(items, list):
+        raise ValueError("clicks must be a list of {kind, ras_mm}")
+    if len(items) > MAX_CLICKS:
+        raise ValueError(f"at most {MAX_CLICKS} clicks, got {len(items)}")
+    clicks = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) != {"kind", "ras_mm"}:
+            raise ValueError("each click is an object with exactly 'kind' and 'ras_mm'")
+        if not isinstance(item["ras_mm"], list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                       for v in item["ras_mm"]):
+            raise ValueError("a click's ras_mm is a list of three numbers")
+        clicks.append(Click(item["kind"], tuple(item["ras_mm"])))
+    return clicks
+
+
+def roi_from_mask(image, affine, start_mask, params=SegmentationParams()):
+    """Prepare the region of interest around a given lesion mask.
+
+    The box is the seeded box centred on the mask (:func:`roi_box`) grown to
+    hold the whole mask with a margin; the intensity model is re-estimated
+    from the mask (:func:`update_model`).
+
+    Parameters
+    ----------
+    image : (I, J, K) ndarray
+    affine : (4, 4) ndarray
+    start_mask : (I, J, K) ndarray of bool
+        Not empty.
+    params : SegmentationParams
+
+    Returns
+    -------
+    PreparedRoi
+    """
+    spacing = voxel_sizes_mm(affine)
+    centred = roi_box(lesion_box_centre(start_mask, tuple(slice(0, n) for n in start_mask.shape)),
+                      image.shape, spacing, params)
+    held = mask_box(start_mask, spacing, params.shell_outer_mm + params.opening_radius_mm + 10.0)
+    box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(centred, held))
+    smoothed, _ = prepare_roi(image, affine, box, params)
+    region = start_mask[box]
+    model, _ = initial_model(smoothed, smoothed[region])
+    model = update_model(model, smoothed, region, spacing, params)
+    return PreparedRoi(box=box, smoothed=smoothed, model=model, spacing_mm=spacing)
+
+
+def interior_markers(region, spacing_mm):
+    """The interior-most voxel (largest distance to its border, mm) of each part of a mask.
+
+    Returns
+    -------
+    list of tuple of int
+    """
+    labels, n = ndimage.label(region)
+    if n == 0:
+        return []
+    depth = ndimage.distance_transform_edt(region, sampling=spacing_mm)
+    points = ndimage.maximum_position(depth, labels, index=np.arange(1, n + 1))
+    return [tuple(int(v) for v in p) for p in points]
+
+
+def gradient_magnitude(smoothed, spacing_mm, params):
+    """Gradient magnitude at ``edge_sigma_mm`` (image units per voxel; only its order matters)."""
+    sigma = [params.edge_sigma_mm / s for s in spacing_mm]
+    return ndimage.gaussian_gradient_magnitude(np.asarray(smoothed, np.float32), sigma).astype(np.float32)
+
+
+def split_by_markers(gradient, region, include_ijk, exclude_ijk):
+    """Partition a mask between include and exclude markers along intensity edges.
+
+    Parameters
+    ----------
+    gradient : ndarray
+        Gradient magnitude on the region's grid.
+    region : ndarray of bool
+    include_ijk, exclude_ijk : list of tuple of int
+        Marker voxels; those outside ``region`` are ignored.
+
+    Returns
+    -------
+    ndarray of bool
+        The voxels of ``region`` that do not belong to an exclude marker
+        (parts reached by no marker stay).
+    """
+    exclude_ijk = [p for p in exclude_ijk if region[p]]
+    if not exclude_ijk:
+        return region.copy()
+    box = mask_box(region, (1.0, 1.0, 1.0), 0)
+    offset = np.array([s.start for s in box])
+    markers = np.zeros(region[box].shape, np.int32)
+    for p in include_ijk:
+        if region[p]:
+            markers[tuple(np.asarray(p) - offset)] = 1
+    for p in exclude_ijk:  # an exclude on an include marker wins: it came later
+        markers[tuple(np.asarray(p) - offset)] = 2
+    labels = watershed(gradient[box], markers, mask=region[box])
+    out = region.copy()
+    out[box] &= labels != 2
+    return out
+
+
+def _slicewise_hull(mask, axis):
+    """Convex hull of a mask in every slice along ``axis`` (empty slices stay empty)."""
+    hull = np.zeros_like(mask)
+    moved_in, moved_out = np.moveaxis(mask, axis, 0), np.moveaxis(hull, axis, 0)
+    for k in np.flatnonzero(moved_in.any(axis=(1, 2))):
+        moved_out[k] = convex_hull_image(moved_in[k])
+    return hull
+
+
+def grow_from_click(roi, region, point_ijk, params):
+    """The tissue a reader's include click at ``point_ijk`` adds (see the module notes).
+
+    Parameters
+    ----------
+    roi : PreparedRoi
+    region : ndarray of bool
+        The current mask on the region's grid.
+    point_ijk : tuple of int
+        On the region's grid, outside ``region``.
+    params : SegmentationParams
+
+    Returns
+    -------
+    ndarray of bool
+        On the region's grid; contains ``point_ijk``.
+    """
+    smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
+    sub = crop_box(point_ijk, smoothed.shape, spacing, params.max_radius_mm)
+    local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
+    values = smoothed[sub]
+    level = float(values[local])
+    if level >= model.lower(params):
+        bright = values >= model.lower(params)
+        part = component_near(opening_mm(bright, spacing, params.opening_radius_mm), local, spacing,
+                              params.seed_search_radius_mm)
+        if not part[local]:  # thinner than the opening there: the bright part at the point alone
+            part |= component_near(bright, local, spacing, 0.0)
+    else:
+        near = ball_mask(values.shape, local, spacing, params.click_sample_radius_mm)
+        sd = robust_sd(values[near])
+        tolerance = max(params.click_level_tolerance * sd, params.click_min_contrast_fraction * model.contrast)
+        same = np.abs(values - level) <= tolerance
+        thick_axis = int(np.argmax(spacing))
+        hull = _slicewise_hull(region[sub] | ball_mask(values.shape, local, spacing, 2.0 * max(spacing)),
+                               thick_axis)
+        part = component_near(same & hull, local, spacing, 0.0)
+    part[local] = True
+    out = np.zeros(smoothed.shape, bool)
+    out[sub] = part
+    return out
+
+
+class ClickSession:
+    """Reader clicks on one image: prepared once, each click one step.
+
+    Parameters
+    ----------
+    image : (I, J, K) array_like
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ affine, mm.
+    start_mask : (I, J, K) array_like, optional
+        Starting mask (non-zero = lesion). Without it, the first click must
+        be an include: the seed.
+    params : SegmentationParams
+
+    Notes
+    -----
+    :meth:`segment` keeps the mask after every click of the last click list,
+    so a list that extends it (a new click) or shortens it (undo) reuses
+    that work. Results do not depend on what was asked before.
+    """
+
+    def __init__(self, image, affine, start_mask=None, params=SegmentationParams()):
+        self.image = np.asarray(image)
+        self.affine = np.asarray(affine, dtype=float)
+        if self.image.ndim != 3:
+            raise SegmentationError(f"expected a 3D image, got an array of shape {self.image.shape}")
+        self.params = params
+        self.spacing_mm = voxel_sizes_mm(self.affine)
+        self.start_mask = None
+        if start_mask is not None:
+            start_mask = np.asarray(start_mask) != 0
+            if start_mask.shape != self.image.shape:
+                raise SegmentationError(f"the start mask (shape {list(start_mask.shape)}) is not on the image "
+                                        f"grid (shape {list(self.image.shape)})")
+            if not start_mask.any():
+                raise SegmentationError("the start mask is empty; start from an include click instead")
+            self.start_mask = start_mask
+        self._roi = None
+        self._gradient = None
+        self._seed = None
+        self._steps = []  # (click, region, include markers, exclude markers, info) after each click
+
+    def _voxel(self, click):
+        ijk = seed_voxel(click.ras_mm, self.affine, self.image.shape)
+        if ijk is None:
+            x, y, z = click.ras_mm
+            raise SegmentationError(f"{click.kind} click ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the image")
+        box = self._roi.box
+        if not all(s.start <= i < s.stop for s, i in zip(box, ijk)):
+            x, y, z = click.ras_mm
+            raise SegmentationError(
+                f"{click.kind} click ({x:.1f}, {y:.1f}, {z:.1f}) RAS+ mm lies outside the region prepared "
+                f"around the lesion (more than {self.params.max_radius_mm:g} mm from it)")
+        return tuple(int(i - s.start) for i, s in zip(ijk, box))
+
+    def _start(self, first_click):
+        """Region, markers and info before the clicks (the seeded mask uses the first click)."""
+        if self.start_mask is None:
+            if first_click is None or first_click.kind != INCLUDE:
+                raise SegmentationError("with no start mask, the first click must be an include click in the lesion")
+            if self._seed is None or self._seed[0] != first_click:
+                mask, info, roi = seeded_roi(self.image, self.affine, first_click.ras_mm, self.params)
+                self._roi, self._gradient = roi, None
+                self._seed = (first_click, mask[roi.box].astype(bool), info)
+            _, region, info = self._seed
+            return region, [self._voxel(first_click)], [], {"start": "seed", "seeded": info}
+        if self._roi is None:
+            self._roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+        region = self.start_mask[self._roi.box]
+        return region, interior_markers(region, self.spacing_mm), [], {"start": "mask"}
+
+    def _step(self, state, click):
+        region, include, exclude, _ = state
+        p = self._voxel(click)
+        params = self.params
+        if click.kind == INCLUDE:
+            include = [*include, p]
+            if not region[p]:
+                part = grow_from_click(self._roi, region, p, params)
+                barrier = [q for q in exclude if part[q]]
+                if barrier:  # growth may not take an excluded point: split the part between them
+                    part = split_by_markers(self.gradient(), part, [p], barrier)
+                grown = region | part
+                filled = fill_lesion_holes(grown, self.spacing_mm, params)
+                holes = filled & ~grown
+                if holes.any() and exclude:  # a hole the reader excluded stays out
+                    holes = split_by_markers(self.gradient(), holes, [], exclude)
+                region = grown | holes
+        else:
+            exclude = [*exclude, p]
+            if region[p]:
+                region = split_by_markers(self.gradient(), region, include, exclude)
+        return region, include, exclude, {"kind": click.kind, "inside": bool(state[0][p])}
+
+    def gradient(self):
+        if self._gradient is None:
+            self._gradient = gradient_magnitude(self._roi.smoothed, self.spacing_mm, self.params)
+        return self._gradient
+
+    def segment(self, clicks):
+        """The mask after a list of clicks.
+
+        Parameters
+        ----------
+        clicks : sequence of Click
+
+        Returns
+        -------
+        mask : ndarray of uint8, shape of the image
+            1 = lesion.
+        info : dict
+            JSON-serialisable: ``start`` ("seed" or "mask"), ``n_clicks``,
+            ``volume_ml``, ``n_voxels``, ``seconds`` (CPU of this call), and
+            for a seeded start the seeded segmentation's info.
+
+        Raises
+        ------
+        SegmentationError
+            No start mask and no include click first; a click outside the
+            image or the prepared region; no lesion at the seed.
+        """
+        started = time.process_time()
+        clicks = list(clicks)
+        if len(clicks) > MAX_CLICKS:
+            raise SegmentationError(f"at most {MAX_CLICKS} clicks, got {len(clicks)}")
+        first = clicks[0] if clicks else None
+        region, include, exclude, start_info = self._start(first)
+        todo = clicks[1:] if start_info["start"] == "seed" else clicks
+        offset = len(clicks) - len(todo)
+        kept = 0
+        while kept < min(len(todo), len(self._steps)) and self._steps[kept][0] == todo[kept]:
+            kept += 1
+        steps = self._steps[:kept]
+        state = (region, include, exclude, None) if not steps else steps[-1][1]
+        for click in todo[kept:]:
+            state = self._step(state, click)
+            steps.append((click, state))
+        self._steps = steps
+        region = state[0]
+        mask = np.zeros(self.image.shape, np.uint8)
+        mask[self._roi.box] = region
+        n = int(np.count_nonzero(mask))
+        info = {
+            "start": start_info["start"],
+            "n_clicks": offset + len(todo),
+            "n_voxels": n,
+            "volume_ml": float(n * abs(np.linalg.det(self.affine[:3, :3])) / 1000.0),
+            "seconds": round(time.process_time() - started, 3),
+        }
+        if "seeded" in start_info:
+            info["seeded"] = start_info["seeded"]
+        return mask, info
+
+
+def segment_clicks(image, affine, clicks, start_mask=None, params=SegmentationParams()):
+    """Segment a lesion from a reader's include and exclude clicks (see the module notes).
+
+    Parameters
+    ----------
+    image : (I, J, K) array_like
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ affine, mm.
+    clicks : sequence of Click
+        Applied in order; without ``start_mask`` the first is an include: the seed.
+    start_mask : (I, J, K) array_like, optional
+    params : SegmentationParams
+
+    Returns
+    -------
+    mask : ndarray of uint8
+    info : dict
+        See :meth:`ClickSession.segment`.
+    """
+    return ClickSession(image, affine, start_mask, params).segment(clicks)
