@@ -47,6 +47,7 @@ from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_r
 from khe_vol.segmentation.morphology import (
     ball_mask,
     component_near,
+    components_touching,
     crop_box,
     fill_lesion_holes,
     mask_box,
@@ -210,8 +211,101 @@ def _slicewise_hull(mask, axis):
     return hull
 
 
+def _tolerance(values, local, spacing_mm, model, params):
+    """Intensity tolerance around a click's level: local noise, or a share of the lesion contrast."""
+    near = ball_mask(values.shape, local, spacing_mm, params.click_sample_radius_mm)
+    return max(params.click_level_tolerance * robust_sd(values[near]),
+               params.click_min_contrast_fraction * model.contrast)
+
+
+def distance_to_mm(mask, point_ijk, spacing_mm, cap_mm):
+    """Distance from a voxel centre to the nearest voxel of ``mask``, mm, looked for up to ``cap_mm``.
+
+    Returns
+    -------
+    float
+        ``cap_mm`` when no voxel of ``mask`` is that close.
+    """
+    box = crop_box(point_ijk, mask.shape, spacing_mm, cap_mm)
+    idx = np.argwhere(mask[box])
+    if idx.size == 0:
+        return float(cap_mm)
+    offset = np.array([s.start for s in box]) - np.asarray(point_ijk)
+    return min(float(cap_mm), float(np.sqrt((((idx + offset) * spacing_mm) ** 2).sum(axis=1)).min()))
+
+
+def _keep_marked(region, include_ijk):
+    """The parts of ``region`` holding an include marker (all of it when none is left in it)."""
+    markers = np.zeros(region.shape, bool)
+    for p in include_ijk:
+        markers[p] = True
+    return components_touching(region, markers) if (markers & region).any() else region
+
+
+def _click_reach_mm(distance_mm, params):
+    """How far a click acts: ``click_reach_mm`` beyond the lesion edge nearest it."""
+    return min(params.click_reach_mm + distance_mm, params.max_radius_mm)
+
+
+def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
+    """The mask after a reader's exclude click at ``point_ijk``, inside it (see the module notes).
+
+    Within reach of the click (``click_reach_mm`` beyond its depth in the
+    mask): on tissue dimmer than the lesion threshold, the connected tissue
+    of the mask no brighter than the click (within the tolerance) goes; on
+    lesion-bright tissue, the mask there is partitioned along intensity edges
+    (:func:`split_by_markers`) between the click and the mask at the edge of
+    the reach (and the include markers), and the click's part goes. Parts of
+    the mask this cuts off from every include marker go too.
+    """
+    smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
+    reach_mm = _click_reach_mm(distance_to_mm(~region, point_ijk, spacing, params.max_radius_mm), params)
+    sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
+    local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
+    values, inside = smoothed[sub], region[sub]
+    reach = ball_mask(values.shape, local, spacing, reach_mm)
+    level = float(values[local])
+    if level < model.lower(params):
+        dim = inside & reach & (values <= level + _tolerance(values, local, spacing, model, params))
+        gone = component_near(dim, local, spacing, 0.0)
+    else:
+        near = inside & reach
+        rim = near & ~ball_mask(values.shape, local, spacing, reach_mm - 1.5 * float(max(spacing)))
+        offset = np.array([s.start for s in sub])
+        keep = [tuple(np.asarray(p) - offset) for p in include_ijk
+                if all(s.start <= i < s.stop for s, i in zip(sub, p))]
+        keep += [tuple(int(v) for v in q) for q in np.argwhere(rim)]
+        gone = near & ~split_by_markers(gradient[sub], near, keep, [local])
+    gone[local] = True
+    out = region.copy()
+    out[sub] &= ~gone
+    return _keep_marked(out, include_ijk)
+
+
+def lesion_hull(region, spacing_mm):
+    """Where a lesion's core may lie: the slice-wise convex hull of ``region`` across its
+    thickest axis, or on a near-isotropic grid (thickest voxel edge < 1.5 x the finest)
+    the union of those across all three axes."""
+    spacing_mm = np.asarray(spacing_mm, float)
+    if spacing_mm.max() >= 1.5 * spacing_mm.min():
+        return _slicewise_hull(region, int(np.argmax(spacing_mm)))
+    box = mask_box(region, spacing_mm, 0.0)
+    hull = np.zeros_like(region)
+    for axis in range(3):
+        hull[box] |= _slicewise_hull(region[box], axis)
+    return hull
+
+
 def grow_from_click(roi, region, point_ijk, params):
     """The tissue a reader's include click at ``point_ijk`` adds (see the module notes).
+
+    Lesion-bright tissue: its connected bright part (after the opening).
+    Dimmer tissue above the ordinary tissue level: the connected tissue at
+    least as bright as the click (within the tolerance), within reach
+    (``click_reach_mm`` beyond the lesion edge nearest the click). Darker
+    than ordinary tissue (a necrotic or cystic core): the connected tissue
+    darker than ordinary tissue within the slice-wise convex hull of the
+    lesion and the click.
 
     Parameters
     ----------
@@ -232,21 +326,20 @@ def grow_from_click(roi, region, point_ijk, params):
     local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
     values = smoothed[sub]
     level = float(values[local])
-    if level >= model.lower(params):
+    if level >= model.lower(params):  # lesion-bright: the bright part there, bridges cut
         bright = values >= model.lower(params)
         part = component_near(opening_mm(bright, spacing, params.opening_radius_mm), local, spacing,
                               params.seed_search_radius_mm)
         if not part[local]:  # thinner than the opening there: the bright part at the point alone
             part |= component_near(bright, local, spacing, 0.0)
-    else:
-        near = ball_mask(values.shape, local, spacing, params.click_sample_radius_mm)
-        sd = robust_sd(values[near])
-        tolerance = max(params.click_level_tolerance * sd, params.click_min_contrast_fraction * model.contrast)
-        same = np.abs(values - level) <= tolerance
-        thick_axis = int(np.argmax(spacing))
-        hull = _slicewise_hull(region[sub] | ball_mask(values.shape, local, spacing, 2.0 * max(spacing)),
-                               thick_axis)
-        part = component_near(same & hull, local, spacing, 0.0)
+    elif level >= model.floor:  # dimmer lesion tissue (oedema, infiltration): as bright as here, nearby
+        reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
+        reach = ball_mask(values.shape, local, spacing, reach_mm)
+        part = component_near(reach & (values >= level - _tolerance(values, local, spacing, model, params)),
+                              local, spacing, 0.0)
+    else:  # darker than ordinary tissue: a core, inside the lesion's hull
+        hull = lesion_hull(region[sub] | ball_mask(values.shape, local, spacing, 2.0 * max(spacing)), spacing)
+        part = component_near(hull & (values < model.floor), local, spacing, 0.0)
     part[local] = True
     out = np.zeros(smoothed.shape, bool)
     out[sub] = part
@@ -343,7 +436,7 @@ class ClickSession:
         else:
             exclude = [*exclude, p]
             if region[p]:
-                region = split_by_markers(self.gradient(), region, include, exclude)
+                region = shrink_at_click(self._roi, region, p, include, self.gradient(), params)
         return region, include, exclude, {"kind": click.kind, "inside": bool(state[0][p])}
 
     def gradient(self):

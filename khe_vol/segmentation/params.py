@@ -127,6 +127,10 @@ class SegmentationParams:
         deviations (measured within ``click_sample_radius_mm`` of the click)
         of the click's level, and at least ``click_min_contrast_fraction`` of
         the lesion contrast, joins the lesion.
+    click_reach_mm : float
+        A click on tissue dimmer than the lesion threshold acts within this
+        distance of it, mm: include adds the tissue at least as bright as the
+        click there, exclude removes the mask's tissue no brighter than it.
     """
 
     max_radius_mm: float = 90.0
@@ -166,6 +170,7 @@ class SegmentationParams:
     core_enclosure_fraction: float = 0.4
     low_band_fraction: float = 0.0
     low_band_min_thickness_mm: float = 0.0
+    click_reach_mm: float = 10.0
     click_sample_radius_mm: float = 3.0
-    click_level_tolerance: float = 2.5
-    click_min_contrast_fraction: float = 0.15
+    click_level_tolerance: float = 1.0
+    click_min_contrast_fraction: float = 0.05
