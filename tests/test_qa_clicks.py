@@ -220,3 +220,91 @@ def test_the_session_cache_keeps_only_the_most_recent_cases():
     assert cache.get("a") is a  # used again: now the most recent
     cache.get("c")  # evicts b, the least recently used
     assert cache.get("a") is a and cache.get("b") is not b
+
+
+@pytest.mark.slow  # a real browser
+def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from khe_vol.qa.app import find_niivue
+    from tests.test_qa_app import CHROMIUM, CHROMIUM_ARGS, free_port, kill_hard, start_server, wait_status
+
+    find_niivue()
+    results, codes, scene = phantom_package
+    code = codes["sub-01"]
+    image, _ = case_files(results, code)
+    targets = [("include", scene["seed_ras_mm"]), ("include", scene["fluid_ras_mm"]),
+               ("exclude", scene["fluid_deep_ras_mm"])]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        server = start_server(results, port, log)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
+                urls, errors = [], []
+                page.on("request", lambda r: urls.append(r.url))
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(f"{base}/case/{code}")
+                page.wait_for_selector("body[data-ready='1']", timeout=30000)
+                assert page.is_visible("#seed-prompt") and "click inside the lesion" in page.inner_text("#seed-prompt")
+                assert page.is_checked("#click-mode")  # a case to seed starts in click mode
+                assert page.is_disabled("button.verdict[data-verdict='accept']")  # nothing to accept yet
+                assert "Shift" in page.inner_text("#click-keys")
+                page.click("button[data-slice='0']")  # axial
+                volumes = []
+                for n, (kind, mm) in enumerate(targets, start=1):
+                    click_at(page, mm, shift=kind == "exclude")
+                    page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
+                                           timeout=30000)
+                    text = page.inner_text("#click-volume")
+                    assert text.endswith(f"mL ({n} click{'s' if n > 1 else ''})"), text
+                    volumes.append(float(text.split()[0]))
+                    assert page.inner_text("#error") == ""
+                assert not page.is_visible("#seed-prompt")
+                assert volumes[1] > volumes[0] and volumes[2] < volumes[1]  # include grew it, exclude cut it
+                assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == [
+                    "include", "include", "exclude"]
+                # Undo and redo from the keyboard.
+                page.keyboard.press("Control+z")
+                page.wait_for_function("() => window.khe.clicks.length === 2 && !window.khe.busy", timeout=30000)
+                assert float(page.inner_text("#click-volume").split()[0]) == volumes[1]
+                page.keyboard.press("Control+y")
+                page.wait_for_function("() => window.khe.clicks.length === 3 && !window.khe.busy", timeout=30000)
+                assert float(page.inner_text("#click-volume").split()[0]) == volumes[2]
+                assert page.inner_text("button.verdict[data-verdict='accept']") == "Accept clicked mask"
+                page.click("button.verdict[data-verdict='accept']")
+                wait_status(page, "Current: Edited (revision 1), edited volume")
+                browser.close()
+            assert not errors, errors
+            assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
+        finally:
+            kill_hard(server)
+
+    (read,) = store.current_reads(results / "reads" / "R1.sqlite")
+    assert read["verdict"] == "edited" and [c["kind"] for c in read["clicks"]] == ["include", "include", "exclude"]
+    for click, (_, mm) in zip(read["clicks"], targets):
+        # Each click is the centre of the voxel clicked, in the image's own RAS+ mm.
+        ijk = np.linalg.solve(image.affine, np.r_[click["ras_mm"], 1.0])[:3]
+        assert np.allclose(ijk, np.round(ijk), atol=1e-3)
+        assert np.array_equal(np.round(ijk), np.round(np.linalg.solve(image.affine, np.r_[mm, 1.0])[:3]))
+    saved = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(read["edited_mask"])).dataobj)
+    expected, info = segment_clicks(image.data, image.affine, clicks_from_json(read["clicks"]))
+    assert np.array_equal(saved, expected)
+    assert read["edited_volume_ml"] == pytest.approx(info["volume_ml"]) == pytest.approx(volumes[2], abs=0.006)
+
+
+def click_at(page, ras_mm, shift=False):
+    """Show the slice through a point (the crosshair there) and click the point on the axial view."""
+    xy = page.evaluate(
+        """(mm) => {
+            const nv = window.khe.nv;
+            const frac = nv.mm2frac(mm, 0, true);
+            nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(frac));
+            nv.drawScene();
+            return Array.from(nv.frac2canvasPos(nv.scene.crosshairPos));
+        }""",
+        [float(v) for v in ras_mm],
+    )
+    page.click("#gl", position={"x": xy[0], "y": xy[1]}, modifiers=["Shift"] if shift else [])
