@@ -93,7 +93,7 @@ def write_cohort(root):
     return records
 
 
-def write_phantom_cases(root):
+def write_phantom_cases(root, shape=(96, 96, 20), voxel_mm=(1.0, 1.0, 4.0), lesion_volume_ml=20.0):
     """Two baselines of a synthetic lesion with a bright fluid collection beside it, as workflow records.
 
     sub-01 ses-baseline had no seed (an error record, no mask): its case
@@ -108,7 +108,8 @@ def write_phantom_cases(root):
         ``seed_ras_mm`` (a reader's seed), ``fluid_deep_ras_mm`` (the
         fluid's deepest voxel centre), ``fluid_ras_mm`` (another fluid
         voxel centre on the same slice, > 6 mm away), ``proposed`` (the
-        proposed mask), ``lesion_ml`` (true volume), all on the image grid.
+        proposed mask), ``lesion_ml`` (true volume), all on the image grid;
+        ``more_seeds_ras_mm`` (7 more places a reader might click in the lesion).
     """
     from scipy import ndimage
 
@@ -119,11 +120,11 @@ def write_phantom_cases(root):
     from khe_vol.synthetic.specs import FLUID, SeriesSpec
 
     root = Path(root)
-    anatomy = make_anatomy(3, lesion_volume_ml=20.0)
-    spec = SeriesSpec(shape=(96, 96, 20), voxel_mm=(1.0, 1.0, 4.0), snr=18.0, bias_amplitude=0.2, rng_seed=5)
+    anatomy = make_anatomy(3, lesion_volume_ml=lesion_volume_ml)
+    spec = SeriesSpec(shape=shape, voxel_mm=voxel_mm, snr=18.0, bias_amplitude=0.2, rng_seed=5)
     phantom = render_series(anatomy, spec)
     affine = phantom.affine
-    seed = phantom_reader_seeds(anatomy, spec, phantom, np.random.default_rng(1))[0]
+    seed, *more_seeds = phantom_reader_seeds(anatomy, spec, phantom, np.random.default_rng(1), n_seeds=8)
     fluid = render_labels(anatomy, spec) == FLUID
     depth = ndimage.distance_transform_edt(fluid, sampling=spec.voxel_mm)
     deep = np.array(np.unravel_index(np.argmax(depth), depth.shape))
@@ -151,11 +152,11 @@ def write_phantom_cases(root):
             record.update(status="error", method=None, message=f"{src}: no seed for {pid}")
             atomic_write_bytes(rec_dir / "mask.nii.gz", b"")
         else:
-            record["volume_ml"] = float(mask.sum()) * 4.0 / 1000.0
+            record["volume_ml"] = float(mask.sum()) * float(np.prod(voxel_mm)) / 1000.0
             write_nifti(rec_dir / "mask.nii.gz", mask_image(mask, affine))
         (rec_dir / "record.json").write_text(json.dumps(record, indent=2) + "\n")
         records.append(rec_dir / "record.json")
     to_mm = lambda ijk: affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]  # noqa: E731
     scene = {"seed_ras_mm": np.asarray(seed, float), "fluid_deep_ras_mm": to_mm(deep), "fluid_ras_mm": to_mm(other),
-             "proposed": proposed, "lesion_ml": phantom.true_volume_ml}
+             "proposed": proposed, "lesion_ml": phantom.true_volume_ml, "more_seeds_ras_mm": np.asarray(more_seeds)}
     return records, scene
