@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -105,6 +106,64 @@ def _cmd_series(args):
     atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
     print(f"{record['participant_id']} {record['session_id']}: {record['status']}"
           + (f" {record['volume_ml']:.3f} mL" if record["status"] == "ok" else f" ({record['message']})"))
+    return 0
+
+
+def _ras_point(text):
+    """``X,Y,Z`` in RAS+ mm (argparse type)."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        point = tuple(float(v) for v in parts)
+    except ValueError:
+        point = ()
+    if len(point) != 3 or not all(map(math.isfinite, point)):
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z in RAS+ mm (three numbers), got {text!r}")
+    return point
+
+
+class _ClickAction(argparse.Action):
+    """Collect --include / --exclude points into one list, in command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        clicks = list(getattr(namespace, "clicks", None) or [])
+        clicks.append((self.const, values))
+        namespace.clicks = clicks
+
+
+def _cmd_segment(args):
+    import numpy as np
+
+    from khe_vol.config import resolve_config
+    from khe_vol.files import atomic_write_text
+    from khe_vol.geometry import resample_mask_to_grid
+    from khe_vol.nifti import SeriesError, load_image, load_series, mask_image, write_nifti
+    from khe_vol.qa.deidentify import same_grid
+    from khe_vol.segmentation.interactive import Click, segment_clicks
+    from khe_vol.segmentation.params import SegmentationError
+    from khe_vol.series import segmentation_params
+
+    try:
+        params = segmentation_params(resolve_config([args.config])["segmentation"] if args.config else None)
+        image = load_series(args.image)
+        start = None
+        if args.start_mask:
+            loaded = load_image(args.start_mask, "mask")
+            start = loaded.data != 0
+            if not same_grid(start.shape, loaded.affine, image.data.shape, image.affine):
+                # Never trust array axes across files: bring it over by physical position.
+                start = resample_mask_to_grid(start, loaded.affine, image.data.shape, image.affine)
+                print(f"{args.start_mask}: not on the image grid; resampled onto it by position", file=sys.stderr)
+        clicks = [Click(kind, point) for kind, point in (args.clicks or [])]
+        mask, info = segment_clicks(image.data, image.affine, clicks, start_mask=start, params=params)
+    except (SeriesError, SegmentationError, ValueError, OSError) as exc:
+        print(f"khe-vol segment: {exc}", file=sys.stderr)
+        return 1
+    write_nifti(args.out, mask_image(mask, image.affine))
+    if args.record:
+        record = {"image": str(args.image), "image_sha256": image.sha256, "start_mask": args.start_mask,
+                  "clicks": [c.as_dict() for c in clicks], **info}
+        atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
+    print(f"{args.out}: {info['volume_ml']:.3f} mL after {info['n_clicks']} click(s)")
     return 0
 
 
@@ -434,6 +493,18 @@ def build_parser():
     p.add_argument("--mask", required=True)
     p.set_defaults(func=_cmd_series)
 
+    p = sub.add_parser("segment", help="segment a lesion from include / exclude clicks (RAS+ mm)")
+    p.add_argument("--image", required=True, help="the T2 series (NIfTI)")
+    p.add_argument("--include", action=_ClickAction, const="include", type=_ras_point, metavar="X,Y,Z",
+                   help="a point of lesion, RAS+ mm; the first is the seed unless --start-mask is given (repeatable)")
+    p.add_argument("--exclude", action=_ClickAction, const="exclude", type=_ras_point, metavar="X,Y,Z",
+                   help="a point that is not lesion, RAS+ mm (repeatable; clicks apply in the order given)")
+    p.add_argument("--start-mask", help="a mask to start from (a proposal or an earlier read) instead of the seed")
+    p.add_argument("--config", help="study config (its segmentation parameters are used)")
+    p.add_argument("--out", required=True, help="mask to write: uint8 0/1 on the image grid")
+    p.add_argument("--record", help="JSON record of the clicks and the result")
+    p.set_defaults(func=_cmd_segment, clicks=[])
+
     p = sub.add_parser("tables", help="write volumes.tsv and response.tsv from series records")
     p.add_argument("--results-dir", required=True)
     p.add_argument("--baseline-session", required=True, help="ses-<label> of the month-0 session")
@@ -494,8 +565,20 @@ def build_parser():
     return parser
 
 
+def _joined_points(argv):
+    """``--include -12.5,3,4`` as ``--include=-12.5,3,4``: argparse takes a value starting
+    with '-' for an option, and RAS+ points are often negative."""
+    out = []
+    for token in argv:
+        if out and out[-1] in ("--include", "--exclude") and token.startswith("-") and "," in token:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_points(sys.argv[1:] if argv is None else list(argv)))
     if args.command == "check" and not (args.config or args.config_json):
         build_parser().error("check needs a config file")
     return args.func(args)

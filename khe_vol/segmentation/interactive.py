@@ -304,8 +304,8 @@ def grow_from_click(roi, region, point_ijk, params):
     least as bright as the click (within the tolerance), within reach
     (``click_reach_mm`` beyond the lesion edge nearest the click). Darker
     than ordinary tissue (a necrotic or cystic core): the connected tissue
-    darker than ordinary tissue within the slice-wise convex hull of the
-    lesion and the click.
+    darker than half-way between the click and ordinary tissue, and its
+    partial-volume rim, within the lesion's hull (:func:`lesion_hull`).
 
     Parameters
     ----------
@@ -339,7 +339,10 @@ def grow_from_click(roi, region, point_ijk, params):
                               local, spacing, 0.0)
     else:  # darker than ordinary tissue: a core, inside the lesion's hull
         hull = lesion_hull(region[sub] | ball_mask(values.shape, local, spacing, 2.0 * max(spacing)), spacing)
-        part = component_near(hull & (values < model.floor), local, spacing, 0.0)
+        # Darker than half-way from here to ordinary tissue, with its one-voxel
+        # partial-volume rim below the lesion threshold.
+        part = component_near(hull & (values < 0.5 * (level + model.floor)), local, spacing, 0.0)
+        part |= ndimage.binary_dilation(part) & hull & (values < model.lower(params))
     part[local] = True
     out = np.zeros(smoothed.shape, bool)
     out[sub] = part
@@ -424,7 +427,7 @@ class ClickSession:
             include = [*include, p]
             if not region[p]:
                 part = grow_from_click(self._roi, region, p, params)
-                barrier = [q for q in exclude if part[q]]
+                barrier = [q for q in exclude if part[q] and q != p]  # the later click wins at its voxel
                 if barrier:  # growth may not take an excluded point: split the part between them
                     part = split_by_markers(self.gradient(), part, [p], barrier)
                 grown = region | part

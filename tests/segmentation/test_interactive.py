@@ -1,0 +1,179 @@
+"""Reader clicks steer the segmentation: the engine and the ``khe-vol segment`` command, on real NIfTI files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from khe_vol.geometry import voxel_to_world
+from khe_vol.segmentation.interactive import Click, ClickSession, clicks_from_json, segment_clicks
+from khe_vol.segmentation.params import SegmentationError
+from khe_vol.segmentation.seeded import segment_from_seed
+
+SPACING_MM = (0.8, 0.8, 3.0)
+SHAPE = (112, 112, 24)
+
+
+def _ball(center_mm, radius_mm):
+    grids = np.ogrid[tuple(slice(0, n) for n in SHAPE)]
+    return sum((g * s - c) ** 2 for g, s, c in zip(grids, SPACING_MM, center_mm)) <= radius_mm**2
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """Tissue with a 14 mm lesion holding a dark core open to one side, a separate bright lobe,
+    and a brighter neighbour broadly touching the lesion; LPS-stored grid (flipped axes)."""
+    rng = np.random.default_rng(5)
+    centre = np.array([40.0, 45.0, 36.0])
+    lesion = _ball(centre, 14.0)
+    core = _ball(centre + [3.0, 0, 0], 6.0) | (_ball(centre + [9.0, 0, 0], 5.0) & lesion)
+    lobe = _ball(centre + [0, 34.0, 0], 7.0)
+    vessel = _ball(centre + [0.0, -19.0, 0], 7.5) & ~lesion  # a bright neighbour broadly touching it
+    image = np.full(SHAPE, 200.0)
+    image[lesion | lobe] = 420.0
+    image[core] = 60.0
+    image[vessel] = 470.0
+    image = ndimage.gaussian_filter(image, (0.8, 0.8, 0.3)) + rng.normal(0, 8.0, SHAPE)
+    affine = np.diag([-SPACING_MM[0], -SPACING_MM[1], SPACING_MM[2], 1.0])
+    affine[:3, 3] = [40.0, 60.0, -30.0]
+    path = tmp_path_factory.mktemp("scene") / "T2w.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
+    stored = nib.load(path)  # what the command reads: the header's float32 affine
+    image, affine = np.asarray(stored.dataobj, np.float32), stored.affine
+
+    def ras(ijk):
+        return tuple(float(v) for v in voxel_to_world(ijk, affine))
+
+    c = np.rint(centre / SPACING_MM).astype(int)
+    return {
+        "path": path, "image": image, "affine": affine,
+        "lesion": lesion, "core": core, "lobe": lobe, "vessel": vessel,
+        # where a reader clicks: in bright lesion tissue, off centre
+        "seed": ras(c + [-9, 6, 0]),
+        "lobe_click": ras(c + [2, 42, 1]),
+        "core_click": ras(c + [5, 0, 0]),
+        "vessel_click": ras(np.rint((centre + [0.0, -22.0, 0]) / SPACING_MM).astype(int)),
+    }
+
+
+def _segment_cli(scene, tmp_path, *args, name="mask.nii.gz"):
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "segment", "--image", str(scene["path"]), *args,
+                           "--out", str(out)], capture_output=True, text=True)
+    return proc, out
+
+
+def _point(p):
+    return ",".join(f"{v:.3f}" for v in p)
+
+
+def test_one_include_click_is_the_automatic_segmentation(scene, tmp_path):
+    proc, out = _segment_cli(scene, tmp_path, "--include", _point(scene["seed"]), "--record", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.uint8 and img.shape == SHAPE
+    assert np.allclose(img.affine, scene["affine"])
+    auto, _ = segment_from_seed(scene["image"], scene["affine"], scene["seed"])
+    assert np.array_equal(np.asarray(img.dataobj), auto)
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+
+def test_include_adds_a_lobe_and_a_dark_core_the_reader_says_belongs(scene):
+    session = ClickSession(scene["image"], scene["affine"])
+    seeded, _ = session.segment([Click("include", scene["seed"])])
+    assert seeded[scene["lobe"]].mean() < 0.1  # a separate lobe is not found from the seed
+    with_lobe, _ = session.segment([Click("include", scene["seed"]), Click("include", scene["lobe_click"])])
+    assert with_lobe[scene["lobe"]].mean() > 0.8
+    assert np.all(with_lobe >= seeded)  # an include only adds
+    core_before = seeded[scene["core"] & scene["lesion"]].mean()
+    with_core, _ = session.segment([Click("include", scene["seed"]), Click("include", scene["core_click"])])
+    # The core joins up to the lesion's convex outline (its open mouth lies outside it).
+    assert core_before < 0.2 and with_core[scene["core"] & scene["lesion"]].mean() > 0.75
+    assert (with_core.astype(bool) & ~seeded.astype(bool) & ~scene["lesion"]).sum() < 20
+    assert with_core[~_ball(np.array([40.0, 45.0, 36.0]), 17.0) & ~scene["vessel"]].sum() < 50  # no run-off
+
+
+def test_exclude_removes_the_vessel_and_keeps_the_lesion(scene):
+    seed = Click("include", scene["seed"])
+    mask, _ = segment_clicks(scene["image"], scene["affine"], [seed])
+    assert mask[scene["vessel"]].mean() > 0.5, "the scene should make the automatic mask take the vessel"
+    cut, _ = segment_clicks(scene["image"], scene["affine"], [seed, Click("exclude", scene["vessel_click"])])
+    assert cut[scene["vessel"]].mean() < 0.2
+    lesion = scene["lesion"] & ~scene["core"]
+    assert cut[lesion].mean() > 0.95 * mask[lesion].mean()
+    assert np.all(cut <= mask)  # an exclude only removes
+
+
+def test_exclude_outside_the_mask_is_a_barrier_for_later_includes(scene):
+    seed = Click("include", scene["seed"])
+    outside = Click("exclude", scene["lobe_click"])
+    mask, _ = segment_clicks(scene["image"], scene["affine"], [seed, outside, Click("include", scene["lobe_click"])])
+    ijk = tuple(int(v) for v in np.rint(np.linalg.solve(scene["affine"], [*scene["lobe_click"], 1.0])[:3]))
+    # the include lands on the excluded point itself: the later click wins there, and the lobe joins
+    assert mask[ijk] == 1
+    near = Click("exclude", tuple(np.asarray(scene["lobe_click"]) + [0.0, 4.0, 0.0]))
+    mask, _ = segment_clicks(scene["image"], scene["affine"], [seed, near, Click("include", scene["lobe_click"])])
+    ijk_near = tuple(int(v) for v in np.rint(np.linalg.solve(scene["affine"], [*near.ras_mm, 1.0])[:3]))
+    assert mask[ijk] == 1 and mask[ijk_near] == 0
+
+
+def test_start_mask_and_clicks_in_order_from_the_command_line(scene, tmp_path):
+    start = tmp_path / "start.nii.gz"
+    nib.save(nib.Nifti1Image((scene["lesion"] | scene["vessel"]).astype(np.uint8), scene["affine"]), start)
+    proc, out = _segment_cli(scene, tmp_path, "--start-mask", str(start), "--exclude", _point(scene["vessel_click"]),
+                             "--include", _point(scene["lobe_click"]))
+    assert proc.returncode == 0, proc.stderr
+    mask = np.asarray(nib.load(out).dataobj)
+    assert mask[scene["vessel"]].mean() < 0.2 and mask[scene["lobe"]].mean() > 0.8
+    assert mask[scene["lesion"]].mean() > 0.9
+
+
+def test_same_clicks_same_bytes_on_any_thread_count(scene, tmp_path):
+    args = ["--include", _point(scene["seed"]), "--exclude", _point(scene["vessel_click"]),
+            "--include", _point(scene["core_click"])]
+    a, out_a = _segment_cli(scene, tmp_path, *args, name="a.nii.gz")
+    b, out_b = _segment_cli(scene, tmp_path, *args, name="b.nii.gz")
+    assert a.returncode == b.returncode == 0
+    assert out_a.read_bytes() == out_b.read_bytes()
+    clicks = [Click("include", scene["seed"]), Click("exclude", scene["vessel_click"])]
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        one, _ = segment_clicks(scene["image"], scene["affine"], clicks)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+        two, _ = segment_clicks(scene["image"], scene["affine"], clicks)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert np.array_equal(one, two)
+
+
+def test_a_session_gives_what_a_fresh_segmentation_gives_after_undo(scene):
+    clicks = [Click("include", scene["seed"]), Click("exclude", scene["vessel_click"]),
+              Click("include", scene["lobe_click"])]
+    session = ClickSession(scene["image"], scene["affine"])
+    session.segment(clicks)
+    undone, info = session.segment(clicks[:2])
+    fresh, _ = segment_clicks(scene["image"], scene["affine"], clicks[:2])
+    assert np.array_equal(undone, fresh) and info["n_clicks"] == 2
+
+
+def test_bad_clicks_say_what_is_wrong(scene, tmp_path):
+    proc, _ = _segment_cli(scene, tmp_path, "--exclude", _point(scene["seed"]))
+    assert proc.returncode == 1 and "first click must be an include" in proc.stderr
+    proc, _ = _segment_cli(scene, tmp_path, "--include", "900,900,900")
+    assert proc.returncode == 1 and "outside the image" in proc.stderr
+    proc, _ = _segment_cli(scene, tmp_path, "--include", "1,2")
+    assert proc.returncode == 2 and "X,Y,Z" in proc.stderr
+    with pytest.raises(SegmentationError, match="first click must be an include"):
+        segment_clicks(scene["image"], scene["affine"], [])
+    for bad in ([{"kind": "include"}], [{"kind": "grow", "ras_mm": [1, 2, 3]}],
+                [{"kind": "include", "ras_mm": [1, 2, float("nan")]}], {"kind": "include"},
+                [{"kind": "include", "ras_mm": [True, 2, 3]}]):
+        with pytest.raises(ValueError):
+            clicks_from_json(bad)
