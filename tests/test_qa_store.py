@@ -41,3 +41,71 @@ def test_reads_are_append_only_and_checked(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
     assert len(store.read_history(db, "AAAA")) == 1
+
+
+def test_clicks_are_stored_in_order_with_the_edited_read(tmp_path):
+    db = tmp_path / "R1.sqlite"
+    clicks = [{"kind": "include", "ras_mm": [1.25, -3.0, 0.1]}, {"kind": "exclude", "ras_mm": [2, 4, -6.000001]},
+              {"kind": "include", "ras_mm": [0.30000000000000004, 1e-7, 5.5]}]
+    stored = store.record_read(db, "R1", "AAAA", "edited", edited_mask=b"\x1f\x8bm", edited_volume_ml=1.0,
+                               clicks=clicks)
+    store.record_read(db, "R1", "BBBB", "accept")
+    expected = [{"kind": c["kind"], "ras_mm": [float(v) for v in c["ras_mm"]]} for c in clicks]
+    assert stored["clicks"] == expected
+    current = {r["case_code"]: r for r in store.current_reads(db)}
+    assert current["AAAA"]["clicks"] == expected  # floats read back exactly, order kept
+    assert current["BBBB"]["clicks"] is None
+    assert store.read_history(db, "AAAA")[0]["clicks"] == expected
+    with pytest.raises(ValueError, match="only with the verdict 'edited'"):
+        store.record_read(db, "R1", "AAAA", "accept", clicks=clicks)
+    for bad in ([], [{"kind": "maybe", "ras_mm": [0, 0, 0]}], [{"kind": "include", "ras_mm": [0, float("nan"), 0]}],
+                [{"kind": "include", "ras_mm": [0, 0]}], [{"kind": "include"}]):
+        with pytest.raises(ValueError):
+            store.record_read(db, "R1", "AAAA", "edited", edited_mask=b"m", clicks=bad)
+    assert len(store.read_history(db, "AAAA")) == 1  # nothing half-written
+
+
+def test_a_database_from_before_clicks_opens_and_keeps_its_reads(tmp_path):
+    db = tmp_path / "old.sqlite"
+    # The schema as released before the clicks column, with two reads in it.
+    con = sqlite3.connect(db)
+    con.executescript("""
+CREATE TABLE reads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reader TEXT NOT NULL,
+    case_code TEXT NOT NULL,
+    revision INTEGER NOT NULL CHECK (revision >= 1),
+    verdict TEXT NOT NULL CHECK (verdict IN ('accept', 'edited', 'reject', 'no_residual_lesion')),
+    comment TEXT NOT NULL DEFAULT '',
+    edited_mask BLOB,
+    edited_volume_ml REAL,
+    proposed_mask_sha256 TEXT,
+    created_utc TEXT NOT NULL,
+    UNIQUE (reader, case_code, revision),
+    CHECK ((verdict = 'edited') = (edited_mask IS NOT NULL))
+);
+CREATE TRIGGER reads_append_only_update BEFORE UPDATE ON reads
+BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
+CREATE TRIGGER reads_append_only_delete BEFORE DELETE ON reads
+BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
+INSERT INTO reads (reader, case_code, revision, verdict, comment, edited_mask, edited_volume_ml,
+                   proposed_mask_sha256, created_utc)
+VALUES ('R1', 'AAAA', 1, 'accept', 'fine', NULL, NULL, 's1', '2026-01-01T00:00:00+00:00'),
+       ('R1', 'BBBB', 1, 'edited', '', X'1f8b00', 2.5, 's2', '2026-01-01T00:00:01+00:00');
+""")
+    con.commit()
+    con.close()
+    current = {r["case_code"]: r for r in store.current_reads(db)}
+    assert {c: (r["verdict"], r["comment"], r["edited_mask"], r["edited_volume_ml"], r["proposed_mask_sha256"],
+                r["clicks"]) for c, r in current.items()} == {
+        "AAAA": ("accept", "fine", None, None, "s1", None), "BBBB": ("edited", "", b"\x1f\x8b\x00", 2.5, "s2", None)}
+    # The migrated database takes clicked reads and stays append-only.
+    click = [{"kind": "include", "ras_mm": [1.0, 2.0, 3.0]}]
+    assert store.record_read(db, "R1", "AAAA", "edited", edited_mask=b"m", clicks=click)["revision"] == 2
+    assert store.read_history(db, "AAAA")[-1]["clicks"] == click
+    con = sqlite3.connect(db)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("UPDATE reads SET clicks = NULL")
+    con.close()
+    store.connect(db).close()  # opening again changes nothing
+    assert len(store.current_reads(db)) == 2

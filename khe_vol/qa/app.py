@@ -6,6 +6,14 @@ static files, and NiiVue's prebuilt browser bundle from the repository's
 ``node_modules`` (``npm ci``). Nothing is loaded from the network: the
 Content-Security-Policy allows only this origin. Verdicts go to the reads
 store (:mod:`khe_vol.qa.store`), committed before the response.
+
+Click segmentation (:mod:`khe_vol.segmentation.interactive`): ``POST
+/api/case/<code>/segment`` with ``{"clicks": [...]}`` answers the mask the
+clicks make, as gzip NIfTI on the case grid. The server keeps a
+:class:`~khe_vol.segmentation.interactive.ClickSession` for the most recent
+cases (:class:`CaseSessions`), so a further click or an undo reuses the
+prepared region. A read saved with clicks stores the server's own
+recomputation of the mask, never a mask the browser sends.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +31,7 @@ import numpy as np
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
 from khe_vol.geometry import voxel_volume_mm3
-from khe_vol.nifti import SeriesError, nifti_bytes, open_image
+from khe_vol.nifti import SeriesError, load_image, load_series, nifti_bytes, open_image
 from khe_vol.qa import (
     VERDICT_LABELS,
     VERDICTS,
@@ -32,12 +43,20 @@ from khe_vol.qa import (
 )
 from khe_vol.qa.deidentify import mask_like, same_grid
 from khe_vol.review import REVIEW_REASONS
+from khe_vol.segmentation.interactive import ClickSession, clicks_from_json
 
 #: NiiVue's self-contained browser bundle, inside the npm package.
 NIIVUE_BUNDLE = Path("dist") / "niivue.umd.js"
 
 #: Largest accepted upload (an uncompressed uint8 drawing of a big series), bytes.
 MAX_UPLOAD_BYTES = 256 * 2**20
+
+#: Largest accepted list of clicks (a segment request body, or a read's ``clicks`` field), bytes;
+#: the engine's most clicks (200) take about 15 kB.
+MAX_CLICKS_BYTES = 64 * 1024
+
+#: Cases whose prepared click segmentation the server keeps (most recently used first out).
+SESSION_CACHE_CASES = 4
 
 #: Header every state-changing request must carry. A page on another site
 #: cannot add it without a CORS preflight, which this app never grants, so
@@ -120,6 +139,67 @@ def validate_edited_mask(upload, case_image_path):
     return nifti_bytes(mask_like(data, case_img)), volume_ml
 
 
+class ClicksRefused(ValueError):
+    """A reader's clicks cannot make a mask; the message is for the reader's screen."""
+
+
+class _CaseSession:
+    """One case's click session, with the lock that serialises its use (Flask serves threaded)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.session = None
+        self.case_img = None
+        self.affine = None
+
+
+class CaseSessions:
+    """The click sessions of the most recently used cases.
+
+    Parameters
+    ----------
+    max_cases : int
+        Sessions kept; the least recently used goes first (each holds the
+        case image and its prepared region, tens of MB for a large series).
+    """
+
+    def __init__(self, max_cases=SESSION_CACHE_CASES):
+        self.max_cases = max_cases
+        self._lock = threading.Lock()
+        self._sessions = OrderedDict()
+
+    def get(self, key):
+        """The entry for ``key`` (created empty if new), marked most recent."""
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is None:
+                entry = self._sessions[key] = _CaseSession()
+                while len(self._sessions) > self.max_cases:
+                    self._sessions.popitem(last=False)
+            self._sessions.move_to_end(key)
+            return entry
+
+
+def parse_clicks_text(text):
+    """Clicks from a JSON text (hostile): a list of ``{"kind", "ras_mm"}``.
+
+    Raises
+    ------
+    ClicksRefused
+        Too long, not JSON, or not a list of valid clicks.
+    """
+    if len(text) > MAX_CLICKS_BYTES:
+        raise ClicksRefused(f"too many clicks (more than {MAX_CLICKS_BYTES} bytes)")
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ClicksRefused(f"the clicks are not valid JSON ({exc.__class__.__name__})") from None
+    try:
+        return clicks_from_json(items)
+    except (ValueError, TypeError) as exc:
+        raise ClicksRefused(str(exc)) from None
+
+
 def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True):
     """The reader app for one reader.
 
@@ -152,6 +232,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES, KHE_READER=reader, KHE_DB=str(db))
+    sessions = CaseSessions()
+    app.extensions["khe_vol_click_sessions"] = sessions
 
     def worklist():
         return json.loads((folder / WORKLIST_NAME).read_text(encoding="utf-8"))
@@ -167,6 +249,42 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def proposed_sha(case):
         return _sha256((folder / case["proposed_mask"]).read_bytes()) if case["proposed_mask"] else None
 
+    def segment_case(case, clicks):
+        """The mask a list of clicks makes on a case, from the kept session.
+
+        The start mask is the case's proposed mask when it has one (else the
+        first include click is the seed). Returns ``(mask uint8, info, case
+        nibabel image)``; raises ClicksRefused with a reader-facing message.
+        """
+        names = [case["image"]] + ([case["proposed_mask"]] if case["proposed_mask"] else [])
+        # A rebuilt package (new image or proposed mask) must not reuse the old preparation.
+        try:
+            stamp = tuple((n, (folder / n).stat().st_mtime_ns, (folder / n).stat().st_size) for n in names)
+        except OSError:
+            raise ClicksRefused("the case's files are missing from the reader package; reload the worklist") from None
+        entry = sessions.get((case["case_code"], stamp))
+        with entry.lock:
+            if entry.session is None:
+                try:
+                    image = load_series(folder / case["image"])
+                    case_img, _, _, _ = open_image(folder / case["image"], "series")
+                    start = None
+                    if case["proposed_mask"]:
+                        start = load_image(folder / case["proposed_mask"], "mask").data != 0
+                    session = ClickSession(image.data, image.affine, start)
+                except ValueError as exc:  # SeriesError, SegmentationError
+                    # File names never reach a reader's screen (they are case codes, but still).
+                    message = str(exc)
+                    for n in names:
+                        message = message.replace(str(folder / n), "the case").replace(n, "the case")
+                    raise ClicksRefused(f"this case cannot be segmented by clicks: {message}") from None
+                entry.session, entry.case_img, entry.affine = session, case_img, image.affine
+            try:
+                mask, info = entry.session.segment(clicks)
+            except ValueError as exc:  # SegmentationError: a click the engine cannot use
+                raise ClicksRefused(str(exc)) from None
+        return mask, info, entry.case_img
+
     def read_state(case, current):
         """'unread', 'read' or 'stale' (read on a proposed mask since replaced)."""
         if current is None:
@@ -176,7 +294,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def public_read(r):
         """What the page shows of a read (no timestamps: dates never reach a reader's screen)."""
         url = f"/api/case/{r['case_code']}/revision/{r['revision']}/edited_mask.nii.gz"
-        return {k: r[k] for k in ("revision", "verdict", "comment", "edited_volume_ml")} | {
+        return {k: r[k] for k in ("revision", "verdict", "comment", "edited_volume_ml", "clicks")} | {
             "verdict_label": VERDICT_LABELS[r["verdict"]],
             "edited_mask_url": url if r["verdict"] == "edited" else None,
         }
@@ -194,6 +312,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "history": [public_read(r) for r in history],
             "image_url": f"/files/{case['image']}",
             "proposed_mask_url": f"/files/{case['proposed_mask']}" if case["proposed_mask"] else None,
+            # No proposed mask: the first click must be an include inside the lesion (the seed).
+            "needs_seed": bool(case.get("needs_seed")) or not case["proposed_mask"],
             "qc_url": f"/files/{case['qc_montage']}",
             "overlays": [o | {"url": f"/files/{o['mask']}" if o["mask"] else None} for o in case["overlays"]],
         }
@@ -269,19 +389,68 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         if verdict not in VERDICTS:
             return jsonify(error=f"unknown verdict {verdict!r}"), 400
         comment = request.form.get("comment", "")[:5000]
-        mask_gz = volume_ml = None
-        if verdict == "edited":
-            upload = request.files.get("mask")
+        mask_gz = volume_ml = clicks = None
+        upload = request.files.get("mask")
+        clicks_text = request.form.get("clicks")
+        if (upload is not None or clicks_text is not None) and verdict != "edited":
+            return jsonify(error="a mask or clicks go only with the verdict Edited"), 400
+        if upload is not None and clicks_text is not None:
+            # A pen drawing cannot be recomputed from clicks: one read is one or the other.
+            return jsonify(error="send either the clicks or a drawn mask, not both"), 400
+        if verdict == "edited" and clicks_text is not None:
+            try:
+                clicks = parse_clicks_text(clicks_text)
+                if not clicks:
+                    raise ClicksRefused("there are no clicks to save")
+                # The stored mask is the server's own recomputation from the image and the clicks.
+                mask, info, case_img = segment_case(case, clicks)
+            except ClicksRefused as exc:
+                return jsonify(error=str(exc)), 400
+            mask_gz, volume_ml = nifti_bytes(mask_like(mask != 0, case_img)), info["volume_ml"]
+        elif verdict == "edited":
             if upload is None:
-                return jsonify(error="an edited verdict needs the edited mask"), 400
+                return jsonify(error="an edited verdict needs the edited mask or the clicks"), 400
             try:
                 mask_gz, volume_ml = validate_edited_mask(upload.read(), folder / case["image"])
             except (ValueError, SeriesError, OSError) as exc:
                 return jsonify(error=str(exc)), 400
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                          proposed_mask_sha256=proposed_sha(case))
+                          proposed_mask_sha256=proposed_sha(case), clicks=clicks)
         return jsonify(case_view(code))
+
+    @app.post("/api/case/<code>/segment")
+    def segment(code):
+        """The mask the posted clicks make: gzip NIfTI on the case grid, or 400 with a readable error."""
+        if request.headers.get(CSRF_HEADER[0]) != CSRF_HEADER[1]:
+            abort(403)
+        case, _, _ = case_or_404(code)
+        started = time.perf_counter()
+        # Read at most one byte over the limit, whatever Content-Length claims.
+        body = request.stream.read(MAX_CLICKS_BYTES + 1)
+        try:
+            if len(body) > MAX_CLICKS_BYTES:
+                raise ClicksRefused(f"too many clicks (more than {MAX_CLICKS_BYTES} bytes)")
+            try:
+                payload = json.loads(body)
+            except (ValueError, RecursionError):
+                raise ClicksRefused('the request is not JSON of the form {"clicks": [...]}') from None
+            if not isinstance(payload, dict) or set(payload) != {"clicks"}:
+                raise ClicksRefused('the request is not JSON of the form {"clicks": [...]}')
+            try:
+                clicks = clicks_from_json(payload["clicks"])
+            except (ValueError, TypeError) as exc:
+                raise ClicksRefused(str(exc)) from None
+            mask, info, case_img = segment_case(case, clicks)
+        except ClicksRefused as exc:
+            return jsonify(error=str(exc)), 400
+        response = app.response_class(nifti_bytes(mask_like(mask != 0, case_img)),
+                                      mimetype="application/octet-stream")
+        response.headers["X-Volume-Ml"] = repr(float(info["volume_ml"]))
+        response.headers["X-N-Clicks"] = str(int(info["n_clicks"]))
+        response.headers["X-Start"] = info["start"]
+        response.headers["X-Seconds"] = f"{time.perf_counter() - started:.3f}"  # wall, this request
+        return response
 
     app.config["KHE_NIIVUE_DIR"] = str(viewer) if viewer else None
 

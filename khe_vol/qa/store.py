@@ -7,10 +7,17 @@ read is on disk when :func:`record_read` returns, so the app answers the
 browser only after the commit and a killed server loses nothing it
 confirmed. Rows are never updated or deleted (triggers refuse it); revising a
 verdict adds a revision.
+
+A read made by clicking (:mod:`khe_vol.segmentation.interactive`) also stores
+its clicks, in order, as JSON in ``clicks``; its ``edited_mask`` is the
+server's recomputation from the case image and those clicks. Databases made
+before that column existed get it on open (:func:`connect`), their reads kept.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +36,7 @@ CREATE TABLE IF NOT EXISTS reads (
     edited_volume_ml REAL,
     proposed_mask_sha256 TEXT,
     created_utc TEXT NOT NULL,
+    clicks TEXT,
     UNIQUE (reader, case_code, revision),
     CHECK ((verdict = 'edited') = (edited_mask IS NOT NULL))
 );
@@ -39,7 +47,10 @@ BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
 """
 
 _COLUMNS = ("reader", "case_code", "revision", "verdict", "comment", "edited_mask", "edited_volume_ml",
-            "proposed_mask_sha256", "created_utc")
+            "proposed_mask_sha256", "created_utc", "clicks")
+
+#: Columns added after the first release, with their SQL type: added to older databases on open.
+_ADDED_COLUMNS = {"clicks": "TEXT"}
 
 
 def connect(db_path):
@@ -57,11 +68,70 @@ def connect(db_path):
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
     con.executescript(SCHEMA)
+    _migrate(con)
     return con
 
 
+def _migrate(con):
+    """Add the columns an older database lacks (ALTER TABLE ADD COLUMN keeps every row; old reads get NULL)."""
+    present = {row["name"] for row in con.execute("PRAGMA table_info(reads)")}
+    missing = [name for name in _ADDED_COLUMNS if name not in present]
+    if not missing:
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        # Another connection may have migrated between our look and the lock.
+        present = {row["name"] for row in con.execute("PRAGMA table_info(reads)")}
+        for name in missing:
+            if name not in present:
+                con.execute(f"ALTER TABLE reads ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def clicks_json(clicks):
+    """The JSON text stored for a read's clicks (None: no clicks).
+
+    Parameters
+    ----------
+    clicks : sequence of Click or of dict ``{"kind", "ras_mm"}``, or None
+        In the order they were made; ``ras_mm`` scanner RAS+ mm.
+
+    Returns
+    -------
+    str or None
+        ``[{"kind": ..., "ras_mm": [x, y, z]}, ...]``; floats written so
+        they read back exactly.
+
+    Raises
+    ------
+    ValueError
+        An empty list, or a click that is not an include/exclude kind with
+        three finite numbers.
+    """
+    if clicks is None:
+        return None
+    items = []
+    for c in clicks:
+        d = c.as_dict() if hasattr(c, "as_dict") else c
+        if not isinstance(d, dict) or d.get("kind") not in ("include", "exclude"):
+            raise ValueError(f"a stored click is {{'kind': 'include' | 'exclude', 'ras_mm': [x, y, z]}}, not {d!r}")
+        try:
+            point = [float(v) for v in d["ras_mm"]]
+        except (KeyError, TypeError, ValueError):
+            point = []
+        if len(point) != 3 or not all(math.isfinite(v) for v in point):
+            raise ValueError(f"a stored click's ras_mm is three finite numbers, not {d.get('ras_mm')!r}")
+        items.append({"kind": d["kind"], "ras_mm": point})
+    if not items:
+        raise ValueError("a read's clicks are None or at least one click")
+    return json.dumps(items)
+
+
 def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=None, edited_volume_ml=None,
-                proposed_mask_sha256=None, now=None):
+                proposed_mask_sha256=None, now=None, clicks=None):
     """Append one read, as the next revision of its case, in one committed transaction.
 
     Parameters
@@ -80,16 +150,23 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         SHA-256 of the proposed mask file the reader was shown (None: none).
     now : datetime, optional
         Time of the read (default: now, UTC).
+    clicks : sequence of Click or dict, optional
+        The reader's clicks in order (:func:`clicks_json`); only with
+        ``edited``, whose ``edited_mask`` must then be the recomputation
+        from the case image and these clicks (the app's job).
 
     Returns
     -------
     dict
-        The stored read (without the mask bytes).
+        The stored read (without the mask bytes; ``clicks`` as a list or None).
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
     if (verdict == "edited") != (edited_mask is not None):
         raise ValueError("an edited mask goes with, and only with, the verdict 'edited'")
+    if clicks is not None and verdict != "edited":
+        raise ValueError("clicks go only with the verdict 'edited' (the mask they make)")
+    clicks_text = clicks_json(clicks)
     created = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
     con = connect(db_path)
     try:
@@ -98,7 +175,8 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
             (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
                                   (reader, case_code)).fetchone()
             values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
-                      None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created)
+                      None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
+                      clicks_text)
             con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
             con.execute("COMMIT")
         except BaseException:
@@ -106,7 +184,9 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
             raise
     finally:
         con.close()
-    return {k: v for k, v in zip(_COLUMNS, values) if k != "edited_mask"}
+    out = {k: v for k, v in zip(_COLUMNS, values) if k != "edited_mask"}
+    out["clicks"] = None if clicks_text is None else json.loads(clicks_text)
+    return out
 
 
 def _rows(db_path, sql, params, with_masks):
@@ -120,6 +200,7 @@ def _rows(db_path, sql, params, with_masks):
         con.close()
     for r in rows:
         r.pop("id", None)
+        r["clicks"] = None if r.get("clicks") is None else json.loads(r["clicks"])
         if not with_masks:
             r.pop("edited_mask", None)
     return rows
@@ -140,7 +221,8 @@ def current_reads(db_path, with_masks=True):
     list of dict
         Keys ``reader``, ``case_code``, ``revision``, ``verdict``, ``comment``,
         ``edited_mask``, ``edited_volume_ml``, ``proposed_mask_sha256``,
-        ``created_utc``; sorted by reader and case code.
+        ``created_utc``, ``clicks`` (list of ``{"kind", "ras_mm"}`` in
+        order, or None); sorted by reader and case code.
     """
     sql = """SELECT r.* FROM reads r JOIN (
                  SELECT reader, case_code, MAX(revision) AS revision FROM reads GROUP BY reader, case_code

@@ -1,0 +1,84 @@
+"""Latency of the reader app's segment endpoint (``POST /api/case/<code>/segment``).
+
+A reader package of one synthetic 320x320x40 series (0.55 x 0.55 x 4 mm, a
+30 mL lesion beside a fluid collection) with no proposed mask; the app is
+called through Flask's test client, as a browser's requests reach it. The
+first click (the seed: the server loads the case and segments from scratch)
+is timed on fresh apps; refinement clicks (includes in the lesion and the
+fluid, an exclude, undo/redo: one request each, the server's kept session)
+on one app. Wall-clock seconds per request; printed, never a test.
+
+    PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from khe_vol.cli import main  # noqa: E402
+from khe_vol.qa.app import create_app  # noqa: E402
+from khe_vol.qa.key import read_key  # noqa: E402
+from tests.qa_cohort import write_phantom_cases  # noqa: E402
+
+
+def timed_post(client, code, clicks):
+    body = json.dumps({"clicks": [{"kind": k, "ras_mm": [float(v) for v in mm]} for k, mm in clicks]})
+    started = time.perf_counter()
+    resp = client.post(f"/api/case/{code}/segment", data=body, content_type="application/json",
+                       headers={"X-Khe-Vol": "reader"})
+    seconds = time.perf_counter() - started
+    if resp.status_code != 200:
+        raise SystemExit(f"segment failed ({resp.status_code}): {resp.get_data(as_text=True)}")
+    return seconds, float(resp.headers["X-Volume-Ml"])
+
+
+def percentiles(values):
+    return {"n": len(values), "p50_s": round(float(np.percentile(values, 50)), 3),
+            "p90_s": round(float(np.percentile(values, 90)), 3), "max_s": round(float(np.max(values)), 3)}
+
+
+def run(first_trials):
+    with tempfile.TemporaryDirectory() as tmp:
+        records, scene = write_phantom_cases(tmp, shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0),
+                                             lesion_volume_ml=30.0)
+        results = Path(tmp) / "results"
+        if main(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--seed", "1",
+                 str(records[0])]) != 0:
+            raise SystemExit("packaging failed")
+        code = next(r["case_code"] for r in read_key(results) if r["case_code"])
+        seed = ("include", scene["seed_ras_mm"])
+        first = []
+        for trial in range(first_trials):
+            app = create_app(results, "R1", db_path=Path(tmp) / f"reads{trial}.sqlite", check_viewer=False)
+            first.append(timed_post(app.test_client(), code, [seed])[0])
+        client = app.test_client()  # its session is prepared: every further request is a refinement
+        clicks = [seed]
+        plan = [("include", mm) for mm in scene["more_seeds_ras_mm"][:4]] + [
+            ("include", scene["fluid_ras_mm"]), ("exclude", scene["fluid_deep_ras_mm"])] + [
+            ("include", mm) for mm in scene["more_seeds_ras_mm"][4:]]
+        refine, volumes = [], []
+        for click in plan:
+            clicks.append(click)
+            seconds, volume = timed_post(client, code, clicks)
+            refine.append(seconds)
+            volumes.append(volume)
+        for _ in range(3):  # undo, redo
+            for step in (clicks[:-1], clicks):
+                refine.append(timed_post(client, code, step)[0])
+    return {"series": "320x320x40, 0.55x0.55x4 mm", "first_click": percentiles(first),
+            "refinement_click": percentiles(refine), "volumes_ml": volumes,
+            "true_lesion_ml": round(scene["lesion_ml"], 3)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-trials", type=int, default=5)
+    print(json.dumps(run(parser.parse_args().first_trials), indent=2))
