@@ -32,7 +32,7 @@ VOLUME_COLUMNS = {
     "method": {
         "LongName": "Segmentation method",
         "Description": "Where the lesion mask came from.",
-        "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir"},
+        "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir", "reader_seeded": "a baseline with no seed that the deciding blinded reader seeded (and steered) by clicking in the reader app: that reader's mask"},
     },
     "seed_source": {
         "LongName": "Source of the seed",
