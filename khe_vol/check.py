@@ -7,7 +7,7 @@ from khe_vol.discover import discover_study
 from khe_vol.files import tsv_text
 from khe_vol.geometry import grids_overlap, seed_voxel
 from khe_vol.nifti import SeriesError, load_series, open_image
-from khe_vol.plan import SOURCE_NONE, SOURCE_READER_MASK, SOURCE_SEED, series_plan
+from khe_vol.plan import SOURCE_NEEDS_SEED, SOURCE_NONE, SOURCE_READER_MASK, SOURCE_SEED, series_plan
 
 
 def check_study(config, headers_only=False):
@@ -60,6 +60,10 @@ def check_study(config, headers_only=False):
             elif plan.source == SOURCE_NONE:
                 problems.append((pid, slot.session_id,
                                  f"{slot.path}: no seed and no reader mask for {pid}, so nothing to segment from"))
+            elif plan.source == SOURCE_NEEDS_SEED:
+                problems.append((pid, slot.session_id,
+                                 f"{slot.path}: no seed and no reader mask for {pid}: add a seed or a reader mask, "
+                                 "or (with readers set) each reader seeds this baseline in the reader app"))
     if config.get("allocation"):
         problems.extend(_allocation_problems(config["allocation"], config.get("arms"), participants))
     return problems

@@ -98,6 +98,7 @@ def _cmd_series(args):
         reader_mask_path=args.reader_mask,
         reference=reference,
         params_overrides=json.loads(args.segmentation_json) if args.segmentation_json else None,
+        needs_seed=args.needs_seed,
     )
     if mask is None:
         atomic_write_bytes(args.mask, b"")  # no mask: an empty placeholder file
@@ -216,8 +217,12 @@ def _cmd_qa_package(args):
     from khe_vol.qa.package import PackageError, write_package
 
     try:
+        reader_records = {}
+        for reader, path in args.reader_record or []:
+            reader_records.setdefault(reader, []).append(path)
         rows = write_package(args.results_dir, args.reader, args.seed, args.records, series_tsv=args.series,
-                             overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key)
+                             overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key,
+                             reader_records=reader_records)
     except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"khe-vol qa package: {exc}", file=sys.stderr)
         return 2
@@ -294,6 +299,19 @@ def _cmd_qa_final(args):
     return 0
 
 
+def _cmd_qa_reader_baseline(args):
+    from khe_vol.qa.seeding import write_reader_baseline
+
+    try:
+        record = write_reader_baseline(args.db, args.reader, args.case_code, args.fingerprint, args.baseline_record,
+                                       args.out_record, args.out_mask)
+    except (ValueError, OSError) as exc:
+        print(f"khe-vol qa reader-baseline: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.reader}'s seeded baseline of {record['participant_id']}: {record['volume_ml']:.3f} mL")
+    return 0
+
+
 def _add_qa_parser(sub):
     qa = sub.add_parser("qa", help="blinded reading: build reader packages, audit them for leaks, serve the reader app")
     qa_sub = qa.add_subparsers(dest="qa_command", required=True)
@@ -308,8 +326,22 @@ def _add_qa_parser(sub):
     p.add_argument("--source-root", default=None, help="folder relative source_file paths are relative to (default: .)")
     p.add_argument("--key", default=None, help="unblinding key TSV to write (default <results-dir>/blinding/key.tsv; "
                    "never under qa/)")
+    p.add_argument("--reader-record", nargs=2, action="append", metavar=("READER", "RECORD"),
+                   help="a record.json for that reader's package only, replacing the same series' record "
+                   "(follow-ups tracked from the reader's own seeded baseline); repeat")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
     p.set_defaults(func=_cmd_qa_package)
+
+    p = qa_sub.add_parser("reader-baseline", help="a reader's seeded baseline (record + mask) from their reads, "
+                          "to track that reader's follow-ups from")
+    p.add_argument("--db", required=True, help="the reader's reads database")
+    p.add_argument("--reader", required=True)
+    p.add_argument("--case-code", required=True, help="the reader's case code of the baseline")
+    p.add_argument("--fingerprint", required=True, help="SHA-256 of the read's mask and clicks the run was planned on")
+    p.add_argument("--baseline-record", required=True, help="the cohort's record.json of the baseline (needs_seed)")
+    p.add_argument("--out-record", required=True)
+    p.add_argument("--out-mask", required=True)
+    p.set_defaults(func=_cmd_qa_reader_baseline)
 
     p = qa_sub.add_parser("audit", help="check that nothing under qa/ identifies a participant, session, date or arm")
     p.add_argument("--results-dir", required=True)
@@ -486,6 +518,8 @@ def build_parser():
     p.add_argument("--reader-mask", default=None)
     p.add_argument("--reference-record", default=None)
     p.add_argument("--reference-mask", default=None)
+    p.add_argument("--needs-seed", action="store_true",
+                   help="a baseline with nothing to segment from: record that it waits for a reader's seed")
     p.add_argument("--segmentation-json", default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="SimpleITK threads (default 1: series run side by side; results do not depend on it)")

@@ -1,7 +1,9 @@
 """Where each series' lesion comes from: the one place that decides.
 
 A reader's mask beats a seed, and a seed beats tracking from the participant's
-reference session. The workflow's rules (``common.smk``), ``khe-vol check``
+reference session. A baseline with none of these *needs a seed*: with readers
+set, each reader seeds it in the reader app, and its follow-ups are tracked
+from that reader's own seeded baseline (:mod:`khe_vol.qa.seeding`). The workflow's rules (``common.smk``), ``khe-vol check``
 and the per-series job all follow :func:`series_plan`, so they can never
 disagree on how a series is measured.
 """
@@ -17,6 +19,7 @@ from khe_vol.discover import Study, reference_session
 SOURCE_READER_MASK = "reader_mask"
 SOURCE_SEED = "seed"
 SOURCE_TRACKED = "tracked"
+SOURCE_NEEDS_SEED = "needs_seed"
 SOURCE_NONE = "none"
 
 
@@ -28,8 +31,11 @@ class SeriesPlan:
     ----------
     participant_id, session_id : str
     source : str
-        ``reader_mask``, ``seed``, ``tracked`` or ``none`` (nothing to
-        segment from: the series job reports it).
+        ``reader_mask``, ``seed``, ``tracked``, ``needs_seed`` (a baseline
+        with no seed, no reader mask and no other session to track from: it
+        waits for a reader's seed, and the participant's other sessions are
+        tracked from it once seeded) or ``none`` (nothing to segment from:
+        the series job reports it).
     reader_mask : Path or None
         The reader's mask file (``source == "reader_mask"``).
     seed_ras_mm : tuple of float or None
@@ -65,6 +71,8 @@ def series_plan(study: Study, baseline_session_id: str) -> dict[tuple[str, str],
     """
     slots = {(s.participant_id, s.session_id): s for s in study.slots}
     references = {pid: reference_session(study, pid, baseline_session_id) for pid, _ in slots}
+    # Nothing to segment from anywhere, but a baseline a reader can seed.
+    needs_seed = {pid for pid, ref in references.items() if ref is None and (pid, baseline_session_id) in slots}
     plans = {}
     for key, slot in slots.items():
         pid, ses = key
@@ -77,6 +85,11 @@ def series_plan(study: Study, baseline_session_id: str) -> dict[tuple[str, str],
             plans[key] = SeriesPlan(source=SOURCE_SEED, seed_ras_mm=study.seeds[key].seed_ras_mm, **common)
         elif ref is not None and ref != ses and (pid, ref) in slots:
             plans[key] = SeriesPlan(source=SOURCE_TRACKED, reference_session_id=ref, **common)
+        elif pid in needs_seed and ses == baseline_session_id:
+            plans[key] = SeriesPlan(source=SOURCE_NEEDS_SEED, **common)
+        elif pid in needs_seed:
+            # Tracked once the baseline has a seed; until then the job says it waits.
+            plans[key] = SeriesPlan(source=SOURCE_TRACKED, reference_session_id=baseline_session_id, **common)
         else:
             plans[key] = SeriesPlan(source=SOURCE_NONE, **common)
     return plans

@@ -47,6 +47,9 @@ class SeriesRecord(TypedDict):
     shape: list[int] | None
     affine: list[list[float]] | None
     seed_ras_mm: list[float] | None
+    seed_source: str | None  # "seeds_file", "reader" (a reader's first include click) or None
+    needs_seed: bool  # a baseline waiting for a reader's seed (no seed, no mask, nothing to track from)
+    reference_needs_seed: bool  # not tracked: its reference session waits for a seed
     reader_mask_file: str | None
     reader_mask_sha256: str | None
     reference_session_id: str | None

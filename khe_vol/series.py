@@ -29,6 +29,10 @@ from khe_vol.segmentation.uncertainty import volume_band_ml
 METHOD_AUTO = "auto"
 METHOD_READER = "reader_mask"
 
+#: ``seed_source`` of a record: where its seed came from (None: no seed).
+SEED_FROM_FILE = "seeds_file"
+SEED_FROM_READER = "reader"
+
 
 def segmentation_params(overrides=None):
     """``SegmentationParams`` with config overrides applied (unknown names are errors)."""
@@ -66,6 +70,9 @@ def base_record(participant_id, session_id, month) -> SeriesRecord:
         "shape": None,
         "affine": None,
         "seed_ras_mm": None,
+        "seed_source": None,
+        "needs_seed": False,
+        "reference_needs_seed": False,
         "reader_mask_file": None,
         "reader_mask_sha256": None,
         "reference_session_id": None,
@@ -210,6 +217,7 @@ def measure_series(
     reader_mask_path=None,
     reference=None,
     params_overrides=None,
+    needs_seed=False,
 ):
     """Validate, segment and measure one series.
 
@@ -232,6 +240,10 @@ def measure_series(
         record), ``mask`` (its mask array on its grid, or None).
     params_overrides : dict, optional
         Segmentation parameter overrides from the config.
+    needs_seed : bool
+        A baseline with no seed, no reader mask and nothing to track from
+        (:data:`khe_vol.plan.SOURCE_NEEDS_SEED`): the image is validated and
+        the record says it waits for a seed (``needs_seed``), with no volume.
 
     Returns
     -------
@@ -255,6 +267,14 @@ def measure_series(
             affine=series.affine.tolist(),
         )
         flag_geometry(record, series)
+        if needs_seed:
+            record["needs_seed"] = True
+            raise SeriesError(
+                f"{series.path}: no seed and no reader mask for {participant_id}: waiting for a seed. With readers "
+                "set, each reader seeds this baseline in the reader app (click inside the lesion) and its follow-ups "
+                "are tracked from that reader's own baseline; otherwise add a seed (participant_id, x, y, z in RAS+ "
+                "mm) to the seeds table or a reader mask"
+            )
         mask, details = _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record)
     except (SeriesError, ValueError) as exc:
         record["message"] = str(exc)
@@ -324,6 +344,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         if seed_ras_mm is not None:
             seed = [float(v) for v in seed_ras_mm]
             record["seed_ras_mm"] = seed
+            record["seed_source"] = SEED_FROM_FILE
             if seed_voxel(seed, series.affine, series.data.shape) is None:
                 raise SeriesError(
                     f"{series.path}: seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) RAS+ mm lies outside "
@@ -338,6 +359,13 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
             return mask, info
         ref_record = reference["record"]
         record["reference_session_id"] = ref_record["session_id"]
+        if ref_record.get("needs_seed"):
+            record["reference_needs_seed"] = True
+            raise SeriesError(
+                f"{series.path}: not tracked yet: its reference session {ref_record['session_id']} has no seed; "
+                "it is tracked from each reader's seeded baseline once that reader seeds it in the reader app "
+                "(or add a seed or reader mask for that session)"
+            )
         if ref_record["status"] != "ok":
             raise SeriesError(
                 f"{series.path}: cannot track the lesion because its reference session "

@@ -32,7 +32,16 @@ VOLUME_COLUMNS = {
     "method": {
         "LongName": "Segmentation method",
         "Description": "Where the lesion mask came from.",
-        "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir"},
+        "Levels": {"auto": "automatic segmentation (seeded, or tracked from the reference session)", "reader_mask": "mask supplied by a reader in masks_dir", "reader_seeded": "a baseline with no seed that the deciding blinded reader seeded (and steered) by clicking in the reader app: that reader's mask"},
+    },
+    "seed_source": {
+        "LongName": "Source of the seed",
+        "Description": "Where the seed the lesion was segmented from came from.",
+        "Levels": {
+            "seeds_file": "the study's seeds table (config seeds)",
+            "reader": "a blinded reader seeded this baseline in the reader app (no row in the seeds table): its seed is the reader's first include click and its mask the reader's; each reader's follow-ups are tracked from that reader's own seeded baseline",
+            "n/a": "no seed: a reader mask from masks_dir, a follow-up tracked from its reference session, or a baseline still waiting for a seed (see qa_status and message)",
+        },
     },
     "volume_auto_ml": {"LongName": "Automatic lesion volume", "Description": "Volume of the automatic (or supplied) mask, before reader QA; volume_ml is the final volume.", "Units": "mL"},
     "volume_source": {"LongName": "Source of the final volume", "Description": "auto or reader_mask without reader QA; with it <reader>:<verdict> of the read that decided (accept: the automatic mask; edited: that reader's mask, kept in derivatives as desc-<reader>; no_residual_lesion: 0 mL)."},
@@ -76,6 +85,8 @@ RESPONSE_COLUMNS = {
     "good_response": {"LongName": "Good lesion response", "Description": "Complete or nearly complete involution.", "Levels": {"1": "yes", "0": "no"}},
     "baseline_volume_source": {"LongName": "Source of the baseline volume", "Description": "As volume_source in volumes.tsv, for the baseline."},
     "volume_source": {"LongName": "Source of the follow-up volume", "Description": "As volume_source in volumes.tsv."},
+    "baseline_seed_source": {"LongName": "Source of the baseline's seed", "Description": "As seed_source in volumes.tsv, for the baseline (reader: the follow-up was tracked from the deciding reader's own seeded baseline).", "Levels": VOLUME_COLUMNS["seed_source"]["Levels"]},
+    "seed_source": {"LongName": "Source of the follow-up's seed", "Description": "As seed_source in volumes.tsv, for the follow-up (n/a when tracked from the baseline).", "Levels": VOLUME_COLUMNS["seed_source"]["Levels"]},
     "needs_review": {
         "LongName": "Needs a reader's review",
         "Description": "Whether this category may be wrong: near_threshold, or a review reason of the follow-up or its baseline that no blinded reader has decided.",
@@ -114,6 +125,7 @@ def volume_rows(records):
             "mesh_volume_ml": _fmt(rec["mesh_volume_ml"], ".6f") if ok else NA,
             "max_diameter_cm": _fmt(rec["max_diameter_cm"], ".2f") if ok else NA,
             "method": _fmt(rec["method"]),
+            "seed_source": _fmt(rec.get("seed_source")),
             "volume_auto_ml": _fmt(_auto_ml(rec), ".6f"),
             "volume_source": _fmt(rec.get("volume_source", rec["method"] if ok else None)),
             "qa_status": rec.get("qa_status", "not_configured"),
@@ -161,6 +173,8 @@ def response_rows(records, baseline_session_id):
             "good_response": NA,
             "baseline_volume_source": _fmt(base.get("volume_source", base.get("method"))) if base and base["status"] == "ok" else NA,
             "volume_source": _fmt(rec.get("volume_source", rec.get("method"))) if rec["status"] == "ok" else NA,
+            "baseline_seed_source": _fmt(base.get("seed_source")) if base else NA,
+            "seed_source": _fmt(rec.get("seed_source")),
             "needs_review": NA,
             "review_reason": NA,
             "status": "error",

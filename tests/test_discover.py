@@ -217,7 +217,9 @@ def test_series_plan_reader_mask_beats_seed_beats_tracking(tmp_path):
     assert plan[("sub-02", "ses-baseline")] == ("tracked", "ses-m06")
     assert plan[("sub-02", "ses-m06")] == ("reader_mask", None)
     assert plan[("sub-02", "ses-m12")] == ("tracked", "ses-m06")
-    assert {plan[("sub-03", f"ses-{s}")] for s in SESSIONS} == {("none", None)}
+    # Nothing to segment from: the baseline waits for a (reader's) seed, the rest are tracked from it once seeded.
+    assert plan[("sub-03", "ses-baseline")] == ("needs_seed", None)
+    assert {plan[("sub-03", f"ses-{s}")] for s in SESSIONS if s != "baseline"} == {("tracked", "ses-baseline")}
 
 
 def test_segmentation_overrides_are_checked_by_the_schema_naming_the_key(tmp_path):

@@ -35,6 +35,9 @@ VERDICT_LABELS = {
 #: loading the reads machinery.
 QA_STATUSES = {
     "not_configured": "no reader QA in this run: the automatic (or supplied) mask's volume",
+    "pending_seed": "no seed in the seeds table: waiting for a reader to seed the baseline in the reader app (click "
+    "inside the lesion); a follow-up is tracked, and shown to a reader, once that reader has seeded its baseline: "
+    "no final volume",
     "pending_read": "not yet read by every reader (or a read is stale): no final volume",
     "pending_adjudication": "readers disagree; waiting for the adjudicator: no final volume",
     "accepted": "readers accepted the automatic mask",

@@ -40,7 +40,8 @@ def build_worklist(cases, reader, seed):
         with ``reader``, ``verdict``, ``volume_ml``, ``has_mask``; may be empty)
         and optionally ``review_reasons`` (review reason codes, see
         :mod:`khe_vol.review`): cases with reasons come first, each group in
-        the reader's own shuffled order.
+        the reader's own shuffled order; and ``needs_seed`` (bool): a baseline
+        with no seed and no mask, which the reader seeds by clicking.
     reader : str
     seed : int
 
@@ -85,6 +86,7 @@ def build_worklist(cases, reader, seed):
             "image": f"{code}_t2.nii.gz",
             "proposed_mask": f"{code}_mask.nii.gz" if c["has_proposed_mask"] else None,
             "has_proposed_mask": bool(c["has_proposed_mask"]),
+            "needs_seed": bool(c.get("needs_seed")) and not c["has_proposed_mask"],
             "automatic_volume_ml": _round_ml(c["automatic_volume_ml"]),
             "qc_montage": f"{code}_qc.png",
             "overlays": overlays,
@@ -142,6 +144,12 @@ def _prepare_series(record_path, source_root, overlays):
     record_path = Path(record_path)
     record = json.loads(record_path.read_text(encoding="utf-8"))
     s = _Series(record_path, record, sha256_file(record_path))
+    if record.get("reference_needs_seed"):
+        # Nothing to show yet: it is tracked from a reader's own seeded
+        # baseline, and then packaged for that reader only.
+        s.problem = (f"{record_path}: not packaged: the reference session has no seed yet; tracked and packaged "
+                     "for each reader once that reader seeds it")
+        return s
     if not record.get("source_file"):
         s.problem = f"{record_path}: the record names no source image ({record.get('message') or 'no message'})"
         return s
@@ -221,7 +229,7 @@ def _overlay_rows(path):
 
 
 def write_package(results_dir, readers, seed, record_paths, series_tsv=None, overlays_tsv=None, source_root=None,
-                  key_path=None):
+                  key_path=None, reader_records=None):
     """Build the reader packages and the unblinding key.
 
     Parameters
@@ -244,6 +252,11 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
     key_path : path-like, optional
         The key TSV (default ``R/blinding/key.tsv``; its data dictionary goes
         beside it as ``.json``). Refused under ``R/qa/``.
+    reader_records : dict, optional
+        reader -> ``record.json`` paths used for that reader's package only,
+        each replacing the record of the same series in ``record_paths`` (the
+        follow-ups tracked from that reader's own seeded baseline). No other
+        reader's package sees them.
 
     Returns
     -------
@@ -280,15 +293,27 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
         missing = ", ".join(f"{a} {b}" for a, b in sorted(set(overlay_rows) - set(keys)))
         raise PackageError(f"{overlays_tsv}: overlays for series not being packaged: {missing}")
 
-    prepared = [_prepare_series(p, source_root, overlay_rows.get(k, [])) for k, p in records]
-    packaged = [s for s in prepared if s.problem is None]
+    common = [_prepare_series(p, source_root, overlay_rows.get(k, [])) for k, p in records]
+    own = {}
+    for reader, paths in sorted((reader_records or {}).items()):
+        if reader not in readers:
+            raise PackageError(f"records given for reader {reader}, who is not being packaged")
+        own[reader] = {}
+        for p in paths:
+            s = _prepare_series(p, source_root, [])
+            if s.ids not in set(keys):
+                raise PackageError(f"{p}: {reader}'s record is for {s.ids[0]} {s.ids[1]}, not a series being packaged")
+            own[reader][s.ids] = s
     key_rows = []
     for reader in readers:
+        prepared = [own.get(reader, {}).get(s.ids, s) for s in common]
+        packaged = [s for s in prepared if s.problem is None]
         cases = [{
             "participant_id": s.ids[0],
             "session_id": s.ids[1],
             "automatic_volume_ml": s.record.get("volume_ml") if s.mask_bytes is not None else None,
             "has_proposed_mask": s.mask_bytes is not None,
+            "needs_seed": bool(s.record.get("needs_seed")),
             # Codes only: a reason's detail text may name a session.
             "review_reasons": [r["reason"] for r in series_reasons(s.record)],
             "overlays": [{"reader": o["reader"], "verdict": o["verdict"], "volume_ml": o["volume_ml"],

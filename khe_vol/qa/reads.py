@@ -37,6 +37,10 @@ from khe_vol.qa.store import current_reads
 from khe_vol.report.provenance import table_provenance
 from khe_vol.response import classify_change
 from khe_vol.segmentation.uncertainty import volume_band_ml
+from khe_vol.series import SEED_FROM_READER
+
+#: ``method`` of a baseline whose mask a reader made by seeding it in the reader app.
+METHOD_READER_SEEDED = "reader_seeded"
 
 _VERDICT_STATUS = {"accept": "accepted", "edited": "edited", "no_residual_lesion": "no_residual_lesion",
                    "reject": "rejected"}
@@ -54,6 +58,11 @@ class ReaderRead:
     n_voxels: int | None = None  # None for reject or unread
     mask: np.ndarray | None = field(default=None, repr=False)  # edited mask on the series grid
     note: str | None = None
+    clicks: list | None = None  # the read's clicks (kind, ras_mm), in order, when it was made by clicking
+    #: The reader's own record the case was built from (a follow-up tracked from
+    #: this reader's seeded baseline), or None: the cohort's record.
+    own_record: dict | None = field(default=None, repr=False)
+    own_record_path: Path | None = None
 
     @property
     def read(self):
@@ -84,7 +93,7 @@ def edited_mask_array(payload, shape, affine, atol_mm=1e-3):
     return np.asarray(img.dataobj) != 0
 
 
-def reader_reads(key_rows, reads, records):
+def reader_reads(key_rows, reads, records, reader_records=None):
     """Every reader's usable read of every packaged series.
 
     Parameters
@@ -96,6 +105,11 @@ def reader_reads(key_rows, reads, records):
         Current reads of all readers (:func:`khe_vol.qa.store.current_reads`, with masks).
     records : dict
         (participant_id, session_id) -> automatic series record.
+    reader_records : dict, optional
+        (reader, participant_id, session_id) -> (record, path): the reader's
+        own record a case was built from (follow-ups tracked from that
+        reader's seeded baseline); it replaces the automatic one for that
+        reader's read.
 
     Returns
     -------
@@ -103,12 +117,15 @@ def reader_reads(key_rows, reads, records):
         (participant_id, session_id) -> {reader: ReaderRead}.
     """
     latest = {(r["reader"], r["case_code"]): r for r in reads}
+    reader_records = reader_records or {}
     out = {}
     for row in key_rows:
         if row.get("status") != "case":
             continue
         ids = (row["participant_id"], row["session_id"])
         entry = ReaderRead(row["reader"], row["case_code"])
+        if (row["reader"], *ids) in reader_records:
+            entry.own_record, entry.own_record_path = reader_records[(row["reader"], *ids)]
         out.setdefault(ids, {})[row["reader"]] = entry
         read = latest.get((row["reader"], row["case_code"]))
         if read is None:
@@ -117,7 +134,7 @@ def reader_reads(key_rows, reads, records):
             entry.note = (f"{row['reader']}'s read (revision {read['revision']}) was made on another proposed "
                           "mask than the current one; it must be read again")
             continue
-        rec = records[ids]
+        rec = entry.own_record or records[ids]
         verdict = read["verdict"]
         if verdict == "accept":
             if row.get("proposed_mask_sha256") is None or rec["status"] != "ok":
@@ -134,6 +151,7 @@ def reader_reads(key_rows, reads, records):
         elif verdict == "no_residual_lesion":
             entry.n_voxels = 0
         entry.verdict, entry.comment, entry.revision = verdict, read.get("comment") or "", read["revision"]
+        entry.clicks = read.get("clicks") or None
     return out
 
 
@@ -222,9 +240,18 @@ def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
                      max_diameter_cm=None)
         return final, None
 
+    waiting = [r for r in readers if r not in per_reader or not per_reader[r].read]
+    # A baseline with no seed is seeded by each reader; a follow-up of it is
+    # shown to a reader only once that reader has seeded the baseline.
+    unseeded = (waiting if record.get("needs_seed") else
+                [r for r in waiting if r not in per_reader] if record.get("reference_needs_seed") else [])
+    if unseeded:
+        what = "this baseline" if record.get("needs_seed") else f"the baseline ({record.get('reference_session_id')})"
+        return undecided("pending_seed", f"waiting for {', '.join(unseeded)} to seed {what} in the reader app "
+                         "(no seed in the seeds table; each reader's follow-ups are tracked from that reader's "
+                         "own seeded baseline)")
     if not per_reader:
         return undecided("no_case", record.get("message") or "the series could not be packaged for readers")
-    waiting = [r for r in readers if r not in per_reader or not per_reader[r].read]
     if waiting:
         notes = "; ".join(per_reader[r].note for r in waiting if r in per_reader and per_reader[r].note)
         return undecided("pending_read", f"waiting for {', '.join(waiting)}" + (f": {notes}" if notes else ""))
@@ -235,6 +262,12 @@ def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
             return undecided("pending_adjudication",
                              f"waiting for adjudicator {adjudicator} ({adjudication_reason}){note}")
     decider = per_reader[adjudicator if adjudication_reason else readers[0]]
+    if decider.own_record is not None:
+        # Measured from the deciding reader's own seeded baseline: that record
+        # is the series' automatic result for this decision.
+        final = {**decider.own_record, "adjudication": final["adjudication"], "reads": final["reads"],
+                 "volume_auto_ml": decider.own_record.get("volume_ml") if decider.own_record["status"] == "ok"
+                 else None}
     if decider.verdict == "reject":
         undecided("rejected", f"rejected as unmeasurable by {decider.reader}"
                   + (f": {decider.comment}" if decider.comment else ""))
@@ -249,7 +282,18 @@ def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
     final.update(lesion_size(mask, affine))
     final["volume_low_ml"], final["volume_high_ml"] = volume_band_ml(mask, affine)
     final.update(status="ok", message=None)
+    if record.get("needs_seed") and decider.verdict == "edited":
+        # The reader seeded this baseline: the seed is the first include click.
+        final.update(method=METHOD_READER_SEEDED, seed_source=SEED_FROM_READER, seed_ras_mm=first_include(decider.clicks))
     return final, (mask if decider.verdict == "edited" else None)
+
+
+def first_include(clicks):
+    """The RAS+ mm point of the first include click (the seed), or None."""
+    for click in clicks or []:
+        if isinstance(click, dict) and click.get("kind") == "include":
+            return [float(v) for v in click["ras_mm"]]
+    return None
 
 
 def apply_reads(records, key_rows, reads, readers, adjudicator, baseline_session_id):
@@ -330,6 +374,10 @@ def load_reads(results_dir, readers, key_paths, record_paths):
     key_rows : list of dict
     reads : list of dict
         Current reads of ``readers``, with edited masks.
+    reader_records : dict
+        (reader, participant_id, session_id) -> (record, path) of every case
+        the key says was built from a reader's own record (not one of
+        ``record_paths``).
     """
     records, paths = [], {}
     for path in record_paths:
@@ -337,8 +385,14 @@ def load_reads(results_dir, readers, key_paths, record_paths):
             records.append(rec)
             paths[(rec["participant_id"], rec["session_id"])] = Path(path)
     key_rows = read_key(results_dir, key_paths)
+    reader_records = {}
+    for row in key_rows:
+        own = row.get("record_path")
+        ids = (row["participant_id"], row["session_id"])
+        if row.get("status") == "case" and own and ids in paths and Path(own) != paths[ids]:
+            reader_records[(row["reader"], *ids)] = (read_records([own])[0], Path(own))
     reads = [r for reader in readers for r in current_reads(default_db_path(results_dir, reader))]
-    return records, paths, key_rows, reads
+    return records, paths, key_rows, reads, reader_records
 
 
 def write_disagreements(results_dir, readers, baseline_session_id, key_paths, record_paths, out_tsv, overlays_tsv,
@@ -362,9 +416,9 @@ def write_disagreements(results_dir, readers, baseline_session_id, key_paths, re
     dict
         (participant_id, session_id) -> why it needs adjudication.
     """
-    records, paths, key_rows, reads = load_reads(results_dir, readers, key_paths, record_paths)
+    records, paths, key_rows, reads, reader_records = load_reads(results_dir, readers, key_paths, record_paths)
     by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
-    by_series = reader_reads(key_rows, reads, by_ids)
+    by_series = reader_reads(key_rows, reads, by_ids, reader_records)
     adjudication = needs_adjudication(by_series, by_ids, readers, baseline_session_id)
     overlay_dir = Path(overlay_dir)
     series_rows, overlay_rows = [], []
@@ -377,7 +431,7 @@ def write_disagreements(results_dir, readers, baseline_session_id, key_paths, re
                     continue
                 mask_path = None
                 if entry.verdict == "accept":
-                    mask_path = mask_beside(paths[(pid, ses)])
+                    mask_path = mask_beside(entry.own_record_path or paths[(pid, ses)])
                 elif entry.verdict == "edited":
                     name = Path(reader, f"{pid}_{ses}_mask.nii.gz")
                     write_nifti(tmp / name, mask_image(entry.mask, rec["affine"]))
@@ -470,10 +524,10 @@ def write_final(results_dir, readers, adjudicator, baseline_session_id, key_path
         As :func:`apply_reads`.
     """
     everyone = list(readers) + ([adjudicator] if adjudicator else [])
-    records, paths, key_rows, reads = load_reads(results_dir, everyone, key_paths, record_paths)
+    records, paths, key_rows, reads, reader_records = load_reads(results_dir, everyone, key_paths, record_paths)
     by_ids = {(r["participant_id"], r["session_id"]): r for r in records}
     # Unblinded (and edited masks decoded) once, for the final records and the agreement.
-    by_series = reader_reads(key_rows, reads, by_ids)
+    by_series = reader_reads(key_rows, reads, by_ids, reader_records)
     finals, adjudication, edited = decide_series(records, by_series, readers, adjudicator, baseline_session_id)
     with replacing_dir(edited_dir) as tmp:
         for reader, pid, ses, mask in edited:

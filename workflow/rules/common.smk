@@ -9,7 +9,8 @@ from snakemake.exceptions import WorkflowError
 from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study
 from khe_vol.files import series_mask_path, series_record_path
-from khe_vol.plan import SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
+from khe_vol.plan import SOURCE_NEEDS_SEED, SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
+from khe_vol.qa.seeding import seeded_baselines
 from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
 
 
@@ -97,6 +98,13 @@ def montage_dir(participant):
     return f"{RESULTS}/figures/montages/{participant}"
 
 
+def _reference_paths(pid, plan, reader=None):
+    """Record and mask a tracked series starts from: the cohort's, or a reader's seeded baseline."""
+    if reader is not None:
+        return reader_baseline_record(reader, pid), reader_baseline_mask(reader, pid)
+    return record_path(pid, plan.reference_session_id), mask_path(pid, plan.reference_session_id)
+
+
 def series_inputs(wildcards):
     """Image, reader mask and (for tracked follow-ups) the reference session's outputs."""
     pid, ses = wildcards.participant, wildcards.session
@@ -107,13 +115,15 @@ def series_inputs(wildcards):
     if plan.source == SOURCE_READER_MASK:
         inputs["reader_mask"] = str(plan.reader_mask)
     elif plan.source == SOURCE_TRACKED:
-        inputs["reference_record"] = record_path(pid, plan.reference_session_id)
-        inputs["reference_mask"] = mask_path(pid, plan.reference_session_id)
+        inputs["reference_record"], inputs["reference_mask"] = _reference_paths(pid, plan, wildcards.get("reader"))
     return inputs
 
 
 def series_args(wildcards):
-    """Command-line arguments of `khe-vol series` for one slot, shell-quoted."""
+    """Command-line arguments of `khe-vol series` for one slot, shell-quoted.
+
+    With a ``reader`` wildcard: the follow-up tracked from that reader's seeded baseline.
+    """
     pid, ses = wildcards.participant, wildcards.session
     slot, plan = SLOTS[(pid, ses)], PLAN[(pid, ses)]
     args = ["--participant", pid, "--session", ses, "--month", "n/a" if slot.month is None else str(slot.month)]
@@ -125,12 +135,61 @@ def series_args(wildcards):
         args += ["--reader-mask", str(plan.reader_mask)]
     elif plan.source == SOURCE_SEED:
         args += ["--seed", *(repr(float(v)) for v in plan.seed_ras_mm)]
+    elif plan.source == SOURCE_NEEDS_SEED:
+        args += ["--needs-seed"]
     elif plan.source == SOURCE_TRACKED:
-        ref = plan.reference_session_id
-        args += ["--reference-record", record_path(pid, ref), "--reference-mask", mask_path(pid, ref)]
+        ref_record, ref_mask = _reference_paths(pid, plan, wildcards.get("reader"))
+        args += ["--reference-record", ref_record, "--reference-mask", ref_mask]
     if config["segmentation"]:
         args += ["--segmentation-json", json.dumps(config["segmentation"], sort_keys=True)]
     return shlex.join(args)
+
+
+# Baselines with no seed that a reader has seeded in the reader app (the reads
+# so far): that reader's follow-ups are tracked from that reader's own mask
+# and go to that reader's worklist only (khe_vol/qa/seeding.py).
+NEEDS_SEED = sorted(pid for (pid, ses), p in PLAN.items() if p.source == SOURCE_NEEDS_SEED)
+SEEDED = {}
+if READERS and NEEDS_SEED:
+    _needs_seed_records = {}
+    for _pid in NEEDS_SEED:
+        try:
+            _needs_seed_records[_pid] = json.loads(Path(record_path(_pid, BASELINE_ID)).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # not measured yet: nobody can have seeded it
+    SEEDED, _seed_problems = seeded_baselines(RESULTS, READERS, config["qa_seed"], _needs_seed_records)
+    for _problem in _seed_problems:
+        logger.warning(f"khe-vol: {_problem}")
+
+
+def reader_work(reader):
+    return f"{WORK}/readers/{reader}"
+
+
+def reader_baseline_record(reader, participant):
+    return f"{reader_work(reader)}/baseline/{participant}/record.json"
+
+
+def reader_baseline_mask(reader, participant):
+    return f"{reader_work(reader)}/baseline/{participant}/mask.nii.gz"
+
+
+def reader_series():
+    """(reader, participant, session) of every follow-up tracked from a reader's seeded baseline."""
+    return [(reader, pid, ses) for (reader, pid) in sorted(SEEDED) for (p, ses) in SLOTS
+            if p == pid and ses != BASELINE_ID and PLAN[(p, ses)].source == SOURCE_TRACKED]
+
+
+def reader_records():
+    return [series_record_path(reader_work(r), pid, ses) for r, pid, ses in reader_series()]
+
+
+def reader_record_args(wildcards, input):
+    """`--reader-record R path` for each reader's own follow-up record (that reader's package only)."""
+    out = []
+    for (reader, pid, ses), path in zip(reader_series(), reader_records()):
+        out += ["--reader-record", reader, path]
+    return shlex.join(out)
 
 
 def reader_package(reader):

@@ -3,10 +3,63 @@
 # adjudication of disagreements, agreement statistics). Only with `readers`.
 
 
+wildcard_constraints:
+    reader="[A-Za-z0-9_-]+",
+
+
+rule qa_reader_baseline:
+    """A reader's seeded baseline (their read of a baseline with no seed), to track their follow-ups from."""
+    input:
+        baseline=lambda wildcards: record_path(wildcards.participant, BASELINE_ID),
+    output:
+        record=reader_baseline_record("{reader}", "{participant}"),
+        mask=reader_baseline_mask("{reader}", "{participant}"),
+    params:
+        db=lambda wildcards: str(SEEDED[(wildcards.reader, wildcards.participant)].db_path),
+        code=lambda wildcards: SEEDED[(wildcards.reader, wildcards.participant)].case_code,
+        # Not the database file as an input (every read would rerun the tracking):
+        # the fingerprint of this read's mask and clicks reruns it when they change.
+        fingerprint=lambda wildcards: SEEDED[(wildcards.reader, wildcards.participant)].fingerprint,
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_reader_baseline/{{reader}}_{{participant}}.log",
+    shell:
+        "khe-vol qa reader-baseline --db {params.db:q} --reader {wildcards.reader} --case-code {params.code} "
+        "--fingerprint {params.fingerprint} --baseline-record {input.baseline:q} --out-record {output.record:q} "
+        "--out-mask {output.mask:q} > {log:q} 2>&1"
+
+
+rule measure_reader_series:
+    """A follow-up tracked from one reader's seeded baseline, for that reader's worklist only."""
+    input:
+        unpack(series_inputs),
+    output:
+        record=series_record_path(reader_work("{reader}"), "{participant}", "{session}"),
+        mask=series_mask_path(reader_work("{reader}"), "{participant}", "{session}"),
+    params:
+        args=series_args,
+    message:
+        "measuring {wildcards.participant} {wildcards.session} from {wildcards.reader}'s seeded baseline"
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/measure_reader_series/{{reader}}_{{participant}}_{{session}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/measure_reader_series/{{reader}}_{{participant}}_{{session}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2048,
+        runtime=10,
+    shell:
+        "khe-vol series {params.args} --threads {threads} --record {output.record:q} --mask {output.mask:q} > {log:q} 2>&1"
+
+
 rule qa_package:
     input:
         records=all_records(),
         masks=all_masks(),
+        reader_records=reader_records(),
     output:
         packages=[directory(reader_package(r)) for r in READERS],
         key=f"{BLINDING}/key.tsv",
@@ -14,13 +67,14 @@ rule qa_package:
         results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
         readers=" ".join(f"--reader {r}" for r in READERS),
         seed=config["qa_seed"],
+        reader_records=reader_record_args,
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_package.log",
     shell:
         "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} "
-        "--key {output.key:q} {input.records:q} > {log:q} 2>&1"
+        "{params.reader_records} --key {output.key:q} {input.records:q} > {log:q} 2>&1"
 
 
 if ADJUDICATOR:
