@@ -43,6 +43,7 @@ from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
 from khe_vol.geometry import seed_voxel, voxel_sizes_mm
+from khe_vol.segmentation.band import fluid_mask
 from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_roi, robust_sd, update_model
 from khe_vol.segmentation.morphology import (
     ball_mask,
@@ -299,9 +300,12 @@ def lesion_hull(region, spacing_mm):
 def grow_from_click(roi, region, point_ijk, params):
     """The tissue a reader's include click at ``point_ijk`` adds (see the module notes).
 
-    Lesion-bright tissue: its connected bright part (after the opening).
+    Lesion-bright tissue: its connected bright part within reach
+    (``click_reach_mm`` beyond the lesion edge nearest the click), fluid and
+    bridges thinner than the opening left out.
     Dimmer tissue above the ordinary tissue level: the connected tissue at
-    least as bright as the click (within the tolerance), within reach
+    least as bright as the click (within the tolerance, and at least
+    half-way from ordinary tissue to the click's level), within reach
     (``click_reach_mm`` beyond the lesion edge nearest the click). Darker
     than ordinary tissue (a necrotic or cystic core): the connected tissue
     darker than half-way between the click and ordinary tissue, and its
@@ -322,27 +326,36 @@ def grow_from_click(roi, region, point_ijk, params):
         On the region's grid; contains ``point_ijk``.
     """
     smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
-    sub = crop_box(point_ijk, smoothed.shape, spacing, params.max_radius_mm)
-    local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
-    values = smoothed[sub]
-    level = float(values[local])
-    if level >= model.lower(params):  # lesion-bright: the bright part there, bridges cut
-        bright = values >= model.lower(params)
-        part = component_near(opening_mm(bright, spacing, params.opening_radius_mm), local, spacing,
-                              params.seed_search_radius_mm)
-        if not part[local]:  # thinner than the opening there: the bright part at the point alone
-            part |= component_near(bright, local, spacing, 0.0)
-    elif level >= model.floor:  # dimmer lesion tissue (oedema, infiltration): as bright as here, nearby
-        reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
-        reach = ball_mask(values.shape, local, spacing, reach_mm)
-        part = component_near(reach & (values >= level - _tolerance(values, local, spacing, model, params)),
-                              local, spacing, 0.0)
-    else:  # darker than ordinary tissue: a core, inside the lesion's hull
+    level = float(smoothed[point_ijk])
+    if level < model.floor:  # darker than ordinary tissue: a core, inside the lesion's hull
+        sub = crop_box(point_ijk, smoothed.shape, spacing, params.max_radius_mm)
+        local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
+        values = smoothed[sub]
         hull = lesion_hull(region[sub] | ball_mask(values.shape, local, spacing, 2.0 * max(spacing)), spacing)
         # Darker than half-way from here to ordinary tissue, with its one-voxel
         # partial-volume rim below the lesion threshold.
         part = component_near(hull & (values < 0.5 * (level + model.floor)), local, spacing, 0.0)
         part |= ndimage.binary_dilation(part) & hull & (values < model.lower(params))
+    else:
+        reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
+        sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
+        local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
+        values = smoothed[sub]
+        reach = ball_mask(values.shape, local, spacing, reach_mm)
+        if level >= model.lower(params):  # lesion-bright: the bright part there, bridges and fluid cut
+            bright = reach & (values >= model.lower(params))
+            fluid = fluid_mask(values, model, params)
+            if not fluid[local]:  # unless the reader clicked the fluid itself
+                bright &= ~fluid
+            part = component_near(opening_mm(bright, spacing, params.opening_radius_mm), local, spacing,
+                                  params.seed_search_radius_mm)
+            if not part[local]:  # thinner than the opening there: the bright part at the point alone
+                part = component_near(bright, local, spacing, 0.0)
+        else:  # dimmer lesion tissue (oedema, infiltration): as bright as here, nearby
+            # Never down to ordinary tissue: a click on a partial-volume edge voxel
+            # takes tissue at least half-way from ordinary tissue to its level.
+            lowest = max(level - _tolerance(values, local, spacing, model, params), 0.5 * (level + model.floor))
+            part = component_near(reach & (values >= lowest), local, spacing, 0.0)
     part[local] = True
     out = np.zeros(smoothed.shape, bool)
     out[sub] = part
