@@ -9,7 +9,7 @@ the rerun tracks sub-02's follow-up from R1's baseline, for R1 only.
 
 from __future__ import annotations
 
-import inspect
+import gzip
 import json
 from pathlib import Path
 
@@ -20,8 +20,9 @@ import yaml
 
 from khe_vol.files import read_tsv
 from khe_vol.nifti import mask_image, nifti_bytes
+from khe_vol.qa import store
 from khe_vol.qa.store import record_read
-from khe_vol.segmentation.interactive import Click, segment_clicks
+from khe_vol.segmentation.interactive import Click, clicks_from_json, segment_clicks
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
 from tests.conftest import make_affine, save_nifti
 from tests.test_workflow import run_snakemake
@@ -89,6 +90,39 @@ def _outputs(results):
             and not p.name.endswith(("-wal", "-shm"))}
 
 
+def seed_in_browser(results, code, targets, tmp):
+    """R1 opens a case in the reader app in Chromium, clicks ``targets`` (kind, RAS mm) and accepts."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_qa_app import CHROMIUM, CHROMIUM_ARGS, free_port, kill_hard, start_server, wait_status
+    from tests.test_qa_clicks import click_at
+
+    port = free_port()
+    with open(tmp / "server.log", "w") as log:
+        server = start_server(results, port, log)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(f"http://127.0.0.1:{port}/case/{code}")
+                page.wait_for_selector("body[data-ready='1']", timeout=30000)
+                assert "click inside the lesion" in page.inner_text("#seed-prompt")
+                page.click("button[data-slice='0']")  # axial
+                for n, (kind, mm) in enumerate(targets, start=1):
+                    click_at(page, mm, shift=kind == "exclude")
+                    page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
+                                           timeout=30000)
+                    assert page.inner_text("#error") == ""
+                page.click("button.verdict[data-verdict='accept']")
+                wait_status(page, "Current: Edited (revision 1)")
+                browser.close()
+            assert not errors, errors
+        finally:
+            kill_hard(server)
+
+
 @pytest.fixture(scope="module")
 def seeded_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("reader_seeded")
@@ -131,18 +165,22 @@ def test_one_readers_seed_feeds_only_that_readers_follow_ups(seeded_run):
     image_path = results / "qa/R1" / f"{row['case_code']}_t2.nii.gz"
     img = nib.load(image_path)
     image, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
-    # Where a reader clicks: a voxel of bright lesion tissue >= 3 mm inside, seen on the package image.
+    # R1 seeds the case in the real reader app, in Chromium: a click in bright lesion tissue
+    # (>= 3 mm inside, not the deepest point), an include elsewhere in it, an exclude in the
+    # tissue beside it; then accepts.
     truth_mask, truth_affine = truth[("sub-02", "ses-baseline")]
     assert np.allclose(truth_affine, affine)
-    click = reader_seeds_ras_mm(truth_mask, affine, np.random.default_rng(21))[0]
-    clicks = [Click("include", tuple(float(v) for v in click))]
+    seed, inside = reader_seeds_ras_mm(truth_mask, affine, np.random.default_rng(21), n_seeds=2)
+    centre = np.array([-3.0, 2.0, 3.0])
+    outside = centre + (np.asarray(seed) - centre) / np.linalg.norm(np.asarray(seed) - centre) * (RADII_MM["baseline"] + 4)
+    targets = [("include", seed), ("include", inside), ("exclude", outside)]
+    seed_in_browser(results, row["case_code"], targets, root)
+    (read,) = [r for r in store.current_reads(results / "reads/R1.sqlite") if r["case_code"] == row["case_code"]]
+    assert [c["kind"] for c in read["clicks"]] == ["include", "include", "exclude"]
+    clicks = clicks_from_json(read["clicks"])
     mask, info = segment_clicks(image, affine, clicks)
-    assert info["volume_ml"] > 0
-    extra = {}
-    if "clicks" in inspect.signature(record_read).parameters:  # the reads store's clicks column
-        extra["clicks"] = [{"kind": c.kind, "ras_mm": list(c.ras_mm)} for c in clicks]
-    record_read(results / "reads/R1.sqlite", "R1", row["case_code"], "edited",
-                edited_mask=nifti_bytes(mask_image(mask, affine)), edited_volume_ml=info["volume_ml"], **extra)
+    saved = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(read["edited_mask"])).dataobj)
+    assert np.array_equal(saved, mask) and info["volume_ml"] > 0
     run_snakemake(root / "work", config)
 
     key = _key(results)
@@ -161,8 +199,7 @@ def test_one_readers_seed_feeds_only_that_readers_follow_ups(seeded_run):
     assert base["seed_source"] == "reader" and own["reference_session_id"] == "ses-baseline"
     assert own["status"] == "ok"
     assert 0.25 < own["volume_ml"] / base["volume_ml"] < 0.75
-    if extra:
-        assert base["seed_ras_mm"] == pytest.approx(list(clicks[0].ras_mm))
+    assert base["seed_ras_mm"] == pytest.approx(list(clicks[0].ras_mm))  # the seed the reader clicked
     # R2 sees nothing of R1's: no file of R2's package changed, no mention in R2's worklist.
     assert r1["case_code"] not in (results / "qa/R2/worklist.json").read_text()
 
