@@ -326,7 +326,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
 
     from khe_vol.review import flag
     from khe_vol.segmentation.params import SegmentationError
-    from khe_vol.segmentation.seeded import segment_from_seed
+    from khe_vol.segmentation.interactive import INCLUDE, Click, segment_clicks
     from khe_vol.segmentation.track import scale_review_detail, track_followup
 
     params = segmentation_params(params_overrides)
@@ -351,7 +351,9 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                     f"the image (it covers {_fov_text(series.data.shape, series.affine)}); check the seeds "
                     "table uses scanner RAS+ mm (LPS values need x and y negated)"
                 )
-            mask, info = segment_from_seed(series.data, series.affine, seed, params)
+            # The reader's click engine with one include click: the seed.
+            mask, info = segment_clicks(series.data, series.affine, [Click(INCLUDE, seed)], params=params)
+            info = info["seeded"]
             problem = seed_tissue_problem(info["seed_level"], info["lower_threshold"], info["upper_threshold"],
                                           bool(mask[seed_voxel(seed, series.affine, series.data.shape)]))
             if problem:

@@ -7,23 +7,31 @@ tracked proposal, an earlier read).
 
 - **Include, outside the mask**: the tissue at the point joins the mask.
   Lesion-bright tissue (at or above the model's lower threshold) joins as
-  the connected bright part around the point (after the usual opening, so
-  a vessel bridge does not bring in its neighbour). Darker tissue the reader
-  says belongs (a necrotic, fibrotic or haemorrhagic core) joins as the
-  connected tissue of the same level (within ``click_level_tolerance`` local
+  its connected bright part, fluid and bridges thinner than the opening left
+  out, as the seeded segmentation would take it. Dimmer tissue above the
+  ordinary tissue level (oedema, infiltration) joins as the connected tissue
+  at least as bright as the click (within ``click_level_tolerance`` local
   standard deviations, at least ``click_min_contrast_fraction`` of the
-  lesion contrast), confined slice by slice to the convex hull of the lesion
-  and the point, so it cannot run off into ordinary tissue elsewhere. Holes
-  the new part closes are filled.
-- **Include, inside the mask**: marks that part as lesion; a later exclude
-  will not take it.
-- **Exclude, inside the mask**: the mask is partitioned between the include
-  markers and the exclude markers along intensity edges (a marker watershed
-  of the gradient magnitude) and the part belonging to the exclude markers
-  goes. Include markers are the include clicks, the seed, and for a start
-  mask the interior-most voxel of each of its parts.
-- **Exclude, outside the mask**: a barrier: later growth competes with it
-  (the same watershed) and cannot take it.
+  lesion contrast, and never below half-way from ordinary tissue to the
+  click) within reach: ``click_reach_mm`` beyond the lesion edge nearest the
+  click. Tissue darker than ordinary tissue (a necrotic, cystic or
+  haemorrhagic core the reader says belongs) joins as the connected tissue
+  darker than half-way from the click to ordinary tissue, with its
+  partial-volume rim, inside the lesion's convex hull (slice by slice), so it
+  cannot run off into tissue elsewhere. Holes the new part closes are filled.
+- **Include, inside the mask**: marks that part as lesion for later excludes.
+- **Exclude, inside the mask**: within reach of the click (``click_reach_mm``
+  beyond its depth in the mask), on tissue dimmer than the lesion threshold
+  the mask's connected tissue no brighter than the click goes; on
+  lesion-bright tissue the mask is partitioned along intensity edges (a
+  marker watershed of the gradient magnitude) between the click and the
+  mask at the edge of its reach and the include markers, and the click's
+  part goes. Parts cut off from every include marker go too. Include markers
+  are the include clicks, the seed, and for a start mask the interior-most
+  voxel of each of its parts.
+- **Exclude, outside the mask**: a barrier: later growth is partitioned
+  against it the same way and cannot take it.
+- At one voxel, the later click wins.
 
 The same image, clicks, start mask and parameters give the same bytes on any
 thread count. :class:`ClickSession` keeps what it prepared for an image (the
@@ -300,9 +308,8 @@ def lesion_hull(region, spacing_mm):
 def grow_from_click(roi, region, point_ijk, params):
     """The tissue a reader's include click at ``point_ijk`` adds (see the module notes).
 
-    Lesion-bright tissue: its connected bright part within reach
-    (``click_reach_mm`` beyond the lesion edge nearest the click), fluid and
-    bridges thinner than the opening left out.
+    Lesion-bright tissue: its connected bright part, fluid and bridges
+    thinner than the opening left out.
     Dimmer tissue above the ordinary tissue level: the connected tissue at
     least as bright as the click (within the tolerance, and at least
     half-way from ordinary tissue to the click's level), within reach
@@ -338,6 +345,8 @@ def grow_from_click(roi, region, point_ijk, params):
         part |= ndimage.binary_dilation(part) & hull & (values < model.lower(params))
     else:
         reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
+        if level >= model.lower(params):  # lesion tissue proper: all of its part, as from a seed
+            reach_mm = params.max_radius_mm
         sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
         local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
         values = smoothed[sub]
