@@ -3,8 +3,10 @@
 A reader package of one synthetic 320x320x40 series (0.55 x 0.55 x 4 mm, a
 30 mL lesion beside a fluid collection) with no proposed mask; the app is
 called through Flask's test client, as a browser's requests reach it. The
-first click (the seed: the server loads the case and segments from scratch)
-is timed on fresh apps; refinement clicks (includes in the lesion and the
+first click (the seed) is timed on fresh apps, after the prepare request the
+case page sends when it opens (bias correction of the series, while the
+reader looks), and without it (the server loads the case and segments from
+scratch); refinement clicks (includes in the lesion and the
 fluid, an exclude, undo/redo: one request each, the server's kept session)
 on one app. Wall-clock seconds per request; printed, never a test.
 
@@ -55,9 +57,17 @@ def run(first_trials):
             raise SystemExit("packaging failed")
         code = next(r["case_code"] for r in read_key(results) if r["case_code"])
         seed = ("include", scene["seed_ras_mm"])
-        first = []
+        cold, prepare, first = [], [], []
         for trial in range(first_trials):
+            app = create_app(results, "R1", db_path=Path(tmp) / f"cold{trial}.sqlite", check_viewer=False)
+            cold.append(timed_post(app.test_client(), code, [seed])[0])
+            # As a reader meets it: the page asks the server to prepare when it opens.
             app = create_app(results, "R1", db_path=Path(tmp) / f"reads{trial}.sqlite", check_viewer=False)
+            started = time.perf_counter()
+            resp = app.test_client().post(f"/api/case/{code}/prepare", headers={"X-Khe-Vol": "reader"})
+            prepare.append(time.perf_counter() - started)
+            if resp.status_code != 204:
+                raise SystemExit(f"prepare failed ({resp.status_code}): {resp.get_data(as_text=True)}")
             first.append(timed_post(app.test_client(), code, [seed])[0])
         client = app.test_client()  # its session is prepared: every further request is a refinement
         clicks = [seed]
@@ -74,6 +84,7 @@ def run(first_trials):
             for step in (clicks[:-1], clicks):
                 refine.append(timed_post(client, code, step)[0])
     return {"series": "320x320x40, 0.55x0.55x4 mm", "first_click": percentiles(first),
+            "page_prepare": percentiles(prepare), "first_click_unprepared": percentiles(cold),
             "refinement_click": percentiles(refine), "volumes_ml": volumes,
             "true_lesion_ml": round(scene["lesion_ml"], 3)}
 

@@ -249,12 +249,12 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def proposed_sha(case):
         return _sha256((folder / case["proposed_mask"]).read_bytes()) if case["proposed_mask"] else None
 
-    def segment_case(case, clicks):
-        """The mask a list of clicks makes on a case, from the kept session.
+    def with_session(case, action):
+        """``action(entry)`` on the case's kept click session, created if new, under its lock.
 
         The start mask is the case's proposed mask when it has one (else the
-        first include click is the seed). Returns ``(mask uint8, info, case
-        nibabel image)``; raises ClicksRefused with a reader-facing message.
+        first include click is the seed). Raises ClicksRefused with a
+        reader-facing message.
         """
         names = [case["image"]] + ([case["proposed_mask"]] if case["proposed_mask"] else [])
         # A rebuilt package (new image or proposed mask) must not reuse the old preparation.
@@ -271,7 +271,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                     start = None
                     if case["proposed_mask"]:
                         start = load_image(folder / case["proposed_mask"], "mask").data != 0
-                    session = ClickSession(image.data, image.affine, start)
+                    # The volume band is the workflow's business; clicks do without it.
+                    session = ClickSession(image.data, image.affine, start, volume_band=False)
                 except ValueError as exc:  # SeriesError, SegmentationError
                     # File names never reach a reader's screen (they are case codes, but still).
                     message = str(exc)
@@ -280,10 +281,13 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                     raise ClicksRefused(f"this case cannot be segmented by clicks: {message}") from None
                 entry.session, entry.case_img, entry.affine = session, case_img, image.affine
             try:
-                mask, info = entry.session.segment(clicks)
+                return action(entry)
             except ValueError as exc:  # SegmentationError: a click the engine cannot use
                 raise ClicksRefused(str(exc)) from None
-        return mask, info, entry.case_img
+
+    def segment_case(case, clicks):
+        """``(mask uint8, info, case nibabel image)`` for a list of clicks on a case."""
+        return with_session(case, lambda entry: (*entry.session.segment(clicks), entry.case_img))
 
     def read_state(case, current):
         """'unread', 'read' or 'stale' (read on a proposed mask since replaced)."""
@@ -418,6 +422,18 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
                           proposed_mask_sha256=proposed_sha(case), clicks=clicks)
         return jsonify(case_view(code))
+
+    @app.post("/api/case/<code>/prepare")
+    def prepare(code):
+        """Prepare the case's click session before the first click (the page asks on opening)."""
+        if request.headers.get(CSRF_HEADER[0]) != CSRF_HEADER[1]:
+            abort(403)
+        case, _, _ = case_or_404(code)
+        try:
+            with_session(case, lambda entry: entry.session.prepare())
+        except ClicksRefused as exc:
+            return jsonify(error=str(exc)), 400
+        return ("", 204)
 
     @app.post("/api/case/<code>/segment")
     def segment(code):

@@ -279,7 +279,7 @@ def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
         gone = component_near(dim, local, spacing, 0.0)
     else:
         near = inside & reach
-        rim = near & ~ball_mask(values.shape, local, spacing, reach_mm - 1.5 * float(max(spacing)))
+        rim = near & ~ndimage.binary_erosion(reach)  # the outer voxel layer of the reach
         offset = np.array([s.start for s in sub])
         keep = [tuple(np.asarray(p) - offset) for p in include_ijk
                 if all(s.start <= i < s.stop for s, i in zip(sub, p))]
@@ -383,6 +383,9 @@ class ClickSession:
         Starting mask (non-zero = lesion). Without it, the first click must
         be an include: the seed.
     params : SegmentationParams
+    volume_band : bool
+        Compute the seeded segmentation's volume band (``info["seeded"]``);
+        a reader's clicks do without it (two segmentations less per seed).
 
     Notes
     -----
@@ -391,7 +394,7 @@ class ClickSession:
     that work. Results do not depend on what was asked before.
     """
 
-    def __init__(self, image, affine, start_mask=None, params=SegmentationParams()):
+    def __init__(self, image, affine, start_mask=None, params=SegmentationParams(), volume_band=True):
         self.image = np.asarray(image)
         self.affine = np.asarray(affine, dtype=float)
         if self.image.ndim != 3:
@@ -407,10 +410,35 @@ class ClickSession:
             if not start_mask.any():
                 raise SegmentationError("the start mask is empty; start from an include click instead")
             self.start_mask = start_mask
+        self.volume_band = volume_band
+        self._prepared = {}  # box -> prepare_roi's result: N4 runs once per box
         self._roi = None
         self._gradient = None
         self._seed = None
         self._steps = []  # (click, region, include markers, exclude markers, info) after each click
+
+    def _prepare_roi(self, image, affine, box, params):
+        """:func:`prepare_roi`, once per box."""
+        key = tuple((s.start, s.stop) for s in box)
+        if key not in self._prepared:
+            self._prepared[key] = prepare_roi(image, affine, box, params)
+        return self._prepared[key]
+
+    def prepare(self):
+        """Do before the first click what does not depend on it.
+
+        With a start mask, its region of interest. Without, the bias
+        correction of the whole image when the seeded box spans it whatever
+        the seed (every axis at most ``whole_axis_mm`` long), as for most
+        series; otherwise nothing.
+        """
+        if self.start_mask is not None:
+            if self._roi is None:
+                self._roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+            return
+        extents_mm = np.asarray(self.image.shape) * self.spacing_mm
+        if np.all(extents_mm <= self.params.whole_axis_mm):
+            self._prepare_roi(self.image, self.affine, tuple(slice(0, int(n)) for n in self.image.shape), self.params)
 
     def _voxel(self, click):
         ijk = seed_voxel(click.ras_mm, self.affine, self.image.shape)
@@ -431,7 +459,8 @@ class ClickSession:
             if first_click is None or first_click.kind != INCLUDE:
                 raise SegmentationError("with no start mask, the first click must be an include click in the lesion")
             if self._seed is None or self._seed[0] != first_click:
-                mask, info, roi = seeded_roi(self.image, self.affine, first_click.ras_mm, self.params)
+                mask, info, roi = seeded_roi(self.image, self.affine, first_click.ras_mm, self.params,
+                                             prepare=self._prepare_roi, volume_band=self.volume_band)
                 self._roi, self._gradient = roi, None
                 self._seed = (first_click, mask[roi.box].astype(bool), info)
             _, region, info = self._seed

@@ -49,8 +49,19 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     return mask, info
 
 
-def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams()):
+def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=prepare_roi, volume_band=True):
     """:func:`segment_from_seed`, also returning the prepared region of interest.
+
+    Parameters
+    ----------
+    image, affine, seed_ras_mm, params
+        As :func:`segment_from_seed`.
+    prepare : callable
+        :func:`prepare_roi` or a caller's memo of it (a reader's session
+        prepares the whole-image box before the first click).
+    volume_band : bool
+        Also compute ``info["threshold_band_ml"]`` (two more segmentations;
+        the reader app's clicks do without, None then).
 
     Returns
     -------
@@ -78,14 +89,14 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams()):
     # clicked: the box spans the image along axes not much longer than the
     # box, and is re-centred on the lesion found until it stays put.
     box = roi_box(ijk, image.shape, spacing, params)
-    result = _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params)
+    result = _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params, prepare)
     recentred, note = 0, None
     while recentred < params.recentre_passes:
         moved = roi_box(lesion_box_centre(result[1], box), image.shape, spacing, params)
         if moved == box or not _contains(moved, ijk):
             break
         try:
-            result = _segment_in_box(image, affine, moved, ijk, seed_ras_mm, spacing, params)
+            result = _segment_in_box(image, affine, moved, ijk, seed_ras_mm, spacing, params, prepare)
         except SegmentationError as exc:  # keep the lesion found in the seed's box
             note = f"re-centred region failed, the previous one kept: {exc}"
             break
@@ -101,7 +112,8 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams()):
         region = fill_lesion_holes(region | core, spacing, params)
     info["enclosed_core_voxels"] = int(core.sum())
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    info["threshold_band_ml"] = threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
+    info["threshold_band_ml"] = (threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
+                                 if volume_band else None)
     mask = np.zeros(image.shape, np.uint8)
     mask[box] = region
     info.update(model.as_dict(params))
@@ -147,7 +159,7 @@ def lesion_box_centre(region, box):
     return tuple(int(m + sl.start) for m, sl in zip(mid, box))
 
 
-def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params):
+def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params, prepare=prepare_roi):
     """Seeded segmentation within one region of interest (steps 2-5 of the module notes).
 
     Returns
@@ -160,7 +172,8 @@ def _segment_in_box(image, affine, box, ijk, seed_ras_mm, spacing, params):
     history : list of dict
     info : dict
     """
-    smoothed, info = prepare_roi(image, affine, box, params)
+    smoothed, info = prepare(image, affine, box, params)
+    info = dict(info)  # a memo's copy stays as it was
     seed_roi = tuple(int(i - s.start) for i, s in zip(ijk, box))
     near = ball_mask(smoothed.shape, seed_roi, spacing, params.seed_search_radius_mm)
     model, tissue_sd = initial_model(smoothed, smoothed[near])

@@ -345,6 +345,12 @@
   });
   renderClicks(view.current && view.current.clicks ? view.current.edited_volume_ml : undefined);
 
+  // Let the server do what does not depend on the first click (bias correction of the
+  // series, the proposed mask's region) while the reader looks; failures show at the click.
+  fetch("/api/case/" + code + "/prepare", {
+    method: "POST", credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
+  }).catch(function () {});
+
   window.khe.ready = true;
   document.body.dataset.ready = "1";
 })();
