@@ -100,7 +100,9 @@ def test_include_click_seeds_a_case_without_a_proposed_mask_and_exclude_shrinks(
     seeded, grown, cut = (m.sum() * 4.0 / 1000.0 for m in masks)
     assert seeded == pytest.approx(scene["lesion_ml"], rel=0.15)  # the seed segments the lesion
     assert grown > seeded + 3.0  # the include on the fluid brought it in
-    assert cut < grown - 3.0 and np.all(masks[2] <= masks[1])  # the exclude took it back out
+    # The exclude takes its side of the fluid back out; the include's side stays (the reader
+    # said both): at least a sizeable share of the fluid goes, and nothing is added.
+    assert cut < grown - 1.5 and np.all(masks[2] <= masks[1])
     # Undo (a shorter list) answers the earlier mask again.
     assert np.array_equal(answered_mask(segment(client, code, steps[0]), results, code), masks[0])
 

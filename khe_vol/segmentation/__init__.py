@@ -54,6 +54,8 @@ Modules, in the order data flows through a series job
 - :mod:`~khe_vol.segmentation.band`: band segmentation, fluid plateaus, enclosed core, iteration, threshold band.
 - :mod:`~khe_vol.segmentation.edges`: edge refinement (step 5).
 - :mod:`~khe_vol.segmentation.seeded`: :func:`segment_from_seed`, the baseline entry point (step 1).
+- :mod:`~khe_vol.segmentation.interactive`: a reader's include / exclude clicks steer a mask
+  (:func:`segment_clicks`, :class:`ClickSession`); one include click is :func:`segment_from_seed`.
 - :mod:`~khe_vol.segmentation.track`: registration, intensity map, :func:`track_followup`.
 - :mod:`~khe_vol.segmentation.uncertainty`: volume band and near-threshold flags.
 

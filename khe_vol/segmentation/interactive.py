@@ -177,7 +177,7 @@ def gradient_magnitude(smoothed, spacing_mm, params):
     return ndimage.gaussian_gradient_magnitude(np.asarray(smoothed, np.float32), sigma).astype(np.float32)
 
 
-def split_by_markers(gradient, region, include_ijk, exclude_ijk):
+def split_by_markers(gradient, region, include_ijk, exclude_ijk, compactness=0.0):
     """Partition a mask between include and exclude markers along intensity edges.
 
     Parameters
@@ -187,6 +187,10 @@ def split_by_markers(gradient, region, include_ijk, exclude_ijk):
     region : ndarray of bool
     include_ijk, exclude_ijk : list of tuple of int
         Marker voxels; those outside ``region`` are ignored.
+    compactness : float
+        Compact watershed: each voxel of distance from a marker costs this
+        many times the region's median gradient, so a flat region (fluid,
+        homogeneous tissue) is shared by distance instead of by its noise.
 
     Returns
     -------
@@ -205,7 +209,11 @@ def split_by_markers(gradient, region, include_ijk, exclude_ijk):
             markers[tuple(np.asarray(p) - offset)] = 1
     for p in exclude_ijk:  # an exclude on an include marker wins: it came later
         markers[tuple(np.asarray(p) - offset)] = 2
-    labels = watershed(gradient[box], markers, mask=region[box])
+    relief = gradient[box]
+    typical = float(np.median(relief[region[box]]))
+    if typical > 0:  # scale-free: the same compactness for any intensity scale
+        relief = relief / typical
+    labels = watershed(relief, markers, mask=region[box], compactness=compactness)
     out = region.copy()
     out[box] &= labels != 2
     return out
@@ -218,6 +226,15 @@ def _slicewise_hull(mask, axis):
     for k in np.flatnonzero(moved_in.any(axis=(1, 2))):
         moved_out[k] = convex_hull_image(moved_in[k])
     return hull
+
+
+def click_level(smoothed, point_ijk, spacing_mm, params):
+    """The level of the tissue a reader clicked: the median within ``click_sample_radius_mm``
+    (a reader points at tissue, not at one voxel's noise)."""
+    box = crop_box(point_ijk, smoothed.shape, spacing_mm, params.click_sample_radius_mm)
+    local = tuple(int(p - s.start) for p, s in zip(point_ijk, box))
+    near = ball_mask(smoothed[box].shape, local, spacing_mm, params.click_sample_radius_mm)
+    return float(np.median(smoothed[box][near]))
 
 
 def _tolerance(values, local, spacing_mm, model, params):
@@ -273,7 +290,7 @@ def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
     local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
     values, inside = smoothed[sub], region[sub]
     reach = ball_mask(values.shape, local, spacing, reach_mm)
-    level = float(values[local])
+    level = click_level(smoothed, point_ijk, spacing, params)
     if level < model.lower(params):
         dim = inside & reach & (values <= level + _tolerance(values, local, spacing, model, params))
         gone = component_near(dim, local, spacing, 0.0)
@@ -284,7 +301,7 @@ def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
         keep = [tuple(np.asarray(p) - offset) for p in include_ijk
                 if all(s.start <= i < s.stop for s, i in zip(sub, p))]
         keep += [tuple(int(v) for v in q) for q in np.argwhere(rim)]
-        gone = near & ~split_by_markers(gradient[sub], near, keep, [local])
+        gone = near & ~split_by_markers(gradient[sub], near, keep, [local], params.click_compactness)
     gone[local] = True
     out = region.copy()
     out[sub] &= ~gone
@@ -333,7 +350,7 @@ def grow_from_click(roi, region, point_ijk, params):
         On the region's grid; contains ``point_ijk``.
     """
     smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
-    level = float(smoothed[point_ijk])
+    level = click_level(smoothed, point_ijk, spacing, params)
     if level < model.floor:  # darker than ordinary tissue: a core, inside the lesion's hull
         sub = crop_box(point_ijk, smoothed.shape, spacing, params.max_radius_mm)
         local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
@@ -344,15 +361,12 @@ def grow_from_click(roi, region, point_ijk, params):
         part = component_near(hull & (values < 0.5 * (level + model.floor)), local, spacing, 0.0)
         part |= ndimage.binary_dilation(part) & hull & (values < model.lower(params))
     else:
-        reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
-        if level >= model.lower(params):  # lesion tissue proper: all of its part, as from a seed
-            reach_mm = params.max_radius_mm
-        sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
+        sub = crop_box(point_ijk, smoothed.shape, spacing, params.max_radius_mm)
         local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
         values = smoothed[sub]
-        reach = ball_mask(values.shape, local, spacing, reach_mm)
-        if level >= model.lower(params):  # lesion-bright: the bright part there, bridges and fluid cut
-            bright = reach & (values >= model.lower(params))
+        part = np.zeros(values.shape, bool)
+        if level >= model.lower(params):  # lesion-bright: its bright part, bridges and fluid cut, as from a seed
+            bright = values >= model.lower(params)
             fluid = fluid_mask(values, model, params)
             if not fluid[local]:  # unless the reader clicked the fluid itself
                 bright &= ~fluid
@@ -360,11 +374,14 @@ def grow_from_click(roi, region, point_ijk, params):
                                   params.seed_search_radius_mm)
             if not part[local]:  # thinner than the opening there: the bright part at the point alone
                 part = component_near(bright, local, spacing, 0.0)
-        else:  # dimmer lesion tissue (oedema, infiltration): as bright as here, nearby
-            # Never down to ordinary tissue: a click on a partial-volume edge voxel
-            # takes tissue at least half-way from ordinary tissue to its level.
-            lowest = max(level - _tolerance(values, local, spacing, model, params), 0.5 * (level + model.floor))
-            part = component_near(reach & (values >= lowest), local, spacing, 0.0)
+        # Nearby, dimmer tissue too (oedema, infiltration): as bright as the click
+        # (or the lesion threshold), within the tolerance, but never down to
+        # ordinary tissue: at least half-way from it to that level.
+        level_here = min(level, model.lower(params))
+        lowest = max(level_here - _tolerance(values, local, spacing, model, params), 0.5 * (level_here + model.floor))
+        reach_mm = _click_reach_mm(distance_to_mm(region, point_ijk, spacing, params.max_radius_mm), params)
+        reach = ball_mask(values.shape, local, spacing, reach_mm)
+        part |= component_near(reach & (values >= lowest), local, spacing, 0.0)
     part[local] = True
     out = np.zeros(smoothed.shape, bool)
     out[sub] = part
@@ -480,12 +497,12 @@ class ClickSession:
                 part = grow_from_click(self._roi, region, p, params)
                 barrier = [q for q in exclude if part[q] and q != p]  # the later click wins at its voxel
                 if barrier:  # growth may not take an excluded point: split the part between them
-                    part = split_by_markers(self.gradient(), part, [p], barrier)
+                    part = split_by_markers(self.gradient(), part, [p], barrier, params.click_compactness)
                 grown = region | part
                 filled = fill_lesion_holes(grown, self.spacing_mm, params)
                 holes = filled & ~grown
                 if holes.any() and exclude:  # a hole the reader excluded stays out
-                    holes = split_by_markers(self.gradient(), holes, [], exclude)
+                    holes = split_by_markers(self.gradient(), holes, [], exclude, params.click_compactness)
                 region = grown | holes
         else:
             exclude = [*exclude, p]

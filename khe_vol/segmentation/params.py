@@ -131,6 +131,11 @@ class SegmentationParams:
         A click on tissue dimmer than the lesion threshold acts within this
         distance of it, mm: include adds the tissue at least as bright as the
         click there, exclude removes the mask's tissue no brighter than it.
+    click_compactness : float
+        Where a click partitions the mask along intensity edges (an exclude
+        on lesion-bright tissue, a barrier), each voxel of distance from a
+        marker costs this many median gradients, so flat tissue is shared by
+        distance rather than by its noise (compact watershed).
     """
 
     max_radius_mm: float = 90.0
@@ -171,6 +176,7 @@ class SegmentationParams:
     low_band_fraction: float = 0.0
     low_band_min_thickness_mm: float = 0.0
     click_reach_mm: float = 10.0
+    click_compactness: float = 0.1
     click_sample_radius_mm: float = 3.0
     click_level_tolerance: float = 1.0
     click_min_contrast_fraction: float = 0.05
