@@ -30,7 +30,6 @@ repository root::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time

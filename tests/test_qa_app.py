@@ -6,6 +6,8 @@ Needs Debian's Chromium (``apt-get install -y chromium``) and NiiVue
 
 from __future__ import annotations
 
+import contextlib
+
 import gzip
 import io
 import json
@@ -77,82 +79,103 @@ def kill_hard(proc):
         proc.wait(timeout=10)
 
 
+class ServedPage:
+    """R1's app on a local port and a Chromium page on it (see :func:`reader_browser`)."""
+
+    def __init__(self, results, port, log):
+        self.results, self.port, self.log = results, port, log
+        self.base = f"http://127.0.0.1:{port}"
+        self.urls, self.errors = [], []
+        self.server = start_server(results, port, log)
+        self.page = None
+
+    def restart_server(self):
+        """The server dies without warning and starts again on the same port."""
+        kill_hard(self.server)
+        self.server = start_server(self.results, self.port, self.log)
+
+
+@contextlib.contextmanager
+def reader_browser(results, tmp_path):
+    """Serve R1's app from ``results`` and open a Chromium page: yields a :class:`ServedPage`
+    recording every requested URL and page error; the browser is closed and the server
+    killed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with open(tmp_path / "server.log", "w") as log:
+        served = ServedPage(results, free_port(), log)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                served.page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
+                served.page.on("request", lambda r: served.urls.append(r.url))
+                served.page.on("pageerror", lambda e: served.errors.append(str(e)))
+                yield served
+                browser.close()
+        finally:
+            kill_hard(served.server)
+
+
 def world_to_voxel(mm, affine):
     return np.linalg.solve(np.asarray(affine, float), np.r_[np.asarray(mm, float)[:3], 1.0])[:3]
 
 
 @pytest.mark.slow  # a real browser
 def test_reader_session_in_a_real_browser(package, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     find_niivue()  # fails with "run npm ci" when NiiVue is not installed
     results, codes = package
     target = codes[("sub-01", "ses-m06")]  # permuted, flipped grid: drawing must land in world space
     accepted = codes[("sub-01", "ses-baseline")]
     db = results / "reads" / "R1.sqlite"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "w") as log:
-        server = start_server(results, port, log)
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
-                urls, errors = [], []
-                page.on("request", lambda r: urls.append(r.url))
-                page.on("pageerror", lambda e: errors.append(str(e)))
+    with reader_browser(results, tmp_path) as served:
+        page, base, urls = served.page, served.base, served.urls
+        page.goto(base + "/")
+        assert page.inner_text("#progress") == "0 of 3 read"
+        order = page.locator("table.worklist a").all_inner_texts()
+        assert sorted(order) == sorted(codes.values())
+        page.click(f"text={order[0]}")
+        drawn_mm = None
+        for position, code in enumerate(order, start=1):
+            page.wait_for_selector("body[data-ready='1']", timeout=30000)
+            assert page.inner_text("#code") == code
+            if code == target:
+                drawn_mm = draw_stroke(page)
+                page.click("#save-edit")
+                expected = "Current: Edited (revision 1)"
+            else:
+                verdict = "accept" if code == accepted else "no_residual_lesion"
+                page.fill("#comment", f"comment {position}")
+                page.click(f"button.verdict[data-verdict='{verdict}']")
+                expected = "Current: " + ("Accept" if code == accepted else "No residual lesion")
+            wait_status(page, expected)
+            if position < len(order):
+                page.click("#next")
+        page.goto(base + "/")
+        assert page.inner_text("#progress") == "3 of 3 read"
 
-                page.goto(base + "/")
-                assert page.inner_text("#progress") == "0 of 3 read"
-                order = page.locator("table.worklist a").all_inner_texts()
-                assert sorted(order) == sorted(codes.values())
-                page.click(f"text={order[0]}")
-                drawn_mm = None
-                for position, code in enumerate(order, start=1):
-                    page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                    assert page.inner_text("#code") == code
-                    if code == target:
-                        drawn_mm = draw_stroke(page)
-                        page.click("#save-edit")
-                        expected = "Current: Edited (revision 1)"
-                    else:
-                        verdict = "accept" if code == accepted else "no_residual_lesion"
-                        page.fill("#comment", f"comment {position}")
-                        page.click(f"button.verdict[data-verdict='{verdict}']")
-                        expected = "Current: " + ("Accept" if code == accepted else "No residual lesion")
-                    wait_status(page, expected)
-                    if position < len(order):
-                        page.click("#next")
-                page.goto(base + "/")
-                assert page.inner_text("#progress") == "3 of 3 read"
+        # The server dies without warning; everything it confirmed is on disk.
+        served.restart_server()
+        page.goto(f"{base}/case/{target}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert page.inner_text("#status").startswith("Current: Edited (revision 1), edited volume")
+        assert any(u.endswith("/revision/1/edited_mask.nii.gz") for u in urls)  # the edit is reloaded
 
-                # The server dies without warning; everything it confirmed is on disk.
-                kill_hard(server)
-                server = start_server(results, port, log)
-                page.goto(f"{base}/case/{target}")
-                page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                assert page.inner_text("#status").startswith("Current: Edited (revision 1), edited volume")
-                assert any(u.endswith("/revision/1/edited_mask.nii.gz") for u in urls)  # the edit is reloaded
-
-                # Revising a verdict adds a revision; the history shows both.
-                page.goto(f"{base}/case/{accepted}")
-                page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                page.fill("#comment", "on second look: motion")
-                page.click("button.verdict[data-verdict='reject']")
-                wait_status(page, "Current: Reject (unmeasurable) (revision 2)")
-                assert page.locator("#history li").all_inner_texts() == [
-                    f"revision 1: Accept: comment {order.index(accepted) + 1}",
-                    "revision 2: Reject (unmeasurable): on second look: motion"]
-                page.reload()
-                page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                assert page.locator("#history li").count() == 2
-                browser.close()
-            assert not errors, errors
-            assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
-        finally:
-            kill_hard(server)
+        # Revising a verdict adds a revision; the history shows both.
+        page.goto(f"{base}/case/{accepted}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        page.fill("#comment", "on second look: motion")
+        page.click("button.verdict[data-verdict='reject']")
+        wait_status(page, "Current: Reject (unmeasurable) (revision 2)")
+        assert page.locator("#history li").all_inner_texts() == [
+            f"revision 1: Accept: comment {order.index(accepted) + 1}",
+            "revision 2: Reject (unmeasurable): on second look: motion"]
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert page.locator("#history li").count() == 2
+    assert not served.errors, served.errors
+    assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
 
     # The store, as the workflow reads it.
     current = {r["case_code"]: r for r in store.current_reads(db)}

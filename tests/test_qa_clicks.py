@@ -226,10 +226,8 @@ def test_the_session_cache_keeps_only_the_most_recent_cases():
 
 @pytest.mark.slow  # a real browser
 def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     from khe_vol.qa.app import find_niivue
-    from tests.test_qa_app import CHROMIUM, CHROMIUM_ARGS, free_port, kill_hard, start_server, wait_status
+    from tests.test_qa_app import reader_browser, wait_status
 
     find_niivue()
     results, codes, scene = phantom_package
@@ -237,52 +235,40 @@ def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp
     image, _ = case_files(results, code)
     targets = [("include", scene["seed_ras_mm"]), ("include", scene["fluid_ras_mm"]),
                ("exclude", scene["fluid_deep_ras_mm"])]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "w") as log:
-        server = start_server(results, port, log)
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
-                urls, errors = [], []
-                page.on("request", lambda r: urls.append(r.url))
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(f"{base}/case/{code}")
-                page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                assert page.is_visible("#seed-prompt") and "click inside the lesion" in page.inner_text("#seed-prompt")
-                assert page.is_checked("#click-mode")  # a case to seed starts in click mode
-                assert page.is_disabled("button.verdict[data-verdict='accept']")  # nothing to accept yet
-                assert "Shift" in page.inner_text("#click-keys")
-                page.click("button[data-slice='0']")  # axial
-                volumes = []
-                for n, (kind, mm) in enumerate(targets, start=1):
-                    click_at(page, mm, shift=kind == "exclude")
-                    page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
-                                           timeout=30000)
-                    text = page.inner_text("#click-volume")
-                    assert text.endswith(f"mL ({n} click{'s' if n > 1 else ''})"), text
-                    volumes.append(float(text.split()[0]))
-                    assert page.inner_text("#error") == ""
-                assert not page.is_visible("#seed-prompt")
-                assert volumes[1] > volumes[0] and volumes[2] < volumes[1]  # include grew it, exclude cut it
-                assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == [
-                    "include", "include", "exclude"]
-                # Undo and redo from the keyboard.
-                page.keyboard.press("Control+z")
-                page.wait_for_function("() => window.khe.clicks.length === 2 && !window.khe.busy", timeout=30000)
-                assert float(page.inner_text("#click-volume").split()[0]) == volumes[1]
-                page.keyboard.press("Control+y")
-                page.wait_for_function("() => window.khe.clicks.length === 3 && !window.khe.busy", timeout=30000)
-                assert float(page.inner_text("#click-volume").split()[0]) == volumes[2]
-                assert page.inner_text("button.verdict[data-verdict='accept']") == "Accept clicked mask"
-                page.click("button.verdict[data-verdict='accept']")
-                wait_status(page, "Current: Edited (revision 1), edited volume")
-                browser.close()
-            assert not errors, errors
-            assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
-        finally:
-            kill_hard(server)
+    with reader_browser(results, tmp_path) as served:
+        page, base, urls, errors = served.page, served.base, served.urls, served.errors
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert page.is_visible("#seed-prompt") and "click inside the lesion" in page.inner_text("#seed-prompt")
+        assert page.is_checked("#click-mode")  # a case to seed starts in click mode
+        assert page.is_disabled("button.verdict[data-verdict='accept']")  # nothing to accept yet
+        assert "Shift" in page.inner_text("#click-keys")
+        page.click("button[data-slice='0']")  # axial
+        volumes = []
+        for n, (kind, mm) in enumerate(targets, start=1):
+            click_at(page, mm, shift=kind == "exclude")
+            page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
+                                   timeout=30000)
+            text = page.inner_text("#click-volume")
+            assert text.endswith(f"mL ({n} click{'s' if n > 1 else ''})"), text
+            volumes.append(float(text.split()[0]))
+            assert page.inner_text("#error") == ""
+        assert not page.is_visible("#seed-prompt")
+        assert volumes[1] > volumes[0] and volumes[2] < volumes[1]  # include grew it, exclude cut it
+        assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == [
+            "include", "include", "exclude"]
+        # Undo and redo from the keyboard.
+        page.keyboard.press("Control+z")
+        page.wait_for_function("() => window.khe.clicks.length === 2 && !window.khe.busy", timeout=30000)
+        assert float(page.inner_text("#click-volume").split()[0]) == volumes[1]
+        page.keyboard.press("Control+y")
+        page.wait_for_function("() => window.khe.clicks.length === 3 && !window.khe.busy", timeout=30000)
+        assert float(page.inner_text("#click-volume").split()[0]) == volumes[2]
+        assert page.inner_text("button.verdict[data-verdict='accept']") == "Accept clicked mask"
+        page.click("button.verdict[data-verdict='accept']")
+        wait_status(page, "Current: Edited (revision 1), edited volume")
+    assert not errors, errors
+    assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
 
     (read,) = store.current_reads(results / "reads" / "R1.sqlite")
     assert read["verdict"] == "edited" and [c["kind"] for c in read["clicks"]] == ["include", "include", "exclude"]

@@ -92,35 +92,23 @@ def _outputs(results):
 
 def seed_in_browser(results, code, targets, tmp):
     """R1 opens a case in the reader app in Chromium, clicks ``targets`` (kind, RAS mm) and accepts."""
-    from playwright.sync_api import sync_playwright
-
-    from tests.test_qa_app import CHROMIUM, CHROMIUM_ARGS, free_port, kill_hard, start_server, wait_status
+    from tests.test_qa_app import reader_browser, wait_status
     from tests.test_qa_clicks import click_at
 
-    port = free_port()
-    with open(tmp / "server.log", "w") as log:
-        server = start_server(results, port, log)
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(f"http://127.0.0.1:{port}/case/{code}")
-                page.wait_for_selector("body[data-ready='1']", timeout=30000)
-                assert "click inside the lesion" in page.inner_text("#seed-prompt")
-                page.click("button[data-slice='0']")  # axial
-                for n, (kind, mm) in enumerate(targets, start=1):
-                    click_at(page, mm, shift=kind == "exclude")
-                    page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
-                                           timeout=30000)
-                    assert page.inner_text("#error") == ""
-                page.click("button.verdict[data-verdict='accept']")
-                wait_status(page, "Current: Edited (revision 1)")
-                browser.close()
-            assert not errors, errors
-        finally:
-            kill_hard(server)
+    with reader_browser(results, tmp) as served:
+        page, base, errors = served.page, served.base, served.errors
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert "click inside the lesion" in page.inner_text("#seed-prompt")
+        page.click("button[data-slice='0']")  # axial
+        for n, (kind, mm) in enumerate(targets, start=1):
+            click_at(page, mm, shift=kind == "exclude")
+            page.wait_for_function("(n) => window.khe.clicks.length === n && !window.khe.busy", arg=n,
+                                   timeout=30000)
+            assert page.inner_text("#error") == ""
+        page.click("button.verdict[data-verdict='accept']")
+        wait_status(page, "Current: Edited (revision 1)")
+    assert not errors, errors
 
 
 @pytest.fixture(scope="module")
