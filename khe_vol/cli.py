@@ -132,7 +132,6 @@ class _ClickAction(argparse.Action):
 
 
 def _cmd_segment(args):
-
     from khe_vol.config import resolve_config
     from khe_vol.files import atomic_write_text
     from khe_vol.geometry import resample_mask_to_grid
