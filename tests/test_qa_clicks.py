@@ -296,3 +296,17 @@ def click_at(page, ras_mm, shift=False):
         [float(v) for v in ras_mm],
     )
     page.click("#gl", position={"x": xy[0], "y": xy[1]}, modifiers=["Shift"] if shift else [])
+
+
+def test_preparing_a_case_before_the_first_click_changes_nothing_but_the_wait(phantom_package, client):
+    results, codes, scene = phantom_package
+    for pid in ("sub-01", "sub-02"):  # no proposed mask (bias correction first), a proposed mask (its region)
+        code = codes[pid]
+        assert client.post(f"/api/case/{code}/prepare").status_code == 403  # the header, as for every post
+        assert client.post(f"/api/case/{code}/prepare", headers=HEADERS).status_code == 204
+        image, start = case_files(results, code)
+        step = clicks(("include", scene["seed_ras_mm"]), ("exclude", scene["fluid_deep_ras_mm"]))
+        expected, _ = segment_clicks(image.data, image.affine, clicks_from_json(step),
+                                     start_mask=start)
+        assert np.array_equal(answered_mask(segment(client, code, step), results, code), expected)
+    assert client.post("/api/case/nope/prepare", headers=HEADERS).status_code == 404
