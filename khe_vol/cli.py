@@ -134,24 +134,17 @@ class _ClickAction(argparse.Action):
 def _cmd_segment(args):
     from khe_vol.config import resolve_config
     from khe_vol.files import atomic_write_text
-    from khe_vol.geometry import resample_mask_to_grid
-    from khe_vol.nifti import SeriesError, load_image, load_series, mask_image, write_nifti
-    from khe_vol.qa.deidentify import same_grid
+    from khe_vol.nifti import SeriesError, load_series, mask_image, write_nifti
     from khe_vol.segmentation.interactive import Click, segment_clicks
     from khe_vol.segmentation.params import SegmentationError
-    from khe_vol.series import segmentation_params
+    from khe_vol.series import reader_mask_on_grid, segmentation_params
 
     try:
         params = segmentation_params(resolve_config([args.config])["segmentation"] if args.config else None)
         image = load_series(args.image)
         start = None
-        if args.start_mask:
-            loaded = load_image(args.start_mask, "mask")
-            start = loaded.data != 0
-            if not same_grid(start.shape, loaded.affine, image.data.shape, image.affine):
-                # Never trust array axes across files: bring it over by physical position.
-                start = resample_mask_to_grid(start, loaded.affine, image.data.shape, image.affine)
-                print(f"{args.start_mask}: not on the image grid; resampled onto it by position", file=sys.stderr)
+        if args.start_mask:  # any reader-mask format, checked, brought onto the image grid by position
+            start = reader_mask_on_grid(args.start_mask, image)[0] != 0
         clicks = [Click(kind, point) for kind, point in (args.clicks or [])]
         mask, info = segment_clicks(image.data, image.affine, clicks, start_mask=start, params=params)
     except (SeriesError, SegmentationError, ValueError, OSError) as exc:

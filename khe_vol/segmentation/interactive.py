@@ -432,7 +432,7 @@ class ClickSession:
         self._roi = None
         self._gradient = None
         self._seed = None
-        self._steps = []  # (click, region, include markers, exclude markers, info) after each click
+        self._steps = []  # (click, (region, include markers, exclude markers)) after each click
 
     def _prepare_roi(self, image, affine, box, params):
         """:func:`prepare_roi`, once per box."""
@@ -488,7 +488,7 @@ class ClickSession:
         return region, interior_markers(region, self.spacing_mm), [], {"start": "mask"}
 
     def _step(self, state, click):
-        region, include, exclude, _ = state
+        region, include, exclude = state
         p = self._voxel(click)
         params = self.params
         if click.kind == INCLUDE:
@@ -508,7 +508,7 @@ class ClickSession:
             exclude = [*exclude, p]
             if region[p]:
                 region = shrink_at_click(self._roi, region, p, include, self.gradient(), params)
-        return region, include, exclude, {"kind": click.kind, "inside": bool(state[0][p])}
+        return region, include, exclude
 
     def gradient(self):
         if self._gradient is None:
@@ -544,12 +544,11 @@ class ClickSession:
         first = clicks[0] if clicks else None
         region, include, exclude, start_info = self._start(first)
         todo = clicks[1:] if start_info["start"] == "seed" else clicks
-        offset = len(clicks) - len(todo)
         kept = 0
         while kept < min(len(todo), len(self._steps)) and self._steps[kept][0] == todo[kept]:
             kept += 1
         steps = self._steps[:kept]
-        state = (region, include, exclude, None) if not steps else steps[-1][1]
+        state = (region, include, exclude) if not steps else steps[-1][1]
         for click in todo[kept:]:
             state = self._step(state, click)
             steps.append((click, state))
@@ -560,7 +559,7 @@ class ClickSession:
         n = int(np.count_nonzero(mask))
         info = {
             "start": start_info["start"],
-            "n_clicks": offset + len(todo),
+            "n_clicks": len(clicks),
             "n_voxels": n,
             "volume_ml": float(n * abs(np.linalg.det(self.affine[:3, :3])) / 1000.0),
             "seconds": round(time.process_time() - started, 3),
