@@ -213,7 +213,7 @@ def _cmd_qa_package(args):
             reader_records.setdefault(reader, []).append(path)
         rows = write_package(args.results_dir, args.reader, args.seed, args.records, series_tsv=args.series,
                              overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key,
-                             reader_records=reader_records)
+                             reader_records=reader_records, display={"radiological": not args.neurological})
     except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"khe-vol qa package: {exc}", file=sys.stderr)
         return 2
@@ -320,6 +320,9 @@ def _add_qa_parser(sub):
     p.add_argument("--reader-record", nargs=2, action="append", metavar=("READER", "RECORD"),
                    help="a record.json for that reader's package only, replacing the same series' record "
                    "(follow-ups tracked from the reader's own seeded baseline); repeat")
+    p.add_argument("--neurological", action="store_true",
+                   help="show images in the neurological convention (patient's left on screen left) in the reader "
+                   "app; default radiological (config reader_display: {radiological: false})")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
     p.set_defaults(func=_cmd_qa_package)
 

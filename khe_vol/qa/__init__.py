@@ -49,6 +49,13 @@ QA_STATUSES = {
 
 WORKLIST_NAME = "worklist.json"
 
+#: How the reader app shows images unless the study config's ``reader_display`` says otherwise:
+#: radiological convention (the patient's left on the screen's right), as radiologists read.
+DEFAULT_READER_DISPLAY = {"radiological": True}
+
+#: Longest reader comment, characters; a longer one is refused (never cut without a word).
+COMMENT_MAX_CHARS = 5000
+
 #: Columns of the adjudication list (``khe-vol qa disagreements --out``).
 ADJUDICATION_COLUMNS = ("participant_id", "session_id", "reason")
 #: Columns of an overlays TSV (``qa disagreements --overlays``, ``qa package --overlays``):

@@ -33,6 +33,8 @@ from flask import Flask, abort, jsonify, render_template, request, send_file
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.nifti import SeriesError, load_image, load_series, nifti_bytes, open_image
 from khe_vol.qa import (
+    COMMENT_MAX_CHARS,
+    DEFAULT_READER_DISPLAY,
     VERDICT_LABELS,
     VERDICTS,
     WORKLIST_NAME,
@@ -62,6 +64,16 @@ SESSION_CACHE_CASES = 4
 #: cannot add it without a CORS preflight, which this app never grants, so
 #: no other web page the reader has open can post reads.
 CSRF_HEADER = ("X-Khe-Vol", "reader")
+
+#: How long a browser keeps the viewer script (its URL carries its content hash), seconds.
+VENDOR_MAX_AGE_S = 365 * 24 * 3600
+
+#: A series whose voxel axes lie more than this from the scanner axes is oblique (shown in its
+#: own acquisition plane by default), degrees.
+OBLIQUE_DEGREES = 1.0
+
+#: Keyboard key of each verdict (shown on its button).
+VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion": "0"}
 
 #: Only this origin; 'wasm-unsafe-eval' and blob: workers for NiiVue's decoders.
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
@@ -137,6 +149,48 @@ def validate_edited_mask(upload, case_image_path):
     data = np.asarray(img.dataobj).reshape(case_shape) != 0
     volume_ml = float(np.count_nonzero(data)) * voxel_volume_mm3(case_affine) / 1000.0
     return nifti_bytes(mask_like(data, case_img)), volume_ml
+
+
+def oblique_degrees(affine):
+    """Largest angle between a voxel axis and the scanner axis nearest it, degrees (0: not oblique)."""
+    axes = np.asarray(affine, float)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    return float(np.degrees(np.arccos(np.clip(np.abs(unit).max(axis=0), 0.0, 1.0))).max())
+
+
+def display_windows(data, mask=None):
+    """Window/level presets of a case image: robust, never from the maximum alone.
+
+    Parameters
+    ----------
+    data : ndarray
+        The image's (scaled) intensities.
+    mask : ndarray of bool, optional
+        The proposed mask (the lesion preset centres on its tissue).
+
+    Returns
+    -------
+    dict
+        ``auto`` (0.5th..99.5th percentile of the non-zero voxels: one bright
+        vessel or a saturated voxel does not wash the image out), ``lesion``
+        (median of the image's tissue .. 99.5th percentile inside the mask:
+        lesion against ordinary tissue), ``full`` (min..max); each a
+        ``[low, high]`` pair of image intensities.
+    """
+    values = np.asarray(data, float)
+    values = values[np.isfinite(values)]
+    full = [float(values.min()), float(values.max())] if values.size else [0.0, 1.0]
+    tissue = values[values != 0] if np.count_nonzero(values) > values.size // 10 else values
+    if not tissue.size:
+        return {"auto": full, "lesion": full, "full": full}
+    lo, hi, median = (float(v) for v in np.percentile(tissue, [0.5, 99.5, 50]))
+    auto = [lo, hi] if hi > lo else full
+    lesion = auto
+    if mask is not None and mask.any():
+        top = float(np.percentile(np.asarray(data, float)[mask], 99.5))
+        if top > median:
+            lesion = [median, top]
+    return {"auto": auto, "lesion": lesion, "full": full}
 
 
 class ClicksRefused(ValueError):
@@ -238,6 +292,39 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def worklist():
         return json.loads((folder / WORKLIST_NAME).read_text(encoding="utf-8"))
 
+    image_infos = OrderedDict()  # (code, file stamps) -> image_info; a few recent cases
+
+    def image_info(case):
+        """Obliquity and window presets of a case image (computed once per file version)."""
+        names = [case["image"]] + ([case["proposed_mask"]] if case["proposed_mask"] else [])
+        try:
+            key = (case["case_code"],) + tuple((folder / n).stat().st_mtime_ns for n in names)
+        except OSError:
+            return {"oblique_degrees": 0.0, "windows": None}  # the page reports the failed load
+        if key not in image_infos:
+            try:
+                img = load_image(folder / case["image"], "series")
+                mask = load_image(folder / case["proposed_mask"], "mask").data != 0 if case["proposed_mask"] else None
+                info = {"oblique_degrees": round(oblique_degrees(img.affine), 3),
+                        "windows": display_windows(img.data, mask if mask is not None and mask.shape == img.data.shape
+                                                   else None)}
+            except (ValueError, OSError):  # SeriesError: the viewer shows its own load error
+                info = {"oblique_degrees": 0.0, "windows": None}
+            image_infos[key] = info
+            while len(image_infos) > SESSION_CACHE_CASES:
+                image_infos.popitem(last=False)
+        return image_infos[key]
+
+    def next_unread(code):
+        """The next case after ``code`` in worklist order (wrapping) that is unread or stale, or None."""
+        cases = worklist()["cases"]
+        current = {r["case_code"]: r for r in store.current_reads(db, with_masks=False) if r["reader"] == reader}
+        at = next((i for i, c in enumerate(cases) if c["case_code"] == code), -1)
+        for c in cases[at + 1:] + cases[:max(at, 0)]:
+            if c["case_code"] != code and read_state(c, current.get(c["case_code"])) != "read":
+                return c["case_code"]
+        return None
+
     def case_or_404(code):
         cases = worklist()["cases"]
         for i, c in enumerate(cases):
@@ -320,6 +407,12 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "needs_seed": bool(case.get("needs_seed")) or not case["proposed_mask"],
             "qc_url": f"/files/{case['qc_montage']}",
             "overlays": [o | {"url": f"/files/{o['mask']}" if o["mask"] else None} for o in case["overlays"]],
+            "revision": current["revision"] if current else 0,
+            "next_unread": next_unread(code),
+            "n_cases": len(worklist()["cases"]),
+            "display": {**DEFAULT_READER_DISPLAY, **worklist().get("display", {})},
+            "comment_max_chars": COMMENT_MAX_CHARS,
+            "image_info": image_info(case),
         }
 
     def worklist_view():
@@ -330,7 +423,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             cur = current.get(c["case_code"])
             rows.append({"case": c, "state": read_state(c, cur), "current": public_read(cur) if cur else None})
         n_read = sum(1 for r in rows if r["state"] == "read")
-        return {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows)}
+        first_unread = next((r["case"]["case_code"] for r in rows if r["state"] != "read"), None)
+        return {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows), "first_unread": first_unread}
 
     @app.before_request
     def only_local_names():
@@ -344,7 +438,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
+        # Everything is private to this reader and may change, except the versioned viewer script.
+        if not getattr(response, "khe_immutable", False):
+            response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.get("/")
@@ -355,7 +451,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def case_page(code):
         view = case_view(code)
         return render_template("case.html", view=view, verdicts=VERDICTS, verdict_labels=VERDICT_LABELS,
-                               reader=reader, review_reasons=REVIEW_REASONS)
+                               reader=reader, review_reasons=REVIEW_REASONS, niivue_url=niivue_url(),
+                               verdict_keys=VERDICT_KEYS)
 
     @app.get("/api/worklist")
     def api_worklist():
@@ -392,7 +489,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         verdict = request.form.get("verdict", "")
         if verdict not in VERDICTS:
             return jsonify(error=f"unknown verdict {verdict!r}"), 400
-        comment = request.form.get("comment", "")[:5000]
+        comment = request.form.get("comment", "")
+        if len(comment) > COMMENT_MAX_CHARS:
+            # Never cut a reader's words without a word: refuse, say by how much.
+            return jsonify(error=f"the comment has {len(comment)} characters; at most {COMMENT_MAX_CHARS} are kept: "
+                           f"shorten it by {len(comment) - COMMENT_MAX_CHARS}"), 400
+        expected = request.form.get("expected_revision")
+        if expected is not None and not expected.isdigit():
+            return jsonify(error="expected_revision is the case's revision the page showed (0: unread)"), 400
         mask_gz = volume_ml = clicks = None
         upload = request.files.get("mask")
         clicks_text = request.form.get("clicks")
@@ -419,8 +523,13 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             except (ValueError, SeriesError, OSError) as exc:
                 return jsonify(error=str(exc)), 400
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
-        store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                          proposed_mask_sha256=proposed_sha(case), clicks=clicks)
+        try:
+            store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
+                              proposed_mask_sha256=proposed_sha(case), clicks=clicks,
+                              expected_revision=None if expected is None else int(expected))
+        except store.RevisionConflict as exc:
+            # A second post of the same page state (a double click): nothing stored, the saved state returned.
+            return jsonify(error=str(exc), duplicate=True, view=case_view(code)), 409
         return jsonify(case_view(code))
 
     @app.post("/api/case/<code>/prepare")
@@ -470,11 +579,24 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     app.config["KHE_NIIVUE_DIR"] = str(viewer) if viewer else None
 
+    viewer_version = _sha256((viewer / NIIVUE_BUNDLE).read_bytes())[:16] if viewer else None
+
+    def niivue_url():
+        """The viewer script's URL, versioned by its content: a browser may keep it for good."""
+        return f"/vendor/niivue.umd.js?v={viewer_version}"
+
     @app.get("/vendor/niivue.umd.js")
     def niivue_js():
         if viewer is None:
             abort(404)
-        return send_file(viewer / NIIVUE_BUNDLE, mimetype="text/javascript", max_age=0)
+        response = send_file(viewer / NIIVUE_BUNDLE, mimetype="text/javascript", etag=True, conditional=True)
+        if request.args.get("v") == viewer_version:
+            response.headers["Cache-Control"] = f"public, max-age={VENDOR_MAX_AGE_S}, immutable"
+            response.khe_immutable = True
+        else:
+            response.headers["Cache-Control"] = "no-cache"  # another version's URL: revalidate (ETag)
+            response.khe_immutable = True
+        return response
 
     return app
 

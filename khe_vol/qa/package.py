@@ -17,7 +17,7 @@ from pathlib import Path
 
 from khe_vol.files import NA, atomic_write_bytes, mask_beside, read_tsv, read_tsv_table, sha256_file
 from khe_vol.nifti import SeriesError, load_image, nifti_bytes, open_image
-from khe_vol.qa import OVERLAY_COLUMNS, VERDICTS, WORKLIST_NAME, check_reader_id, reader_dir
+from khe_vol.qa import DEFAULT_READER_DISPLAY, OVERLAY_COLUMNS, VERDICTS, WORKLIST_NAME, check_reader_id, reader_dir
 from khe_vol.qa.codes import case_code, overlay_labels, reader_order
 from khe_vol.qa.deidentify import deidentified_nifti_bytes, mask_like, same_grid
 from khe_vol.qa.key import default_key_path, write_key
@@ -229,7 +229,7 @@ def _overlay_rows(path):
 
 
 def write_package(results_dir, readers, seed, record_paths, series_tsv=None, overlays_tsv=None, source_root=None,
-                  key_path=None, reader_records=None):
+                  key_path=None, reader_records=None, display=None):
     """Build the reader packages and the unblinding key.
 
     Parameters
@@ -257,6 +257,9 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
         each replacing the record of the same series in ``record_paths`` (the
         follow-ups tracked from that reader's own seeded baseline). No other
         reader's package sees them.
+    display : dict, optional
+        How the reader app shows images (the config's ``reader_display``;
+        default :data:`khe_vol.qa.DEFAULT_READER_DISPLAY`), kept in the worklist.
 
     Returns
     -------
@@ -320,6 +323,7 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
                           "has_mask": o["mask_bytes"] is not None} for o in s.overlays],
         } for s in packaged]
         worklist, placement = build_worklist(cases, reader, seed)
+        worklist["display"] = {**DEFAULT_READER_DISPLAY, **(display or {})}
         files = {WORKLIST_NAME: (json.dumps(worklist, indent=2, sort_keys=True) + "\n").encode("utf-8")}
         by_code = {c["case_code"]: c for c in worklist["cases"]}
         for s, place in zip(packaged, placement):

@@ -130,8 +130,17 @@ def clicks_json(clicks):
     return json.dumps(items)
 
 
+class RevisionConflict(ValueError):
+    """The case's latest revision is not the one the reader's page showed (a double click, another tab)."""
+
+    def __init__(self, case_code, expected, latest):
+        super().__init__(f"case {case_code} is at revision {latest}, not {expected} as the page showed: "
+                         "this verdict was already saved (or saved from another window); reload the case")
+        self.latest = latest
+
+
 def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=None, edited_volume_ml=None,
-                proposed_mask_sha256=None, now=None, clicks=None):
+                proposed_mask_sha256=None, now=None, clicks=None, expected_revision=None):
     """Append one read, as the next revision of its case, in one committed transaction.
 
     Parameters
@@ -154,6 +163,10 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         The reader's clicks in order (:func:`clicks_json`); only with
         ``edited``, whose ``edited_mask`` must then be the recomputation
         from the case image and these clicks (the app's job).
+    expected_revision : int, optional
+        The case's latest revision the reader's page showed (0: unread). When
+        given and the database holds another, nothing is stored and
+        :class:`RevisionConflict` is raised: the same page state saves once.
 
     Returns
     -------
@@ -174,6 +187,8 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         try:
             (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
                                   (reader, case_code)).fetchone()
+            if expected_revision is not None and int(expected_revision) != last:
+                raise RevisionConflict(case_code, int(expected_revision), last)
             values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
                       None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
                       clicks_text)

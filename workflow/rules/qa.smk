@@ -67,13 +67,14 @@ rule qa_package:
         results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
         readers=" ".join(f"--reader {r}" for r in READERS),
         seed=config["qa_seed"],
+        display=DISPLAY_ARGS,
         reader_records=reader_record_args,
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_package.log",
     shell:
-        "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} "
+        "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} {params.display} "
         "{params.reader_records} --key {output.key:q} {input.records:q} > {log:q} 2>&1"
 
 
@@ -115,12 +116,13 @@ if ADJUDICATOR:
             results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
             adjudicator=ADJUDICATOR,
             seed=config["qa_seed"],
+            display=DISPLAY_ARGS,
         conda:
             "../../environment.yml"
         log:
             f"{RESULTS}/logs/qa_adjudication_package.log",
         shell:
-            "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} "
+            "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} {params.display} "
             "--series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
             "{input.records:q} > {log:q} 2>&1"
 
