@@ -147,3 +147,225 @@ def test_oblique_degrees():
     assert oblique_degrees(affine) == pytest.approx(20, abs=1e-6)
     # Permuted, flipped axes are not oblique.
     assert oblique_degrees(np.array([[0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]])) == pytest.approx(0)
+
+
+# ---------------------------------------------------------------------------
+# In a real browser
+# ---------------------------------------------------------------------------
+
+READY = "body[data-ready='1']"
+
+
+def open_case(page, base, code):
+    page.goto(f"{base}/case/{code}")
+    page.wait_for_selector(READY, timeout=30000)
+
+
+def js(page, expression):
+    """The value of a function body run in the page (the page's CSP forbids eval of strings)."""
+    return page.evaluate(f"() => {{ {expression} }}")
+
+
+@pytest.mark.slow
+def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
+    from tests.test_qa_app import reader_browser
+
+    results, codes = package
+    db = results / "reads" / "R1.sqlite"
+    with reader_browser(results, tmp_path) as served:
+        page, base = served.page, served.base
+        page.goto(base + "/")
+        order = page.locator("table.worklist a").all_inner_texts()
+        open_case(page, base, order[0])
+        assert page.evaluate("() => document.activeElement === document.body")  # nothing clicked
+        # Slice keys move along the plane shown and the position says where.
+        page.keyboard.press("1")  # axial
+        before = page.inner_text("#slice-info")
+        assert before.startswith("axial slice ") and before.endswith(" / 10")
+        k = int(before.split()[2])
+        page.keyboard.press("ArrowUp")
+        assert page.inner_text("#slice-info") == f"axial slice {k + 1} / 10"
+        page.keyboard.press("PageDown")
+        assert page.inner_text("#slice-info") == f"axial slice {max(k + 1 - 5, 1)} / 10"
+        assert "RAS+ (x, y, z) = (" in page.inner_text("#location")
+        # Mask, outline, crosshair, window preset.
+        page.keyboard.press("m")
+        assert not page.is_checked("#show-mask") and js(page, "return window.khe.nv.drawOpacity;") == 0
+        page.keyboard.press("m")
+        page.keyboard.press("o")
+        assert page.is_checked("#outline")
+        assert js(page, "return window.khe.nv.drawRimOpacity;") == pytest.approx(0.5)
+        assert js(page, "return window.khe.nv.drawOpacity;") < 0.01
+        page.keyboard.press("x")
+        assert not page.is_checked("#show-crosshair") and js(page, "return window.khe.nv.opts.crosshairWidth;") == 0
+        page.keyboard.press("w")
+        assert page.input_value("#window-preset") == "lesion"
+        # Typing in the comment box never triggers a key; Escape leaves it.
+        page.focus("#comment")
+        page.keyboard.type("a rather dark case, no motion")
+        page.keyboard.press("Escape")
+        assert page.input_value("#comment") == "a rather dark case, no motion"
+        assert page.locator("#history li").count() == 0 and page.url.endswith(order[0])
+        # A: accept (twice, fast: one revision), then on to the next unread case.
+        page.keyboard.press("a")
+        page.keyboard.press("a")
+        page.wait_for_url(f"**/case/{order[1]}", timeout=30000)
+        page.wait_for_selector(READY, timeout=30000)
+        (read,) = store.read_history(db, order[0])
+        assert read["verdict"] == "accept" and read["comment"] == "a rather dark case, no motion"
+        # P back; U to the next unread (order[1], the one we are on is unread too: skip to it).
+        page.keyboard.press("p")
+        page.wait_for_url(f"**/case/{order[0]}")
+        page.wait_for_selector(READY, timeout=30000)
+        assert page.inner_text("#status").startswith("Current: Accept (revision 1)")
+        page.keyboard.press("u")
+        page.wait_for_url(f"**/case/{order[1]}")
+        page.wait_for_selector(READY, timeout=30000)
+        # Auto-advance off (remembered): the verdict stays on the page.
+        page.keyboard.press("r")
+        page.wait_for_url(f"**/case/{order[2]}", timeout=30000)
+        page.wait_for_selector(READY, timeout=30000)
+        page.click("#auto-advance")
+        page.reload()
+        page.wait_for_selector(READY, timeout=30000)
+        assert not page.is_checked("#auto-advance")
+        # A double click on a button records one revision too.
+        page.dblclick("button.verdict[data-verdict='reject']")
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Current: Reject')")
+        page.wait_for_function("() => !window.khe.saving")
+        assert page.url.endswith(order[2]) and len(store.read_history(db, order[2])) == 1
+        assert page.inner_text("#next-unread") == "no unread case left"
+    assert not served.errors, served.errors
+
+
+@pytest.mark.slow
+def test_display_loading_and_caching(package, tmp_path):
+    from tests.test_qa_app import reader_browser
+
+    results, codes = package
+    code = codes[("sub-01", "ses-baseline")]
+    no_mask = codes[("sub-02", "ses-baseline")]
+    with reader_browser(results, tmp_path) as served:
+        page, base = served.page, served.base
+        # While the image loads, the buttons are off, the page says so, and the mask box is honoured.
+        held = []
+        page.route("**/files/*_t2.nii.gz", lambda route: held.append(route))
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_function("() => window.khe !== undefined")
+        page.wait_for_timeout(300)
+        assert held and page.is_visible("#load-state") and "Loading" in page.inner_text("#load-state")
+        assert page.is_disabled("button.verdict[data-verdict='accept']") and page.is_disabled("#zoom-in")
+        page.click("#show-mask")  # unchecked during loading
+        for route in held:
+            route.continue_()
+        page.unroute("**/files/*_t2.nii.gz")
+        page.wait_for_selector(READY, timeout=30000)
+        assert not page.is_visible("#load-state") and page.is_enabled("button.verdict[data-verdict='accept']")
+        assert not page.is_checked("#show-mask") and js(page, "return window.khe.nv.drawOpacity;") == 0
+
+        # Radiological by default: the patient's right (+x, RAS) on the screen's left.
+        page.keyboard.press("1")
+        assert js(page, "return window.khe.nv.opts.isRadiologicalConvention;") is True
+
+        def x_mm_at(fraction):
+            return page.evaluate("""(f) => { const nv = window.khe.nv; const c = nv.canvas;
+                const frac = nv.canvasPos2frac([c.width * f, c.height / 2]);
+                return nv.frac2mm(frac, 0, true)[0]; }""", fraction)
+
+        assert x_mm_at(0.4) > x_mm_at(0.6)
+        page.click("#radiological")
+        assert x_mm_at(0.4) < x_mm_at(0.6)
+
+        # Window: presets from robust percentiles, numbers, Reset restores zoom and window.
+        view = page.evaluate("() => JSON.parse(document.getElementById('case-data').textContent)")
+        auto = view["image_info"]["windows"]["auto"]
+        cal = page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]")
+        assert cal == pytest.approx(auto, rel=1e-4)
+        page.fill("#win-width", "100")
+        page.fill("#win-level", "300")
+        page.press("#win-level", "Enter")
+        assert page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]") == [250, 350]
+        assert page.input_value("#window-preset") == "custom"
+        page.click("#zoom-in")
+        assert js(page, "return window.khe.nv.scene.pan2Dxyzmm[3];") > 1
+        page.click("#zoom-reset")
+        assert js(page, "return window.khe.nv.scene.pan2Dxyzmm[3];") == 1
+        assert page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]") == \
+            pytest.approx(auto, rel=1e-4)
+        # Opacity slider.
+        page.click("#show-mask")
+        page.fill("#mask-opacity", "0.8")
+        assert js(page, "return window.khe.nv.drawOpacity;") == pytest.approx(0.8)
+
+        # A case without a mask (0 mL-like) opens on the robust window, not washed out by the maximum.
+        open_case(page, base, no_mask)
+        view = page.evaluate("() => JSON.parse(document.getElementById('case-data').textContent)")
+        cal_max = js(page, "return window.khe.nv.volumes[0].cal_max;")
+        assert cal_max == pytest.approx(view["image_info"]["windows"]["auto"][1], rel=1e-4)
+        assert cal_max < js(page, "return window.khe.nv.volumes[0].global_max;")
+
+        # The viewer script was fetched from the server once for three case pages.
+        served.log.flush()
+        log = (tmp_path / "server.log").read_text()
+        assert log.count("GET /vendor/niivue.umd.js?v=") == 1, log
+
+        # A failed image load says so with the HTTP status, and nothing can be clicked.
+        (results / "qa" / "R1" / f"{code}_t2.nii.gz").unlink()
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_selector("body[data-load-error='1']", timeout=30000)
+        assert "HTTP 500" in page.inner_text("#load-state") or "HTTP 404" in page.inner_text("#load-state")
+        assert page.is_disabled("button.verdict[data-verdict='accept']")
+    assert not [e for e in served.errors if "HTTP" not in e], served.errors
+
+
+@pytest.mark.slow
+def test_unsaved_work_and_comment_limit(package, tmp_path):
+    from tests.test_qa_app import reader_browser
+
+    results, codes = package
+    code = codes[("sub-01", "ses-baseline")]
+    db = results / "reads" / "R1.sqlite"
+    with reader_browser(results, tmp_path) as served:
+        page, base = served.page, served.base
+        open_case(page, base, code)
+        # A comment over the limit is refused with a message, never cut.
+        page.fill("#comment", "x" * (COMMENT_MAX_CHARS + 1))
+        assert "over" in page.get_attribute("#comment-count", "class")
+        assert page.inner_text("#comment-count") == f"{COMMENT_MAX_CHARS + 1} / {COMMENT_MAX_CHARS} characters"
+        page.click("button.verdict[data-verdict='accept']")
+        assert f"at most {COMMENT_MAX_CHARS}" in page.inner_text("#error")
+        assert store.read_history(db, code) == [] and page.input_value("#comment") == "x" * (COMMENT_MAX_CHARS + 1)
+        page.fill("#comment", "")
+        # Unsaved edits (edit.js's hook) stop in-app navigation and a page unload until confirmed.
+        page.evaluate("() => { window.khe.hasUnsavedEdits = () => true; }")
+        dialogs = []
+
+        def answer(dialog, accept):
+            dialogs.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        page.once("dialog", lambda d: answer(d, False))
+        page.keyboard.press("n")
+        page.wait_for_timeout(300)
+        assert dialogs and "not saved" in dialogs[0] and page.url.endswith(code)
+        page.once("dialog", lambda d: answer(d, False))
+        page.click("#next")
+        page.wait_for_timeout(300)
+        assert len(dialogs) == 2 and page.url.endswith(code)
+        page.once("dialog", lambda d: answer(d, True))
+        page.click("#next")
+        page.wait_for_url(lambda url: not url.endswith(code), timeout=30000)
+        page.wait_for_selector(READY, timeout=30000)
+        # Without the hook: a pen stroke not yet saved counts as unsaved.
+        page.keyboard.press("d")
+        page.wait_for_function("() => window.khe.editing === true")
+        box = page.locator("#gl").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.32, box["y"] + box["height"] * 0.4, steps=8)
+        page.mouse.up()
+        assert page.evaluate("() => window.khe.hasUnsaved()")
+        page.click("#save-edit")
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Current: Edited')")
+        assert not page.evaluate("() => window.khe.hasUnsaved()")
+    assert not served.errors, served.errors

@@ -12,11 +12,13 @@
   const PLANE_AXIS = { axial: 2, coronal: 1, sagittal: 0 };
   const WINDOW_PRESETS = ["auto", "lesion", "full"];
   const CROSSHAIR_COLOR = [0.2, 0.8, 1.0, 0.7];  // not red: red is the mask
+  const CROSSHAIR_WIDTH = 0.3;  // voxels: a thin line, not a bar over the tissue it points at
 
   const nv = new niivue.Niivue({
     backColor: [0, 0, 0, 1],
     show3Dcrosshair: true,
     crosshairColor: CROSSHAIR_COLOR,
+    crosshairWidth: CROSSHAIR_WIDTH,
     isNearestInterpolation: true,  // voxels as they are, for judging mask edges
     dragAndDropEnabled: false,
     showLegend: false,
@@ -199,7 +201,7 @@
   $("mask-opacity").addEventListener("input", applyMaskDisplay);
   document.querySelectorAll(".show-overlay").forEach(function (box) { box.addEventListener("change", applyMaskDisplay); });
   $("show-crosshair").addEventListener("change", function (e) {
-    nv.setCrosshairWidth(e.target.checked ? 1 : 0);
+    nv.setCrosshairWidth(e.target.checked ? CROSSHAIR_WIDTH : 0);
     nv.setCrosshairColor(e.target.checked ? CROSSHAIR_COLOR : [0, 0, 0, 0]);
   });
   $("radiological").addEventListener("change", function (e) { nv.setRadiologicalConvention(e.target.checked); });
