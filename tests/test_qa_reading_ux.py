@@ -322,11 +322,12 @@ def test_display_loading_and_caching(package, tmp_path):
 def test_unsaved_work_and_comment_limit(package, tmp_path):
     from tests.test_qa_app import reader_browser
 
-    results, codes = package
-    code = codes[("sub-01", "ses-baseline")]
+    results, _ = package
     db = results / "reads" / "R1.sqlite"
     with reader_browser(results, tmp_path) as served:
         page, base = served.page, served.base
+        page.goto(base + "/")
+        code = page.locator("table.worklist a").first.inner_text()  # has a next case
         open_case(page, base, code)
         # A comment over the limit is refused with a message, never cut.
         page.fill("#comment", "x" * (COMMENT_MAX_CHARS + 1))
@@ -345,6 +346,7 @@ def test_unsaved_work_and_comment_limit(package, tmp_path):
             dialog.accept() if accept else dialog.dismiss()
 
         page.once("dialog", lambda d: answer(d, False))
+        page.keyboard.press("Escape")  # out of the comment box, where N is a letter
         page.keyboard.press("n")
         page.wait_for_timeout(300)
         assert dialogs and "not saved" in dialogs[0] and page.url.endswith(code)
