@@ -371,3 +371,54 @@ def test_unsaved_work_and_comment_limit(package, tmp_path):
         page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Current: Edited')")
         assert not page.evaluate("() => window.khe.hasUnsaved()")
     assert not served.errors, served.errors
+
+
+def make_oblique(results, code, degrees=20.0):
+    """Rewrite a packaged case (image and proposed mask) on a grid tilted about x (an oblique acquisition)."""
+    t = np.radians(degrees)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    for name in (f"{code}_t2.nii.gz", f"{code}_mask.nii.gz"):
+        path = results / "qa" / "R1" / name
+        img = nib.load(path)
+        affine = img.affine.copy()
+        affine[:3, :3] = rot @ affine[:3, :3]
+        out = nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header)
+        out.set_sform(affine, code=1)
+        out.set_qform(affine, code=1)
+        nib.save(out, path)
+    return nib.load(results / "qa" / "R1" / f"{code}_t2.nii.gz").affine
+
+
+@pytest.mark.slow
+def test_oblique_series_open_in_their_native_plane(package, tmp_path):
+    from tests.test_qa_app import reader_browser
+
+    results, codes = package
+    code = codes[("sub-01", "ses-baseline")]
+    straight = codes[("sub-01", "ses-m06")]
+    affine = make_oblique(results, code)
+    with reader_browser(results, tmp_path) as served:
+        page, base = served.page, served.base
+        open_case(page, base, straight)
+        assert not page.is_checked("#native-plane")
+        open_case(page, base, code)
+        assert page.is_checked("#native-plane") and "oblique 20" in page.inner_text("label:has(#native-plane)")
+        assert js(page, "return window.khe.nv.opts.isSliceMM;") is False
+
+        def crosshair_mm():
+            return np.array(page.evaluate(
+                "() => Array.from(window.khe.nv.frac2mm(window.khe.nv.scene.crosshairPos, 0, true)).slice(0, 3)"))
+
+        # One slice up in the native plane is one acquisition slice: the grid's own slice axis.
+        page.keyboard.press("1")
+        before = crosshair_mm()
+        page.keyboard.press("ArrowUp")
+        assert crosshair_mm() - before == pytest.approx(affine[:3, 2], abs=1e-3)
+        assert page.inner_text("#slice-info").endswith(" / 10")
+        # The crosshair stays on a voxel centre of the series grid.
+        ijk = np.linalg.solve(affine, np.r_[crosshair_mm(), 1])[:3]
+        assert ijk == pytest.approx(np.round(ijk), abs=1e-3)
+        # Off: resliced along the scanner axes (NiiVue's world space).
+        page.click("#native-plane")
+        assert js(page, "return window.khe.nv.opts.isSliceMM;") is True
+    assert not served.errors, served.errors
