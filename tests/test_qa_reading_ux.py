@@ -172,7 +172,7 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
 
     results, codes = package
     db = results / "reads" / "R1.sqlite"
-    with reader_browser(results, tmp_path) as served:
+    with reader_browser(results, tmp_path, auto_advance=True) as served:
         page, base = served.page, served.base
         page.goto(base + "/")
         order = page.locator("table.worklist a").all_inner_texts()
@@ -245,7 +245,7 @@ def test_display_loading_and_caching(package, tmp_path):
     results, codes = package
     code = codes[("sub-01", "ses-baseline")]
     no_mask = codes[("sub-02", "ses-baseline")]
-    with reader_browser(results, tmp_path) as served:
+    with reader_browser(results, tmp_path, auto_advance=True) as served:
         page, base = served.page, served.base
         # While the image loads, the buttons are off, the page says so, and the mask box is honoured.
         held = []
@@ -324,7 +324,7 @@ def test_unsaved_work_and_comment_limit(package, tmp_path):
 
     results, _ = package
     db = results / "reads" / "R1.sqlite"
-    with reader_browser(results, tmp_path) as served:
+    with reader_browser(results, tmp_path, auto_advance=True) as served:
         page, base = served.page, served.base
         page.goto(base + "/")
         code = page.locator("table.worklist a").first.inner_text()  # has a next case
@@ -397,10 +397,11 @@ def test_oblique_series_open_in_their_native_plane(package, tmp_path):
     code = codes[("sub-01", "ses-baseline")]
     straight = codes[("sub-01", "ses-m06")]
     affine = make_oblique(results, code)
-    with reader_browser(results, tmp_path) as served:
+    with reader_browser(results, tmp_path, auto_advance=True) as served:
         page, base = served.page, served.base
         open_case(page, base, straight)
-        assert not page.is_checked("#native-plane")
+        # NiiVue's voxel-grid display for every series (straight ones look the same either way).
+        assert page.is_checked("#native-plane") and "oblique" not in page.inner_text("label:has(#native-plane)")
         open_case(page, base, code)
         assert page.is_checked("#native-plane") and "oblique 20" in page.inner_text("label:has(#native-plane)")
         assert js(page, "return window.khe.nv.opts.isSliceMM;") is False
