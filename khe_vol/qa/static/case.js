@@ -565,16 +565,18 @@
   // A click is a press and release of the left button without a drag (a drag pans, zooms or windows).
   let down = null;
   canvas.addEventListener("pointerdown", function (e) {
-    down = e.button === 0 ? { x: e.clientX, y: e.clientY } : null;
+    // Where the pointer went down on the image: the page may scroll or reflow before it comes up
+    // (focus, a prompt that goes), so the point is kept relative to the canvas now.
+    const rect = canvas.getBoundingClientRect();
+    down = e.button === 0 ? { x: e.clientX - rect.left, y: e.clientY - rect.top, cx: e.clientX, cy: e.clientY } : null;
   });
   canvas.addEventListener("pointerup", function (e) {
     const start = down;
     down = null;
     if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing) { return; }
-    if (Math.hypot(e.clientX - start.x, e.clientY - start.y) > 4) { return; }
-    const rect = canvas.getBoundingClientRect();
+    if (Math.hypot(e.clientX - start.cx, e.clientY - start.cy) > 4) { return; }  // a drag, not a click
     const dpr = window.devicePixelRatio || 1;
-    const frac = nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr]);
+    const frac = nv.canvasPos2frac([start.x * dpr, start.y * dpr]);
     if (!(frac[0] >= 0 && frac[0] <= 1 && frac[1] >= 0 && frac[1] <= 1 && frac[2] >= 0 && frac[2] <= 1)) {
       $("error").textContent = "Click not used: click on a slice of the image";
       return;
