@@ -1,4 +1,4 @@
-// Case page of the blinded reader app: NiiVue viewer, click segmentation, mask editing, verdicts.
+// Case page of the blinded reader app: NiiVue viewer, click segmentation, verdicts (mask editing: edit.js).
 // Everything comes from this server (the page's Content-Security-Policy allows nothing else).
 (async function () {
   "use strict";
@@ -19,8 +19,14 @@
     logLevel: "warn",
     penSize: 1,
   });
-  // Exposed for the end-to-end tests and for debugging from the console.
-  window.khe = { nv: nv, ready: false, editing: false, clicks: [], busy: false };
+  // Exposed for edit.js (mask editing, loaded after this script), the end-to-end tests and
+  // debugging from the console. `whenReady` resolves once the image and drawing are loaded.
+  let markReady;
+  window.khe = {
+    nv: nv, view: view, code: code, $: $, MASK_OPACITY: MASK_OPACITY,
+    ready: false, editing: false, clicks: [], busy: false,
+    whenReady: new Promise(function (resolve) { markReady = resolve; }),
+  };
   await nv.attachTo("gl");
 
   const volumes = [{ url: view.image_url }];
@@ -68,33 +74,6 @@
     });
   });
 
-  // ---- editing
-  function pen(label, enabled, value, filled) {
-    nv.setDrawingEnabled(enabled);
-    if (enabled) { nv.setPenValue(value, filled); }
-    $("pen-state").textContent = label;
-  }
-  function startEditing() {
-    if (clicks.length) {
-      // A pen drawing cannot be recomputed from clicks: it is saved as drawn, without them.
-      clicks = []; shown = []; redo = [];
-      renderClicks();
-    }
-    $("click-mode").checked = false;
-    window.khe.editing = true;
-    $("edit-tools").hidden = false;
-    $("show-mask").checked = true;
-    nv.setDrawOpacity(MASK_OPACITY);
-    pen("drawing (add)", true, 1, false);
-    $("error").textContent = "Correct the mask (red), then Save edited mask. (Pen edits are saved as drawn, "
-      + "without clicks; a new click would redraw the mask from the clicks.)";
-  }
-  $("pen-add").addEventListener("click", function () { pen("drawing (add)", true, 1, false); });
-  $("pen-fill").addEventListener("click", function () { pen("drawing (filled outline)", true, 1, true); });
-  $("pen-erase").addEventListener("click", function () { pen("erasing", true, 0, false); });
-  $("pen-off").addEventListener("click", function () { pen("navigating", false); });
-  $("undo").addEventListener("click", function () { nv.drawUndo(); });
-
   // ---- verdicts
   function render(data) {
     const cur = data.current;
@@ -118,6 +97,8 @@
     $("edited-volume").textContent = cur && cur.edited_volume_ml !== null
       ? "Edited volume: " + cur.edited_volume_ml.toFixed(2) + " mL" : "";
   }
+  // Resolves true once the server has stored the read.
+  window.khe.submit = submit;
   async function submit(verdict, maskBytes, clickList) {
     const form = new FormData();
     form.append("verdict", verdict);
@@ -135,19 +116,20 @@
       });
     } catch (err) {
       $("error").textContent = "Not saved: the server cannot be reached (" + err + ")";
-      return;
+      return false;
     }
     const data = await resp.json().catch(function () { return { error: "HTTP " + resp.status }; });
     if (!resp.ok) {
       $("error").textContent = "Not saved: " + data.error;
-      return;
+      return false;
     }
     $("error").textContent = "Saved.";
     render(data);
+    return true;
   }
   document.querySelectorAll("button.verdict").forEach(function (b) {
     b.addEventListener("click", async function () {
-      if (b.dataset.verdict === "edited") { startEditing(); return; }
+      if (b.dataset.verdict === "edited") { window.khe.startEditing(); return; }  // edit.js
       if (b.dataset.verdict === "accept" && clicks.length) {
         // Accepting the mask the clicks made: an Edited read, whose mask the server recomputes.
         await pending;
@@ -157,15 +139,6 @@
       }
       submit(b.dataset.verdict, null);
     });
-  });
-  $("save-edit").addEventListener("click", async function () {
-    // filename "" makes NiiVue return the NIfTI bytes instead of downloading them.
-    const bytes = await nv.saveImage({ filename: "", isSaveDrawing: true, volumeByIndex: 0 });
-    if (!(bytes instanceof Uint8Array)) {
-      $("error").textContent = "Not saved: the viewer has no drawing to save";
-      return;
-    }
-    await submit("edited", bytes);
   });
 
   // ---- click segmentation: include / exclude clicks, the server draws the mask
@@ -267,6 +240,12 @@
     return pending;
   }
   window.khe.settled = function () { return pending; };
+  // A pen drawing cannot be recomputed from clicks: edit.js drops them when editing starts.
+  window.khe.dropClicks = function () {
+    clicks = []; shown = []; redo = [];
+    renderClicks();
+    $("click-mode").checked = false;
+  };
 
   function setClicks(list) {
     clicks = list;
@@ -331,12 +310,13 @@
     const tag = (e.target && e.target.tagName) || "";
     if (tag === "TEXTAREA" || tag === "INPUT") { return; }
     const key = e.key.toLowerCase();
+    if (window.khe.editing && (e.ctrlKey || e.metaKey)) { return; }  // edit.js: the pen's own history
     if ((e.ctrlKey || e.metaKey) && key === "z" && !e.shiftKey) {
       e.preventDefault();
-      if (window.khe.editing) { nv.drawUndo(); } else { undoClick(); }
+      undoClick();
     } else if ((e.ctrlKey || e.metaKey) && (key === "y" || (key === "z" && e.shiftKey))) {
       e.preventDefault();
-      if (!window.khe.editing) { redoClick(); }
+      redoClick();
     } else if (!e.ctrlKey && !e.metaKey && !e.altKey && key === "e") {
       setKind(!excludeByDefault);
     } else if (!e.ctrlKey && !e.metaKey && !e.altKey && key === "c") {
@@ -352,5 +332,6 @@
   }).catch(function () {});
 
   window.khe.ready = true;
+  markReady();
   document.body.dataset.ready = "1";
 })();
