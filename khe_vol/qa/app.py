@@ -320,7 +320,15 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "needs_seed": bool(case.get("needs_seed")) or not case["proposed_mask"],
             "qc_url": f"/files/{case['qc_montage']}",
             "overlays": [o | {"url": f"/files/{o['mask']}" if o["mask"] else None} for o in case["overlays"]],
+            # The live edited volume (edit.js) uses the server's voxel volume, so it equals the saved one.
+            "voxel_volume_mm3": case_voxel_volume_mm3(case),
         }
+
+    def case_voxel_volume_mm3(case):
+        try:
+            return voxel_volume_mm3(open_image(folder / case["image"], "series")[2])
+        except SeriesError:
+            return None  # the viewer cannot show the image either; the page says so
 
     def worklist_view():
         wl = worklist()
