@@ -322,3 +322,58 @@ def test_live_volume_is_the_volume_the_server_computes_and_the_saved_mask_is_on_
         assert np.all(added[:, :2] >= ends[:, :2].min(axis=0) - 2.5)
         assert np.all(added[:, :2] <= ends[:, :2].max(axis=0) + 2.5)
     assert not served.errors, served.errors
+
+
+def draw_loop(page, corners_mm):
+    """A closed line through ``corners_mm`` (on the current slice) with the left button held."""
+    points = [screen_point(page, c) for c in corners_mm] + [screen_point(page, corners_mm[0])]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        for t in np.linspace(0, 1, 12)[1:]:
+            page.mouse.move(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+    page.mouse.up()
+
+
+def test_filled_outline_paints_and_erases_one_undo_step_each_and_keys_save(package, tmp_path):
+    results, codes = package
+    code = codes[("sub-02", "ses-baseline")]  # an empty drawing
+    affine = OBLIQUE_1x1x4
+    k = 5
+    outer = [voxel_centre_mm(affine, ijk) for ijk in ((12, 10, k), (34, 10, k), (34, 30, k), (12, 30, k))]
+    inner = [voxel_centre_mm(affine, ijk) for ijk in ((20, 17, k), (26, 17, k), (26, 23, k), (20, 23, k))]
+    with reader_browser(results, tmp_path) as served:
+        page = served.page
+        open_case(page, served.base, code)
+        page.keyboard.press("o")
+        assert page.inner_text("#pen-state") == "filled outline: paint"
+        show_slice_of(page, outer[0])
+        draw_loop(page, outer)
+        page.wait_for_function("() => window.khe.editedVoxels > 0")
+        painted = drawn_voxels(page)
+        page.keyboard.press("x")  # the outline now erases
+        assert page.inner_text("#pen-state") == "filled outline: erase"
+        draw_loop(page, inner)
+        page.wait_for_function("(n) => window.khe.editedVoxels < n", arg=painted)
+        holed = drawn_voxels(page)
+        page.keyboard.press("Control+s")
+        wait_status(page, "Current: Edited (revision 1)")
+        _, _, mask = saved_mask(results, code, current_read(results, code))
+        assert int(mask.sum()) == holed
+        assert set(np.argwhere(mask)[:, 2]) == {k}
+        # The square's inside is drawn, less the inner square's, and nothing outside the outer one.
+        ring = np.zeros(SHAPE, bool)
+        ring[13:34, 11:30, k] = True
+        ring[19:28, 16:25, k] = False
+        assert mask[ring].all()
+        assert not mask[21:26, 18:23, k].any()
+        assert not mask[:11, :, k].any() and not mask[36:, :, k].any()
+        assert not mask[:, :9, k].any() and not mask[:, 32:, k].any()
+        # Each outline is one undo step.
+        page.keyboard.press("Control+z")
+        assert drawn_voxels(page) == painted
+        page.keyboard.press("Control+z")
+        assert drawn_voxels(page) == 0
+        page.keyboard.press("Control+Shift+z")
+        assert drawn_voxels(page) == painted
+    assert not served.errors, served.errors

@@ -467,6 +467,13 @@
     }
   });
 
+  // NiiVue focuses its canvas on every press and drag (for its keys); a plain focus() scrolls a
+  // canvas that runs below the window's edge into view, moving the page under the reader's pen
+  // mid-stroke. Its focus never scrolls.
+  const canvas = $("gl");
+  const focusCanvas = canvas.focus.bind(canvas);
+  canvas.focus = function (options) { focusCanvas(Object.assign({}, options, { preventScroll: true })); };
+
   khe.whenReady.then(function () {
     grid = imageGrid();
     saved = nv.drawBitmap ? nv.drawBitmap.slice() : null;
