@@ -413,7 +413,15 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "display": {**DEFAULT_READER_DISPLAY, **worklist().get("display", {})},
             "comment_max_chars": COMMENT_MAX_CHARS,
             "image_info": image_info(case),
+            # The live edited volume (edit.js) uses the server's voxel volume, so it equals the saved one.
+            "voxel_volume_mm3": case_voxel_volume_mm3(case),
         }
+
+    def case_voxel_volume_mm3(case):
+        try:
+            return voxel_volume_mm3(open_image(folder / case["image"], "series")[2])
+        except SeriesError:
+            return None  # the viewer cannot show the image either; the page says so
 
     def worklist_view():
         wl = worklist()

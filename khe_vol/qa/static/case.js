@@ -1,4 +1,4 @@
-// Case page of the blinded reader app: NiiVue viewer, click segmentation, mask editing, verdicts.
+// Case page of the blinded reader app: NiiVue viewer, click segmentation, verdicts (mask editing: edit.js).
 // Everything comes from this server (the page's Content-Security-Policy allows nothing else).
 (async function () {
   "use strict";
@@ -30,7 +30,13 @@
     isSliceMM: !$("native-plane").checked,
   });
   // Exposed for the end-to-end tests, for edit.js / compare.js and for debugging from the console.
-  window.khe = { nv: nv, ready: false, editing: false, clicks: [], busy: false, loadError: null };
+  // `whenReady` resolves once the image and drawing are loaded.
+  let markReady;
+  window.khe = {
+    nv: nv, view: view, code: code, $: $, MASK_OPACITY: MASK_OPACITY,
+    ready: false, editing: false, clicks: [], busy: false, loadError: null,
+    whenReady: new Promise(function (resolve) { markReady = resolve; }),
+  };
 
   // ---- loading: every control is off until the image is shown; a failed load says why
   const controls = function () {
@@ -219,42 +225,11 @@
   showPosition();
   nv.drawScene();
 
-  // ---- editing
-  function pen(label, enabled, value, filled) {
-    nv.setDrawingEnabled(enabled);
-    if (enabled) { nv.setPenValue(value, filled); }
-    $("pen-state").textContent = label;
-  }
-  function startEditing() {
-    if (clicks.length) {
-      // A pen drawing cannot be recomputed from clicks: it is saved as drawn, without them.
-      clicks = []; shown = []; redo = [];
-      renderClicks();
-    }
-    $("click-mode").checked = false;
-    window.khe.editing = true;
-    $("edit-tools").hidden = false;
-    $("show-mask").checked = true;
-    nv.setDrawOpacity(MASK_OPACITY);
-    pen("drawing (add)", true, 1, false);
-    $("error").textContent = "Correct the mask (red), then Save edited mask. (Pen edits are saved as drawn, "
-      + "without clicks; a new click would redraw the mask from the clicks.)";
-  }
-  $("pen-add").addEventListener("click", function () { pen("drawing (add)", true, 1, false); });
-  $("pen-fill").addEventListener("click", function () { pen("drawing (filled outline)", true, 1, true); });
-  $("pen-erase").addEventListener("click", function () { pen("erasing", true, 0, false); });
-  $("pen-off").addEventListener("click", function () { pen("navigating", false); });
-  $("undo").addEventListener("click", function () { nv.drawUndo(); });
-
   // ---- verdicts: one revision per page state, then on to the next unread case
   let revision = view.revision;  // the case's latest revision as this page shows it (0: unread)
   let nextUnread = view.next_unread;
   let saving = false;
   let savedClicks = view.current && view.current.clicks ? view.current.clicks.slice() : [];
-  let drawnSinceSave = false;  // a pen stroke not yet saved (fallback when edit.js says nothing)
-  nv.addEventListener("drawingChanged", function (e) {
-    if (!e.detail || e.detail.action !== "load") { drawnSinceSave = true; }
-  });
   function render(data) {
     const cur = data.current;
     let text = "Not read yet";
@@ -310,6 +285,8 @@
       else { delete b.dataset.offWhileSaving; }
     });
   }
+  // Resolves true once the server has stored the read (edit.js saves through it too).
+  window.khe.submit = submit;
   async function submit(verdict, maskBytes, clickList) {
     if (saving) { return false; }  // a second click while the first is on its way: ignored
     if (commentTooLong()) {
@@ -349,7 +326,6 @@
         return false;
       }
       $("error").textContent = "Saved.";
-      if (verdict === "edited") { drawnSinceSave = false; }
       savedClicks = clicks.slice();  // the reader decided: clicks left unsaved were chosen to be dropped
       render(data);
       return true;
@@ -370,8 +346,7 @@
     const b = document.querySelector("button.verdict[data-verdict='" + name + "']");
     if (!b || b.disabled) { return; }
     if (name === "edited") {
-      // edit.js (mask editing) may provide it; until then the editing code below does.
-      if (typeof window.khe.startEditing === "function") { window.khe.startEditing(); } else { startEditing(); }
+      window.khe.startEditing();  // edit.js
       return;
     }
     if (name === "accept" && clicks.length) {
@@ -387,15 +362,6 @@
   document.querySelectorAll("button.verdict").forEach(function (b) {
     b.addEventListener("click", function () { verdict(b.dataset.verdict); });
   });
-  $("save-edit").addEventListener("click", async function () {
-    // filename "" makes NiiVue return the NIfTI bytes instead of downloading them.
-    const bytes = await nv.saveImage({ filename: "", isSaveDrawing: true, volumeByIndex: 0 });
-    if (!(bytes instanceof Uint8Array)) {
-      $("error").textContent = "Not saved: the viewer has no drawing to save";
-      return;
-    }
-    await submit("edited", bytes);
-  });
 
   // ---- leaving: never lose an unsaved edit or unsaved clicks without a word
   const autoAdvanceKey = "khe-vol.autoAdvance";
@@ -407,12 +373,7 @@
   });
   function sameClicks(a, b) { return JSON.stringify(a || []) === JSON.stringify(b || []); }
   function hasUnsaved() {
-    if (typeof window.khe.hasUnsavedEdits === "function") {
-      if (window.khe.hasUnsavedEdits()) { return true; }
-    } else if (window.khe.editing && drawnSinceSave) {
-      return true;
-    }
-    return !sameClicks(clicks, savedClicks);
+    return window.khe.hasUnsavedEdits() || !sameClicks(clicks, savedClicks);  // edit.js: the pen
   }
   window.khe.hasUnsaved = hasUnsaved;
   let leaving = false;
@@ -535,6 +496,12 @@
     return pending;
   }
   window.khe.settled = function () { return pending; };
+  // A pen drawing cannot be recomputed from clicks: edit.js drops them when editing starts.
+  window.khe.dropClicks = function () {
+    clicks = []; shown = []; redo = [];
+    renderClicks();
+    $("click-mode").checked = false;
+  };
 
   function setClicks(list) {
     clicks = list;
@@ -631,17 +598,20 @@
     arrowdown: function () { moveSlice(-1); }, arrowleft: function () { moveSlice(-1); },
     pageup: function () { moveSlice(5); }, pagedown: function () { moveSlice(-5); },
   };
+  const EDIT_KEYS = ["b", "x", "o", "d", "i", "[", "]", "escape"];
   function onKey(e) {
     if (typing(e.target)) {
       if (e.type === "keydown" && e.key === "Escape") { e.target.blur(); }
       return;
     }
     const key = e.key.toLowerCase();
+    // While editing, Ctrl keys and the pen's own keys are edit.js's (the active tool's history).
+    if (window.khe.editing && (e.ctrlKey || e.metaKey || EDIT_KEYS.includes(key))) { return; }
     let action = null;
     if ((e.ctrlKey || e.metaKey) && key === "z" && !e.shiftKey) {
-      action = function () { if (window.khe.editing) { nv.drawUndo(); } else { undoClick(); } };
+      action = undoClick;
     } else if ((e.ctrlKey || e.metaKey) && (key === "y" || (key === "z" && e.shiftKey))) {
-      action = function () { if (!window.khe.editing) { redoClick(); } };
+      action = redoClick;
     } else if (!e.ctrlKey && !e.metaKey && !e.altKey) {
       if (VERDICT_BY_KEY[key]) {
         const name = VERDICT_BY_KEY[key];
@@ -672,5 +642,6 @@
 
   $("load-state").hidden = true;
   window.khe.ready = true;
+  markReady();
   document.body.dataset.ready = "1";
 })();
