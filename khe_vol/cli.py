@@ -213,7 +213,7 @@ def _cmd_qa_package(args):
             reader_records.setdefault(reader, []).append(path)
         rows = write_package(args.results_dir, args.reader, args.seed, args.records, series_tsv=args.series,
                              overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key,
-                             reader_records=reader_records)
+                             reader_records=reader_records, reading_mode=args.reading_mode)
     except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"khe-vol qa package: {exc}", file=sys.stderr)
         return 2
@@ -282,12 +282,25 @@ def _cmd_qa_final(args):
 
     finals, adjudication, edited = write_final(args.results_dir, args.reader, args.adjudicator, args.baseline_session,
                                                args.key, args.records, args.out, args.edited_dir, args.agreement)
+    if args.reader_times:
+        _write_reader_times(args.results_dir, args.reader + ([args.adjudicator] if args.adjudicator else []),
+                            args.reader_times, args.key)
     counts = {}
     for f in finals:
         counts[f["qa_status"]] = counts.get(f["qa_status"], 0) + 1
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
           + f"; {len(adjudication)} for adjudication; {len(edited)} edited mask(s)")
     return 0
+
+
+def _write_reader_times(results_dir, readers, path, key_paths):
+    from khe_vol.qa import default_db_path
+    from khe_vol.qa.agreement import reader_time_rows, write_reader_times
+    from khe_vol.qa.store import all_reads
+    from khe_vol.report.provenance import table_provenance
+
+    reads = [r for reader in readers for r in all_reads(default_db_path(results_dir, reader))]
+    write_reader_times(path, reader_time_rows(reads, readers), table_provenance(list(key_paths)))
 
 
 def _cmd_qa_reader_baseline(args):
@@ -304,6 +317,8 @@ def _cmd_qa_reader_baseline(args):
 
 
 def _add_qa_parser(sub):
+    from khe_vol.qa import READING_MODES
+
     qa = sub.add_parser("qa", help="blinded reading: build reader packages, audit them for leaks, serve the reader app")
     qa_sub = qa.add_subparsers(dest="qa_command", required=True)
 
@@ -320,6 +335,9 @@ def _add_qa_parser(sub):
     p.add_argument("--reader-record", nargs=2, action="append", metavar=("READER", "RECORD"),
                    help="a record.json for that reader's package only, replacing the same series' record "
                    "(follow-ups tracked from the reader's own seeded baseline); repeat")
+    p.add_argument("--reading-mode", choices=READING_MODES, default="independent",
+                   help="independent: one scan at a time, shuffled; longitudinal: a participant's scans grouped "
+                   "as T1..Tn in time order, each follow-up shown beside T1")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
     p.set_defaults(func=_cmd_qa_package)
 
@@ -370,6 +388,8 @@ def _add_qa_parser(sub):
     p.add_argument("--out", required=True, help="JSON list of final series records")
     p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
     p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
+    p.add_argument("--reader-times", default=None, help="qa_reader_times.tsv: per reader, time per read and share "
+                   "accepted without edit (a .json dictionary goes beside it)")
     p.set_defaults(func=_cmd_qa_final)
 
 

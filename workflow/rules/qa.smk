@@ -67,6 +67,7 @@ rule qa_package:
         results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
         readers=" ".join(f"--reader {r}" for r in READERS),
         seed=config["qa_seed"],
+        reading_mode=config["reading_mode"],
         reader_records=reader_record_args,
     conda:
         "../../environment.yml"
@@ -74,7 +75,8 @@ rule qa_package:
         f"{RESULTS}/logs/qa_package.log",
     shell:
         "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} "
-        "{params.reader_records} --key {output.key:q} {input.records:q} > {log:q} 2>&1"
+        "--reading-mode {params.reading_mode} {params.reader_records} --key {output.key:q} {input.records:q} "
+        "> {log:q} 2>&1"
 
 
 if ADJUDICATOR:
@@ -115,13 +117,14 @@ if ADJUDICATOR:
             results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
             adjudicator=ADJUDICATOR,
             seed=config["qa_seed"],
+            reading_mode=config["reading_mode"],
         conda:
             "../../environment.yml"
         log:
             f"{RESULTS}/logs/qa_adjudication_package.log",
         shell:
             "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} "
-            "--series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
+            "--reading-mode {params.reading_mode} --series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
             "{input.records:q} > {log:q} 2>&1"
 
 
@@ -153,6 +156,8 @@ rule qa_final:
         edited=directory(f"{WORK}/qa/edited"),
         agreement=f"{RESULTS}/qa_agreement.tsv",
         agreement_dictionary=f"{RESULTS}/qa_agreement.json",
+        reader_times=f"{RESULTS}/qa_reader_times.tsv",
+        reader_times_dictionary=f"{RESULTS}/qa_reader_times.json",
     params:
         results_dir=lambda wildcards, output: str(Path(output.agreement).parent),
         baseline=BASELINE_ID,
@@ -166,4 +171,5 @@ rule qa_final:
     shell:
         "khe-vol qa final --results-dir {params.results_dir:q} {params.readers} {params.adjudicator} "
         "--baseline-session {params.baseline} {params.key_args} --out {output.records:q} "
-        "--edited-dir {output.edited:q} --agreement {output.agreement:q} {input.records:q} > {log:q} 2>&1"
+        "--edited-dir {output.edited:q} --agreement {output.agreement:q} --reader-times {output.reader_times:q} "
+        "{input.records:q} > {log:q} 2>&1"

@@ -127,6 +127,7 @@
     } else if (maskBytes) {
       form.append("mask", new Blob([maskBytes], { type: "application/octet-stream" }), "drawing.nii");
     }
+    if (window.kheReadTime) { window.kheReadTime.addTo(form, verdict); }  // time per read (readtime.js)
     $("error").textContent = "saving...";
     let resp;
     try {
@@ -142,6 +143,7 @@
       $("error").textContent = "Not saved: " + data.error;
       return;
     }
+    if (window.kheReadTime) { window.kheReadTime.saved(); }
     $("error").textContent = "Saved.";
     render(data);
   }
