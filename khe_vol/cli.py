@@ -282,9 +282,6 @@ def _cmd_qa_final(args):
 
     finals, adjudication, edited = write_final(args.results_dir, args.reader, args.adjudicator, args.baseline_session,
                                                args.key, args.records, args.out, args.edited_dir, args.agreement)
-    if args.reader_times:
-        _write_reader_times(args.results_dir, args.reader + ([args.adjudicator] if args.adjudicator else []),
-                            args.reader_times, args.key)
     counts = {}
     for f in finals:
         counts[f["qa_status"]] = counts.get(f["qa_status"], 0) + 1
@@ -293,14 +290,19 @@ def _cmd_qa_final(args):
     return 0
 
 
-def _write_reader_times(results_dir, readers, path, key_paths):
+def _cmd_qa_reader_times(args):
     from khe_vol.qa import default_db_path
     from khe_vol.qa.agreement import reader_time_rows, write_reader_times
     from khe_vol.qa.store import all_reads
     from khe_vol.report.provenance import table_provenance
 
-    reads = [r for reader in readers for r in all_reads(default_db_path(results_dir, reader))]
-    write_reader_times(path, reader_time_rows(reads, readers), table_provenance(list(key_paths)))
+    dbs = [default_db_path(args.results_dir, reader) for reader in args.reader]
+    reads = [r for db in dbs for r in all_reads(db)]
+    rows = reader_time_rows(reads, args.reader)
+    write_reader_times(args.out, rows, table_provenance([db for db in dbs if db.is_file()]))
+    for r in rows:
+        print(f"{r['reader']}: {r['n_reads']} case(s) read, {r['n_timed']} timed")
+    return 0
 
 
 def _cmd_qa_reader_baseline(args):
@@ -388,9 +390,14 @@ def _add_qa_parser(sub):
     p.add_argument("--out", required=True, help="JSON list of final series records")
     p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
     p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
-    p.add_argument("--reader-times", default=None, help="qa_reader_times.tsv: per reader, time per read and share "
-                   "accepted without edit (a .json dictionary goes beside it)")
     p.set_defaults(func=_cmd_qa_final)
+
+    p = qa_sub.add_parser("reader-times", help="per reader: seconds per read (median, 90th percentile) and share "
+                          "accepted without edit")
+    p.add_argument("--results-dir", required=True, help="reads are taken from <dir>/reads/<reader>.sqlite")
+    p.add_argument("--reader", action="append", required=True, help="reader id (readers and adjudicator); repeat")
+    p.add_argument("--out", required=True, help="qa_reader_times.tsv (a .json dictionary goes beside it)")
+    p.set_defaults(func=_cmd_qa_reader_times)
 
 
 def _cmd_arms(args):

@@ -156,8 +156,6 @@ rule qa_final:
         edited=directory(f"{WORK}/qa/edited"),
         agreement=f"{RESULTS}/qa_agreement.tsv",
         agreement_dictionary=f"{RESULTS}/qa_agreement.json",
-        reader_times=f"{RESULTS}/qa_reader_times.tsv",
-        reader_times_dictionary=f"{RESULTS}/qa_reader_times.json",
     params:
         results_dir=lambda wildcards, output: str(Path(output.agreement).parent),
         baseline=BASELINE_ID,
@@ -171,5 +169,24 @@ rule qa_final:
     shell:
         "khe-vol qa final --results-dir {params.results_dir:q} {params.readers} {params.adjudicator} "
         "--baseline-session {params.baseline} {params.key_args} --out {output.records:q} "
-        "--edited-dir {output.edited:q} --agreement {output.agreement:q} --reader-times {output.reader_times:q} "
-        "{input.records:q} > {log:q} 2>&1"
+        "--edited-dir {output.edited:q} --agreement {output.agreement:q} {input.records:q} > {log:q} 2>&1"
+
+
+rule qa_reader_times:
+    """Per reader: time per read and share accepted without edit (kept from the readers; never served)."""
+    input:
+        # Written by `khe-vol qa serve`, never by the workflow: a new read makes them newer.
+        dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    output:
+        table=f"{RESULTS}/qa_reader_times.tsv",
+        dictionary=f"{RESULTS}/qa_reader_times.json",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.table).parent),
+        readers=" ".join(f"--reader {r}" for r in READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_reader_times.log",
+    shell:
+        "khe-vol qa reader-times --results-dir {params.results_dir:q} {params.readers} --out {output.table:q} "
+        "> {log:q} 2>&1"
