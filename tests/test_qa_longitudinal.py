@@ -14,6 +14,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from khe_vol.cli import main
 from khe_vol.files import read_tsv
@@ -281,3 +282,37 @@ def test_independent_reading_shows_no_grouping_and_no_prior(tmp_path):
     assert not served.errors, served.errors
     (read,) = store.all_reads(results / "reads" / "R1.sqlite")
     assert read["seconds_to_verdict"] > 0 and read["edit_seconds"] is None  # timed in either mode
+
+
+@pytest.mark.slow  # real Snakemake runs
+def test_workflow_builds_longitudinal_packages_and_the_reader_times_table(tmp_path):
+    from tests.cohort import write_mask_cohort
+    from tests.test_workflow import run_snakemake
+
+    config_path = write_mask_cohort(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    config.update(readers=["R1"], qa_seed=8817230998812345, reading_mode="longitudinal")
+    config_path.write_text(yaml.safe_dump(config))
+    run_snakemake(tmp_path / "work", config_path)
+    results = tmp_path / "results"
+    assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
+    wl = worklist(results)
+    assert [len(g["cases"]) for g in wl["participants"]] == [3, 3]
+    key = {(r["participant_id"], r["session_id"]): r for r in read_key(results)}
+    for pid in ("sub-01", "sub-02"):
+        assert [key[(pid, f"ses-{s}")]["timepoint"] for s in ("baseline", "m06", "m12")] == ["1", "2", "3"]
+    (row,) = read_tsv(results / "qa_reader_times.tsv")
+    assert (row["reader"], row["n_reads"], row["median_seconds"]) == ("R1", "0", "n/a")
+
+    # Reads with their times (as the app stores them): the next run summarises them.
+    db = results / "reads" / "R1.sqlite"
+    for n, ((pid, ses), r) in enumerate(sorted(key.items())):
+        store.record_read(db, "R1", r["case_code"], "accept", proposed_mask_sha256=r["proposed_mask_sha256"],
+                          seconds_to_verdict=10.0 * (n + 1))
+    run_snakemake(tmp_path / "work", config_path)
+    (row,) = read_tsv(results / "qa_reader_times.tsv")
+    assert (row["n_reads"], row["n_timed"], row["median_seconds"], row["p90_seconds"],
+            row["share_accepted_without_edit"]) == ("6", "6", "35.0", "55.0", "1.000")
+    assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
+    proc = run_snakemake(tmp_path / "work", config_path, "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
