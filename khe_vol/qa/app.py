@@ -390,11 +390,51 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "edited_mask_url": url if r["verdict"] == "edited" else None,
         }
 
+    def prior_view(prior_code):
+        """The earlier timepoint shown beside a follow-up (longitudinal reading): its image and final mask.
+
+        The mask is the reader's own final read of that case when there is one
+        (an edited mask; none for "no residual lesion"), else the proposed mask.
+        """
+        prior, _, _ = case_or_404(prior_code)
+        history = [r for r in store.read_history(db, prior_code) if r["reader"] == reader]
+        current = history[-1] if history else None
+        state = read_state(prior, current)
+        proposed_url = f"/files/{prior['proposed_mask']}" if prior["proposed_mask"] else None
+        if current is not None and current["verdict"] == "edited":
+            mask_url, source = public_read(current)["edited_mask_url"], "your edited mask"
+        elif current is not None and current["verdict"] == "no_residual_lesion":
+            mask_url, source = None, "your read: no residual lesion (no mask)"
+        elif proposed_url is None:
+            mask_url, source = None, "no mask yet (not seeded)"
+        elif current is None:
+            mask_url, source = proposed_url, "proposed mask (not read yet)"
+        else:
+            label = {"accept": "you accepted it", "reject": "you rejected it"}[current["verdict"]]
+            mask_url, source = proposed_url, f"proposed mask ({label})"
+        if state == "stale" and mask_url is not None and mask_url == proposed_url:
+            source = "proposed mask (changed since your read: read it again)"
+        return {
+            "case_code": prior_code,
+            "timepoint": prior["timepoint"],
+            "image_url": f"/files/{prior['image']}",
+            "mask_url": mask_url,
+            "mask_source": source,
+        }
+
     def case_view(code):
         case, prev_code, next_code = case_or_404(code)
         history = [r for r in store.read_history(db, code) if r["reader"] == reader]
         current = history[-1] if history else None
-        return {
+        longitudinal = {}
+        if "timepoint" in case:  # a longitudinal package; independent cases carry none of this
+            longitudinal = {"longitudinal": {
+                "participant": case["participant"],
+                "timepoint": case["timepoint"],
+                "n_timepoints": case["n_timepoints"],
+                "prior": prior_view(case["prior_case"]) if case["prior_case"] else None,
+            }}
+        return longitudinal | {
             "case": case,
             "prev": prev_code,
             "next": next_code,
@@ -432,7 +472,13 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             rows.append({"case": c, "state": read_state(c, cur), "current": public_read(cur) if cur else None})
         n_read = sum(1 for r in rows if r["state"] == "read")
         first_unread = next((r["case"]["case_code"] for r in rows if r["state"] != "read"), None)
-        return {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows), "first_unread": first_unread}
+        view = {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows), "first_unread": first_unread}
+        if wl.get("participants"):
+            # Longitudinal reading: a participant's timepoints together, T1..Tn.
+            by_code = {r["case"]["case_code"]: r for r in rows}
+            view["groups"] = [{"participant": g["participant"], "rows": [by_code[c] for c in g["cases"]]}
+                              for g in wl["participants"]]
+        return view
 
     @app.before_request
     def only_local_names():
@@ -530,10 +576,17 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 mask_gz, volume_ml = validate_edited_mask(upload.read(), folder / case["image"])
             except (ValueError, SeriesError, OSError) as exc:
                 return jsonify(error=str(exc)), 400
+        try:
+            # How long the read took (never shown to any reader; summarised per reader by `qa final`).
+            seconds, edit_seconds = store.check_read_seconds(request.form.get("seconds_to_verdict"),
+                                                             request.form.get("edit_seconds"), verdict)
+        except ValueError as exc:
+            return jsonify(error=str(exc)), 400
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
             store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                              proposed_mask_sha256=proposed_sha(case), clicks=clicks,
+                              proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
+                              edit_seconds=edit_seconds,
                               expected_revision=None if expected is None else int(expected))
         except store.RevisionConflict as exc:
             # A second post of the same page state (a double click): nothing stored, the saved state returned.

@@ -270,7 +270,7 @@ def final_outputs():
 
 
 def result_files():
-    qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv"] if READERS else []
+    qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv", f"{RESULTS}/qa_reader_times.tsv"] if READERS else []
     arms = [f"{RESULTS}/response_by_arm.tsv", f"{RESULTS}/response_by_arm.json"] if config["allocation"] else []
     return qa + arms + [
         f"{RESULTS}/check.tsv",

@@ -68,6 +68,7 @@ rule qa_package:
         readers=" ".join(f"--reader {r}" for r in READERS),
         seed=config["qa_seed"],
         display=DISPLAY_ARGS,
+        reading_mode=config["reading_mode"],
         reader_records=reader_record_args,
     conda:
         "../../environment.yml"
@@ -75,7 +76,8 @@ rule qa_package:
         f"{RESULTS}/logs/qa_package.log",
     shell:
         "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} {params.display} "
-        "{params.reader_records} --key {output.key:q} {input.records:q} > {log:q} 2>&1"
+        "--reading-mode {params.reading_mode} {params.reader_records} --key {output.key:q} {input.records:q} "
+        "> {log:q} 2>&1"
 
 
 if ADJUDICATOR:
@@ -117,13 +119,14 @@ if ADJUDICATOR:
             adjudicator=ADJUDICATOR,
             seed=config["qa_seed"],
             display=DISPLAY_ARGS,
+            reading_mode=config["reading_mode"],
         conda:
             "../../environment.yml"
         log:
             f"{RESULTS}/logs/qa_adjudication_package.log",
         shell:
             "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} {params.display} "
-            "--series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
+            "--reading-mode {params.reading_mode} --series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
             "{input.records:q} > {log:q} 2>&1"
 
 
@@ -169,3 +172,23 @@ rule qa_final:
         "khe-vol qa final --results-dir {params.results_dir:q} {params.readers} {params.adjudicator} "
         "--baseline-session {params.baseline} {params.key_args} --out {output.records:q} "
         "--edited-dir {output.edited:q} --agreement {output.agreement:q} {input.records:q} > {log:q} 2>&1"
+
+
+rule qa_reader_times:
+    """Per reader: time per read and share accepted without edit (kept from the readers; never served)."""
+    input:
+        # Written by `khe-vol qa serve`, never by the workflow: a new read makes them newer.
+        dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    output:
+        table=f"{RESULTS}/qa_reader_times.tsv",
+        dictionary=f"{RESULTS}/qa_reader_times.json",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.table).parent),
+        readers=" ".join(f"--reader {r}" for r in READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_reader_times.log",
+    shell:
+        "khe-vol qa reader-times --results-dir {params.results_dir:q} {params.readers} --out {output.table:q} "
+        "> {log:q} 2>&1"

@@ -303,6 +303,7 @@
     } else if (maskBytes) {
       form.append("mask", new Blob([maskBytes], { type: "application/octet-stream" }), "drawing.nii");
     }
+    if (window.kheReadTime) { window.kheReadTime.addTo(form, verdict); }  // time per read (readtime.js)
     setSaving(true);
     $("error").textContent = "saving...";
     try {
@@ -325,6 +326,7 @@
         $("error").textContent = "Not saved: " + data.error;
         return false;
       }
+      if (window.kheReadTime) { window.kheReadTime.saved(); }
       $("error").textContent = "Saved.";
       savedClicks = clicks.slice();  // the reader decided: clicks left unsaved were chosen to be dropped
       render(data);
