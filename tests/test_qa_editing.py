@@ -326,6 +326,8 @@ def test_live_volume_is_the_volume_the_server_computes_and_the_saved_mask_is_on_
 
 def draw_loop(page, corners_mm):
     """A closed line through ``corners_mm`` (on the current slice) with the left button held."""
+    # The mouse only reaches what is on screen: bring the image into view first, as a reader scrolls.
+    page.evaluate("() => document.getElementById('gl').scrollIntoView({block: 'center'})")
     points = [screen_point(page, c) for c in corners_mm] + [screen_point(page, corners_mm[0])]
     page.mouse.move(*points[0])
     page.mouse.down()

@@ -607,6 +607,8 @@
       return;
     }
     const key = e.key.toLowerCase();
+    // A focused slider keeps its own keys (arrows, Page, Home/End move it), as everywhere on the web.
+    if (e.target && e.target.type === "range" && /^(arrow|page|home|end)/.test(key)) { return; }
     // While editing, Ctrl keys and the pen's own keys are edit.js's (the active tool's history).
     if (window.khe.editing && (e.ctrlKey || e.metaKey || EDIT_KEYS.includes(key))) { return; }
     let action = null;

@@ -15,7 +15,8 @@
     if (!t || !t.closest) { return; }
     if (t.id === "gl" && e.button === 0) {
       const k = window.khe;
-      const penOn = k && k.nv && k.nv.opts && k.nv.opts.drawingEnabled;
+      // Editing (edit.js's brushes paint themselves) or NiiVue's own pen.
+      const penOn = k && (k.editing || (k.nv && k.nv.opts && k.nv.opts.drawingEnabled));
       const clickMode = document.getElementById("click-mode");
       if (penOn || (clickMode && clickMode.checked)) { markEdit(); }
     } else if (t.closest("#edit-tools button") && !t.closest("#save-edit")) {
