@@ -95,7 +95,8 @@ def small_phantom(rng_seed=0, orientation="axial_lps", oblique_deg=0.0, shape=(6
 def stored_values(image):
     """int16 stored values and (slope, intercept) so that ``stored * slope + intercept`` ~ image."""
     image = np.asarray(image, dtype=np.float64)
-    slope = float(np.float32(max(float(image.max()), 1.0) / 30000.0))
+    # A value DICOM's decimal string (DS) holds exactly, so the DICOM and the direct NIfTI agree.
+    slope = _ds(max(float(image.max()), 1.0) / 30000.0)
     stored = np.clip(np.round(image / slope), -32768, 32767).astype(np.int16)
     return stored, slope, 0.0
 
