@@ -159,6 +159,44 @@ def _cmd_segment(args):
     return 0
 
 
+def _cmd_import(args):
+    from khe_vol.config import ConfigError, load_schema, resolve_config
+    from khe_vol.dicom.importer import DicomImportError, import_dicom
+
+    try:
+        if args.config:
+            config = resolve_config([args.config])
+            rule, sessions = config["dicom_series_rule"], config["sessions"]
+            if Path(config["imaging_dir"]).resolve() != Path(args.out).resolve():
+                print(f"khe-vol import: note: {args.config} reads imaging_dir {config['imaging_dir']}, "
+                      f"not {args.out}", file=sys.stderr)
+        else:
+            rule, sessions = None, (load_schema()["properties"]["sessions"]["default"]
+                                    if args.month_window is not None else None)
+        outcomes, scan_problems, paths = import_dicom(
+            args.dicom_dir, args.out, args.visits, rule_overrides=rule, sessions=sessions,
+            month_window=args.month_window, uid_map_path=args.uid_map, force=args.force)
+    except (ConfigError, DicomImportError) as exc:
+        print(f"khe-vol import: {exc}", file=sys.stderr)
+        return 2
+    for problem in scan_problems:
+        print(f"khe-vol import: {problem}", file=sys.stderr)
+    for o in outcomes:
+        who = f"{o.participant_id or '?'} {o.session_id or '?'}"
+        print(f"{who}: study {o.study_instance_uid}: {o.status}"
+              + (f" -> {o.nifti}" if o.nifti else "") + f" ({o.message})")
+        for series, verdict in zip(o.series, o.verdicts):
+            mark = "*" if series is o.chosen else ("+" if verdict.candidate else "-")
+            print(f"    {mark} {series.label}: {verdict.reason}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} studies converted; UID map {paths['uid_map']}, "
+          f"report {paths['report']} (keep both outside the imaging folder)")
+    if failed:
+        print(f"khe-vol import: {len(failed)} study(ies) not converted (see above and {paths['report']})",
+              file=sys.stderr)
+    return 1 if failed or not outcomes else 0
+
+
 def _cmd_tables(args):
     from khe_vol.files import read_records
     from khe_vol.report.provenance import run_provenance
@@ -560,6 +598,21 @@ def build_parser():
     p.add_argument("--out", required=True, help="mask to write: uint8 0/1 on the image grid")
     p.add_argument("--record", help="JSON record of the clicks and the result")
     p.set_defaults(func=_cmd_segment, clicks=[])
+
+    p = sub.add_parser("import", help="convert a site's DICOM export into the imaging folder (de-identified T2 "
+                       "NIfTI; UID map and report outside it)")
+    p.add_argument("dicom_dir", help="folder of DICOM files (searched recursively; never modified)")
+    p.add_argument("--out", required=True, help="the imaging folder (imaging_dir) to write sub-*/ses-*/anat/ into")
+    p.add_argument("--visits", required=True, help="TSV: participant_id, session_id and one of study_instance_uid, "
+                   "accession_number, study_date (+ patient_id); optional series_number")
+    p.add_argument("--config", default=None, help="study config: dicom_series_rule and sessions")
+    p.add_argument("--uid-map", default=None, help="UID map TSV (default <parent of --out>/dicom_uids.tsv; never "
+                   "inside the imaging folder); import_report.tsv goes beside it")
+    p.add_argument("--month-window", type=float, default=None, metavar="MONTHS",
+                   help="match studies to sessions by months after the participant's first study (+-MONTHS); "
+                   "the visits table then has participant_id and patient_id")
+    p.add_argument("--force", action="store_true", help="replace a session's existing T2 that differs")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("tables", help="write volumes.tsv and response.tsv from series records")
     p.add_argument("--results-dir", required=True)

@@ -157,9 +157,8 @@ def find_dicom(imaging_dir):
         n = len(names)
         problems.append(
             f"{folder}: {n} DICOM file{'s' if n > 1 else ''} (e.g. {names[0]}) not read: khe-vol measures NIfTI only. "
-            "Convert the T2 series to NIfTI, e.g. `dcm2niix -z y -f sub-<label>_ses-<label>_T2w "
-            f"-o {root}/sub-<label>/ses-<label>/anat {folder}`, and move the DICOM files out of the imaging "
-            "folder (a `khe-vol import` that does this is planned)"
+            "Move the DICOM files out of the imaging folder and convert them with `khe-vol import DICOM_DIR "
+            f"--out {root} --visits visits.tsv` (dcm2niix, de-identified; README: Importing DICOM)"
         )
     return problems
 
