@@ -91,6 +91,7 @@ def series_datasets(data, affine, name, frame_axis=2, reverse=False, row_axis=No
         ds.SliceThickness = f"{np.linalg.norm(affine[:3, frame_axis]):.10g}"
         ds.Rows, ds.Columns = plane.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.WindowCenter, ds.WindowWidth = "500", "1000"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.ascontiguousarray(np.clip(plane, 0, 65535).astype("<u2")).tobytes()
         out.append(ds)

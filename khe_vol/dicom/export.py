@@ -48,8 +48,10 @@ goes back to the site, never to blinded readers.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 
@@ -533,3 +535,189 @@ def sr_dataset(seg, source_datasets, volume_ml, max_diameter_mm, participant_id,
     )
     _set_trial_and_dates(sr, source_datasets[0], participant_id, session_id, month, trial)
     return sr
+
+
+# ---------------------------------------------------------------- the cohort (file I/O at the edge)
+
+#: Columns of ``<results_dir>/dicom/export.tsv``: what was exported, and why not.
+EXPORT_COLUMNS = ["participant_id", "session_id", "status", "algorithm_type", "seg", "sr",
+                  "series_instance_uid", "message"]
+
+#: Columns the uid map must have (the CONTRACT with ``khe-vol import``).
+UID_MAP_COLUMNS = ["participant_id", "session_id", "nifti", "dicom_dir", "dicom_files", "study_instance_uid",
+                   "series_instance_uid", "frame_of_reference_uid", "series_description"]
+
+
+def read_uid_map(path):
+    """The uid map's rows by (participant_id, session_id).
+
+    Raises
+    ------
+    ValueError
+        Naming the file: missing columns or a series listed twice.
+    """
+    from khe_vol.files import read_tsv
+
+    rows = read_tsv(path)
+    missing = [c for c in UID_MAP_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: uid map lacks column(s) {', '.join(missing)} (written by khe-vol import)")
+    out = {}
+    for row in rows:
+        key = (row["participant_id"], row["session_id"])
+        if key in out:
+            raise ValueError(f"{path}: {key[0]} {key[1]} is listed twice")
+        out[key] = row
+    return out
+
+
+def final_mask_path(record, derivatives_dir):
+    """Path of a record's final mask in the derivatives dataset (None: the final mask is empty).
+
+    A blinded reader's edit is ``desc-<reader>``; a "no residual lesion"
+    verdict is an empty mask; otherwise the series' own mask.
+    """
+    from khe_vol.derivatives import mask_relpath
+
+    source = str(record.get("volume_source") or "")
+    reader, _, verdict = source.partition(":")
+    if verdict == "no_residual_lesion":
+        return None
+    rel = mask_relpath(record["participant_id"], record["session_id"], reader if verdict == "edited" else None)
+    return Path(derivatives_dir) / rel
+
+
+def _read_source(row, where):
+    import pydicom
+
+    try:
+        files = json.loads(row["dicom_files"])
+    except ValueError as exc:
+        raise ExportError(f"{where}: dicom_files is not a JSON list ({exc})") from exc
+    datasets = []
+    for rel in files:
+        path = Path(row["dicom_dir"]) / rel
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ExportError(f"{path}: cannot read the source DICOM file ({exc})") from exc
+    wrong = sorted({str(ds.get("SeriesInstanceUID")) for ds in datasets} - {row["series_instance_uid"]})
+    if wrong:
+        raise ExportError(
+            f"{where}: the listed files belong to series {', '.join(wrong)}, not {row['series_instance_uid']} "
+            "as the uid map says; re-run khe-vol import"
+        )
+    return datasets
+
+
+def export_series(record, volume_row, response_row, row, imaging_dir, derivatives_dir, trial=None):
+    """The SEG and SR of one series (datasets), or an ExportError saying why not.
+
+    Parameters
+    ----------
+    record : dict
+        The series' final record.
+    volume_row, response_row : dict or None
+        Its ``volumes.tsv`` and ``response.tsv`` rows (text as written).
+    row : dict
+        Its uid map row.
+    imaging_dir, derivatives_dir : path-like
+    trial : dict, optional
+
+    Returns
+    -------
+    (highdicom.seg.Segmentation, highdicom.sr.Comprehensive3DSR, str)
+        SEG, SR and the algorithm type.
+    """
+    from khe_vol.files import NA
+    from khe_vol.nifti import SeriesError, load_image
+
+    pid, ses = record["participant_id"], record["session_id"]
+    where = f"{pid} {ses} ({row['dicom_dir']})"
+    if record["status"] != "ok" or volume_row is None or volume_row["status"] != "ok":
+        raise ExportError(f"{pid} {ses}: no final volume ({record.get('message') or 'see volumes.tsv'})")
+    mapped = (Path(imaging_dir) / row["nifti"]).resolve()
+    if mapped != Path(record["source_file"]).resolve():
+        raise ExportError(
+            f"{where}: the uid map's NIfTI {mapped} is not the series measured ({record['source_file']}); "
+            "the map is from another import"
+        )
+    algorithm = algorithm_type(record)
+    mask_path = final_mask_path(record, derivatives_dir)
+    if mask_path is None:
+        mask, affine = np.zeros(record["shape"], np.uint8), np.asarray(record["affine"], float)
+    else:
+        try:
+            image = load_image(mask_path, "mask")
+        except SeriesError as exc:
+            raise ExportError(str(exc)) from exc
+        mask, affine = image.data != 0, image.affine
+    datasets = _read_source(row, where)
+    seg = segmentation_dataset(datasets, mask, affine, algorithm, pid, ses, record["month"], trial, where)
+    diameter_cm = volume_row["max_diameter_cm"]
+    diameter_mm = None if diameter_cm == NA else Decimal(diameter_cm) * 10
+    category = None
+    if response_row is not None and response_row["status"] == "ok":
+        category = response_row["category"]
+    reasons = [] if volume_row["review_reason"] == NA else volume_row["review_reason"].split(";")
+    if response_row is not None and response_row["review_reason"] != NA:
+        reasons = sorted(set(reasons) | set(response_row["review_reason"].split(";")))
+    sr = sr_dataset(seg, datasets, volume_row["volume_ml"], diameter_mm, pid, ses, record["month"],
+                    category=category, review_reasons=reasons, trial=trial)
+    return seg, sr, algorithm
+
+
+def dataset_bytes(ds):
+    """A dataset as DICOM file bytes (preamble, file meta), the same on every call."""
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_dicom_export(records, volumes_tsv, response_tsv, uid_map_tsv, imaging_dir, derivatives_dir, out_dir,
+                       trial=None):
+    """Write ``<out_dir>/sub-*/ses-*/{seg,sr}.dcm`` and ``export.tsv`` for every series.
+
+    A series without a uid map row, or one that cannot be exported, gets a
+    row in ``export.tsv`` with ``status`` ``not_exported`` and the reason;
+    the others are exported. The folder is built aside and swapped in whole.
+
+    Returns
+    -------
+    list of dict
+        The ``export.tsv`` rows.
+    """
+    from khe_vol.files import read_tsv, replacing_dir, tsv_text
+
+    uid_map = read_uid_map(uid_map_tsv)
+    volumes = {(r["participant_id"], r["session_id"]): r for r in read_tsv(volumes_tsv)}
+    responses = {(r["participant_id"], r["session_id"]): r for r in read_tsv(response_tsv)}
+    rows = []
+    with replacing_dir(out_dir) as tmp:
+        for record in sorted(records, key=lambda r: (r["participant_id"], r["session_id"])):
+            key = (record["participant_id"], record["session_id"])
+            out = {"participant_id": key[0], "session_id": key[1], "status": "not_exported"}
+            row = uid_map.get(key)
+            if row is None:
+                out["message"] = f"no row in the uid map {uid_map_tsv}: not imported from DICOM, nothing to reference"
+                rows.append(out)
+                continue
+            out["series_instance_uid"] = row["series_instance_uid"]
+            try:
+                seg, sr, algorithm = export_series(record, volumes.get(key), responses.get(key), row, imaging_dir,
+                                                   derivatives_dir, trial)
+            except ExportError as exc:
+                out["message"] = str(exc)
+                rows.append(out)
+                continue
+            folder = Path(tmp) / key[0] / key[1]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "seg.dcm").write_bytes(dataset_bytes(seg))
+            (folder / "sr.dcm").write_bytes(dataset_bytes(sr))
+            out.update(status="exported", algorithm_type=algorithm, seg=f"{key[0]}/{key[1]}/seg.dcm",
+                       sr=f"{key[0]}/{key[1]}/sr.dcm")
+            rows.append(out)
+        (Path(tmp) / "export.tsv").write_text(tsv_text(EXPORT_COLUMNS, rows, keep_spaces=True), encoding="utf-8")
+    return rows
