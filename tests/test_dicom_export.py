@@ -199,3 +199,95 @@ def test_sr_holds_volume_diameter_category_and_references_the_seg(tmp_path):
     assert back.ClinicalTrialTimePointID == "m12"
     texts = [str(i.get("TextValue", "")) for i in items]
     assert "m12" in texts  # the time point context
+
+
+def test_dicom_export_true_needs_the_uid_map(tmp_path):
+    from khe_vol.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="dicom_uid_map"):
+        validate_config({"imaging_dir": str(tmp_path), "dicom_export": True})
+    assert validate_config({"imaging_dir": str(tmp_path)})["dicom_export"] is False
+
+
+@pytest.mark.slow
+def test_workflow_writes_seg_and_sr_that_match_the_tables(tmp_path):
+    """A real Snakemake run with dicom_export on a study whose NIfTI came from DICOM the test wrote."""
+    import csv
+    import json
+
+    import nibabel as nib
+    import yaml
+
+    from khe_vol.files import write_tsv
+    from tests.cohort import write_mask_cohort
+    from tests.dicom_series import uid_map_row
+    from tests.test_workflow import run_snakemake
+
+    root = tmp_path / "study"
+    config_path = write_mask_cohort(root)
+    rows = []
+    for nifti in sorted((root / "imaging").rglob("*_T2w.nii.gz")):
+        pid, ses = nifti.name.split("_")[:2]
+        img = nib.load(nifti)
+        enhanced = pid == "sub-02"  # sub-02: oblique, flipped, one multi-frame file, frames along i, reversed
+        datasets = series_datasets(np.asarray(img.dataobj), img.affine, f"{pid}{ses}",
+                                   frame_axis=0 if enhanced else 2, reverse=enhanced)
+        dicom_dir = root / "dicom" / f"{pid}_{ses}"
+        files = write_series(dicom_dir, datasets, enhanced=enhanced, name=f"{pid}{ses}")
+        if (pid, ses) != ("sub-02", "ses-m12"):  # one series not imported from DICOM
+            rows.append(uid_map_row(pid, ses, str(nifti.relative_to(root / "imaging")), dicom_dir, files, datasets))
+    uid_map = root / "dicom_uids.tsv"
+    write_tsv(uid_map, list(rows[0]), rows, keep_spaces=True)  # the project's TSV format, as khe-vol import writes
+    config = yaml.safe_load(config_path.read_text())
+    config.update(dicom_export=True, dicom_uid_map=str(uid_map), dicom_trial={"sponsor_name": "KHE consortium",
+                                                                               "protocol_id": "KHE-01"})
+    config_path.write_text(yaml.safe_dump(config))
+
+    run_snakemake(root / "work", config_path)
+    results = root / "results"
+
+    def table(path):
+        with open(path, newline="") as fh:
+            return {(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")}
+
+    export, volumes, response = (table(results / name) for name in ("dicom/export.tsv", "volumes.tsv", "response.tsv"))
+    assert export[("sub-02", "ses-m12")]["status"] == "not_exported"
+    assert "uid map" in export[("sub-02", "ses-m12")]["message"]
+    exported = [key for key, row in export.items() if row["status"] == "exported"]
+    assert len(exported) == 5
+    for pid, ses in exported:
+        assert export[(pid, ses)]["algorithm_type"] == MANUAL  # reader masks from masks_dir
+        derivative = nib.load(results / f"derivatives/{pid}/{ses}/anat/{pid}_{ses}_label-lesion_mask.nii.gz")
+        seg, placed = seg_on_nifti_grid(results / f"dicom/{pid}/{ses}/seg.dcm", derivative.shape, derivative.affine)
+        assert np.array_equal(placed, np.asarray(derivative.dataobj))
+        assert seg.ClinicalTrialSponsorName == "KHE consortium" and seg.ClinicalTrialTimePointID == ses[4:]
+        sr = hd.sr.srread(results / f"dicom/{pid}/{ses}/sr.dcm")
+        group = sr.content.get_volumetric_roi_measurement_groups()[0]
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        # The same number as volumes.tsv (DS drops its trailing zeros: 4.189000 -> 4.189).
+        assert float(volume[0].MeasuredValueSequence[0].NumericValue) == float(volumes[(pid, ses)]["volume_ml"])
+        evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+        expected = response.get((pid, ses), {}).get("category")
+        assert evaluations.get("response_vs_baseline") == expected
+    empty = export[("sub-01", "ses-m12")]  # the reader's empty follow-up mask: 0 mL, exported as such
+    assert empty["status"] == "exported" and float(volumes[("sub-01", "ses-m12")]["volume_ml"]) == 0
+
+    before = {p: p.read_bytes() for p in (results / "dicom").rglob("*") if p.is_file()}
+    run_snakemake(root / "work", config_path, "--forcerun", "dicom_export")
+    after = {p: p.read_bytes() for p in (results / "dicom").rglob("*") if p.is_file()}
+    assert before == after
+    lint = run_snakemake(root / "lint", config_path, "--lint", check=False)  # dicom.smk included
+    assert lint.returncode == 0 and "Lints for" not in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    assert json.loads((results / "provenance.json").read_text())
+
+
+def test_the_final_mask_is_the_deciding_readers(tmp_path):
+    from khe_vol.dicom.export import final_mask_path
+
+    base = {"participant_id": "sub-01", "session_id": "ses-m06"}
+    assert final_mask_path({**base, "volume_source": "R2:edited"}, tmp_path).name == \
+        "sub-01_ses-m06_desc-R2_label-lesion_mask.nii.gz"
+    assert final_mask_path({**base, "volume_source": "R2:accept"}, tmp_path).name == \
+        "sub-01_ses-m06_label-lesion_mask.nii.gz"
+    assert final_mask_path({**base, "volume_source": "auto"}, tmp_path).name == "sub-01_ses-m06_label-lesion_mask.nii.gz"
+    assert final_mask_path({**base, "volume_source": "R1:no_residual_lesion"}, tmp_path) is None
