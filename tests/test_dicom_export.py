@@ -291,3 +291,30 @@ def test_the_final_mask_is_the_deciding_readers(tmp_path):
         "sub-01_ses-m06_label-lesion_mask.nii.gz"
     assert final_mask_path({**base, "volume_source": "auto"}, tmp_path).name == "sub-01_ses-m06_label-lesion_mask.nii.gz"
     assert final_mask_path({**base, "volume_source": "R1:no_residual_lesion"}, tmp_path) is None
+
+
+def test_a_uid_map_row_for_another_series_is_refused(tmp_path):
+    """The SEG never references UIDs of a series other than the one measured."""
+    import json
+
+    from khe_vol.dicom.export import export_series
+    from tests.conftest import save_nifti
+    from tests.dicom_series import uid_map_row
+
+    source, affine = write_case(tmp_path, "oblique")
+    nifti = save_nifti(tmp_path / "imaging/sub-01/ses-m06/anat/sub-01_ses-m06_T2w.nii.gz", np.ones(SHAPE), affine)
+    record = {"participant_id": "sub-01", "session_id": "ses-m06", "month": 6, "status": "ok", "method": "auto",
+              "seed_source": "seeds_file", "source_file": str(nifti), "shape": list(SHAPE), "affine": affine.tolist()}
+    volume_row = {"status": "ok", "volume_ml": "1.000000", "max_diameter_cm": "2.00", "review_reason": "n/a"}
+    files = sorted(p.name for p in (tmp_path / "oblique").iterdir())
+    row = uid_map_row("sub-01", "ses-m06", "sub-01/ses-m12/anat/sub-01_ses-m12_T2w.nii.gz", tmp_path / "oblique",
+                      files, source)
+    with pytest.raises(ExportError, match="is not the series measured"):
+        export_series(record, volume_row, None, row, tmp_path / "imaging", tmp_path / "derivatives")
+    save_nifti(tmp_path / "derivatives/sub-01/ses-m06/anat/sub-01_ses-m06_label-lesion_mask.nii.gz",
+               lesion(SHAPE, affine, centre_ras(SHAPE, affine)), affine)
+    row = {**uid_map_row("sub-01", "ses-m06", "sub-01/ses-m06/anat/sub-01_ses-m06_T2w.nii.gz", tmp_path / "oblique",
+                         files, source), "series_instance_uid": "1.2.3.4"}
+    with pytest.raises(ExportError, match="not 1.2.3.4"):
+        export_series(record, volume_row, None, row, tmp_path / "imaging", tmp_path / "derivatives")
+    assert json.loads(row["dicom_files"]) == files
