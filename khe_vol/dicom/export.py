@@ -175,12 +175,11 @@ def _floats(value, n, what, where):
 
 
 def _frame_functional_group(ds, frame_index, sequence):
-    """An enhanced multi-frame functional group item, per-frame or shared."""
-    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
-        if groups is None:
-            continue
-        item = groups[frame_index] if groups is ds.get("PerFrameFunctionalGroupsSequence") else groups[0]
-        if sequence in item:
+    """An enhanced multi-frame functional group item: the frame's own, else the shared one."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for item in (per_frame[frame_index] if per_frame else None, shared[0] if shared else None):
+        if item is not None and sequence in item:
             return item[sequence][0]
     return None
 
