@@ -38,6 +38,11 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/derivatives.smk"
 
 
+if config["dicom_export"]:
+
+    include: "workflow/rules/dicom.smk"
+
+
 if config["allocation"]:
 
     include: "workflow/rules/analysis.smk"

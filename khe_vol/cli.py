@@ -664,6 +664,18 @@ def build_parser():
     p.add_argument("records", nargs="+")
     p.set_defaults(func=_cmd_provenance)
 
+    p = sub.add_parser("dicom-export", help="each series' final mask as DICOM SEG and its measurements as a "
+                       "TID 1500 SR, on the source DICOM series named by the uid map")
+    p.add_argument("--uid-map", required=True, help="dicom_uids.tsv written by khe-vol import")
+    p.add_argument("--imaging-dir", required=True)
+    p.add_argument("--derivatives", required=True, help="the derivatives dataset (the final masks)")
+    p.add_argument("--volumes", required=True)
+    p.add_argument("--response", required=True)
+    p.add_argument("--trial-json", default=None, help="config dicom_trial (sponsor, protocol, site) as JSON")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("records", nargs="+", help="record.json files, or the reads' final records")
+    p.set_defaults(func=_cmd_dicom_export)
+
     p = sub.add_parser("derivatives", help="write the BIDS derivatives dataset of masks")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--edited-dir", default=None, help="readers' edited masks (from khe-vol qa final)")
@@ -672,6 +684,21 @@ def build_parser():
 
     _add_qa_parser(sub)
     return parser
+
+
+def _cmd_dicom_export(args):
+    from khe_vol.dicom.export import write_dicom_export
+    from khe_vol.files import read_records
+
+    rows = write_dicom_export(read_records(args.records), args.volumes, args.response, args.uid_map,
+                              args.imaging_dir, args.derivatives, args.out_dir,
+                              trial=json.loads(args.trial_json) if args.trial_json else None)
+    exported = [r for r in rows if r["status"] == "exported"]
+    for row in rows:
+        if row["status"] != "exported":
+            print(f"not exported: {row['participant_id']} {row['session_id']}: {row['message']}")
+    print(f"DICOM SEG + SR for {len(exported)} of {len(rows)} series in {args.out_dir}/ (export.tsv lists each)")
+    return 0
 
 
 def _joined_points(argv):

@@ -81,6 +81,11 @@ def validate_config(config):
         problems.append("arms: allocation is set, so arms (experimental arm first) must list the arm names")
     if filled["allocation"] is not None and filled["primary_month"] not in filled["sessions"].values():
         problems.append(f"primary_month: {filled['primary_month']} is not the month of any session in sessions")
+    if filled["dicom_export"] and not filled["dicom_uid_map"]:
+        problems.append(
+            "dicom_uid_map: dicom_export is true, so dicom_uid_map must name the uid map khe-vol import wrote "
+            "(dicom_uids.tsv beside the imaging folder): without it no SEG can reference its source series"
+        )
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
     return filled

@@ -272,7 +272,8 @@ def final_outputs():
 def result_files():
     qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv", f"{RESULTS}/qa_reader_times.tsv"] if READERS else []
     arms = [f"{RESULTS}/response_by_arm.tsv", f"{RESULTS}/response_by_arm.json"] if config["allocation"] else []
-    return qa + arms + [
+    dicom = [f"{RESULTS}/dicom"] if config["dicom_export"] else []
+    return qa + arms + dicom + [
         f"{RESULTS}/check.tsv",
         f"{RESULTS}/check.json",
         f"{RESULTS}/volumes.tsv",
@@ -311,6 +312,8 @@ def results_banner():
     ]
     if config["allocation"]:
         lines.append("  response_by_arm.tsv (intention to treat)")
+    if config["dicom_export"]:
+        lines.append("  dicom/: DICOM SEG + SR per imported series for the site's PACS (export.tsv lists each)")
     if READERS:
         lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
