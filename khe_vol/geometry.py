@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -145,6 +146,42 @@ def seed_voxel(seed_ras_mm, affine, shape):
     if np.any(ijk < 0) or np.any(ijk >= np.asarray(shape[:3])):
         return None
     return tuple(int(v) for v in ijk)
+
+
+def to_canonical(data, affine):
+    """The same voxels with array axes in the closest RAS+ order (nibabel's closest canonical).
+
+    Two files holding one series in different array orders (a flipped or
+    permuted axis, as dcm2niix and other writers differ) give the same
+    canonical array and affine, so what is computed on it does not depend
+    on the order a file happened to use.
+
+    Parameters
+    ----------
+    data : (I, J, K) array_like
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ mm.
+
+    Returns
+    -------
+    data : ndarray
+        Contiguous, axes permuted and flipped.
+    affine : ndarray
+        Voxel-to-world RAS+ mm of the canonical array (same world positions).
+    ornt : ndarray
+        The orientation applied; :func:`from_canonical` undoes it.
+    """
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=float)
+    ornt = nib.orientations.io_orientation(affine)
+    canonical = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+    return canonical, affine @ nib.orientations.inv_ornt_aff(ornt, data.shape[:3]), ornt
+
+
+def from_canonical(data, ornt):
+    """An array computed on :func:`to_canonical`'s grid, back in the original array order."""
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(np.asarray(data), back))
 
 
 def resample_mask_to_grid(mask, mask_affine, target_shape, target_affine):

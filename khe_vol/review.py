@@ -25,6 +25,11 @@ THICK_SLICE_MM = 5.0
 #: benchmark the median band is about 16 % of the volume wide.
 WIDE_BAND_SHARE = 0.5
 
+#: Automatic masks with more than this share of their voxels much brighter than the lesion's own
+#: level (:func:`khe_vol.segmentation.intensity.bright_share`) are flagged. On the phantom benchmark
+#: it is at most about 2 %; masks that took in adjacent fluid hold 15 % or more.
+BRIGHT_SHARE = 0.05
+
 #: Every review reason, with what it means and what a coordinator does about it.
 REVIEW_REASONS = {
     "automatic_zero_volume": (
@@ -47,6 +52,11 @@ REVIEW_REASONS = {
     ),
     "geometry_disagrees": "the NIfTI sform and qform place the image differently; the sform was used",
     "baseline_needs_review": "the baseline this follow-up is compared with needs review",
+    "bright_inclusion": (
+        f"more than {BRIGHT_SHARE:.0%} of the automatic mask is much brighter than the rest of the lesion: "
+        "fluid (a cyst, an effusion, the bladder) or a vessel may have joined it; check the mask's edges "
+        "and exclude what is not lesion"
+    ),
 }
 
 

@@ -23,7 +23,7 @@ from khe_vol.geometry import (
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_series
 from khe_vol.record import SeriesRecord
-from khe_vol.review import flag
+from khe_vol.review import BRIGHT_SHARE, flag
 from khe_vol.segmentation.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
@@ -207,6 +207,14 @@ def reader_mask_on_grid(mask_path, series):
     return on_grid, mask
 
 
+def _flag_bright_inclusion(record, info):
+    """Flag an automatic mask that took in much brighter tissue than the lesion (fluid, a vessel)."""
+    share = info.get("bright_share", 0.0)
+    if share > BRIGHT_SHARE:
+        flag(record, "bright_inclusion", f"{share:.0%} of the mask is brighter than the lesion level by more than "
+             "half the lesion contrast")
+
+
 def measure_series(
     participant_id,
     session_id,
@@ -358,6 +366,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                                           bool(mask[seed_voxel(seed, series.affine, series.data.shape)]))
             if problem:
                 flag(record, "seed_not_in_lesion_tissue", problem)
+            _flag_bright_inclusion(record, info)
             return mask, info
         ref_record = reference["record"]
         record["reference_session_id"] = ref_record["session_id"]
@@ -387,6 +396,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
         scale_detail = scale_review_detail(info["intensity_map"])
         if scale_detail:  # another gain-and-offset, sign or z-scoring than the reference
             flag(record, "intensity_scale_differs", scale_detail)
+        _flag_bright_inclusion(record, info)
         return mask, info
     except SegmentationError as exc:
         raise SeriesError(f"{series.path}: automatic segmentation failed: {exc}") from exc

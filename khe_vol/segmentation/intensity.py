@@ -176,6 +176,38 @@ def prepare_roi(image, affine, box, params):
     return smooth_mm(roi, roi_affine, params.smoothing_sigma_mm), info
 
 
+#: How far above the lesion level, in lesion contrasts ``L - B``, a voxel is "much brighter" than the lesion.
+BRIGHT_MARGIN_CONTRAST = 0.5
+
+
+def bright_share(smoothed, region, model):
+    """Share of a lesion's voxels much brighter than its own level.
+
+    A lesion's intensities gather around its level ``L``; tissue more than
+    :data:`BRIGHT_MARGIN_CONTRAST` contrasts above it in the mask is a second,
+    brighter tissue that joined it (fluid of a cyst, an effusion or the
+    bladder; a vessel with slow flow), not the lesion's own spread.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        The prepared region's intensities.
+    region : ndarray of bool
+        The lesion on ``smoothed``'s grid.
+    model : IntensityModel
+        The final model of that segmentation.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0 for an empty region.
+    """
+    values = smoothed[region]
+    if values.size == 0:
+        return 0.0
+    return float(np.mean(values > model.lesion + BRIGHT_MARGIN_CONTRAST * model.contrast))
+
+
 def robust_sd(values):
     """1.4826 x median absolute deviation (the SD for Gaussian data)."""
     values = np.asarray(values, float)

@@ -50,7 +50,7 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
-from khe_vol.geometry import seed_voxel, voxel_sizes_mm
+from khe_vol.geometry import from_canonical, seed_voxel, to_canonical, voxel_sizes_mm
 from khe_vol.segmentation.band import fluid_mask
 from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_roi, robust_sd, update_model
 from khe_vol.segmentation.morphology import (
@@ -412,18 +412,22 @@ class ClickSession:
     """
 
     def __init__(self, image, affine, start_mask=None, params=SegmentationParams(), volume_band=True):
-        self.image = np.asarray(image)
-        self.affine = np.asarray(affine, dtype=float)
-        if self.image.ndim != 3:
-            raise SegmentationError(f"expected a 3D image, got an array of shape {self.image.shape}")
+        image = np.asarray(image)
+        if image.ndim != 3:
+            raise SegmentationError(f"expected a 3D image, got an array of shape {image.shape}")
+        self.shape = image.shape
+        # Everything is computed on the canonical array order (the result does not depend on the
+        # order a file used) and handed back in the caller's.
+        self.image, self.affine, self._ornt = to_canonical(image, affine)
         self.params = params
         self.spacing_mm = voxel_sizes_mm(self.affine)
         self.start_mask = None
         if start_mask is not None:
             start_mask = np.asarray(start_mask) != 0
-            if start_mask.shape != self.image.shape:
+            if start_mask.shape != self.shape:
                 raise SegmentationError(f"the start mask (shape {list(start_mask.shape)}) is not on the image "
-                                        f"grid (shape {list(self.image.shape)})")
+                                        f"grid (shape {list(self.shape)})")
+            start_mask = to_canonical(start_mask, affine)[0]
             if not start_mask.any():
                 raise SegmentationError("the start mask is empty; start from an include click instead")
             self.start_mask = start_mask
@@ -525,7 +529,7 @@ class ClickSession:
         Returns
         -------
         mask : ndarray of uint8, shape of the image
-            1 = lesion.
+            1 = lesion, in the image's own array order.
         info : dict
             JSON-serialisable: ``start`` ("seed" or "mask"), ``n_clicks``,
             ``volume_ml``, ``n_voxels``, ``seconds`` (CPU of this call), and
@@ -556,6 +560,7 @@ class ClickSession:
         region = state[0]
         mask = np.zeros(self.image.shape, np.uint8)
         mask[self._roi.box] = region
+        mask = from_canonical(mask, self._ornt)
         n = int(np.count_nonzero(mask))
         info = {
             "start": start_info["start"],

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 
-from khe_vol.geometry import seed_voxel, voxel_sizes_mm
+from khe_vol.geometry import from_canonical, seed_voxel, to_canonical, voxel_sizes_mm
 from khe_vol.segmentation.band import enclosed_core, iterate_segmentation, threshold_band_ml
 from khe_vol.segmentation.edges import refine_edges
-from khe_vol.segmentation.intensity import PreparedRoi, initial_model, prepare_roi
+from khe_vol.segmentation.intensity import PreparedRoi, bright_share, initial_model, prepare_roi
 from khe_vol.segmentation.morphology import ball_mask, crop_box, fill_lesion_holes
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
@@ -45,8 +45,10 @@ def segment_from_seed(image, affine, seed_ras_mm, params=SegmentationParams()):
     SegmentationError
         Seed outside the image, or no hyperintense lesion at the seed.
     """
+    # On the canonical array order, so the result does not depend on the order a file used.
+    image, affine, ornt = to_canonical(image, affine)
     mask, info, _ = seeded_roi(image, affine, seed_ras_mm, params)
-    return mask, info
+    return from_canonical(mask, ornt), info
 
 
 def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=prepare_roi, volume_band=True):
@@ -111,6 +113,7 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=
     if core.any():
         region = fill_lesion_holes(region | core, spacing, params)
     info["enclosed_core_voxels"] = int(core.sum())
+    info["bright_share"] = bright_share(smoothed, region, model)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info["threshold_band_ml"] = (threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
                                  if volume_band else None)

@@ -41,10 +41,11 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from khe_vol.geometry import from_sitk, grid_corners_world, to_sitk, voxel_sizes_mm, voxel_to_world, world_to_voxel
+from khe_vol.geometry import (from_canonical, from_sitk, grid_corners_world, to_canonical, to_sitk,
+                              voxel_sizes_mm, voxel_to_world, world_to_voxel)
 from khe_vol.segmentation.band import iterate_segmentation, threshold_band_ml
 from khe_vol.segmentation.edges import refine_edges
-from khe_vol.segmentation.intensity import IntensityModel, prepare_roi, robust_sd, tissue_level
+from khe_vol.segmentation.intensity import IntensityModel, bright_share, prepare_roi, robust_sd, tissue_level
 from khe_vol.segmentation.morphology import crop_affine, distance_outside_mm, erode_mm, mask_box
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
@@ -517,6 +518,10 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
         )
     if not ref_mask.any():
         raise SegmentationError("the reference mask is empty: there is no lesion to track")
+    # On the canonical array orders, so the result does not depend on the order the files used.
+    ref_mask = to_canonical(ref_mask, ref_affine)[0]
+    ref_image, ref_affine, _ = to_canonical(ref_image, ref_affine)
+    image, affine, ornt = to_canonical(image, affine)
 
     transform, reg_info = register_rigid(ref_image, ref_affine, image, affine, params)
     info = {"registration": reg_info}
@@ -551,6 +556,7 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
     if region.sum() * voxel_ml < params.min_lesion_ml:
         region[...] = False
     info["threshold_band_ml"] = threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml)
+    info["bright_share"] = bright_share(smoothed, region, model)
     mask = np.zeros(image.shape, np.uint8)
     mask[box] = region
     n = int(mask.sum())
@@ -562,4 +568,4 @@ def track_followup(image, affine, ref_image, ref_affine, ref_mask, params=Segmen
         volume_ml=float(n * voxel_ml),
         seconds=round(time.process_time() - started, 3),
     )
-    return mask, info
+    return from_canonical(mask, ornt), info
