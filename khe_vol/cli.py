@@ -258,7 +258,8 @@ def _cmd_qa_serve(args):
     from khe_vol.qa.app import ViewerMissing, create_app, serve
 
     try:
-        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir)
+        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir,
+                         allocation_tsv=args.allocation)
     except (ViewerMissing, FileNotFoundError, ValueError) as exc:
         print(f"khe-vol qa serve: {exc}", file=sys.stderr)
         return 2
@@ -348,6 +349,8 @@ def _add_qa_parser(sub):
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--db", default=None, help="reads database (default <results-dir>/reads/<reader>.sqlite)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
+    p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
+                   "as the leak audit would flag them")
     p.set_defaults(func=_cmd_qa_serve)
 
     def reads_args(p):

@@ -271,8 +271,8 @@ def test_upload_is_checked_against_the_case_grid(package, tmp_path):
         data = {"verdict": "edited", "comment": "", "mask": (io.BytesIO(payload), "drawing.nii")}
         return client.post(f"/api/case/{code}/read", data=data, headers=headers, **kw)
 
-    drawing = np.zeros(case.shape, np.float32)
-    drawing[3:6, 4:7, 5] = 2.0  # NiiVue pen values are colours: binarised on save
+    drawing = np.zeros(case.shape, np.uint8)
+    drawing[3:6, 4:7, 5] = 2  # NiiVue pen values are colours: binarised on save
     good = nib.Nifti1Image(drawing, case.affine).to_bytes()
     wrong_shape = nib.Nifti1Image(drawing[:-1], case.affine).to_bytes()
     shifted = case.affine.copy()

@@ -18,15 +18,14 @@ recomputation of the mask, never a mask the browser sends.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
@@ -41,7 +40,10 @@ from khe_vol.qa import (
     reader_dir,
     store,
 )
-from khe_vol.qa.deidentify import mask_like, same_grid
+from khe_vol.qa.deidentify import mask_like
+from khe_vol.qa.key import key_paths
+from khe_vol.qa.leaks import Scanner, study_tokens
+from khe_vol.qa.upload import mask_from_upload
 from khe_vol.review import REVIEW_REASONS
 from khe_vol.segmentation.interactive import ClickSession, clicks_from_json
 
@@ -67,6 +69,36 @@ CSRF_HEADER = ("X-Khe-Vol", "reader")
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data: blob:; connect-src 'self' data: blob:; worker-src 'self' blob:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+#: The Host header values a loopback server answers (with or without a port).
+LOCAL_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+_PORT = re.compile(r":[0-9]{1,5}")
+
+
+def host_allowed(host, names):
+    """Whether a request's ``Host`` header names this server exactly.
+
+    Parameters
+    ----------
+    host : str or None
+        The raw header; None when the request had none (refused).
+    names : sequence of str
+        Allowed host names, lower case; an IPv6 address in brackets (``[::1]``).
+
+    Returns
+    -------
+    bool
+        True only for one of ``names``, optionally followed by ``:port``.
+    """
+    if not host:
+        return False
+    host = host.strip().lower()
+    for name in names:
+        if host == name or (host.startswith(name) and _PORT.fullmatch(host[len(name):])):
+            return True
+    return False
 
 
 class ViewerMissing(RuntimeError):
@@ -118,23 +150,12 @@ def validate_edited_mask(upload, case_image_path):
 
     Raises
     ------
-    ValueError
-        Not NIfTI, not 3D, or another shape or affine than the case image.
+    UploadRefused
+        Not a 0/1 NIfTI-1 mask on the case grid (:mod:`khe_vol.qa.upload`),
+        found before more than the case's own voxel count is decompressed.
     """
-    raw = gzip.decompress(upload) if upload[:2] == b"\x1f\x8b" else upload
-    try:
-        img = nib.Nifti1Image.from_bytes(raw)
-    except Exception as exc:  # nibabel raises many types for foreign bytes
-        raise ValueError(f"the uploaded mask is not a NIfTI-1 image ({exc})") from exc
     case_img, case_shape, case_affine, _ = open_image(case_image_path, "series")
-    shape = tuple(int(n) for n in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    affine = img.header.get_best_affine()
-    if not same_grid(shape, affine, case_shape, case_affine):
-        raise ValueError(f"the uploaded mask (shape {list(shape)}) is not on the case grid (shape {list(case_shape)}, "
-                         "or another position); reload the case and draw again")
-    data = np.asarray(img.dataobj).reshape(case_shape) != 0
+    data = mask_from_upload(upload, case_shape, case_affine)
     volume_ml = float(np.count_nonzero(data)) * voxel_volume_mm3(case_affine) / 1000.0
     return nifti_bytes(mask_like(data, case_img)), volume_ml
 
@@ -200,7 +221,56 @@ def parse_clicks_text(text):
         raise ClicksRefused(str(exc)) from None
 
 
-def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True):
+class CommentRefused(ValueError):
+    """A comment the blinding would not let stand; the message is for the reader's screen."""
+
+
+#: Longest comment saved, characters.
+MAX_COMMENT_CHARS = 5000
+
+
+class CommentChecker:
+    """Checks a reader's comment against the study's forbidden tokens before it is saved.
+
+    The tokens are the leak audit's own (:func:`khe_vol.qa.leaks.study_tokens`),
+    matched as the audit matches page text, so a comment that is saved can
+    never make the audit fail. They are rebuilt when a key file changes.
+
+    Parameters
+    ----------
+    results_dir : path-like
+    allocation_tsv : path-like, optional
+        The allocation table the workflow's audit uses (arm and site names).
+    """
+
+    def __init__(self, results_dir, allocation_tsv=None):
+        self.results_dir, self.allocation_tsv = Path(results_dir), allocation_tsv
+        self._stamp, self._scanner = None, None
+        self._lock = threading.Lock()
+
+    def _current(self):
+        keys = key_paths(self.results_dir)
+        stamp = tuple((str(k), k.stat().st_mtime_ns, k.stat().st_size) for k in keys)
+        with self._lock:
+            if stamp != self._stamp:
+                tokens = study_tokens(self.results_dir, self.allocation_tsv, keys) if keys else []
+                self._scanner, self._stamp = Scanner(tokens), stamp
+            return self._scanner
+
+    def check(self, comment):
+        """The comment, unchanged, or :class:`CommentRefused` naming the problem."""
+        if len(comment) > MAX_COMMENT_CHARS:
+            raise CommentRefused(f"the comment is {len(comment)} characters long; at most {MAX_COMMENT_CHARS} "
+                                 "are kept: shorten it (nothing was saved)")
+        leaks = self._current().find("comment", "comment", comment, strict=False)
+        if leaks:
+            words = ", ".join(sorted({f"'{leak.token}'" for leak in leaks}))
+            raise CommentRefused(f"the comment contains {words}: a participant, session, date, arm or file name "
+                                 "word that a blinded read must not carry. Rephrase without it (nothing was saved)")
+        return comment
+
+
+def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True, allocation_tsv=None):
     """The reader app for one reader.
 
     Parameters
@@ -215,6 +285,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     check_viewer : bool
         Refuse to build the app without NiiVue (the leak audit renders pages
         without it).
+    allocation_tsv : path-like, optional
+        The workflow's allocation table: comments naming an arm or site are refused too.
 
     Raises
     ------
@@ -233,6 +305,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES, KHE_READER=reader, KHE_DB=str(db))
     sessions = CaseSessions()
+    comments = CommentChecker(results_dir, allocation_tsv)
     app.extensions["khe_vol_click_sessions"] = sessions
 
     def worklist():
@@ -334,10 +407,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     @app.before_request
     def only_local_names():
-        # A DNS-rebinding page would arrive with its own host name.
-        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else "[::1]"
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
-            abort(403)
+        # A DNS-rebinding page would arrive with its own host name; HTTP/1.0 may send none.
+        if not host_allowed(request.headers.get("Host"), LOCAL_HOST_NAMES):
+            abort(403 if request.headers.get("Host") else 400)
 
     @app.after_request
     def headers(response):
@@ -378,6 +450,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     @app.get("/api/case/<code>/revision/<int:revision>/edited_mask.nii.gz")
     def edited_mask(code, revision):
+        if revision > 2**31:  # SQLite integers end at 2**63; no case has that many revisions
+            abort(404)
         case_or_404(code)
         payload = store.edited_mask_bytes(db, code, revision)
         if payload is None:
@@ -392,7 +466,10 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         verdict = request.form.get("verdict", "")
         if verdict not in VERDICTS:
             return jsonify(error=f"unknown verdict {verdict!r}"), 400
-        comment = request.form.get("comment", "")[:5000]
+        try:
+            comment = comments.check(request.form.get("comment", ""))
+        except CommentRefused as exc:
+            return jsonify(error=str(exc)), 400
         mask_gz = volume_ml = clicks = None
         upload = request.files.get("mask")
         clicks_text = request.form.get("clicks")
