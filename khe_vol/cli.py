@@ -213,7 +213,8 @@ def _cmd_qa_package(args):
             reader_records.setdefault(reader, []).append(path)
         rows = write_package(args.results_dir, args.reader, args.seed, args.records, series_tsv=args.series,
                              overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key,
-                             reader_records=reader_records)
+                             reader_records=reader_records, display={"radiological": not args.neurological},
+                             reading_mode=args.reading_mode)
     except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"khe-vol qa package: {exc}", file=sys.stderr)
         return 2
@@ -291,6 +292,21 @@ def _cmd_qa_final(args):
     return 0
 
 
+def _cmd_qa_reader_times(args):
+    from khe_vol.qa import default_db_path
+    from khe_vol.qa.agreement import reader_time_rows, write_reader_times
+    from khe_vol.qa.store import all_reads
+    from khe_vol.report.provenance import table_provenance
+
+    dbs = [default_db_path(args.results_dir, reader) for reader in args.reader]
+    reads = [r for db in dbs for r in all_reads(db)]
+    rows = reader_time_rows(reads, args.reader)
+    write_reader_times(args.out, rows, table_provenance([db for db in dbs if db.is_file()]))
+    for r in rows:
+        print(f"{r['reader']}: {r['n_reads']} case(s) read, {r['n_timed']} timed")
+    return 0
+
+
 def _cmd_qa_reader_baseline(args):
     from khe_vol.qa.seeding import write_reader_baseline
 
@@ -305,6 +321,8 @@ def _cmd_qa_reader_baseline(args):
 
 
 def _add_qa_parser(sub):
+    from khe_vol.qa import READING_MODES
+
     qa = sub.add_parser("qa", help="blinded reading: build reader packages, audit them for leaks, serve the reader app")
     qa_sub = qa.add_subparsers(dest="qa_command", required=True)
 
@@ -321,6 +339,12 @@ def _add_qa_parser(sub):
     p.add_argument("--reader-record", nargs=2, action="append", metavar=("READER", "RECORD"),
                    help="a record.json for that reader's package only, replacing the same series' record "
                    "(follow-ups tracked from the reader's own seeded baseline); repeat")
+    p.add_argument("--neurological", action="store_true",
+                   help="show images in the neurological convention (patient's left on screen left) in the reader "
+                   "app; default radiological (config reader_display: {radiological: false})")
+    p.add_argument("--reading-mode", choices=READING_MODES, default="independent",
+                   help="independent: one scan at a time, shuffled; longitudinal: a participant's scans grouped "
+                   "as T1..Tn in time order, each follow-up shown beside T1")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
     p.set_defaults(func=_cmd_qa_package)
 
@@ -374,6 +398,13 @@ def _add_qa_parser(sub):
     p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
     p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
     p.set_defaults(func=_cmd_qa_final)
+
+    p = qa_sub.add_parser("reader-times", help="per reader: seconds per read (median, 90th percentile) and share "
+                          "accepted without edit")
+    p.add_argument("--results-dir", required=True, help="reads are taken from <dir>/reads/<reader>.sqlite")
+    p.add_argument("--reader", action="append", required=True, help="reader id (readers and adjudicator); repeat")
+    p.add_argument("--out", required=True, help="qa_reader_times.tsv (a .json dictionary goes beside it)")
+    p.set_defaults(func=_cmd_qa_reader_times)
 
 
 def _cmd_arms(args):

@@ -56,7 +56,7 @@ VOLUME_COLUMNS = {
         "Description": "Review reasons joined by ';' (n/a: none). Listed even after a reader decided the value.",
         "Levels": REVIEW_REASONS,
     },
-    "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume; see message and qa_status"}},
+    "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume: the series failed; see message and qa_status", "pending": "no final volume yet: waiting for a blinded reader (a read, a seed or adjudication; see qa_status)", "excluded": "no final volume: the deciding reader rejected the series as unmeasurable"}},
     "message": {"LongName": "Message", "Description": "Why the series has no volume, naming the file and the problem."},
 }
 
@@ -93,7 +93,7 @@ RESPONSE_COLUMNS = {
         "Levels": VOLUME_COLUMNS["needs_review"]["Levels"],
     },
     "review_reason": VOLUME_COLUMNS["review_reason"],
-    "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message"}},
+    "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message", "pending": "not classified yet: the follow-up or its baseline waits for a blinded reader", "excluded": "not classified: a reader rejected the follow-up or its baseline as unmeasurable"}},
     "message": {"LongName": "Message", "Description": "Why no category was assigned."},
 }
 
@@ -142,6 +142,15 @@ def _auto_ml(rec):
     return rec["volume_ml"] if rec["status"] == "ok" else None
 
 
+#: How a response row says why a series of it has no volume, by the series' status.
+_NOT_FINAL = {"error": "not measured", "pending": "not final yet", "excluded": "excluded"}
+
+
+def _undecided_status(record):
+    """A response row's status from a series with no volume: pending and excluded carry over, else error."""
+    return record["status"] if record["status"] in ("pending", "excluded") else "error"
+
+
 def response_rows(records, baseline_session_id):
     """response.tsv rows, one per non-baseline series.
 
@@ -181,11 +190,13 @@ def response_rows(records, baseline_session_id):
             "message": NA,
         }
         if rec["status"] != "ok":
-            row["message"] = f"follow-up not measured: {rec['message']}"
+            row["status"] = _undecided_status(rec)
+            row["message"] = f"follow-up {_NOT_FINAL[row['status']]}: {rec['message']}"
         elif base is None:
             row["message"] = f"no baseline series ({baseline_session_id}) for {rec['participant_id']}"
         elif base["status"] != "ok":
-            row["message"] = f"baseline not measured: {base['message']}"
+            row["status"] = _undecided_status(base)
+            row["message"] = f"baseline {_NOT_FINAL[row['status']]}: {base['message']}"
         elif base["n_voxels"] == 0:
             row["message"] = "baseline volume is 0 mL, so percent change is undefined"
         else:

@@ -96,10 +96,11 @@ class ServedPage:
 
 
 @contextlib.contextmanager
-def reader_browser(results, tmp_path):
+def reader_browser(results, tmp_path, auto_advance=False):
     """Serve R1's app from ``results`` and open a Chromium page: yields a :class:`ServedPage`
     recording every requested URL and page error; the browser is closed and the server
-    killed afterwards."""
+    killed afterwards. ``auto_advance``: leave the page's "go to the next unread case after a
+    verdict" on (the reader's default); off, a test stays on the case it gave a verdict."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).is_file():
@@ -112,6 +113,8 @@ def reader_browser(results, tmp_path):
                 served.page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
                 served.page.on("request", lambda r: served.urls.append(r.url))
                 served.page.on("pageerror", lambda e: served.errors.append(str(e)))
+                if not auto_advance:
+                    served.page.add_init_script("window.localStorage.setItem('khe-vol.autoAdvance', '0');")
                 yield served
                 browser.close()
         finally:

@@ -117,3 +117,49 @@ def test_edited_mask_on_another_grid_is_not_used(cohort):
     reads = [{**_read("R1", "R10", "edited", _box(2)), "edited_mask": wrong}]
     finals, _, _ = apply_reads(records, key, reads, ["R1"], None, BASE)
     assert finals[0]["qa_status"] == "pending_read" and "does not match the series grid" in finals[0]["message"]
+
+
+def test_a_follow_up_one_reader_rejected_goes_with_its_baseline(cohort):
+    # README: a follow-up one reader rejected goes to the adjudicator *with its baseline*.
+    records, key = cohort
+    reads = [_read("R1", "R10", "accept"), _read("R2", "R20", "accept"),
+             _read("R1", "R11", "reject"), _read("R2", "R21", "accept")]
+    finals, adjudication, _ = apply_reads(records, key, reads, ["R1", "R2"], "ADJ", BASE)
+    assert set(adjudication) == {("sub-01", BASE), ("sub-01", "ses-m12")}
+    assert "rejected" in adjudication[("sub-01", "ses-m12")]
+    assert "baseline of" in adjudication[("sub-01", BASE)]
+    assert [f["qa_status"] for f in finals] == ["pending_adjudication"] * 2
+
+
+def test_a_baseline_one_reader_rejected_is_adjudicated_alone(cohort):
+    records, key = cohort
+    reads = [_read("R1", "R10", "reject"), _read("R2", "R20", "accept"),
+             _read("R1", "R11", "accept"), _read("R2", "R21", "accept")]
+    _, adjudication, _ = apply_reads(records, key, reads, ["R1", "R2"], "ADJ", BASE)
+    assert set(adjudication) == {("sub-01", BASE)}
+
+
+def test_rows_waiting_for_a_read_are_pending_not_errors(cohort):
+    # A series nobody has read yet has no final volume, but nothing went wrong with it.
+    records, key = cohort
+    finals, _, _ = apply_reads(records, key, [_read("R1", "R10", "accept")], ["R1", "R2"], "ADJ", BASE)
+    assert [f["qa_status"] for f in finals] == ["pending_read"] * 2
+    assert [f["status"] for f in finals] == ["pending"] * 2
+    row = response_rows(finals, BASE)[0]
+    assert row["status"] == "pending" and row["category"] == "n/a" and "waiting for" in row["message"]
+
+
+def test_a_rejected_series_is_excluded_not_an_error(cohort):
+    records, key = cohort
+    finals, _, _ = apply_reads(records, key, [_read("R1", "R10", "accept"), _read("R1", "R11", "reject")],
+                               ["R1"], None, BASE)
+    assert finals[1]["qa_status"] == "rejected" and finals[1]["status"] == "excluded"
+    assert response_rows(finals, BASE)[0]["status"] == "excluded"
+
+
+def test_a_failed_series_stays_an_error_with_readers(cohort):
+    records, key = cohort
+    records[1] = {**records[1], "status": "error", "message": "x.nii.gz: truncated"}
+    key = [k for k in key if k["session_id"] == BASE]  # no case for the failed series
+    finals, _, _ = apply_reads(records, key, [_read("R1", "R10", "accept")], ["R1"], None, BASE)
+    assert finals[1]["qa_status"] == "no_case" and finals[1]["status"] == "error"

@@ -109,3 +109,62 @@ VALUES ('R1', 'AAAA', 1, 'accept', 'fine', NULL, NULL, 's1', '2026-01-01T00:00:0
     con.close()
     store.connect(db).close()  # opening again changes nothing
     assert len(store.current_reads(db)) == 2
+
+
+def test_read_times_are_stored_checked_and_kept_with_the_read(tmp_path):
+    db = tmp_path / "reads.sqlite"
+    first = store.record_read(db, "R1", "AAAA", "edited", edited_mask=b"m", seconds_to_verdict="83.25",
+                              edit_seconds=41.5)
+    assert (first["seconds_to_verdict"], first["edit_seconds"]) == (83.25, 41.5)
+    # An edit time goes only with an edited read; a time over the cap is a case left open, kept as unknown.
+    store.record_read(db, "R1", "BBBB", "accept", seconds_to_verdict=12.0, edit_seconds=3.0)
+    store.record_read(db, "R1", "CCCC", "accept", seconds_to_verdict=store.MAX_READ_SECONDS + 1)
+    store.record_read(db, "R1", "DDDD", "reject")
+    current = {r["case_code"]: (r["seconds_to_verdict"], r["edit_seconds"]) for r in store.current_reads(db)}
+    assert current == {"AAAA": (83.25, 41.5), "BBBB": (12.0, None), "CCCC": (None, None), "DDDD": (None, None)}
+    for total, edit, match in [("nan", None, "finite"), (-1, None, "non-negative"), ("inf", None, "finite"),
+                               ("soon", None, "number"), (10, 11, "cannot exceed"), (5, -2, "non-negative")]:
+        with pytest.raises(ValueError, match=match):
+            store.record_read(db, "R1", "AAAA", "edited", edited_mask=b"m", seconds_to_verdict=total,
+                              edit_seconds=edit)
+    assert len(store.read_history(db, "AAAA")) == 1  # nothing half-written
+    con = sqlite3.connect(db)
+    with pytest.raises(sqlite3.IntegrityError):  # the database refuses a negative time of its own accord
+        con.execute("INSERT INTO reads (reader, case_code, revision, verdict, created_utc, seconds_to_verdict) "
+                    "VALUES ('R1', 'EEEE', 1, 'accept', 'x', -1)")
+    con.close()
+
+
+def test_a_database_from_before_read_times_opens_and_keeps_its_reads(tmp_path):
+    db = tmp_path / "old.sqlite"
+    # The schema as released with clicks but before the read times, with a read in it.
+    con = sqlite3.connect(db)
+    con.executescript("""
+CREATE TABLE reads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reader TEXT NOT NULL,
+    case_code TEXT NOT NULL,
+    revision INTEGER NOT NULL CHECK (revision >= 1),
+    verdict TEXT NOT NULL CHECK (verdict IN ('accept', 'edited', 'reject', 'no_residual_lesion')),
+    comment TEXT NOT NULL DEFAULT '',
+    edited_mask BLOB,
+    edited_volume_ml REAL,
+    proposed_mask_sha256 TEXT,
+    created_utc TEXT NOT NULL,
+    clicks TEXT,
+    UNIQUE (reader, case_code, revision),
+    CHECK ((verdict = 'edited') = (edited_mask IS NOT NULL))
+);
+CREATE TRIGGER reads_append_only_update BEFORE UPDATE ON reads
+BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
+INSERT INTO reads (reader, case_code, revision, verdict, comment, created_utc, clicks)
+VALUES ('R1', 'AAAA', 1, 'accept', 'fine', '2026-01-01T00:00:00+00:00', NULL);
+""")
+    con.commit()
+    con.close()
+    (old,) = store.current_reads(db)
+    assert (old["verdict"], old["comment"], old["seconds_to_verdict"], old["edit_seconds"]) == ("accept", "fine", None, None)
+    assert store.record_read(db, "R1", "AAAA", "reject", seconds_to_verdict=7.5)["revision"] == 2
+    assert [(r["revision"], r["seconds_to_verdict"]) for r in store.all_reads(db)] == [(1, None), (2, 7.5)]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        sqlite3.connect(db).execute("UPDATE reads SET seconds_to_verdict = 1")

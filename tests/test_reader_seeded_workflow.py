@@ -135,7 +135,7 @@ def test_unseeded_baseline_waits_for_every_readers_seed(seeded_run):
     volumes = _rows(results / "volumes.tsv")
     for ses in ("ses-baseline", "ses-m06"):
         row = volumes[("sub-02", ses)]
-        assert row["qa_status"] == "pending_seed" and row["volume_ml"] == "n/a" and row["status"] == "error"
+        assert row["qa_status"] == "pending_seed" and row["volume_ml"] == "n/a" and row["status"] == "pending"
         assert "seed" in row["message"] and row["seed_source"] == "n/a"
         assert row["volume_auto_ml"] == "n/a"  # never a silent 0 mL
     assert volumes[("sub-01", "ses-baseline")]["seed_source"] == "seeds_file"

@@ -47,7 +47,19 @@ QA_STATUSES = {
     "no_case": "the series could not be shown to readers (see message)",
 }
 
+#: How readers see the cases (config ``reading_mode``): ``independent``, one scan at a time in a
+#: shuffled order; ``longitudinal``, a participant's scans grouped as T1..Tn in time order under a
+#: blinded participant code, each follow-up beside T1 (see :func:`khe_vol.qa.package.build_worklist`).
+READING_MODES = ("independent", "longitudinal")
+
 WORKLIST_NAME = "worklist.json"
+
+#: How the reader app shows images unless the study config's ``reader_display`` says otherwise:
+#: radiological convention (the patient's left on the screen's right), as radiologists read.
+DEFAULT_READER_DISPLAY = {"radiological": True}
+
+#: Longest reader comment, characters; a longer one is refused (never cut without a word).
+COMMENT_MAX_CHARS = 5000
 
 #: Columns of the adjudication list (``khe-vol qa disagreements --out``).
 ADJUDICATION_COLUMNS = ("participant_id", "session_id", "reason")

@@ -542,3 +542,115 @@ def write_agreement(path, rows, provenance=None):
         As :func:`agreement_rows` returns.
     """
     write_table(path, AGREEMENT_COLUMNS, [_present(r) for r in rows], provenance)
+
+
+# --------------------------------------------------------------------------
+# Time per read, per reader (``qa_reader_times.tsv``).
+# --------------------------------------------------------------------------
+
+#: Percentile reported beside the median time per case.
+TIME_PERCENTILE = 90.0
+
+READER_TIME_COLUMNS = {
+    "reader": {"LongName": "Reader", "Description": "Reader id (blinded readers and the adjudicator)."},
+    "n_reads": {"LongName": "Cases read", "Description": "Cases with a verdict (their latest revision counts)."},
+    "n_timed": {
+        "LongName": "Cases timed",
+        "Description": "Cases read whose every revision carries a time (reads from before timing, or over "
+        "4 h open, have none); the times below are over these.",
+    },
+    "median_seconds": {
+        "LongName": "Median time per case",
+        "Description": "Median over timed cases of the seconds from opening the case page to the verdict, "
+        "summed over the case's revisions (each revision timed from the page opening or the previous verdict "
+        "on it).",
+        "Units": "s",
+    },
+    "p90_seconds": {
+        "LongName": "90th percentile of time per case",
+        "Description": "90th percentile (numpy linear interpolation) of the same times.",
+        "Units": "s",
+    },
+    "share_accepted_without_edit": {
+        "LongName": "Share accepted without edit",
+        "Description": "Cases whose verdict is Accept (the proposed mask as it was) / cases read. An accepted "
+        "clicked mask is an Edited read.",
+    },
+    "n_edited": {"LongName": "Cases edited", "Description": "Cases whose verdict is Edited (pen or clicks)."},
+    "median_edit_seconds": {
+        "LongName": "Median edit time",
+        "Description": "Median over edited cases of the seconds from the first edit action to the save, "
+        "summed over the case's edited revisions (cases whose edited revisions all carry an edit time).",
+        "Units": "s",
+    },
+    "note": {"LongName": "Note", "Description": "Why a value is n/a, and how many cases had no time."},
+}
+
+
+def _sum_or_none(values):
+    values = list(values)
+    return None if any(v is None for v in values) else float(sum(values))
+
+
+def reader_time_rows(reads, readers):
+    """Per reader: how long reading took, and how often the proposed mask was accepted as it was.
+
+    Parameters
+    ----------
+    reads : list of dict
+        Every revision of every case (:func:`khe_vol.qa.store.all_reads`):
+        ``reader``, ``case_code``, ``revision``, ``verdict``,
+        ``seconds_to_verdict`` and ``edit_seconds`` (s, None = not measured).
+    readers : list of str
+        One row each, in this order (a reader without reads gets a row of n/a).
+
+    Returns
+    -------
+    list of dict
+        Keys of :data:`READER_TIME_COLUMNS`, numbers unrounded (None = not estimable).
+    """
+    rows = []
+    for reader in readers:
+        cases = {}
+        for r in sorted((r for r in reads if r["reader"] == reader), key=lambda r: (r["case_code"], r["revision"])):
+            cases.setdefault(r["case_code"], []).append(r)
+        totals = [_sum_or_none(r.get("seconds_to_verdict") for r in revs) for revs in cases.values()]
+        timed = [t for t in totals if t is not None]
+        verdicts = [revs[-1]["verdict"] for revs in cases.values()]
+        edits = [_sum_or_none(r.get("edit_seconds") for r in revs if r["verdict"] == "edited")
+                 for revs in cases.values() if revs[-1]["verdict"] == "edited"]
+        edits_timed = [e for e in edits if e is not None]
+        notes = []
+        if not cases:
+            notes.append("no reads")
+        elif len(timed) < len(totals):
+            notes.append(f"{len(totals) - len(timed)} case(s) without a time (read before timing, or open over 4 h)")
+        if len(edits_timed) < len(edits):
+            notes.append(f"{len(edits) - len(edits_timed)} edited case(s) without an edit time")
+        rows.append({
+            "reader": reader,
+            "n_reads": len(cases),
+            "n_timed": len(timed),
+            "median_seconds": float(np.median(timed)) if timed else None,
+            "p90_seconds": float(np.percentile(timed, TIME_PERCENTILE)) if timed else None,
+            "share_accepted_without_edit": verdicts.count("accept") / len(verdicts) if verdicts else None,
+            "n_edited": len(edits),
+            "median_edit_seconds": float(np.median(edits_timed)) if edits_timed else None,
+            "note": "; ".join(notes) or None,
+        })
+    return rows
+
+
+def write_reader_times(path, rows, provenance=None):
+    """Write ``qa_reader_times.tsv`` and its JSON dictionary; seconds to 0.1 s, shares to 0.001."""
+    def fmt(col, value):
+        if value is None:
+            return NA
+        if col.endswith("seconds"):
+            return f"{value:.1f}"
+        if col.startswith("share"):
+            return f"{value:.3f}"
+        return str(value)
+
+    write_table(path, READER_TIME_COLUMNS, [{c: fmt(c, r.get(c)) for c in READER_TIME_COLUMNS} for r in rows],
+                provenance)

@@ -32,6 +32,8 @@ from flask import Flask, abort, jsonify, render_template, request, send_file
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.nifti import SeriesError, load_image, load_series, nifti_bytes, open_image
 from khe_vol.qa import (
+    COMMENT_MAX_CHARS,
+    DEFAULT_READER_DISPLAY,
     VERDICT_LABELS,
     VERDICTS,
     WORKLIST_NAME,
@@ -64,6 +66,16 @@ SESSION_CACHE_CASES = 4
 #: cannot add it without a CORS preflight, which this app never grants, so
 #: no other web page the reader has open can post reads.
 CSRF_HEADER = ("X-Khe-Vol", "reader")
+
+#: How long a browser keeps the viewer script (its URL carries its content hash), seconds.
+VENDOR_MAX_AGE_S = 365 * 24 * 3600
+
+#: A series whose voxel axes lie more than this from the scanner axes is oblique (shown in its
+#: own acquisition plane by default), degrees.
+OBLIQUE_DEGREES = 1.0
+
+#: Keyboard key of each verdict (shown on its button).
+VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion": "0"}
 
 #: Only this origin; 'wasm-unsafe-eval' and blob: workers for NiiVue's decoders.
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
@@ -160,6 +172,48 @@ def validate_edited_mask(upload, case_image_path):
     return nifti_bytes(mask_like(data, case_img)), volume_ml
 
 
+def oblique_degrees(affine):
+    """Largest angle between a voxel axis and the scanner axis nearest it, degrees (0: not oblique)."""
+    axes = np.asarray(affine, float)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    return float(np.degrees(np.arccos(np.clip(np.abs(unit).max(axis=0), 0.0, 1.0))).max())
+
+
+def display_windows(data, mask=None):
+    """Window/level presets of a case image: robust, never from the maximum alone.
+
+    Parameters
+    ----------
+    data : ndarray
+        The image's (scaled) intensities.
+    mask : ndarray of bool, optional
+        The proposed mask (the lesion preset centres on its tissue).
+
+    Returns
+    -------
+    dict
+        ``auto`` (0.5th..99.5th percentile of the non-zero voxels: one bright
+        vessel or a saturated voxel does not wash the image out), ``lesion``
+        (median of the image's tissue .. 99.5th percentile inside the mask:
+        lesion against ordinary tissue), ``full`` (min..max); each a
+        ``[low, high]`` pair of image intensities.
+    """
+    values = np.asarray(data, float)
+    values = values[np.isfinite(values)]
+    full = [float(values.min()), float(values.max())] if values.size else [0.0, 1.0]
+    tissue = values[values != 0] if np.count_nonzero(values) > values.size // 10 else values
+    if not tissue.size:
+        return {"auto": full, "lesion": full, "full": full}
+    lo, hi, median = (float(v) for v in np.percentile(tissue, [0.5, 99.5, 50]))
+    auto = [lo, hi] if hi > lo else full
+    lesion = auto
+    if mask is not None and mask.any():
+        top = float(np.percentile(np.asarray(data, float)[mask], 99.5))
+        if top > median:
+            lesion = [median, top]
+    return {"auto": auto, "lesion": lesion, "full": full}
+
+
 class ClicksRefused(ValueError):
     """A reader's clicks cannot make a mask; the message is for the reader's screen."""
 
@@ -225,10 +279,6 @@ class CommentRefused(ValueError):
     """A comment the blinding would not let stand; the message is for the reader's screen."""
 
 
-#: Longest comment saved, characters.
-MAX_COMMENT_CHARS = 5000
-
-
 class CommentChecker:
     """Checks a reader's comment against the study's forbidden tokens before it is saved.
 
@@ -259,9 +309,10 @@ class CommentChecker:
 
     def check(self, comment):
         """The comment, unchanged, or :class:`CommentRefused` naming the problem."""
-        if len(comment) > MAX_COMMENT_CHARS:
-            raise CommentRefused(f"the comment is {len(comment)} characters long; at most {MAX_COMMENT_CHARS} "
-                                 "are kept: shorten it (nothing was saved)")
+        if len(comment) > COMMENT_MAX_CHARS:
+            # Never cut a reader's words without a word: refuse, say by how much.
+            raise CommentRefused(f"the comment has {len(comment)} characters; at most {COMMENT_MAX_CHARS} are kept: "
+                                 f"shorten it by {len(comment) - COMMENT_MAX_CHARS} (nothing was saved)")
         leaks = self._current().find("comment", "comment", comment, strict=False)
         if leaks:
             words = ", ".join(sorted({f"'{leak.token}'" for leak in leaks}))
@@ -310,6 +361,39 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     def worklist():
         return json.loads((folder / WORKLIST_NAME).read_text(encoding="utf-8"))
+
+    image_infos = OrderedDict()  # (code, file stamps) -> image_info; a few recent cases
+
+    def image_info(case):
+        """Obliquity and window presets of a case image (computed once per file version)."""
+        names = [case["image"]] + ([case["proposed_mask"]] if case["proposed_mask"] else [])
+        try:
+            key = (case["case_code"],) + tuple((folder / n).stat().st_mtime_ns for n in names)
+        except OSError:
+            return {"oblique_degrees": 0.0, "windows": None}  # the page reports the failed load
+        if key not in image_infos:
+            try:
+                img = load_image(folder / case["image"], "series")
+                mask = load_image(folder / case["proposed_mask"], "mask").data != 0 if case["proposed_mask"] else None
+                info = {"oblique_degrees": round(oblique_degrees(img.affine), 3),
+                        "windows": display_windows(img.data, mask if mask is not None and mask.shape == img.data.shape
+                                                   else None)}
+            except (ValueError, OSError):  # SeriesError: the viewer shows its own load error
+                info = {"oblique_degrees": 0.0, "windows": None}
+            image_infos[key] = info
+            while len(image_infos) > SESSION_CACHE_CASES:
+                image_infos.popitem(last=False)
+        return image_infos[key]
+
+    def next_unread(code):
+        """The next case after ``code`` in worklist order (wrapping) that is unread or stale, or None."""
+        cases = worklist()["cases"]
+        current = {r["case_code"]: r for r in store.current_reads(db, with_masks=False) if r["reader"] == reader}
+        at = next((i for i, c in enumerate(cases) if c["case_code"] == code), -1)
+        for c in cases[at + 1:] + cases[:max(at, 0)]:
+            if c["case_code"] != code and read_state(c, current.get(c["case_code"])) != "read":
+                return c["case_code"]
+        return None
 
     def case_or_404(code):
         cases = worklist()["cases"]
@@ -376,11 +460,51 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "edited_mask_url": url if r["verdict"] == "edited" else None,
         }
 
+    def prior_view(prior_code):
+        """The earlier timepoint shown beside a follow-up (longitudinal reading): its image and final mask.
+
+        The mask is the reader's own final read of that case when there is one
+        (an edited mask; none for "no residual lesion"), else the proposed mask.
+        """
+        prior, _, _ = case_or_404(prior_code)
+        history = [r for r in store.read_history(db, prior_code) if r["reader"] == reader]
+        current = history[-1] if history else None
+        state = read_state(prior, current)
+        proposed_url = f"/files/{prior['proposed_mask']}" if prior["proposed_mask"] else None
+        if current is not None and current["verdict"] == "edited":
+            mask_url, source = public_read(current)["edited_mask_url"], "your edited mask"
+        elif current is not None and current["verdict"] == "no_residual_lesion":
+            mask_url, source = None, "your read: no residual lesion (no mask)"
+        elif proposed_url is None:
+            mask_url, source = None, "no mask yet (not seeded)"
+        elif current is None:
+            mask_url, source = proposed_url, "proposed mask (not read yet)"
+        else:
+            label = {"accept": "you accepted it", "reject": "you rejected it"}[current["verdict"]]
+            mask_url, source = proposed_url, f"proposed mask ({label})"
+        if state == "stale" and mask_url is not None and mask_url == proposed_url:
+            source = "proposed mask (changed since your read: read it again)"
+        return {
+            "case_code": prior_code,
+            "timepoint": prior["timepoint"],
+            "image_url": f"/files/{prior['image']}",
+            "mask_url": mask_url,
+            "mask_source": source,
+        }
+
     def case_view(code):
         case, prev_code, next_code = case_or_404(code)
         history = [r for r in store.read_history(db, code) if r["reader"] == reader]
         current = history[-1] if history else None
-        return {
+        longitudinal = {}
+        if "timepoint" in case:  # a longitudinal package; independent cases carry none of this
+            longitudinal = {"longitudinal": {
+                "participant": case["participant"],
+                "timepoint": case["timepoint"],
+                "n_timepoints": case["n_timepoints"],
+                "prior": prior_view(case["prior_case"]) if case["prior_case"] else None,
+            }}
+        return longitudinal | {
             "case": case,
             "prev": prev_code,
             "next": next_code,
@@ -393,7 +517,21 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "needs_seed": bool(case.get("needs_seed")) or not case["proposed_mask"],
             "qc_url": f"/files/{case['qc_montage']}",
             "overlays": [o | {"url": f"/files/{o['mask']}" if o["mask"] else None} for o in case["overlays"]],
+            "revision": current["revision"] if current else 0,
+            "next_unread": next_unread(code),
+            "n_cases": len(worklist()["cases"]),
+            "display": {**DEFAULT_READER_DISPLAY, **worklist().get("display", {})},
+            "comment_max_chars": COMMENT_MAX_CHARS,
+            "image_info": image_info(case),
+            # The live edited volume (edit.js) uses the server's voxel volume, so it equals the saved one.
+            "voxel_volume_mm3": case_voxel_volume_mm3(case),
         }
+
+    def case_voxel_volume_mm3(case):
+        try:
+            return voxel_volume_mm3(open_image(folder / case["image"], "series")[2])
+        except SeriesError:
+            return None  # the viewer cannot show the image either; the page says so
 
     def worklist_view():
         wl = worklist()
@@ -403,7 +541,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             cur = current.get(c["case_code"])
             rows.append({"case": c, "state": read_state(c, cur), "current": public_read(cur) if cur else None})
         n_read = sum(1 for r in rows if r["state"] == "read")
-        return {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows)}
+        first_unread = next((r["case"]["case_code"] for r in rows if r["state"] != "read"), None)
+        view = {"reader": reader, "rows": rows, "n_read": n_read, "n_cases": len(rows), "first_unread": first_unread}
+        if wl.get("participants"):
+            # Longitudinal reading: a participant's timepoints together, T1..Tn.
+            by_code = {r["case"]["case_code"]: r for r in rows}
+            view["groups"] = [{"participant": g["participant"], "rows": [by_code[c] for c in g["cases"]]}
+                              for g in wl["participants"]]
+        return view
 
     @app.before_request
     def only_local_names():
@@ -416,7 +561,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
+        # Everything is private to this reader and may change, except the versioned viewer script.
+        if not getattr(response, "khe_immutable", False):
+            response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.get("/")
@@ -427,7 +574,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def case_page(code):
         view = case_view(code)
         return render_template("case.html", view=view, verdicts=VERDICTS, verdict_labels=VERDICT_LABELS,
-                               reader=reader, review_reasons=REVIEW_REASONS)
+                               reader=reader, review_reasons=REVIEW_REASONS, niivue_url=niivue_url(),
+                               verdict_keys=VERDICT_KEYS)
 
     @app.get("/api/worklist")
     def api_worklist():
@@ -470,6 +618,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             comment = comments.check(request.form.get("comment", ""))
         except CommentRefused as exc:
             return jsonify(error=str(exc)), 400
+        expected = request.form.get("expected_revision")
+        if expected is not None and not (expected.isdigit() and len(expected) <= 9):
+            return jsonify(error="expected_revision is the case's revision the page showed (0: unread)"), 400
         mask_gz = volume_ml = clicks = None
         upload = request.files.get("mask")
         clicks_text = request.form.get("clicks")
@@ -495,9 +646,21 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 mask_gz, volume_ml = validate_edited_mask(upload.read(), folder / case["image"])
             except (ValueError, SeriesError, OSError) as exc:
                 return jsonify(error=str(exc)), 400
+        try:
+            # How long the read took (never shown to any reader; summarised per reader by `qa final`).
+            seconds, edit_seconds = store.check_read_seconds(request.form.get("seconds_to_verdict"),
+                                                             request.form.get("edit_seconds"), verdict)
+        except ValueError as exc:
+            return jsonify(error=str(exc)), 400
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
-        store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                          proposed_mask_sha256=proposed_sha(case), clicks=clicks)
+        try:
+            store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
+                              proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
+                              edit_seconds=edit_seconds,
+                              expected_revision=None if expected is None else int(expected))
+        except store.RevisionConflict as exc:
+            # A second post of the same page state (a double click): nothing stored, the saved state returned.
+            return jsonify(error=str(exc), duplicate=True, view=case_view(code)), 409
         return jsonify(case_view(code))
 
     @app.post("/api/case/<code>/prepare")
@@ -547,11 +710,24 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     app.config["KHE_NIIVUE_DIR"] = str(viewer) if viewer else None
 
+    viewer_version = _sha256((viewer / NIIVUE_BUNDLE).read_bytes())[:16] if viewer else None
+
+    def niivue_url():
+        """The viewer script's URL, versioned by its content: a browser may keep it for good."""
+        return f"/vendor/niivue.umd.js?v={viewer_version}"
+
     @app.get("/vendor/niivue.umd.js")
     def niivue_js():
         if viewer is None:
             abort(404)
-        return send_file(viewer / NIIVUE_BUNDLE, mimetype="text/javascript", max_age=0)
+        response = send_file(viewer / NIIVUE_BUNDLE, mimetype="text/javascript", etag=True, conditional=True)
+        if request.args.get("v") == viewer_version:
+            response.headers["Cache-Control"] = f"public, max-age={VENDOR_MAX_AGE_S}, immutable"
+            response.khe_immutable = True
+        else:
+            response.headers["Cache-Control"] = "no-cache"  # another version's URL: revalidate (ETag)
+            response.khe_immutable = True
+        return response
 
     return app
 

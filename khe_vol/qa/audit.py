@@ -8,12 +8,23 @@ text chunks, and every page and API answer the reader app would serve (with
 Flask's test client on the real app).
 
 The tokens and how they match: :mod:`khe_vol.qa.leaks`.
+
+Structure
+---------
+Short numbers (a month ``6``, an interval ``182`` days) cannot be found by
+token, so each worklist is also checked field by field
+(:func:`worklist_problems`): only the fields listed here may appear, and in
+longitudinal reading the grouping must say nothing but which cases belong to
+one participant and their order (timepoints 1..n, each follow-up's prior its
+T1). A new worklist field fails the audit until it is listed here, once it is
+known to reveal nothing.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import sqlite3
 import struct
 import tempfile
@@ -22,7 +33,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from khe_vol.qa import WORKLIST_NAME, default_db_path, store
+from khe_vol.qa import DEFAULT_READER_DISPLAY, WORKLIST_NAME, default_db_path, store
 from khe_vol.qa.app import create_app
 from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
 from khe_vol.qa.key import key_paths
@@ -120,6 +131,82 @@ def scan_files(scanner, results_dir):
         if path.is_file():
             leaks += scan_payload(scanner, rel, path.name, path.read_bytes())
     return leaks
+
+
+#: Fields a worklist may hold (top level, per case, per overlay); see :func:`worklist_problems`.
+WORKLIST_FIELDS = {"format", "reader", "n_cases", "verdicts", "cases", "display"}
+CASE_FIELDS = {"position", "case_code", "image", "proposed_mask", "has_proposed_mask", "needs_seed",
+               "automatic_volume_ml", "qc_montage", "overlays", "review_reasons"}
+OVERLAY_FIELDS = {"label", "verdict", "volume_ml", "mask"}
+#: Added in longitudinal reading only.
+LONGITUDINAL_FIELDS = {"reading_mode", "participants"}
+LONGITUDINAL_CASE_FIELDS = {"participant", "timepoint", "n_timepoints", "prior_case"}
+_PARTICIPANT_CODE_RE = re.compile(r"P-[A-Z][0-9A-Z]{5}")
+
+
+def worklist_problems(worklist, where):
+    """What a worklist holds beyond the fields known to reveal nothing, or a grouping that says more than order.
+
+    Parameters
+    ----------
+    worklist : dict
+        A ``worklist.json``.
+    where : str
+        Its path, for the messages.
+
+    Returns
+    -------
+    list of str
+    """
+    problems = []
+    longitudinal = worklist.get("reading_mode") == "longitudinal"
+    allowed = WORKLIST_FIELDS | (LONGITUDINAL_FIELDS if longitudinal else set())
+    case_allowed = CASE_FIELDS | (LONGITUDINAL_CASE_FIELDS if longitudinal else set())
+
+    def unknown(what, fields, known):
+        extra = sorted(set(fields) - known)
+        if extra:
+            problems.append(f"{where}: {what} has field(s) the audit does not know: {', '.join(extra)} "
+                            "(list a new field in khe_vol/qa/audit.py once it is known to reveal nothing)")
+
+    unknown("the worklist", worklist, allowed)
+    # How images are shown: switches only (a string there could carry anything).
+    display = worklist.get("display", {})
+    if not isinstance(display, dict) or not all(isinstance(v, bool) for v in display.values()):
+        problems.append(f"{where}: display holds something other than on/off switches: {display!r}")
+    else:
+        unknown("the display settings", display, set(DEFAULT_READER_DISPLAY))
+    if "reading_mode" in worklist and not longitudinal:
+        problems.append(f"{where}: reading_mode {worklist['reading_mode']!r} is not a known mode")
+    cases = worklist.get("cases", [])
+    for c in cases:
+        unknown(f"case {c.get('case_code')}", c, case_allowed)
+        for o in c.get("overlays", []):
+            unknown(f"an overlay of case {c.get('case_code')}", o, OVERLAY_FIELDS)
+    if not longitudinal:
+        return problems
+    by_code = {c["case_code"]: c for c in cases}
+    grouped = []
+    for g in worklist.get("participants", []):
+        label, codes = g.get("participant", ""), g.get("cases", [])
+        unknown(f"participant group {label}", g, {"participant", "cases"})
+        if not _PARTICIPANT_CODE_RE.fullmatch(str(label)):
+            problems.append(f"{where}: participant label {label!r} is not a blinded code (P- and 6 letters/digits)")
+        grouped += codes
+        for t, code in enumerate(codes, start=1):
+            c = by_code.get(code)
+            if c is None:
+                problems.append(f"{where}: participant group {label} lists {code}, which is not a case")
+                continue
+            expected = {"participant": label, "timepoint": t, "n_timepoints": len(codes),
+                        "prior_case": None if t == 1 else codes[0]}
+            wrong = sorted(k for k, v in expected.items() if c.get(k) != v)
+            if wrong:
+                problems.append(f"{where}: case {code} says more (or other) than its place T{t} of {len(codes)} "
+                                f"in group {label}: {', '.join(wrong)}")
+    if sorted(grouped) != sorted(by_code):
+        problems.append(f"{where}: the participant groups do not hold every case exactly once")
+    return problems
 
 
 def key_placement_problems(results_dir, keys):
@@ -235,6 +322,9 @@ def audit(results_dir, allocation_tsv=None, db_dir=None, keys=None):
         db = Path(db_dir) / f"{reader}.sqlite" if db_dir else None
         leaks += scan_pages(scanner, results_dir, reader, db)
     problems = key_placement_problems(results_dir, keys)
+    for reader in readers:
+        path = results_dir / "qa" / reader / WORKLIST_NAME
+        problems += worklist_problems(json.loads(path.read_text(encoding="utf-8")), path.relative_to(results_dir).as_posix())
     n_files = sum(1 for p in (results_dir / "qa").rglob("*") if p.is_file()) if (results_dir / "qa").is_dir() else 0
     summary = {"tokens": len(tokens), "files": n_files, "readers": readers,
                "kinds": sorted({t.kind for t in tokens})}

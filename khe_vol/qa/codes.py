@@ -45,13 +45,32 @@ def case_code(seed, reader, participant_id, session_id):
         single unbroken run of letters and digits, so the leak audit's
         whole-word matching can never find a short id *inside* a code.
     """
-    n = _hmac_int(seed, f"{reader}|{participant_id}|{session_id}")
+    return _code(_hmac_int(seed, f"{reader}|{participant_id}|{session_id}"), CODE_LENGTH)
+
+
+def _code(n, length):
+    """``length`` Crockford base32 characters from the integer ``n``, the first one a letter."""
     chars = [CODE_LETTERS[n % len(CODE_LETTERS)]]
     n //= len(CODE_LETTERS)
-    for _ in range(CODE_LENGTH - 1):
+    for _ in range(length - 1):
         chars.append(CODE_ALPHABET[n % len(CODE_ALPHABET)])
         n //= len(CODE_ALPHABET)
     return "".join(chars)
+
+
+#: Characters after ``P-`` in a participant code (30 bits: collisions are checked, and rare).
+PARTICIPANT_CODE_LENGTH = 6
+
+
+def participant_code(seed, reader, participant_id):
+    """The blinded participant label a reader sees in longitudinal reading, e.g. ``P-K3X9QD``.
+
+    HMAC of the seed like :func:`case_code` (another message, so it is not
+    any case code): different per reader, not invertible without the seed,
+    and its part after ``P-`` is one unbroken run starting with a letter, so
+    the leak audit can never find a participant id inside it.
+    """
+    return "P-" + _code(_hmac_int(seed, f"participant|{reader}|{participant_id}"), PARTICIPANT_CODE_LENGTH)
 
 
 def reader_int(reader):

@@ -32,7 +32,14 @@ KEY_COLUMNS = {
     "overlays": "adjudication overlays shown, as label=reader;... (n/a: none)",
     "seed": "secret seed of the codes and the order (never shown to readers)",
     "message": "why no case was made, or why no proposed mask was shown (n/a: nothing to say)",
+    "participant_code": "blinded participant code the reader sees in longitudinal reading (n/a: independent "
+    "reading, or no case)",
+    "timepoint": "T<n> the reader sees in longitudinal reading: the case's place in the participant's scans in "
+    "time order (n/a: independent reading, or no case)",
 }
+
+#: Columns of keys written before longitudinal reading (still read, e.g. by the audit of an older run).
+_FORMER_KEY_COLUMNS = tuple(KEY_COLUMNS)[:-2]
 
 def default_key_path(results_dir):
     """``R/blinding/key.tsv``."""
@@ -60,7 +67,7 @@ def is_key_file(path):
     """Whether a file is an unblinding key written by :func:`write_package` (by its header line)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return fh.readline().rstrip("\n") == "\t".join(KEY_COLUMNS)
+            return fh.readline().rstrip("\n") in ("\t".join(KEY_COLUMNS), "\t".join(_FORMER_KEY_COLUMNS))
     except (OSError, UnicodeDecodeError):
         return False
 

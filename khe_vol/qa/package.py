@@ -17,8 +17,9 @@ from pathlib import Path
 
 from khe_vol.files import NA, atomic_write_bytes, mask_beside, read_tsv, read_tsv_table, sha256_file
 from khe_vol.nifti import SeriesError, load_image, nifti_bytes, open_image
-from khe_vol.qa import OVERLAY_COLUMNS, VERDICTS, WORKLIST_NAME, check_reader_id, reader_dir
-from khe_vol.qa.codes import case_code, overlay_labels, reader_order
+from khe_vol.qa import (DEFAULT_READER_DISPLAY, OVERLAY_COLUMNS, READING_MODES, VERDICTS, WORKLIST_NAME,
+                        check_reader_id, reader_dir)
+from khe_vol.qa.codes import case_code, overlay_labels, participant_code, reader_order
 from khe_vol.qa.deidentify import deidentified_nifti_bytes, mask_like, same_grid
 from khe_vol.qa.key import default_key_path, write_key
 from khe_vol.report.montage import qc_montage_png
@@ -28,7 +29,7 @@ class PackageError(ValueError):
     """The package cannot be built as asked; the message says why."""
 
 
-def build_worklist(cases, reader, seed):
+def build_worklist(cases, reader, seed, reading_mode="independent"):
     """A reader's worklist: codes and order, from the cases to package.
 
     Parameters
@@ -41,9 +42,22 @@ def build_worklist(cases, reader, seed):
         and optionally ``review_reasons`` (review reason codes, see
         :mod:`khe_vol.review`): cases with reasons come first, each group in
         the reader's own shuffled order; and ``needs_seed`` (bool): a baseline
-        with no seed and no mask, which the reader seeds by clicking.
+        with no seed and no mask, which the reader seeds by clicking; and
+        ``month`` (int or None): the time order of a participant's cases in
+        longitudinal reading (ties and None by session id).
     reader : str
     seed : int
+    reading_mode : {"independent", "longitudinal"}
+        ``independent``: the cases in the reader's shuffled order, nothing
+        relating them. ``longitudinal``: each participant's cases together,
+        in time order, as T1..Tn under a participant code
+        (:func:`~khe_vol.qa.codes.participant_code`); participants in the
+        reader's shuffled order (those with a case needing review first).
+        Each entry then also has ``participant``, ``timepoint`` (1-based),
+        ``n_timepoints`` and ``prior_case`` (the code of T1, shown beside
+        every later timepoint: the response is measured against the
+        baseline; None for T1), and the worklist a ``participants`` list.
+        No month, interval, date or session label is written.
 
     Returns
     -------
@@ -52,19 +66,27 @@ def build_worklist(cases, reader, seed):
         volumes, overlay labels).
     placement : list of dict
         Per entry of ``cases`` (same order): ``case_code``, ``position``
-        (1-based) and ``overlay_labels`` (reader id -> label), for the key.
+        (1-based) and ``overlay_labels`` (reader id -> label), for the key;
+        in longitudinal reading also ``participant_code`` and ``timepoint``.
 
     Raises
     ------
     PackageError
-        If two cases would get the same code.
+        If two cases (or, longitudinal, two participants) would get the same code,
+        or the reading mode is unknown.
     """
+    if reading_mode not in READING_MODES:
+        raise PackageError(f"reading mode {reading_mode!r} is not one of {', '.join(READING_MODES)}")
     codes = [case_code(seed, reader, c["participant_id"], c["session_id"]) for c in cases]
     if len(set(codes)) != len(codes):
         raise PackageError(f"two cases of reader {reader} got the same code; choose another seed")
-    shuffled = reader_order(len(cases), seed, reader)
-    order = [i for i in shuffled if cases[i].get("review_reasons")] + [
-        i for i in shuffled if not cases[i].get("review_reasons")]
+    if reading_mode == "longitudinal":
+        order, timepoints = _longitudinal_order(cases, reader, seed)
+    else:
+        shuffled = reader_order(len(cases), seed, reader)
+        order = [i for i in shuffled if cases[i].get("review_reasons")] + [
+            i for i in shuffled if not cases[i].get("review_reasons")]
+        timepoints = None
     placement = [None] * len(cases)
     entries = []
     for position, index in enumerate(order, start=1):
@@ -93,6 +115,11 @@ def build_worklist(cases, reader, seed):
             "review_reasons": list(c.get("review_reasons", [])),
         })
         placement[index] = {"case_code": code, "position": position, "overlay_labels": labels}
+        if timepoints is not None:
+            participant, timepoint, n_timepoints, first = timepoints[index]
+            entries[-1].update(participant=participant, timepoint=timepoint, n_timepoints=n_timepoints,
+                               prior_case=None if first == index else codes[first])
+            placement[index].update(participant_code=participant, timepoint=timepoint)
     worklist = {
         "format": "khe-vol reader worklist 1",
         "reader": reader,
@@ -100,7 +127,36 @@ def build_worklist(cases, reader, seed):
         "verdicts": list(VERDICTS),
         "cases": entries,
     }
+    if timepoints is not None:
+        groups = {}
+        for e in entries:
+            groups.setdefault(e["participant"], []).append(e["case_code"])
+        worklist["reading_mode"] = reading_mode
+        worklist["participants"] = [{"participant": p, "cases": c} for p, c in groups.items()]
     return worklist, placement
+
+
+def _longitudinal_order(cases, reader, seed):
+    """Worklist order and, per case, (participant code, timepoint, n timepoints, index of its T1)."""
+    by_participant = {}
+    for i, c in enumerate(cases):
+        by_participant.setdefault(c["participant_id"], []).append(i)
+    participants = sorted(by_participant)
+    labels = {pid: participant_code(seed, reader, pid) for pid in participants}
+    if len(set(labels.values())) != len(labels):
+        raise PackageError(f"two participants of reader {reader} got the same code; choose another seed")
+    for pid in participants:
+        by_participant[pid].sort(key=lambda i: (cases[i].get("month") is None, cases[i].get("month") or 0,
+                                                cases[i]["session_id"]))
+    shuffled = [participants[i] for i in reader_order(len(participants), seed, reader)]
+    flagged = {pid for pid in participants if any(cases[i].get("review_reasons") for i in by_participant[pid])}
+    order, timepoints = [], {}
+    for pid in [p for p in shuffled if p in flagged] + [p for p in shuffled if p not in flagged]:
+        group = by_participant[pid]
+        for t, i in enumerate(group, start=1):
+            order.append(i)
+            timepoints[i] = (labels[pid], t, len(group), group[0])
+    return order, timepoints
 
 
 def _label_slug(label):
@@ -229,7 +285,8 @@ def _overlay_rows(path):
 
 
 def write_package(results_dir, readers, seed, record_paths, series_tsv=None, overlays_tsv=None, source_root=None,
-                  key_path=None, reader_records=None):
+                  key_path=None, reader_records=None, display=None,
+                  reading_mode="independent"):
     """Build the reader packages and the unblinding key.
 
     Parameters
@@ -257,6 +314,11 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
         each replacing the record of the same series in ``record_paths`` (the
         follow-ups tracked from that reader's own seeded baseline). No other
         reader's package sees them.
+    display : dict, optional
+        How the reader app shows images (the config's ``reader_display``;
+        default :data:`khe_vol.qa.DEFAULT_READER_DISPLAY`), kept in the worklist.
+    reading_mode : {"independent", "longitudinal"}
+        See :func:`build_worklist`.
 
     Returns
     -------
@@ -314,12 +376,14 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
             "automatic_volume_ml": s.record.get("volume_ml") if s.mask_bytes is not None else None,
             "has_proposed_mask": s.mask_bytes is not None,
             "needs_seed": bool(s.record.get("needs_seed")),
+            "month": s.record.get("month"),
             # Codes only: a reason's detail text may name a session.
             "review_reasons": [r["reason"] for r in series_reasons(s.record)],
             "overlays": [{"reader": o["reader"], "verdict": o["verdict"], "volume_ml": o["volume_ml"],
                           "has_mask": o["mask_bytes"] is not None} for o in s.overlays],
         } for s in packaged]
-        worklist, placement = build_worklist(cases, reader, seed)
+        worklist, placement = build_worklist(cases, reader, seed, reading_mode)
+        worklist["display"] = {**DEFAULT_READER_DISPLAY, **(display or {})}
         files = {WORKLIST_NAME: (json.dumps(worklist, indent=2, sort_keys=True) + "\n").encode("utf-8")}
         by_code = {c["case_code"]: c for c in worklist["cases"]}
         for s, place in zip(packaged, placement):
@@ -371,6 +435,8 @@ def _key_row(reader, s, seed, placed, files):
         proposed_mask_sha256=hashlib.sha256(files[mask_name]).hexdigest() if mask_name in files else None,
         overlays=";".join(f"{label}={r}" for r, label in sorted(place["overlay_labels"].items(),
                                                                  key=lambda kv: kv[1])) or None,
+        participant_code=place.get("participant_code"),
+        timepoint=str(place["timepoint"]) if place.get("timepoint") else None,
     )
     return row
 

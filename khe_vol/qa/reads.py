@@ -42,6 +42,12 @@ from khe_vol.series import SEED_FROM_READER
 #: ``method`` of a baseline whose mask a reader made by seeding it in the reader app.
 METHOD_READER_SEEDED = "reader_seeded"
 
+#: ``status`` of a series with no final volume, by ``qa_status``: waiting for a reader is not an
+#: error (nothing failed), nor is a reader's rejection (a decision); a series that could not be
+#: packaged (``no_case``) is.
+_UNDECIDED_STATUS = {"pending_seed": "pending", "pending_read": "pending", "pending_adjudication": "pending",
+                     "rejected": "excluded"}
+
 _VERDICT_STATUS = {"accept": "accepted", "edited": "edited", "no_residual_lesion": "no_residual_lesion",
                    "reject": "rejected"}
 
@@ -183,11 +189,14 @@ def needs_adjudication(by_series, records, readers, baseline_session_id):
         ra, rb = per_reader.get(a), per_reader.get(b)
         if ra is None or rb is None or not (ra.read and rb.read):
             continue
-        if (ra.verdict == "reject") != (rb.verdict == "reject"):
-            out[ids] = "one reader rejected the series, the other measured it"
-            continue
         pid, ses = ids
         base_ids = (pid, baseline_session_id)
+        if (ra.verdict == "reject") != (rb.verdict == "reject"):
+            out[ids] = "one reader rejected the series, the other measured it"
+            if ses != baseline_session_id and base_ids in by_series:
+                # The adjudicator judges a follow-up against the baseline it is compared with.
+                out.setdefault(base_ids, f"baseline of a disagreeing follow-up ({ses})")
+            continue
         if ses == baseline_session_id or base_ids not in by_series or base_ids not in records:
             continue
         bases = by_series[base_ids]
@@ -235,7 +244,8 @@ def final_record(record, per_reader, readers, adjudicator, adjudication_reason):
                       for r, e in sorted(per_reader.items())}
 
     def undecided(status, message):
-        final.update(qa_status=status, volume_source=None, status="error", message=message, n_voxels=None,
+        final.update(qa_status=status, volume_source=None, status=_UNDECIDED_STATUS.get(status, "error"),
+                     message=message, n_voxels=None,
                      volume_ml=None, volume_low_ml=None, volume_high_ml=None, mesh_volume_ml=None,
                      max_diameter_cm=None)
         return final, None

@@ -12,6 +12,15 @@ A read made by clicking (:mod:`khe_vol.segmentation.interactive`) also stores
 its clicks, in order, as JSON in ``clicks``; its ``edited_mask`` is the
 server's recomputation from the case image and those clicks. Databases made
 before that column existed get it on open (:func:`connect`), their reads kept.
+
+Each read also keeps how long it took (:func:`check_read_seconds`):
+``seconds_to_verdict`` (from opening the case page, or from the previous
+verdict given on that page, to this verdict) and, for an edited read,
+``edit_seconds`` (from the first edit action to the save). NULL when unknown
+(older reads, a client that did not send them, or a time over
+:data:`MAX_READ_SECONDS`). The reader app never shows them; only the
+per-reader summary (:func:`khe_vol.qa.agreement.reader_time_rows`) reads them.
+Older databases get these columns on open, like ``clicks``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ CREATE TABLE IF NOT EXISTS reads (
     proposed_mask_sha256 TEXT,
     created_utc TEXT NOT NULL,
     clicks TEXT,
+    seconds_to_verdict REAL CHECK (seconds_to_verdict >= 0),
+    edit_seconds REAL CHECK (edit_seconds >= 0),
     UNIQUE (reader, case_code, revision),
     CHECK ((verdict = 'edited') = (edited_mask IS NOT NULL))
 );
@@ -47,10 +58,14 @@ BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
 """
 
 _COLUMNS = ("reader", "case_code", "revision", "verdict", "comment", "edited_mask", "edited_volume_ml",
-            "proposed_mask_sha256", "created_utc", "clicks")
+            "proposed_mask_sha256", "created_utc", "clicks", "seconds_to_verdict", "edit_seconds")
 
 #: Columns added after the first release, with their SQL type: added to older databases on open.
-_ADDED_COLUMNS = {"clicks": "TEXT"}
+_ADDED_COLUMNS = {"clicks": "TEXT", "seconds_to_verdict": "REAL", "edit_seconds": "REAL"}
+
+#: Longest time a read may take, in seconds (4 h): a longer time is a case left open while the
+#: reader was away, not reading time, and is kept as unknown (NULL) rather than skewing the summary.
+MAX_READ_SECONDS = 4 * 3600.0
 
 
 def connect(db_path):
@@ -130,8 +145,58 @@ def clicks_json(clicks):
     return json.dumps(items)
 
 
+class RevisionConflict(ValueError):
+    """The case's latest revision is not the one the reader's page showed (a double click, another tab)."""
+
+    def __init__(self, case_code, expected, latest):
+        super().__init__(f"case {case_code} is at revision {latest}, not {expected} as the page showed: "
+                         "this verdict was already saved (or saved from another window); reload the case")
+        self.latest = latest
+
+
+def check_read_seconds(seconds_to_verdict, edit_seconds, verdict):
+    """Validate a read's timing (it comes from the browser: hostile until checked).
+
+    Parameters
+    ----------
+    seconds_to_verdict, edit_seconds : float, str or None
+        Seconds; None (or an empty string) = not measured.
+    verdict : str
+        ``edit_seconds`` is kept only with ``edited`` (other verdicts had no edit to save).
+
+    Returns
+    -------
+    (float or None, float or None)
+        Rounded to 1 ms; None where not measured or over :data:`MAX_READ_SECONDS`.
+
+    Raises
+    ------
+    ValueError
+        Not a number, not finite, negative, or an edit longer than the read.
+    """
+    out = []
+    for name, value in (("seconds_to_verdict", seconds_to_verdict), ("edit_seconds", edit_seconds)):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            out.append(None)
+            continue
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number of seconds, not {str(value)[:40]!r}") from None
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{name} must be a finite, non-negative number of seconds, not {seconds!r}")
+        out.append(None if seconds > MAX_READ_SECONDS else round(seconds, 3))
+    total, edit = out
+    if verdict != "edited":
+        edit = None
+    if total is not None and edit is not None and edit > total + 1e-3:
+        raise ValueError(f"edit_seconds ({edit}) cannot exceed seconds_to_verdict ({total}): the edit is part of the read")
+    return total, edit
+
+
 def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=None, edited_volume_ml=None,
-                proposed_mask_sha256=None, now=None, clicks=None):
+                proposed_mask_sha256=None, now=None, clicks=None, expected_revision=None, seconds_to_verdict=None,
+                edit_seconds=None):
     """Append one read, as the next revision of its case, in one committed transaction.
 
     Parameters
@@ -154,6 +219,12 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         The reader's clicks in order (:func:`clicks_json`); only with
         ``edited``, whose ``edited_mask`` must then be the recomputation
         from the case image and these clicks (the app's job).
+    expected_revision : int, optional
+        The case's latest revision the reader's page showed (0: unread). When
+        given and the database holds another, nothing is stored and
+        :class:`RevisionConflict` is raised: the same page state saves once.
+    seconds_to_verdict, edit_seconds : float, optional
+        How long the read took, seconds (:func:`check_read_seconds`; never shown to readers).
 
     Returns
     -------
@@ -167,6 +238,7 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
     if clicks is not None and verdict != "edited":
         raise ValueError("clicks go only with the verdict 'edited' (the mask they make)")
     clicks_text = clicks_json(clicks)
+    seconds_to_verdict, edit_seconds = check_read_seconds(seconds_to_verdict, edit_seconds, verdict)
     created = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
     con = connect(db_path)
     try:
@@ -174,9 +246,11 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         try:
             (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
                                   (reader, case_code)).fetchone()
+            if expected_revision is not None and int(expected_revision) != last:
+                raise RevisionConflict(case_code, int(expected_revision), last)
             values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
                       None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
-                      clicks_text)
+                      clicks_text, seconds_to_verdict, edit_seconds)
             con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
             con.execute("COMMIT")
         except BaseException:
@@ -222,7 +296,8 @@ def current_reads(db_path, with_masks=True):
         Keys ``reader``, ``case_code``, ``revision``, ``verdict``, ``comment``,
         ``edited_mask``, ``edited_volume_ml``, ``proposed_mask_sha256``,
         ``created_utc``, ``clicks`` (list of ``{"kind", "ras_mm"}`` in
-        order, or None); sorted by reader and case code.
+        order, or None), ``seconds_to_verdict``, ``edit_seconds`` (None:
+        not measured); sorted by reader and case code.
     """
     sql = """SELECT r.* FROM reads r JOIN (
                  SELECT reader, case_code, MAX(revision) AS revision FROM reads GROUP BY reader, case_code
@@ -235,6 +310,11 @@ def read_history(db_path, case_code, with_masks=False):
     """Every revision of one case, oldest first (same keys as :func:`current_reads`)."""
     sql = "SELECT * FROM reads WHERE case_code = ? ORDER BY reader, revision"
     return _rows(db_path, sql, (case_code,), with_masks)
+
+
+def all_reads(db_path):
+    """Every revision of every case, without masks, by reader, case and revision (same keys as :func:`current_reads`)."""
+    return _rows(db_path, "SELECT * FROM reads ORDER BY reader, case_code, revision", (), False)
 
 
 def edited_mask_bytes(db_path, case_code, revision):

@@ -30,6 +30,8 @@ WORK = f"{RESULTS}/work"
 BLINDING = f"{RESULTS}/blinding"
 READERS = list(config["readers"])
 ADJUDICATOR = config["adjudicator"]
+# The reader app's left-right convention, kept in each reader's worklist.
+DISPLAY_ARGS = "" if config["reader_display"].get("radiological", True) else "--neurological"
 BASELINE_ID = f"ses-{baseline_session(config)}"
 
 try:
@@ -268,7 +270,7 @@ def final_outputs():
 
 
 def result_files():
-    qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv"] if READERS else []
+    qa = [f"{BLINDING}/audit.txt", f"{RESULTS}/qa_agreement.tsv", f"{RESULTS}/qa_reader_times.tsv"] if READERS else []
     arms = [f"{RESULTS}/response_by_arm.tsv", f"{RESULTS}/response_by_arm.json"] if config["allocation"] else []
     return qa + arms + [
         f"{RESULTS}/check.tsv",
@@ -282,18 +284,28 @@ def result_files():
 
 
 def results_banner():
-    n_err = 0
-    for rec in all_records():
+    # Counted from the records the tables are made from, so the banner and volumes.tsv agree.
+    counts = {}
+    paths = table_records()
+    if not all(Path(p).is_file() for p in paths):
+        paths = all_records()  # the reads were not imported (a failed run): the automatic records
+    for path in paths:
         try:
-            n_err += json.loads(Path(rec).read_text())["status"] != "ok"
+            loaded = json.loads(Path(path).read_text())
         except (OSError, ValueError):
-            pass
+            continue
+        for rec in loaded if isinstance(loaded, list) else [loaded]:
+            status = rec.get("status") if rec.get("status") in ("ok", "pending", "excluded") else "error"
+            counts[status] = counts.get(status, 0) + 1
+    n_err = counts.get("error", 0)
+    waiting = "".join(f", {counts[s]} {what}" for s, what in (("pending", "waiting for readers"),
+                                                                ("excluded", "excluded by readers")) if counts.get(s))
     try:
         n_problems = len(Path(f"{RESULTS}/check.tsv").read_text().splitlines()) - 1
     except OSError:
         n_problems = 0
     lines = [
-        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors. Results in {RESULTS}/:",
+        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors{waiting}. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
         "  derivatives/ (lesion masks), figures/, provenance.json, logs/",
     ]

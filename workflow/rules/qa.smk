@@ -67,14 +67,17 @@ rule qa_package:
         results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
         readers=" ".join(f"--reader {r}" for r in READERS),
         seed=config["qa_seed"],
+        display=DISPLAY_ARGS,
+        reading_mode=config["reading_mode"],
         reader_records=reader_record_args,
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_package.log",
     shell:
-        "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} "
-        "{params.reader_records} --key {output.key:q} {input.records:q} > {log:q} 2>&1"
+        "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} {params.display} "
+        "--reading-mode {params.reading_mode} {params.reader_records} --key {output.key:q} {input.records:q} "
+        "> {log:q} 2>&1"
 
 
 if ADJUDICATOR:
@@ -115,13 +118,15 @@ if ADJUDICATOR:
             results_dir=lambda wildcards, output: str(Path(output.key).parents[1]),
             adjudicator=ADJUDICATOR,
             seed=config["qa_seed"],
+            display=DISPLAY_ARGS,
+            reading_mode=config["reading_mode"],
         conda:
             "../../environment.yml"
         log:
             f"{RESULTS}/logs/qa_adjudication_package.log",
         shell:
-            "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} "
-            "--series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
+            "khe-vol qa package --results-dir {params.results_dir:q} --reader {params.adjudicator} --seed {params.seed} {params.display} "
+            "--reading-mode {params.reading_mode} --series {input.series:q} --overlays {input.overlays:q} --key {output.key:q} "
             "{input.records:q} > {log:q} 2>&1"
 
 
@@ -167,3 +172,23 @@ rule qa_final:
         "khe-vol qa final --results-dir {params.results_dir:q} {params.readers} {params.adjudicator} "
         "--baseline-session {params.baseline} {params.key_args} --out {output.records:q} "
         "--edited-dir {output.edited:q} --agreement {output.agreement:q} {input.records:q} > {log:q} 2>&1"
+
+
+rule qa_reader_times:
+    """Per reader: time per read and share accepted without edit (kept from the readers; never served)."""
+    input:
+        # Written by `khe-vol qa serve`, never by the workflow: a new read makes them newer.
+        dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    output:
+        table=f"{RESULTS}/qa_reader_times.tsv",
+        dictionary=f"{RESULTS}/qa_reader_times.json",
+    params:
+        results_dir=lambda wildcards, output: str(Path(output.table).parent),
+        readers=" ".join(f"--reader {r}" for r in READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/qa_reader_times.log",
+    shell:
+        "khe-vol qa reader-times --results-dir {params.results_dir:q} {params.readers} --out {output.table:q} "
+        "> {log:q} 2>&1"

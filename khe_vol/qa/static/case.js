@@ -1,4 +1,4 @@
-// Case page of the blinded reader app: NiiVue viewer, click segmentation, mask editing, verdicts.
+// Case page of the blinded reader app: NiiVue viewer, click segmentation, verdicts (mask editing: edit.js).
 // Everything comes from this server (the page's Content-Security-Policy allows nothing else).
 (async function () {
   "use strict";
@@ -7,50 +7,193 @@
   const code = view.case.case_code;
   const MASK_OPACITY = 0.5;
   const OVERLAY_COLORMAPS = ["green", "blue", "violet", "warm"];
+  const PLANES = ["axial", "coronal", "sagittal"];
+  // RAS voxel axis across each plane's slices (NiiVue's dimsRAS order: x = sagittal, y = coronal, z = axial).
+  const PLANE_AXIS = { axial: 2, coronal: 1, sagittal: 0 };
+  const WINDOW_PRESETS = ["auto", "lesion", "full"];
+  const CROSSHAIR_COLOR = [0.2, 0.8, 1.0, 0.7];  // not red: red is the mask
+  const CROSSHAIR_WIDTH = 0.3;  // voxels: a thin line, not a bar over the tissue it points at
 
   const nv = new niivue.Niivue({
     backColor: [0, 0, 0, 1],
     show3Dcrosshair: true,
-    crosshairColor: [0.2, 0.8, 1.0, 0.7],  // not red: red is the mask
+    crosshairColor: CROSSHAIR_COLOR,
+    crosshairWidth: CROSSHAIR_WIDTH,
     isNearestInterpolation: true,  // voxels as they are, for judging mask edges
     dragAndDropEnabled: false,
     showLegend: false,
     isColorbar: false,
     logLevel: "warn",
     penSize: 1,
+    isRadiologicalConvention: !!view.display.radiological,
+    // Native plane: slices on the series' own voxel grid; off: resliced along the scanner axes.
+    isSliceMM: !$("native-plane").checked,
   });
-  // Exposed for the end-to-end tests and for debugging from the console.
-  window.khe = { nv: nv, ready: false, editing: false, clicks: [], busy: false };
-  await nv.attachTo("gl");
+  // Exposed for the end-to-end tests, for edit.js / compare.js and for debugging from the console.
+  // `whenReady` resolves once the image and drawing are loaded.
+  let markReady;
+  window.khe = {
+    nv: nv, view: view, code: code, $: $, MASK_OPACITY: MASK_OPACITY,
+    ready: false, editing: false, clicks: [], busy: false, loadError: null,
+    whenReady: new Promise(function (resolve) { markReady = resolve; }),
+  };
 
-  const volumes = [{ url: view.image_url }];
-  view.overlays.forEach(function (o, i) {
-    if (o.url) {
-      volumes.push({ url: o.url, colormap: OVERLAY_COLORMAPS[i % OVERLAY_COLORMAPS.length],
+  // ---- loading: every control is off until the image is shown; a failed load says why
+  const controls = function () {
+    // The mask display boxes stay live: what the reader sets while loading holds once the image shows.
+    return document.querySelectorAll(".viewer .tools button, .viewer .tools select, .viewer .tools input:not(.live), "
+                                      + "button.verdict, #save-edit");
+  };
+  function setLoading(loading) {
+    document.body.classList.toggle("loading", loading);
+    controls().forEach(function (el) {
+      if (loading) {
+        if (!el.disabled) { el.dataset.offWhileLoading = "1"; el.disabled = true; }
+      } else if (el.dataset.offWhileLoading) {
+        delete el.dataset.offWhileLoading;
+        el.disabled = false;
+      }
+    });
+  }
+  controls().forEach(function (el) { el.disabled = true; el.dataset.offWhileLoading = "1"; });
+  document.body.classList.add("loading");
+
+  // Fetch a file ourselves, so a failure has an HTTP status to show; NiiVue gets the bytes.
+  async function fetchBlobUrl(url, what) {
+    let resp;
+    try {
+      resp = await fetch(url, { credentials: "same-origin" });
+    } catch (err) {
+      throw new Error(what + " could not be loaded: the server cannot be reached (" + err + ")");
+    }
+    if (!resp.ok) {
+      throw new Error(what + " could not be loaded: HTTP " + resp.status + (resp.statusText ? " " + resp.statusText : ""));
+    }
+    return URL.createObjectURL(await resp.blob());
+  }
+  const blobUrls = [];
+  try {
+    await nv.attachTo("gl");
+    const volumes = [{ url: await fetchBlobUrl(view.image_url, "The image"), name: "case.nii.gz" }];
+    blobUrls.push(volumes[0].url);
+    for (let i = 0; i < view.overlays.length; i++) {
+      const o = view.overlays[i];
+      if (!o.url) { continue; }
+      const url = await fetchBlobUrl(o.url, o.label + "'s mask");
+      blobUrls.push(url);
+      volumes.push({ url: url, name: "overlay" + i + ".nii.gz", colormap: OVERLAY_COLORMAPS[i % OVERLAY_COLORMAPS.length],
                      opacity: MASK_OPACITY, cal_min: 0.5, cal_max: 1 });
     }
-  });
-  await nv.loadVolumes(volumes);
-  // The drawing layer starts as the reader's own last edit, else the proposed mask.
-  const drawingUrl = view.current && view.current.edited_mask_url ? view.current.edited_mask_url
-                                                                   : view.proposed_mask_url;
-  if (drawingUrl) {
-    await nv.loadDrawingFromUrl(drawingUrl, true);
-  } else {
-    nv.createEmptyDrawing();
+    await nv.loadVolumes(volumes);
+    // The drawing layer starts as the reader's own last edit, else the proposed mask.
+    const drawingUrl = view.current && view.current.edited_mask_url ? view.current.edited_mask_url
+                                                                     : view.proposed_mask_url;
+    if (drawingUrl) {
+      const url = await fetchBlobUrl(drawingUrl, "The mask");
+      blobUrls.push(url);
+      if (!(await nv.loadDrawingFromUrl(url, true))) { throw new Error("The mask could not be read by the viewer"); }
+    } else {
+      nv.createEmptyDrawing();
+    }
+  } catch (err) {
+    window.khe.loadError = String(err.message || err);
+    $("load-state").textContent = window.khe.loadError + ". Reload the page; if it persists, tell the coordinator "
+      + "(case " + code + ").";
+    $("load-state").classList.add("failed");
+    document.body.dataset.loadError = "1";
+    return;
+  } finally {
+    blobUrls.forEach(function (u) { URL.revokeObjectURL(u); });
   }
-  nv.setDrawOpacity(MASK_OPACITY);
+
+  // ---- mask display: filled or outline, opacity; honours what the reader set while loading
+  function maskOpacity() { return Number($("mask-opacity").value); }
+  function applyMaskDisplay() {
+    const on = $("show-mask").checked;
+    const outline = $("outline").checked;
+    // Outline: the rim at the chosen opacity, the inside all but transparent (NiiVue draws a rim only
+    // where the drawing is visible at all).
+    nv.drawRimOpacity = on && outline ? maskOpacity() : -1;
+    nv.setDrawOpacity(on ? (outline ? 0.001 : maskOpacity()) : 0);
+    document.querySelectorAll(".show-overlay").forEach(function (box) {
+      nv.setOpacity(Number(box.dataset.index), box.checked ? maskOpacity() : 0);
+    });
+    nv.drawScene();
+  }
+  window.khe.applyMaskDisplay = applyMaskDisplay;
+  window.khe.maskOpacity = function () { return $("show-mask").checked ? maskOpacity() : 0; };
+  applyMaskDisplay();
   nv.setDrawingEnabled(false);
   nv.setSliceType(nv.sliceTypeMultiplanar);
-  nv.onLocationChange = function (data) { $("location").textContent = data.string || ""; };
   // The crosshair starts at the volume's centre, which can lie on a boundary between two slices;
   // on a voxel centre, the slice shown is the slice a click lands in.
   nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(nv.scene.crosshairPos));
-  nv.drawScene();
+
+  // ---- where we are: slice k / n per plane, RAS+ mm, intensity
+  function planesShown() {
+    const t = nv.opts.sliceType;
+    return t === nv.sliceTypeMultiplanar || t === nv.sliceTypeRender ? PLANES : [PLANES[t]];
+  }
+  function showPosition() {
+    const vox = nv.frac2vox(nv.scene.crosshairPos);
+    const dims = nv.volumes[0].dimsRAS;  // [ndim, x, y, z]
+    $("slice-info").textContent = planesShown().map(function (p) {
+      const a = PLANE_AXIS[p];
+      return p + " slice " + (Math.round(vox[a]) + 1) + " / " + dims[a + 1];
+    }).join("  |  ");
+    const mm = Array.from(nv.frac2mm(nv.scene.crosshairPos, 0, true)).slice(0, 3);
+    const value = nv.volumes[0].getValue(Math.round(vox[0]), Math.round(vox[1]), Math.round(vox[2]));
+    $("location").textContent = "RAS+ (x, y, z) = (" + mm.map(function (v) { return v.toFixed(1); }).join(", ")
+      + ") mm; intensity " + (Number.isFinite(value) ? Number(value.toPrecision(5)) : "n/a");
+  }
+  window.khe.showPosition = showPosition;
+  nv.onLocationChange = showPosition;
+
+  // ---- window / level: presets from the server's robust percentiles, numbers, right drag
+  const windows = (view.image_info && view.image_info.windows) || null;
+  function showWindowNumbers() {
+    const v = nv.volumes[0];
+    $("win-width").value = Number((v.cal_max - v.cal_min).toPrecision(5));
+    $("win-level").value = Number(((v.cal_max + v.cal_min) / 2).toPrecision(5));
+  }
+  function setWindow(low, high) {
+    if (!(Number.isFinite(low) && Number.isFinite(high) && high > low)) { return false; }
+    nv.volumes[0].cal_min = low;
+    nv.volumes[0].cal_max = high;
+    nv.updateGLVolume();
+    showWindowNumbers();
+    return true;
+  }
+  function setPreset(name) {
+    const w = windows ? windows[name] : null;
+    if (w) {
+      setWindow(w[0], w[1]);
+    } else if (name === "full") {
+      setWindow(nv.volumes[0].global_min, nv.volumes[0].global_max);
+    } else {
+      setWindow(nv.volumes[0].robust_min, nv.volumes[0].robust_max);
+    }
+    $("window-preset").value = name;
+  }
+  window.khe.setPreset = setPreset;
+  $("window-preset").addEventListener("change", function (e) { setPreset(e.target.value); });
+  function windowFromNumbers() {
+    const width = Number($("win-width").value);
+    const level = Number($("win-level").value);
+    if (setWindow(level - width / 2, level + width / 2)) { $("window-preset").value = "custom"; }
+  }
+  $("win-width").addEventListener("change", windowFromNumbers);
+  $("win-level").addEventListener("change", windowFromNumbers);
+  nv.onIntensityChange = function () { showWindowNumbers(); $("window-preset").value = "custom"; };
 
   // ---- view controls
+  function resetView() {
+    nv.setPan2Dxyzmm([0, 0, 0, 1]);
+    setPreset("auto");
+  }
+  window.khe.resetView = resetView;
   document.querySelectorAll("button[data-slice]").forEach(function (b) {
-    b.addEventListener("click", function () { nv.setSliceType(Number(b.dataset.slice)); });
+    b.addEventListener("click", function () { nv.setSliceType(Number(b.dataset.slice)); showPosition(); });
   });
   function zoomBy(factor) {
     const p = nv.scene.pan2Dxyzmm;
@@ -58,44 +201,35 @@
   }
   $("zoom-in").addEventListener("click", function () { zoomBy(1.25); });
   $("zoom-out").addEventListener("click", function () { zoomBy(0.8); });
-  $("zoom-reset").addEventListener("click", function () { nv.setPan2Dxyzmm([0, 0, 0, 1]); });
-  $("show-mask").addEventListener("change", function (e) {
-    nv.setDrawOpacity(e.target.checked ? MASK_OPACITY : 0);
+  $("zoom-reset").addEventListener("click", resetView);
+  $("show-mask").addEventListener("change", applyMaskDisplay);
+  $("outline").addEventListener("change", applyMaskDisplay);
+  $("mask-opacity").addEventListener("input", applyMaskDisplay);
+  document.querySelectorAll(".show-overlay").forEach(function (box) { box.addEventListener("change", applyMaskDisplay); });
+  $("show-crosshair").addEventListener("change", function (e) {
+    nv.setCrosshairWidth(e.target.checked ? CROSSHAIR_WIDTH : 0);
+    nv.setCrosshairColor(e.target.checked ? CROSSHAIR_COLOR : [0, 0, 0, 0]);
   });
-  document.querySelectorAll(".show-overlay").forEach(function (box) {
-    box.addEventListener("change", function () {
-      nv.setOpacity(Number(box.dataset.index), box.checked ? MASK_OPACITY : 0);
-    });
-  });
-
-  // ---- editing
-  function pen(label, enabled, value, filled) {
-    nv.setDrawingEnabled(enabled);
-    if (enabled) { nv.setPenValue(value, filled); }
-    $("pen-state").textContent = label;
+  $("radiological").addEventListener("change", function (e) { nv.setRadiologicalConvention(e.target.checked); });
+  $("native-plane").addEventListener("change", function (e) { nv.setSliceMM(!e.target.checked); nv.drawScene(); });
+  // One slice (or `step`) along the current plane's axis; multiplanar moves the axial slice.
+  function moveSlice(step) {
+    const plane = planesShown().length === 1 ? planesShown()[0] : "axial";
+    const d = [0, 0, 0];
+    d[PLANE_AXIS[plane]] = step;
+    nv.moveCrosshairInVox(d[0], d[1], d[2]);
+    showPosition();
   }
-  function startEditing() {
-    if (clicks.length) {
-      // A pen drawing cannot be recomputed from clicks: it is saved as drawn, without them.
-      clicks = []; shown = []; redo = [];
-      renderClicks();
-    }
-    $("click-mode").checked = false;
-    window.khe.editing = true;
-    $("edit-tools").hidden = false;
-    $("show-mask").checked = true;
-    nv.setDrawOpacity(MASK_OPACITY);
-    pen("drawing (add)", true, 1, false);
-    $("error").textContent = "Correct the mask (red), then Save edited mask. (Pen edits are saved as drawn, "
-      + "without clicks; a new click would redraw the mask from the clicks.)";
-  }
-  $("pen-add").addEventListener("click", function () { pen("drawing (add)", true, 1, false); });
-  $("pen-fill").addEventListener("click", function () { pen("drawing (filled outline)", true, 1, true); });
-  $("pen-erase").addEventListener("click", function () { pen("erasing", true, 0, false); });
-  $("pen-off").addEventListener("click", function () { pen("navigating", false); });
-  $("undo").addEventListener("click", function () { nv.drawUndo(); });
+  window.khe.moveSlice = moveSlice;
+  setPreset("auto");
+  showPosition();
+  nv.drawScene();
 
-  // ---- verdicts
+  // ---- verdicts: one revision per page state, then on to the next unread case
+  let revision = view.revision;  // the case's latest revision as this page shows it (0: unread)
+  let nextUnread = view.next_unread;
+  let saving = false;
+  let savedClicks = view.current && view.current.clicks ? view.current.clicks.slice() : [];
   function render(data) {
     const cur = data.current;
     let text = "Not read yet";
@@ -117,55 +251,152 @@
     });
     $("edited-volume").textContent = cur && cur.edited_volume_ml !== null
       ? "Edited volume: " + cur.edited_volume_ml.toFixed(2) + " mL" : "";
+    revision = data.revision;
+    nextUnread = data.next_unread;
+    const link = $("next-unread");
+    if (nextUnread) {
+      if (link.tagName !== "A") {
+        const a = document.createElement("a");
+        a.id = "next-unread";
+        link.replaceWith(a);
+      }
+      $("next-unread").href = "/case/" + nextUnread;
+      $("next-unread").textContent = "next unread \u00bb";
+      $("next-unread").className = "";
+    } else {
+      link.removeAttribute("href");
+      link.textContent = "no unread case left";
+      link.className = "off";
+    }
   }
+  function commentTooLong() {
+    const n = $("comment").value.length;
+    $("comment-count").textContent = n + " / " + view.comment_max_chars + " characters";
+    $("comment-count").classList.toggle("over", n > view.comment_max_chars);
+    return n > view.comment_max_chars;
+  }
+  $("comment").addEventListener("input", commentTooLong);
+  function setSaving(on) {
+    saving = on;
+    window.khe.saving = on;
+    document.querySelectorAll("button.verdict, #save-edit").forEach(function (b) {
+      if (on) { b.dataset.offWhileSaving = b.disabled ? "" : "1"; b.disabled = true; }
+      else if (b.dataset.offWhileSaving) { b.disabled = false; delete b.dataset.offWhileSaving; }
+      else { delete b.dataset.offWhileSaving; }
+    });
+  }
+  // Resolves true once the server has stored the read (edit.js saves through it too).
+  window.khe.submit = submit;
   async function submit(verdict, maskBytes, clickList) {
+    if (saving) { return false; }  // a second click while the first is on its way: ignored
+    if (commentTooLong()) {
+      $("error").textContent = "Not saved: the comment has " + $("comment").value.length + " characters; at most "
+        + view.comment_max_chars + " are kept. Shorten it.";
+      return false;
+    }
     const form = new FormData();
     form.append("verdict", verdict);
     form.append("comment", $("comment").value);
+    form.append("expected_revision", String(revision));
     if (clickList) {
       form.append("clicks", JSON.stringify(clickList));
     } else if (maskBytes) {
       form.append("mask", new Blob([maskBytes], { type: "application/octet-stream" }), "drawing.nii");
     }
+    if (window.kheReadTime) { window.kheReadTime.addTo(form, verdict); }  // time per read (readtime.js)
+    setSaving(true);
     $("error").textContent = "saving...";
-    let resp;
     try {
-      resp = await fetch("/api/case/" + code + "/read", {
-        method: "POST", body: form, credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
-      });
-    } catch (err) {
-      $("error").textContent = "Not saved: the server cannot be reached (" + err + ")";
-      return;
-    }
-    const data = await resp.json().catch(function () { return { error: "HTTP " + resp.status }; });
-    if (!resp.ok) {
-      $("error").textContent = "Not saved: " + data.error;
-      return;
-    }
-    $("error").textContent = "Saved.";
-    render(data);
-  }
-  document.querySelectorAll("button.verdict").forEach(function (b) {
-    b.addEventListener("click", async function () {
-      if (b.dataset.verdict === "edited") { startEditing(); return; }
-      if (b.dataset.verdict === "accept" && clicks.length) {
-        // Accepting the mask the clicks made: an Edited read, whose mask the server recomputes.
-        await pending;
-        if (!shown.length) { $("error").textContent = "Not saved: no click has made a mask yet"; return; }
-        await submit("edited", null, shown);
-        return;
+      let resp;
+      try {
+        resp = await fetch("/api/case/" + code + "/read", {
+          method: "POST", body: form, credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
+        });
+      } catch (err) {
+        $("error").textContent = "Not saved: the server cannot be reached (" + err + ")";
+        return false;
       }
-      submit(b.dataset.verdict, null);
-    });
-  });
-  $("save-edit").addEventListener("click", async function () {
-    // filename "" makes NiiVue return the NIfTI bytes instead of downloading them.
-    const bytes = await nv.saveImage({ filename: "", isSaveDrawing: true, volumeByIndex: 0 });
-    if (!(bytes instanceof Uint8Array)) {
-      $("error").textContent = "Not saved: the viewer has no drawing to save";
+      const data = await resp.json().catch(function () { return { error: "HTTP " + resp.status }; });
+      if (resp.status === 409 && data.view) {
+        render(data.view);  // saved meanwhile (another window): show what is stored
+        $("error").textContent = "Not saved again: " + data.error;
+        return false;
+      }
+      if (!resp.ok) {
+        $("error").textContent = "Not saved: " + data.error;
+        return false;
+      }
+      if (window.kheReadTime) { window.kheReadTime.saved(); }
+      $("error").textContent = "Saved.";
+      savedClicks = clicks.slice();  // the reader decided: clicks left unsaved were chosen to be dropped
+      render(data);
+      return true;
+    } finally {
+      setSaving(false);
+    }
+  }
+  function afterVerdict() {
+    if ($("auto-advance").checked && nextUnread) {
+      $("error").textContent = "Saved. Opening the next unread case...";
+      go("/case/" + nextUnread);
+    } else if ($("auto-advance").checked) {
+      $("error").textContent = "Saved. Every case is read: the worklist is at the top left.";
+    }
+  }
+  async function verdict(name) {
+    if (saving || !window.khe.ready) { return; }
+    const b = document.querySelector("button.verdict[data-verdict='" + name + "']");
+    if (!b || b.disabled) { return; }
+    if (name === "edited") {
+      window.khe.startEditing();  // edit.js
       return;
     }
-    await submit("edited", bytes);
+    if (name === "accept" && clicks.length) {
+      // Accepting the mask the clicks made: an Edited read, whose mask the server recomputes.
+      await pending;
+      if (!shown.length) { $("error").textContent = "Not saved: no click has made a mask yet"; return; }
+      if (await submit("edited", null, shown)) { afterVerdict(); }
+      return;
+    }
+    if (await submit(name, null)) { afterVerdict(); }
+  }
+  window.khe.verdict = verdict;
+  document.querySelectorAll("button.verdict").forEach(function (b) {
+    b.addEventListener("click", function () { verdict(b.dataset.verdict); });
+  });
+
+  // ---- leaving: never lose an unsaved edit or unsaved clicks without a word
+  const autoAdvanceKey = "khe-vol.autoAdvance";
+  try {
+    if (window.localStorage.getItem(autoAdvanceKey) === "0") { $("auto-advance").checked = false; }
+  } catch (err) { /* storage off: the default holds */ }
+  $("auto-advance").addEventListener("change", function (e) {
+    try { window.localStorage.setItem(autoAdvanceKey, e.target.checked ? "1" : "0"); } catch (err) { /* ignore */ }
+  });
+  function sameClicks(a, b) { return JSON.stringify(a || []) === JSON.stringify(b || []); }
+  function hasUnsaved() {
+    return window.khe.hasUnsavedEdits() || !sameClicks(clicks, savedClicks);  // edit.js: the pen
+  }
+  window.khe.hasUnsaved = hasUnsaved;
+  let leaving = false;
+  function go(url) {
+    if (hasUnsaved() && !window.confirm("This case has an edit or clicks that are not saved. Leave and lose them?")) {
+      return false;
+    }
+    leaving = true;
+    window.location.href = url;
+    return true;
+  }
+  window.khe.go = go;
+  window.addEventListener("beforeunload", function (e) {
+    if (!leaving && hasUnsaved()) { e.preventDefault(); e.returnValue = ""; }
+  });
+  // In-app links (worklist, previous, next, next unread; some are re-rendered): one delegated handler.
+  document.addEventListener("click", function (e) {
+    const a = e.target.closest ? e.target.closest("a[href]") : null;
+    if (!a || e.button !== 0 || e.ctrlKey || e.metaKey || e.shiftKey) { return; }
+    e.preventDefault();
+    go(a.getAttribute("href"));
   });
 
   // ---- click segmentation: include / exclude clicks, the server draws the mask
@@ -223,7 +454,7 @@
       try {
         if (!list.length && view.needs_seed) {
           nv.createEmptyDrawing();
-          nv.setDrawOpacity($("show-mask").checked ? MASK_OPACITY : 0);
+          applyMaskDisplay();
           shown = [];
           renderClicks();
           $("error").textContent = "";
@@ -249,7 +480,7 @@
         } finally {
           URL.revokeObjectURL(blobUrl);
         }
-        nv.setDrawOpacity($("show-mask").checked ? MASK_OPACITY : 0);
+        applyMaskDisplay();
         shown = list.slice();
         if (mine === latest) { clicks = list.slice(); }
         renderClicks(volumeMl);
@@ -267,6 +498,12 @@
     return pending;
   }
   window.khe.settled = function () { return pending; };
+  // A pen drawing cannot be recomputed from clicks: edit.js drops them when editing starts.
+  window.khe.dropClicks = function () {
+    clicks = []; shown = []; redo = [];
+    renderClicks();
+    $("click-mode").checked = false;
+  };
 
   function setClicks(list) {
     clicks = list;
@@ -297,16 +534,18 @@
   // A click is a press and release of the left button without a drag (a drag pans, zooms or windows).
   let down = null;
   canvas.addEventListener("pointerdown", function (e) {
-    down = e.button === 0 ? { x: e.clientX, y: e.clientY } : null;
+    // Where the pointer went down on the image: the page may scroll or reflow before it comes up
+    // (focus, a prompt that goes), so the point is kept relative to the canvas now.
+    const rect = canvas.getBoundingClientRect();
+    down = e.button === 0 ? { x: e.clientX - rect.left, y: e.clientY - rect.top, cx: e.clientX, cy: e.clientY } : null;
   });
   canvas.addEventListener("pointerup", function (e) {
     const start = down;
     down = null;
     if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing) { return; }
-    if (Math.hypot(e.clientX - start.x, e.clientY - start.y) > 4) { return; }
-    const rect = canvas.getBoundingClientRect();
+    if (Math.hypot(e.clientX - start.cx, e.clientY - start.cy) > 4) { return; }  // a drag, not a click
     const dpr = window.devicePixelRatio || 1;
-    const frac = nv.canvasPos2frac([(e.clientX - rect.left) * dpr, (e.clientY - rect.top) * dpr]);
+    const frac = nv.canvasPos2frac([start.x * dpr, start.y * dpr]);
     if (!(frac[0] >= 0 && frac[0] <= 1 && frac[1] >= 0 && frac[1] <= 1 && frac[2] >= 0 && frac[2] <= 1)) {
       $("error").textContent = "Click not used: click on a slice of the image";
       return;
@@ -327,22 +566,74 @@
     redo = clicks.slice().reverse();  // Redo brings them back one by one
     setClicks([]);
   });
-  document.addEventListener("keydown", function (e) {
-    const tag = (e.target && e.target.tagName) || "";
-    if (tag === "TEXTAREA" || tag === "INPUT") { return; }
-    const key = e.key.toLowerCase();
-    if ((e.ctrlKey || e.metaKey) && key === "z" && !e.shiftKey) {
-      e.preventDefault();
-      if (window.khe.editing) { nv.drawUndo(); } else { undoClick(); }
-    } else if ((e.ctrlKey || e.metaKey) && (key === "y" || (key === "z" && e.shiftKey))) {
-      e.preventDefault();
-      if (!window.khe.editing) { redoClick(); }
-    } else if (!e.ctrlKey && !e.metaKey && !e.altKey && key === "e") {
-      setKind(!excludeByDefault);
-    } else if (!e.ctrlKey && !e.metaKey && !e.altKey && key === "c") {
-      $("click-mode").checked = !$("click-mode").checked;
+  // ---- keyboard: everything a read needs, without first clicking the image; never while typing
+  function typing(target) {
+    if (!target || !target.tagName) { return false; }
+    if (target.isContentEditable || target.tagName === "TEXTAREA" || target.tagName === "SELECT") { return true; }
+    return target.tagName === "INPUT" && !["checkbox", "radio", "range", "button"].includes(target.type);
+  }
+  function toggle(id) {
+    const box = $(id);
+    if (box.disabled) { return; }
+    box.checked = !box.checked;
+    box.dispatchEvent(new Event("change"));
+  }
+  function cyclePreset() {
+    const at = WINDOW_PRESETS.indexOf($("window-preset").value);
+    setPreset(WINDOW_PRESETS[(at + 1) % WINDOW_PRESETS.length]);
+  }
+  function link(id) {
+    const a = $(id);
+    if (a && a.tagName === "A" && a.getAttribute("href")) { go(a.getAttribute("href")); }
+  }
+  const VERDICT_BY_KEY = {};
+  document.querySelectorAll("button.verdict").forEach(function (b) { VERDICT_BY_KEY[b.dataset.key.toLowerCase()] = b.dataset.verdict; });
+  const PLAIN_KEYS = {
+    n: function () { link("next"); }, p: function () { link("prev"); }, u: function () { link("next-unread"); },
+    m: function () { toggle("show-mask"); }, o: function () { toggle("outline"); }, x: function () { toggle("show-crosshair"); },
+    w: cyclePreset, e: function () { setKind(!excludeByDefault); },
+    c: function () { $("click-mode").checked = !$("click-mode").checked; },
+    "1": function () { nv.setSliceType(0); showPosition(); }, "2": function () { nv.setSliceType(1); showPosition(); },
+    "3": function () { nv.setSliceType(2); showPosition(); }, "4": function () { nv.setSliceType(3); showPosition(); },
+    home: resetView,
+    arrowup: function () { moveSlice(1); }, arrowright: function () { moveSlice(1); },
+    arrowdown: function () { moveSlice(-1); }, arrowleft: function () { moveSlice(-1); },
+    pageup: function () { moveSlice(5); }, pagedown: function () { moveSlice(-5); },
+  };
+  const EDIT_KEYS = ["b", "x", "o", "d", "i", "[", "]", "escape"];
+  function onKey(e) {
+    if (typing(e.target)) {
+      if (e.type === "keydown" && e.key === "Escape") { e.target.blur(); }
+      return;
     }
-  });
+    const key = e.key.toLowerCase();
+    // While editing, Ctrl keys and the pen's own keys are edit.js's (the active tool's history).
+    if (window.khe.editing && (e.ctrlKey || e.metaKey || EDIT_KEYS.includes(key))) { return; }
+    let action = null;
+    if ((e.ctrlKey || e.metaKey) && key === "z" && !e.shiftKey) {
+      action = undoClick;
+    } else if ((e.ctrlKey || e.metaKey) && (key === "y" || (key === "z" && e.shiftKey))) {
+      action = redoClick;
+    } else if (!e.ctrlKey && !e.metaKey && !e.altKey) {
+      if (VERDICT_BY_KEY[key]) {
+        const name = VERDICT_BY_KEY[key];
+        action = function () { verdict(name); };
+      } else if (PLAIN_KEYS[key]) {
+        action = PLAIN_KEYS[key];
+      }
+    }
+    if (!action) { return; }
+    // Ours, not NiiVue's (its canvas keys would also act on M, C, arrows) nor the page's scroll.
+    e.preventDefault();
+    e.stopPropagation();
+    if (e.type !== "keydown" || !window.khe.ready || e.repeat && !key.startsWith("arrow") && !key.startsWith("page")) {
+      return;
+    }
+    action();
+  }
+  window.addEventListener("keydown", onKey, true);
+  window.addEventListener("keyup", onKey, true);
+  setLoading(false);
   renderClicks(view.current && view.current.clicks ? view.current.edited_volume_ml : undefined);
 
   // Let the server do what does not depend on the first click (bias correction of the
@@ -351,6 +642,8 @@
     method: "POST", credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
   }).catch(function () {});
 
+  $("load-state").hidden = true;
   window.khe.ready = true;
+  markReady();
   document.body.dataset.ready = "1";
 })();

@@ -1,0 +1,151 @@
+// Longitudinal reading: the earlier timepoint (T1) and its final mask beside the case being read,
+// in a second NiiVue pane. Linked to the case's viewer (window.khe.nv, from case.js):
+// - crosshair in physical space: scanner RAS+ mm through each series' own voxel-to-world transform
+//   (the two series have different grids and affines, so never by voxel index or fraction);
+// - window/level matched on each series' robust range (NiiVue's 2nd..98th percentiles): the same
+//   place between them in both, as follow-ups may be stored on another intensity scale;
+// - zoom and pan (NiiVue's pan2Dxyzmm, in mm), view (axial/coronal/sagittal/multiplanar) and the
+//   left/right convention.
+// Either pane drives the other. Loaded only for a follow-up of a longitudinal worklist.
+(async function () {
+  "use strict";
+  const view = JSON.parse(document.getElementById("case-data").textContent);
+  const lon = view.longitudinal;
+  if (!lon) { return; }
+  const MASK_OPACITY = 0.5;
+
+  function el(tag, attrs, text) {
+    const e = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+    if (text !== undefined) { e.textContent = text; }
+    return e;
+  }
+  // Where this case stands in the participant's scans (no session, month or date: only the order).
+  const info = el("p", { id: "timepoint", class: "timepoint-info" },
+    "Participant " + lon.participant + ": T" + lon.timepoint + " of " + lon.n_timepoints
+    + (lon.prior ? " (shown beside T" + lon.prior.timepoint + ", the first scan, which the response is "
+      + "measured against)" : " (the first scan)"));
+  const nav = document.querySelector("nav.steps");
+  nav.parentNode.insertBefore(info, nav.nextSibling);
+  window.kheCompare = { prior: null, ready: false };
+  if (!lon.prior) {
+    document.body.dataset.compareReady = "1";
+    return;
+  }
+
+  // Wait for the case's own viewer (case.js sets window.khe.ready when it has loaded).
+  await new Promise(function (resolve) {
+    (function check() {
+      if (window.khe && window.khe.ready) { resolve(); } else { setTimeout(check, 50); }
+    })();
+  });
+  const nv = window.khe.nv;
+
+  // Two panes side by side: the earlier timepoint on the left, this case on the right.
+  const box = document.querySelector(".canvas-box");
+  const row = el("div", { class: "compare-row", id: "compare-row" });
+  box.parentNode.insertBefore(row, box);
+  const priorFig = el("figure", { class: "pane prior-pane", id: "prior-pane" });
+  const priorCap = el("figcaption", { id: "prior-caption" });
+  priorCap.append(el("strong", {}, "T" + lon.prior.timepoint + " (earlier)"),
+                  document.createTextNode(" mask: " + lon.prior.mask_source + " "),
+                  el("span", { id: "prior-outside", class: "outside", hidden: "" },
+                     "this point is outside T" + lon.prior.timepoint + "'s field of view"));
+  const priorBox = el("div", { class: "canvas-box" });
+  priorBox.append(el("canvas", { id: "gl-prior" }));
+  priorFig.append(priorCap, priorBox);
+  const currentFig = el("figure", { class: "pane current-pane" });
+  currentFig.append(el("figcaption", {}, "T" + lon.timepoint + " (this case)"));
+  row.append(priorFig, currentFig);
+  currentFig.append(box);  // moving the canvas keeps its WebGL context
+  nv.resizeListener();
+
+  const pv = new niivue.Niivue({
+    backColor: [0, 0, 0, 1],
+    show3Dcrosshair: true,
+    crosshairColor: [0.2, 0.8, 1.0, 0.7],
+    isNearestInterpolation: true,
+    dragAndDropEnabled: false,
+    showLegend: false,
+    isColorbar: false,
+    logLevel: "warn",
+    isRadiologicalConvention: nv.opts.isRadiologicalConvention,
+  });
+  await pv.attachTo("gl-prior");
+  try {
+    await pv.loadVolumes([{ url: lon.prior.image_url }]);
+    if (lon.prior.mask_url) {
+      await pv.loadDrawingFromUrl(lon.prior.mask_url, true);
+    } else {
+      pv.createEmptyDrawing();
+    }
+  } catch (err) {
+    priorCap.append(el("span", { class: "error" }, " T" + lon.prior.timepoint + " could not be loaded (" + err + ")"));
+    document.body.dataset.compareReady = "1";
+    return;
+  }
+  pv.setDrawOpacity(MASK_OPACITY);
+  pv.setDrawingEnabled(false);
+
+  // ---- linking
+  function worldMM(v) {
+    // isForceSliceMM: the series' true voxel-to-world transform, not the display's de-obliqued frame.
+    return Array.from(v.frac2mm(v.scene.crosshairPos, 0, true)).slice(0, 3);
+  }
+  function robust(v) {
+    const vol = v.volumes[0];
+    return [vol.robust_min, vol.robust_max];
+  }
+  // cal value of `from` -> the same place between robust min and max of `to`.
+  function mapLevel(x, from, to) {
+    const [a0, a1] = robust(from);
+    const [b0, b1] = robust(to);
+    if (!(a1 > a0) || !(b1 > b0)) { return x; }
+    return b0 + (x - a0) * (b1 - b0) / (a1 - a0);
+  }
+  function state(v) {
+    const vol = v.volumes[0];
+    return [...v.scene.crosshairPos, ...v.scene.pan2Dxyzmm, v.opts.sliceType, vol.cal_min, vol.cal_max,
+            v.opts.isRadiologicalConvention ? 1 : 0].join(",");
+  }
+  function push(from, to) {
+    const mm = worldMM(from);
+    const frac = to.mm2frac(mm, 0, true);
+    to.scene.crosshairPos = frac;
+    to.scene.pan2Dxyzmm = from.scene.pan2Dxyzmm.slice();
+    if (to.opts.sliceType !== from.opts.sliceType) { to.setSliceType(from.opts.sliceType); }
+    if (to.opts.isRadiologicalConvention !== from.opts.isRadiologicalConvention) {
+      to.setRadiologicalConvention(from.opts.isRadiologicalConvention);
+    }
+    const src = from.volumes[0];
+    const dst = to.volumes[0];
+    const lo = mapLevel(src.cal_min, from, to);
+    const hi = mapLevel(src.cal_max, from, to);
+    if (dst.cal_min !== lo || dst.cal_max !== hi) {
+      dst.cal_min = lo;
+      dst.cal_max = hi;
+      to.updateGLVolume();
+    }
+    to.drawScene();
+    const priorFrac = to === pv ? frac : pv.scene.crosshairPos;
+    const outside = Array.from(priorFrac).some(function (f) { return f < 0 || f > 1; });
+    document.getElementById("prior-outside").hidden = !outside;
+  }
+  // Start from the case's view; then, every frame, whichever pane changed drives the other.
+  push(nv, pv);
+  let seen = [state(nv), state(pv)];
+  function tick() {
+    const now = [state(nv), state(pv)];
+    if (now[0] !== seen[0]) {
+      push(nv, pv);
+    } else if (now[1] !== seen[1]) {
+      push(pv, nv);
+    }
+    seen = [state(nv), state(pv)];
+    requestAnimationFrame(tick);
+  }
+  requestAnimationFrame(tick);
+  // Exposed for the end-to-end tests and for debugging from the console.
+  window.kheCompare = { prior: pv, ready: true, worldMM: worldMM, mapLevel: mapLevel };
+  document.body.dataset.compareReady = "1";
+})();
