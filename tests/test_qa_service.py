@@ -118,6 +118,8 @@ def test_login_session_csrf_and_each_reader_sees_only_their_own_cases(two_reader
     assert client.post(f"/api/case/{r1_case}/read", data={"verdict": "accept"}, base_url=LOCAL,
                        headers={"X-CSRF-Token": csrf, "X-Khe-Vol": "reader", "Origin": "https://evil.example"}
                        ).status_code == 403
+    assert client.post("/login", data={"account": "R1", "password": PASSWORDS["R1"]}, base_url=LOCAL,
+                       headers={"Sec-Fetch-Site": "cross-site", "Origin": "null"}).status_code == 403
     assert client.get("/", base_url="http://evil.example").status_code == 403
     assert store.current_reads(results / "reads" / "R1.sqlite") == []
 
@@ -224,3 +226,139 @@ def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers
     assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
     assert client.get("/api/worklist", base_url="https://reading.example.org").status_code == 200
     assert client.get("/api/worklist", base_url="https://other.example.org").status_code == 403
+
+
+# ---- the real server (waitress) and a real browser ------------------------------------------------
+
+
+def start_service(results, port, log):
+    """``khe-vol qa serve --results-dir R`` (every reader, behind the login) on a local port."""
+    from tests.test_qa_app import kill_hard
+
+    proc = subprocess.Popen([sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            break
+    kill_hard(proc)
+    raise AssertionError(f"service did not start; log:\n{Path(log.name).read_text()}")
+
+
+@contextlib.contextmanager
+def service_browser(results, tmp_path):
+    """The service on a free port and a Chromium page (not logged in): yields ``(page, base, errors)``."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_qa_app import CHROMIUM, CHROMIUM_ARGS, free_port, kill_hard
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    port = free_port()
+    with open(tmp_path / "service.log", "w") as log:
+        server = start_service(results, port, log)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1300, "height": 900}, device_scale_factor=1)
+                page.add_init_script("window.localStorage.setItem('khe-vol.autoAdvance', '0');")
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                yield page, f"http://127.0.0.1:{port}", errors
+                browser.close()
+        finally:
+            kill_hard(server)
+
+
+def browser_login(page, base, account, password):
+    page.goto(base + "/login")
+    page.fill("#account", account)
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.click("#login")
+
+
+def sign(page, password, reason=None):
+    """Answer the signature dialog the verdict opened."""
+    page.wait_for_selector("#sign-dialog[open]", timeout=10000)
+    if reason is not None:
+        page.fill("#sign-reason", reason)
+    page.fill("#sign-password", password)
+    page.click("#sign-confirm")
+
+
+@pytest.mark.slow  # a real browser and the real server
+def test_login_signed_read_revision_refused_comment_and_logout_in_a_real_browser(two_readers, tmp_path):
+    from tests.test_qa_app import wait_status
+
+    results, codes = two_readers
+    code = codes["R1"][("sub-01", "ses-baseline")]
+    db = results / "reads" / "R1.sqlite"
+    with service_browser(results, tmp_path) as (page, base, errors):
+        # Not logged in: the worklist sends the reader to the login page; a wrong password says so.
+        page.goto(base + "/")
+        assert page.url == base + "/login"
+        browser_login(page, base, "R1", "not R1's password")
+        assert page.inner_text("#error") == "wrong account or password"
+        browser_login(page, base, "R1", PASSWORDS["R1"])
+        assert page.url == base + "/" and page.inner_text("#progress") == "0 of 3 read"
+        assert "reader R1" in page.inner_text("header")
+        # R2's case by URL: not there for R1.
+        assert page.goto(f"{base}/case/{codes['R2'][('sub-01', 'ses-baseline')]}").status == 404
+
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        # A comment the blinding forbids: refused after signing, with the word named; nothing saved.
+        page.fill("#comment", "looks like sub-01 again")
+        page.click("button.verdict[data-verdict='accept']")
+        sign(page, PASSWORDS["R1"])
+        page.wait_for_function("() => document.getElementById('error').textContent.includes(\"'sub-01'\")")
+        assert "Not saved" in page.inner_text("#error") and store.read_history(db, code) == []
+        # A wrong password does not sign.
+        page.fill("#comment", "clear margins")
+        page.click("button.verdict[data-verdict='accept']")
+        sign(page, "not R1's password")
+        page.wait_for_function("() => document.getElementById('error').textContent.includes('not signed')")
+        assert store.read_history(db, code) == []
+        # Cancelling the dialog saves nothing either.
+        page.click("button.verdict[data-verdict='accept']")
+        page.wait_for_selector("#sign-dialog[open]")
+        assert not page.is_visible("#sign-reason")  # a first read needs no reason
+        page.click("#sign-cancel")
+        page.wait_for_function("() => document.getElementById('error').textContent === 'Not saved: not signed.'")
+        # The signed read.
+        page.click("button.verdict[data-verdict='accept']")
+        sign(page, PASSWORDS["R1"])
+        wait_status(page, "Current: Accept (revision 1)")
+        # A revision: the dialog asks why, and will not sign without a reason.
+        page.fill("#comment", "on second look: motion")
+        page.click("button.verdict[data-verdict='reject']")
+        page.wait_for_selector("#sign-dialog[open]")
+        assert page.is_visible("#sign-reason")
+        page.fill("#sign-password", PASSWORDS["R1"])
+        page.click("#sign-confirm")
+        assert page.inner_text("#sign-error") == "Say why the verdict changes."
+        sign(page, PASSWORDS["R1"], reason="motion artefact seen on the second look")
+        wait_status(page, "Current: Reject (unmeasurable) (revision 2)")
+        assert [r["verdict"] for r in store.read_history(db, code)] == ["accept", "reject"]
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        assert page.locator("#history li").count() == 2
+
+        # Logout: back to the login page; the worklist is closed again.
+        page.click("#logout")
+        page.wait_for_url(base + "/login")
+        page.goto(base + "/")
+        assert page.url == base + "/login"
+        # Repeated wrong passwords lock the account, and the page says so.
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            browser_login(page, base, "R2", "not R2's password")
+        browser_login(page, base, "R2", PASSWORDS["R2"])
+        assert "locked" in page.inner_text("#error") and page.url == base + "/login"
+    assert not errors, errors

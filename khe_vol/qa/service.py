@@ -303,9 +303,11 @@ class ReadingService:
             return self._plain(environ, start_response, 403 if host else 400, "unknown host")
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
         if method not in ("GET", "HEAD"):
-            origin = environ.get("HTTP_ORIGIN")
-            # A browser names the page that posts; another site's page is refused before anything else.
-            if origin is not None and not host_allowed(urlsplit(origin).netloc, self.names):
+            # A browser says where a post comes from (Sec-Fetch-Site; Origin, which is "null" under the
+            # pages' no-referrer policy): another site's page is refused before anything else.
+            origin, site = environ.get("HTTP_ORIGIN"), environ.get("HTTP_SEC_FETCH_SITE")
+            if (site is not None and site not in ("same-origin", "none")) or (
+                    origin not in (None, "null") and not host_allowed(urlsplit(origin).netloc, self.names)):
                 return self._plain(environ, start_response, 403, "cross-site request refused")
         if path in _GATE_PATHS or path.startswith("/static/"):
             return self.gate.wsgi_app(environ, start_response)
