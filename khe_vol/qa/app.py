@@ -19,6 +19,7 @@ recomputation of the mask, never a mask the browser sends.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import threading
@@ -42,6 +43,7 @@ from khe_vol.qa import (
     reader_dir,
     store,
 )
+from khe_vol.qa import accounts
 from khe_vol.qa.deidentify import mask_like
 from khe_vol.qa.key import key_paths
 from khe_vol.qa.leaks import Scanner, study_tokens
@@ -73,6 +75,9 @@ VENDOR_MAX_AGE_S = 365 * 24 * 3600
 #: A series whose voxel axes lie more than this from the scanner axes is oblique (shown in its
 #: own acquisition plane by default), degrees.
 OBLIQUE_DEGREES = 1.0
+
+#: What a verdict's electronic signature means (recorded with each signed read).
+SIGNATURE_MEANING = "read complete"
 
 #: Keyboard key of each verdict (shown on its button).
 VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion": "0"}
@@ -321,8 +326,29 @@ class CommentChecker:
         return comment
 
 
-def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True, allocation_tsv=None):
+def record_read(db, *args, signer=None, meaning=None, reason=None, **kwargs):
+    """:func:`khe_vol.qa.store.record_read` with the signature, where the store keeps signatures.
+
+    TODO(trailB): the store's audit trail (``signer``/``meaning``/``reason``) lands in trailB's
+    branch; until it is merged, a signed verdict is stored without its signature record (the
+    password was still checked). Drop this shim once ``store.record_read`` takes them.
+    """
+    if signer is not None and _STORE_SIGNS:
+        kwargs.update(signer=signer, meaning=meaning, reason=reason)
+    return store.record_read(db, *args, **kwargs)
+
+
+_STORE_SIGNS = "signer" in inspect.signature(store.record_read).parameters
+
+
+def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True, allocation_tsv=None,
+               allowed_hosts=LOCAL_HOST_NAMES, accounts_db=None):
     """The reader app for one reader.
+
+    On its own (``khe-vol qa serve --reader``) it serves one reader on
+    loopback without a login; inside the reading service
+    (:class:`khe_vol.qa.service.ReadingService`) it is reached only through
+    the service's login and CSRF checks, and signs every verdict.
 
     Parameters
     ----------
@@ -338,6 +364,12 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         without it).
     allocation_tsv : path-like, optional
         The workflow's allocation table: comments naming an arm or site are refused too.
+    allowed_hosts : sequence of str
+        ``Host`` header values answered (default: loopback names only).
+    accounts_db : path-like, optional
+        The service's accounts database: every verdict is then an electronic
+        signature (the reader's password re-entered, checked with
+        :func:`khe_vol.qa.accounts.authenticate`), and a revision needs a reason.
 
     Raises
     ------
@@ -355,6 +387,13 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES, KHE_READER=reader, KHE_DB=str(db))
+    allowed_hosts = tuple(allowed_hosts)
+    signing = accounts_db is not None
+
+    @app.context_processor
+    def service_context():
+        # Set by the reading service for a logged-in session; absent in the local single-reader mode.
+        return {"csrf_token": request.environ.get("khe_vol.csrf_token"), "signing": signing}
     sessions = CaseSessions()
     comments = CommentChecker(results_dir, allocation_tsv)
     app.extensions["khe_vol_click_sessions"] = sessions
@@ -553,7 +592,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     @app.before_request
     def only_local_names():
         # A DNS-rebinding page would arrive with its own host name; HTTP/1.0 may send none.
-        if not host_allowed(request.headers.get("Host"), LOCAL_HOST_NAMES):
+        if not host_allowed(request.headers.get("Host"), allowed_hosts):
             abort(403 if request.headers.get("Host") else 400)
 
     @app.after_request
@@ -652,15 +691,39 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                                                              request.form.get("edit_seconds"), verdict)
         except ValueError as exc:
             return jsonify(error=str(exc)), 400
+        signature = {}
+        if signing:
+            # An electronic signature: the reader re-enters the password (a wrong one counts towards lockout).
+            reason = request.form.get("reason", "").strip()
+            latest = max((r["revision"] for r in store.read_history(db, code) if r["reader"] == reader), default=0)
+            if expected is not None and int(expected) != latest:
+                return jsonify(error=str(store.RevisionConflict(code, int(expected), latest)), duplicate=True,
+                               view=case_view(code)), 409
+            if latest and not reason:
+                return jsonify(error="a revision of a signed read needs a reason: say why the verdict changes "
+                               "(nothing was saved)"), 400
+            if len(reason) > COMMENT_MAX_CHARS:
+                return jsonify(error=f"the reason has more than {COMMENT_MAX_CHARS} characters (nothing was saved)"), 400
+            try:
+                reason = comments.check(reason) if reason else None
+            except CommentRefused as exc:
+                return jsonify(error=str(exc).replace("the comment", "the reason")), 400
+            try:
+                accounts.authenticate(accounts_db, reader, request.form.get("password", ""))
+            except accounts.LoginRefused as exc:
+                return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
+            signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
-            store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                              proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
-                              edit_seconds=edit_seconds,
-                              expected_revision=None if expected is None else int(expected))
+            record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
+                        proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
+                        edit_seconds=edit_seconds, expected_revision=None if expected is None else int(expected),
+                        **signature)
         except store.RevisionConflict as exc:
             # A second post of the same page state (a double click): nothing stored, the saved state returned.
             return jsonify(error=str(exc), duplicate=True, view=case_view(code)), 409
+        except ValueError as exc:  # the store's ReasonRequired (a ValueError): a revision of a signed read
+            return jsonify(error=f"{exc} (nothing was saved)"), 400
         return jsonify(case_view(code))
 
     @app.post("/api/case/<code>/prepare")

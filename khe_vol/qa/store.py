@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from khe_vol.qa import VERDICTS
+from khe_vol.qa.accounts import create_private
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reads (
@@ -138,7 +139,8 @@ def connect(db_path):
         In autocommit mode (``isolation_level=None``); transactions are explicit.
     """
     db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    # Owner-only (0600) from its creation; SQLite gives its -wal/-shm files the same bits.
+    create_private(db_path)
     con = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
     con.row_factory = sqlite3.Row
     con.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,226 @@
+"""The reading service: login, sessions, CSRF, signed verdicts, one process for every reader.
+
+Fast tests drive :class:`khe_vol.qa.service.ReadingService` (the WSGI app
+waitress serves) with Werkzeug's client; the browser tests start the real
+``khe-vol qa serve`` on waitress and log in through the real login page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from werkzeug.test import Client
+
+from khe_vol.cli import main
+from khe_vol.qa import accounts, store
+from khe_vol.qa.key import read_key
+from khe_vol.qa.service import ReadingService, service_key_path
+from tests.qa_cohort import write_cohort
+
+PASSWORDS = {"R1": "R1 reads slowly and well", "R2": "R2 has another password", "ADJ": "the adjudicator decides"}
+LOCAL = "http://127.0.0.1"
+
+
+@pytest.fixture
+def two_readers(tmp_path):
+    """Packages for R1 and R2 (no package for ADJ), each with an enrolled account."""
+    records = write_cohort(tmp_path)
+    results = tmp_path / "results"
+    assert main(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--reader", "R2",
+                 "--seed", "987654321987", *map(str, records)]) == 0
+    codes = {}
+    for r in read_key(results):
+        if r["case_code"]:
+            codes.setdefault(r["reader"], {})[(r["participant_id"], r["session_id"])] = r["case_code"]
+    db = accounts.default_accounts_path(results)
+    for account, password in PASSWORDS.items():
+        token = accounts.add_account(db, account, "adjudicator" if account == "ADJ" else "reader")
+        accounts.enrol(db, token, password)
+    return results, codes
+
+
+def client_for(results):
+    return Client(ReadingService(results, check_viewer=False))
+
+
+def login(client, account, password=None):
+    return client.post("/login", data={"account": account, "password": password or PASSWORDS[account]},
+                       base_url=LOCAL)
+
+
+def csrf_of(client):
+    return client.get("/api/session", base_url=LOCAL).json["csrf_token"]
+
+
+def post_read(client, code, csrf, **fields):
+    headers = {"X-Khe-Vol": "reader"} | ({"X-CSRF-Token": csrf} if csrf else {})
+    return client.post(f"/api/case/{code}/read", data=fields, headers=headers, base_url=LOCAL)
+
+
+def test_reads_databases_key_and_service_files_are_owner_only(two_readers, tmp_path):
+    results, _ = two_readers
+    db = tmp_path / "elsewhere" / "R9.sqlite"
+    store.record_read(db, "R9", "ABC123", "accept")
+    ReadingService(results, check_viewer=False)
+    for path in (db, results / "blinding" / "key.tsv", results / "reads" / "accounts.sqlite",
+                 service_key_path(results)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The key is kept across restarts (sessions survive a restart) and is 64 hex characters.
+    key = service_key_path(results).read_text()
+    ReadingService(results, check_viewer=False)
+    assert service_key_path(results).read_text() == key and re.fullmatch(r"[0-9a-f]{64}\n", key)
+
+
+def test_login_session_csrf_and_each_reader_sees_only_their_own_cases(two_readers):
+    results, codes = two_readers
+    client = client_for(results)
+    r1_case, r2_case = codes["R1"][("sub-01", "ses-baseline")], codes["R2"][("sub-01", "ses-baseline")]
+    # Nothing without a login: pages go to the login page, the API answers 401.
+    assert client.get("/", base_url=LOCAL).headers["Location"] == "/login"
+    assert client.get(f"/case/{r1_case}", base_url=LOCAL).status_code == 303
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 401
+    assert client.get(f"/files/{r1_case}_t2.nii.gz", base_url=LOCAL).status_code == 401
+    assert post_read(client, r1_case, None, verdict="accept").status_code == 401
+
+    refused = login(client, "R1", "not the password at all")
+    assert refused.status_code == 401 and "wrong account or password" in refused.get_data(as_text=True)
+    answer = login(client, "R1")
+    assert answer.status_code == 303 and answer.headers["Location"] == "/"
+    cookie = answer.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    page = client.get("/", base_url=LOCAL).get_data(as_text=True)
+    csrf = csrf_of(client)
+    assert f'<meta name="csrf-token" content="{csrf}">' in page and "reader R1" in page
+    assert {r["case"]["case_code"] for r in client.get("/api/worklist", base_url=LOCAL).json["rows"]} == set(
+        codes["R1"].values())
+    # Another reader's case, file or edited mask is not there for R1.
+    assert client.get(f"/case/{r2_case}", base_url=LOCAL).status_code == 404
+    assert client.get(f"/files/{r2_case}_t2.nii.gz", base_url=LOCAL).status_code == 404
+    assert post_read(client, r2_case, csrf, verdict="accept", password=PASSWORDS["R1"]).status_code == 404
+
+    # CSRF: every write needs the session's token.
+    assert post_read(client, r1_case, None, verdict="accept", password=PASSWORDS["R1"]).status_code == 403
+    assert post_read(client, r1_case, "x" * 43, verdict="accept", password=PASSWORDS["R1"]).status_code == 403
+    assert client.post(f"/api/case/{r1_case}/prepare", base_url=LOCAL, headers={"X-Khe-Vol": "reader"}
+                       ).status_code == 403
+    # Another site's page is refused even with the token; so is another host name.
+    assert client.post(f"/api/case/{r1_case}/read", data={"verdict": "accept"}, base_url=LOCAL,
+                       headers={"X-CSRF-Token": csrf, "X-Khe-Vol": "reader", "Origin": "https://evil.example"}
+                       ).status_code == 403
+    assert client.get("/", base_url="http://evil.example").status_code == 403
+    assert store.current_reads(results / "reads" / "R1.sqlite") == []
+
+    # Logout ends the session on the server: the old cookie is worth nothing.
+    assert client.post("/logout", data={"csrf_token": csrf}, base_url=LOCAL).headers["Location"] == "/login"
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 401
+
+
+def test_a_verdict_is_signed_and_a_revision_needs_a_reason(two_readers):
+    results, codes = two_readers
+    client = client_for(results)
+    code = codes["R1"][("sub-01", "ses-baseline")]
+    login(client, "R1")
+    csrf = csrf_of(client)
+    db = results / "reads" / "R1.sqlite"
+    unsigned = post_read(client, code, csrf, verdict="accept", expected_revision="0")
+    assert unsigned.status_code == 403 and "not signed" in unsigned.json["error"]
+    wrong = post_read(client, code, csrf, verdict="accept", expected_revision="0", password="R2 has another password")
+    assert wrong.status_code == 403 and "wrong account or password" in wrong.json["error"]
+    assert store.current_reads(db) == []
+    signed = post_read(client, code, csrf, verdict="accept", comment="clear margins", expected_revision="0",
+                       password=PASSWORDS["R1"])
+    assert signed.status_code == 200 and signed.json["current"]["revision"] == 1
+    no_reason = post_read(client, code, csrf, verdict="reject", expected_revision="1", password=PASSWORDS["R1"])
+    assert no_reason.status_code == 400 and "needs a reason" in no_reason.json["error"]
+    revised = post_read(client, code, csrf, verdict="reject", expected_revision="1", password=PASSWORDS["R1"],
+                        reason="motion on second look")
+    assert revised.status_code == 200 and revised.json["current"]["revision"] == 2
+    # A second post of the same page state is refused before the password is even checked.
+    again = post_read(client, code, csrf, verdict="reject", expected_revision="1", password="wrong password 12",
+                      reason="motion on second look")
+    assert again.status_code == 409 and again.json["duplicate"]
+    assert [r["verdict"] for r in store.read_history(db, code)] == ["accept", "reject"]
+    # No timestamp of the read reaches the reader's page.
+    page = client.get(f"/case/{code}", base_url=LOCAL).get_data(as_text=True)
+    assert not re.search(r"20\d\d-\d\d-\d\d", page)
+
+
+def test_wrong_passwords_lock_the_account_and_signing_counts_too(two_readers):
+    results, codes = two_readers
+    client = client_for(results)
+    code = codes["R1"][("sub-01", "ses-baseline")]
+    login(client, "R1")
+    csrf = csrf_of(client)
+    for _ in range(accounts.MAX_FAILED_LOGINS - 1):
+        assert login(Client(ReadingService(results, check_viewer=False)), "R1", "wrong password 12").status_code == 401
+    # The fifth wrong password is a signature's: the account locks.
+    assert post_read(client, code, csrf, verdict="accept", password="wrong password 12").status_code == 403
+    locked = login(Client(ReadingService(results, check_viewer=False)), "R1")
+    assert locked.status_code == 401 and "locked" in locked.get_data(as_text=True)
+    answer = post_read(client, code, csrf, verdict="accept", password=PASSWORDS["R1"])
+    assert answer.status_code == 403 and "locked" in answer.json["error"]
+
+
+def test_disable_and_reset_end_sessions_and_enrolment_sets_a_password(two_readers, capsys):
+    results, _ = two_readers
+    client = client_for(results)
+    login(client, "R2")
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 200
+    assert main(["qa", "disable-reader", "R2", "--results-dir", str(results)]) == 0
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 401  # the session ended at once
+    assert "disabled" in login(client, "R2").get_data(as_text=True)
+    assert main(["qa", "enable-reader", "R2", "--results-dir", str(results)]) == 0
+    login(client, "R2")
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 200
+    capsys.readouterr()
+    assert main(["qa", "reset-reader", "R2", "--results-dir", str(results), "--public-url",
+                 "https://reading.example.org"]) == 0
+    link = capsys.readouterr().out.strip().splitlines()[-1]
+    assert link.startswith("https://reading.example.org/enrol?token=")
+    assert client.get("/api/worklist", base_url=LOCAL).status_code == 401
+    token = link.split("token=", 1)[1]
+    form = client.get(f"/enrol?token={token}", base_url=LOCAL).get_data(as_text=True)
+    assert f'value="{token}"' in form
+    differ = client.post("/enrol", data={"token": token, "password": "a new password!", "password2": "another one!!"},
+                         base_url=LOCAL)
+    assert differ.status_code == 400 and "differ" in differ.get_data(as_text=True)
+    done = client.post("/enrol", data={"token": token, "password": "a new password!", "password2": "a new password!"},
+                       base_url=LOCAL)
+    assert done.status_code == 303
+    assert login(client, "R2", PASSWORDS["R2"]).status_code == 401
+    assert login(client, "R2", "a new password!").status_code == 303
+    # A new account: the link printed once; a duplicate id is refused with a message.
+    assert main(["qa", "add-reader", "R3", "--results-dir", str(results)]) == 0
+    assert re.fullmatch(r"/enrol\?token=[A-Za-z0-9_-]{40,}", capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["qa", "add-reader", "R3", "--results-dir", str(results)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_an_account_without_a_package_sees_a_clear_page(two_readers):
+    results, _ = two_readers
+    client = client_for(results)
+    login(client, "ADJ")
+    page = client.get("/", base_url=LOCAL)
+    assert page.status_code == 403 and "no worklist on this server yet" in page.get_data(as_text=True)
+
+
+def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers):
+    results, _ = two_readers
+    client = Client(ReadingService(results, check_viewer=False, behind_tls=True,
+                                   public_url="https://reading.example.org"))
+    answer = client.post("/login", data={"account": "R1", "password": PASSWORDS["R1"]},
+                         base_url="https://reading.example.org")
+    assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
+    assert client.get("/api/worklist", base_url="https://reading.example.org").status_code == 200
+    assert client.get("/api/worklist", base_url="https://other.example.org").status_code == 403
