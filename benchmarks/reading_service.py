@@ -29,6 +29,7 @@ Usage, from the repository root (about 2-4 minutes on 2 cores)::
 
     python benchmarks/reading_service.py        # writes results/benchmark_reading_service.json
     python benchmarks/reading_service.py --readers 4 --reads 10   # a quick look
+    python benchmarks/reading_service.py --think-seconds 3   # readers pausing ~3 s before each read
 
 Loopback only; the server and the clients share the machine's cores, so
 latencies include the clients' own CPU time.
@@ -232,9 +233,11 @@ class Server:
 class Reader(threading.Thread):
     """One simulated reader: logs in, then saves ``n_reads`` signed reads one after the other."""
 
-    def __init__(self, base, results, reader, n_reads, progress):
+    def __init__(self, base, results, reader, n_reads, progress, think_seconds=0.0, rng_seed=0):
         super().__init__(daemon=True)
         self.base, self.results, self.reader, self.n_reads, self.progress = base, results, reader, n_reads, progress
+        self.think_seconds = think_seconds
+        self.rng = np.random.default_rng(rng_seed)
         self.acked = []  # (token, case_code, revision, verdict)
         self.late = []  # tokens answered 409 after a failed attempt: stored before the answer was lost
         self.latencies_s = []  # acknowledged first attempts
@@ -261,6 +264,8 @@ class Reader(threading.Thread):
             codes = [row["case"]["case_code"] for row in worklist["rows"]]
             revision = {row["case"]["case_code"]: (row["current"] or {}).get("revision", 0) for row in worklist["rows"]}
             for i in range(self.n_reads):
+                if self.think_seconds:  # looking at the case: 0.5-1.5 x the mean, so readers do not march in step
+                    time.sleep(self.think_seconds * self.rng.uniform(0.5, 1.5))
                 code = codes[i % len(codes)]
                 verdict = "edited" if i % 3 == 2 else ("accept", "reject")[i % 2]
                 token = f"bench-{self.reader}-{i:04d}"
@@ -316,7 +321,7 @@ def _percentile(values, q):
     return float(np.percentile(np.asarray(values), q, method="linear"))
 
 
-def run_once(template, work, readers, n_reads, kill_midway):
+def run_once(template, work, readers, n_reads, kill_midway, think_seconds=0.0):
     """One run on a fresh copy of the template; returns its figures."""
     results = work / "results"
     shutil.rmtree(work, ignore_errors=True)
@@ -334,7 +339,7 @@ def run_once(template, work, readers, n_reads, kill_midway):
             if done["n"] >= total // 2:
                 half.set()
 
-    clients = [Reader(server.base, results, r, n_reads, progress) for r in readers]
+    clients = [Reader(server.base, results, r, n_reads, progress, think_seconds, i) for i, r in enumerate(readers)]
     t0 = time.perf_counter()
     for c in clients:
         c.start()
@@ -364,7 +369,8 @@ def run_once(template, work, readers, n_reads, kill_midway):
     unacked = [tok for tok in stored if tok not in acked]
     latencies = [s for c in clients for s in c.latencies_s]
     figures = {
-        "kill_midway": kill_midway, "readers": len(readers), "reads_per_reader": n_reads, "reads_attempted": total,
+        "kill_midway": kill_midway, "think_seconds": think_seconds, "readers": len(readers),
+        "reads_per_reader": n_reads, "reads_attempted": total,
         "acknowledged": len(acked), "found_in_databases": n_found, "lost": len(lost), "duplicated": len(duplicated),
         "stored_not_acknowledged": len(unacked),
         "answered_409_after_retry": sum(len(c.late) for c in clients),
@@ -396,6 +402,8 @@ def main():
     parser.add_argument("--work", default=str(REPO / "results" / "reading_service"), help="cohort and run folders")
     parser.add_argument("--out", default=str(REPO / "results" / "benchmark_reading_service.json"))
     parser.add_argument("--only", choices=("steady", "kill"), help="run one of the two runs")
+    parser.add_argument("--think-seconds", type=float, default=0.0, help="mean pause before each read (0: every "
+                        "reader saves back to back, the heaviest load; a real read takes minutes)")
     args = parser.parse_args()
     work = Path(args.work)
     t0 = time.perf_counter()
@@ -406,7 +414,7 @@ def main():
     for name, kill in (("steady", False), ("kill", True)):
         if args.only and args.only != name:
             continue
-        runs[name] = run_once(template, work / name, readers, args.reads, kill)
+        runs[name] = run_once(template, work / name, readers, args.reads, kill, args.think_seconds)
         print(f"{name}: " + json.dumps(runs[name], indent=2), flush=True)
     summary = {"command": "python benchmarks/reading_service.py " + " ".join(sys.argv[1:]), "cpu_count": os.cpu_count(),
                "cases_per_reader": args.cases, "runs": runs}

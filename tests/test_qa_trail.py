@@ -292,3 +292,16 @@ def test_verify_rows_is_a_pure_check_of_rows():
     assert verify_rows([dict(rec, action="read_revised")], [row]).first_altered == 1
     assert verify_rows([rec], [dict(row, comment="\udcff")]).first_altered == 1  # undecodable text is named too
     assert verify_rows([rec], []).findings[0].message.endswith("(deleted)")
+
+
+def test_a_read_whose_trail_record_cannot_be_written_is_not_stored(tmp_path):
+    db = tmp_path / "R1.sqlite"
+    store.record_read(db, "R1", "AAAA", "accept")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TRIGGER trail_full BEFORE INSERT ON trail BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    con.commit()
+    con.close()
+    with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+        store.record_read(db, "R1", "BBBB", "reject")
+    assert [r["case_code"] for r in store.all_reads(db)] == ["AAAA"]  # the read went with its record
+    assert verify_database(db).ok
