@@ -382,6 +382,35 @@ def _cmd_qa_reader_baseline(args):
     return 0
 
 
+def _cmd_qa_verify(args):
+    from khe_vol.qa.verify import verify_results
+
+    try:
+        results = verify_results(args.results_dir)
+    except FileNotFoundError as exc:
+        print(f"khe-vol qa verify: {exc}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"khe-vol qa verify: no reads database in {args.results_dir}/reads", file=sys.stderr)
+        return 2
+    bad = 0
+    for path, v in results:
+        if v.ok:
+            print(f"{path}: ok: {v.records} trail record(s), {v.reads} read(s), {v.signed} signed; "
+                  f"last SHA-256 {v.last_sha256}")
+            continue
+        bad += 1
+        first = "" if v.first_altered is None else f"first altered record: seq {v.first_altered}; "
+        print(f"{path}: FAILED: {first}{len(v.findings)} finding(s)", file=sys.stderr)
+        for f in v.findings:
+            print(f"  {f.message}", file=sys.stderr)
+    if bad:
+        print(f"khe-vol qa verify: {bad} of {len(results)} reads database(s) failed verification", file=sys.stderr)
+        return 1
+    print(f"khe-vol qa verify: {len(results)} reads database(s) verified")
+    return 0
+
+
 def _add_qa_parser(sub):
     from khe_vol.qa import READING_MODES
 
@@ -448,6 +477,11 @@ def _add_qa_parser(sub):
     p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
                    "as the leak audit would flag them")
     p.set_defaults(func=_cmd_qa_serve)
+
+    p = qa_sub.add_parser("verify", help="recompute the audit trail's hash chain of every reads database and check "
+                          "each read against it (exit 1 names the first altered record)")
+    p.add_argument("--results-dir", required=True, help="checks <dir>/reads/*.sqlite (read-only)")
+    p.set_defaults(func=_cmd_qa_verify)
 
     for name, text in (("add-reader", "create a reader (or --adjudicator) account; prints its one-time enrolment link"),
                        ("reset-reader", "drop an account's password and sessions; prints a new enrolment link"),
