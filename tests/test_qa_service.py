@@ -153,6 +153,12 @@ def test_a_verdict_is_signed_and_a_revision_needs_a_reason(two_readers):
                       reason="motion on second look")
     assert again.status_code == 409 and again.json["duplicate"]
     assert [r["verdict"] for r in store.read_history(db, code)] == ["accept", "reject"]
+    # The trail: each read signed by its reader, meaning "read complete"; the revision carries its reason.
+    records = store.trail(db, code)
+    assert [(t["signer"], t["meaning"], t["reason"]) for t in records] == [
+        ("R1", "read complete", None), ("R1", "read complete", "motion on second look")]
+    assert records[1]["old_value"]["verdict"] == "accept" and records[1]["new_value"]["verdict"] == "reject"
+    assert main(["qa", "verify", "--results-dir", str(results)]) == 0
     # No timestamp of the read reaches the reader's page.
     page = client.get(f"/case/{code}", base_url=LOCAL).get_data(as_text=True)
     assert not re.search(r"20\d\d-\d\d-\d\d", page)
@@ -347,6 +353,8 @@ def test_login_signed_read_revision_refused_comment_and_logout_in_a_real_browser
         sign(page, PASSWORDS["R1"], reason="motion artefact seen on the second look")
         wait_status(page, "Current: Reject (unmeasurable) (revision 2)")
         assert [r["verdict"] for r in store.read_history(db, code)] == ["accept", "reject"]
+        assert [(t["signer"], t["reason"]) for t in store.trail(db, code)] == [
+            ("R1", None), ("R1", "motion artefact seen on the second look")]
         page.reload()
         page.wait_for_selector("body[data-ready='1']", timeout=30000)
         assert page.locator("#history li").count() == 2
@@ -362,3 +370,4 @@ def test_login_signed_read_revision_refused_comment_and_logout_in_a_real_browser
         browser_login(page, base, "R2", PASSWORDS["R2"])
         assert "locked" in page.inner_text("#error") and page.url == base + "/login"
     assert not errors, errors
+    assert main(["qa", "verify", "--results-dir", str(results)]) == 0

@@ -19,7 +19,6 @@ recomputation of the mask, never a mask the browser sends.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import re
 import threading
@@ -76,8 +75,8 @@ VENDOR_MAX_AGE_S = 365 * 24 * 3600
 #: own acquisition plane by default), degrees.
 OBLIQUE_DEGREES = 1.0
 
-#: What a verdict's electronic signature means (recorded with each signed read).
-SIGNATURE_MEANING = "read complete"
+#: What a verdict's electronic signature means (recorded with each signed read in the trail).
+SIGNATURE_MEANING = store.SIGNATURE_MEANING
 
 #: Keyboard key of each verdict (shown on its button).
 VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion": "0"}
@@ -324,21 +323,6 @@ class CommentChecker:
             raise CommentRefused(f"the comment contains {words}: a participant, session, date, arm or file name "
                                  "word that a blinded read must not carry. Rephrase without it (nothing was saved)")
         return comment
-
-
-def record_read(db, *args, signer=None, meaning=None, reason=None, **kwargs):
-    """:func:`khe_vol.qa.store.record_read` with the signature, where the store keeps signatures.
-
-    TODO(trailB): the store's audit trail (``signer``/``meaning``/``reason``) lands in trailB's
-    branch; until it is merged, a signed verdict is stored without its signature record (the
-    password was still checked). Drop this shim once ``store.record_read`` takes them.
-    """
-    if signer is not None and _STORE_SIGNS:
-        kwargs.update(signer=signer, meaning=meaning, reason=reason)
-    return store.record_read(db, *args, **kwargs)
-
-
-_STORE_SIGNS = "signer" in inspect.signature(store.record_read).parameters
 
 
 def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True, allocation_tsv=None,
@@ -702,8 +686,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             if latest and not reason:
                 return jsonify(error="a revision of a signed read needs a reason: say why the verdict changes "
                                "(nothing was saved)"), 400
-            if len(reason) > COMMENT_MAX_CHARS:
-                return jsonify(error=f"the reason has more than {COMMENT_MAX_CHARS} characters (nothing was saved)"), 400
+            if len(reason) > store.MAX_REASON_CHARS:
+                return jsonify(error=f"the reason has {len(reason)} characters; at most {store.MAX_REASON_CHARS} are "
+                               "kept: shorten it (nothing was saved)"), 400
             try:
                 reason = comments.check(reason) if reason else None
             except CommentRefused as exc:
@@ -715,14 +700,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
-            record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
-                        proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
-                        edit_seconds=edit_seconds, expected_revision=None if expected is None else int(expected),
-                        **signature)
+            store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
+                              proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
+                              edit_seconds=edit_seconds,
+                              expected_revision=None if expected is None else int(expected), **signature)
         except store.RevisionConflict as exc:
             # A second post of the same page state (a double click): nothing stored, the saved state returned.
             return jsonify(error=str(exc), duplicate=True, view=case_view(code)), 409
-        except ValueError as exc:  # the store's ReasonRequired (a ValueError): a revision of a signed read
+        except (store.ReasonRequired, store.SignatureRequired) as exc:  # a revision of a signed read
             return jsonify(error=f"{exc} (nothing was saved)"), 400
         return jsonify(case_view(code))
 
