@@ -256,27 +256,6 @@ def _cmd_qa_audit(args):
 
 
 def _cmd_qa_serve(args):
-    from khe_vol.qa.app import ViewerMissing, create_app, serve
-
-    if args.reader is None:
-        return _cmd_qa_service(args)
-    if args.host != "127.0.0.1" or args.behind_tls or args.public_url:
-        print("khe-vol qa serve: --reader serves one reader without a login, on 127.0.0.1 only; drop --reader "
-              "to serve every reader behind the login (--host, --behind-tls, --public-url)", file=sys.stderr)
-        return 2
-    try:
-        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir,
-                         allocation_tsv=args.allocation)
-    except (ViewerMissing, FileNotFoundError, ValueError) as exc:
-        print(f"khe-vol qa serve: {exc}", file=sys.stderr)
-        return 2
-    print(f"reader {args.reader}: open http://127.0.0.1:{args.port}/ (reads in {app.config['KHE_DB']}); "
-          "Ctrl-C stops", flush=True)
-    serve(app, args.port)
-    return 0
-
-
-def _cmd_qa_service(args):
     from khe_vol.qa.service import ReadingService, ViewerMissing, serve
 
     try:
@@ -458,11 +437,9 @@ def _add_qa_parser(sub):
                    "<results-dir>/blinding/)")
     p.set_defaults(func=_cmd_qa_audit)
 
-    p = qa_sub.add_parser("serve", help="serve the reading service (every reader, behind a login) on waitress; "
-                          "--reader: one reader's app on 127.0.0.1 without a login")
+    p = qa_sub.add_parser("serve", help="serve the reading service: every reader and the adjudicator behind a login, "
+                          "on waitress (loopback unless --host)")
     p.add_argument("--results-dir", required=True)
-    p.add_argument("--reader", default=None, help="local single-reader mode: this reader's app, no login, loopback "
-                   "only, verdicts not signed (not for a trial's reads)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; a deployment "
                    "listens on loopback behind a TLS reverse proxy, see docs/nginx-khe-vol.conf)")
     p.add_argument("--port", type=int, default=8765)
@@ -472,7 +449,6 @@ def _add_qa_parser(sub):
                    "(its host name is accepted in the Host header)")
     p.add_argument("--accounts", default=None, help="accounts database (default <results-dir>/reads/accounts.sqlite)")
     p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
-    p.add_argument("--db", default=None, help="reads database (default <results-dir>/reads/<reader>.sqlite)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
     p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
                    "as the leak audit would flag them")

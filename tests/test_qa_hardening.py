@@ -168,10 +168,11 @@ def test_the_served_app_refuses_foreign_and_missing_hosts(package, tmp_path):  #
                 s.sendall(request)
                 return s.recv(64).split(b" ")[1]
 
-        assert status(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") == b"200"
-        assert status(b"GET / HTTP/1.1\r\nHost: [::2]\r\nConnection: close\r\n\r\n") == b"403"
-        assert status(b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\nConnection: close\r\n\r\n") == b"403"
-        assert status(b"GET / HTTP/1.0\r\n\r\n") in (b"400", b"403")
+        # The login page (the service answers everything else only after a login).
+        assert status(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") == b"200"
+        assert status(b"GET /login HTTP/1.1\r\nHost: [::2]\r\nConnection: close\r\n\r\n") == b"403"
+        assert status(b"GET /login HTTP/1.1\r\nHost: [2001:db8::1]:80\r\nConnection: close\r\n\r\n") == b"403"
+        assert status(b"GET /login HTTP/1.0\r\n\r\n") in (b"400", b"403")
     finally:
         kill_hard(proc)
 

@@ -1,6 +1,8 @@
 """The reader web app: one blinded reader's worklist, viewer and verdicts.
 
-A Flask app bound to 127.0.0.1 that serves only what is in ``R/qa/<reader>/``
+A Flask app, reached only through the reading service's login
+(:class:`khe_vol.qa.service.ReadingService`, served by waitress; the leak
+audit renders it directly), that serves only what is in ``R/qa/<reader>/``
 (files listed in its worklist, nothing else), the app's own templates and
 static files, and NiiVue's prebuilt browser bundle from the repository's
 ``node_modules`` (``npm ci``). Nothing is loaded from the network: the
@@ -779,7 +781,3 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     return app
 
-
-def serve(app, port):
-    """Run the app until interrupted, on 127.0.0.1 only: the package must not be reachable from the network."""
-    app.run(host="127.0.0.1", port=port, debug=False, use_reloader=False, threaded=True)

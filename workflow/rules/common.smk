@@ -312,7 +312,8 @@ def results_banner():
     if config["allocation"]:
         lines.append("  response_by_arm.tsv (intention to treat)")
     if READERS:
-        lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
+        lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa add-reader {READERS[0]} --results-dir {RESULTS}, "
+                     f"then khe-vol qa serve --results-dir {RESULTS}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
     if n_problems:
         lines.append(
