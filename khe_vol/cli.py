@@ -261,7 +261,7 @@ def _cmd_qa_serve(args):
     try:
         service = ReadingService(args.results_dir, accounts_db=args.accounts, niivue_dir=args.niivue_dir,
                                  allocation_tsv=args.allocation, behind_tls=args.behind_tls,
-                                 public_url=args.public_url, bind_host=args.host)
+                                 public_url=args.public_url, bind_host=args.host, access_log=sys.stderr)
     except (ViewerMissing, ValueError, OSError) as exc:
         print(f"khe-vol qa serve: {exc}", file=sys.stderr)
         return 2

@@ -182,7 +182,8 @@ def test_wrong_passwords_lock_the_account_and_signing_counts_too(two_readers):
 
 def test_disable_and_reset_end_sessions_and_enrolment_sets_a_password(two_readers, capsys):
     results, _ = two_readers
-    client = client_for(results)
+    access_log = io.StringIO()
+    client = Client(ReadingService(results, check_viewer=False, access_log=access_log))
     login(client, "R2")
     assert client.get("/api/worklist", base_url=LOCAL).status_code == 200
     assert main(["qa", "disable-reader", "R2", "--results-dir", str(results)]) == 0
@@ -208,6 +209,9 @@ def test_disable_and_reset_end_sessions_and_enrolment_sets_a_password(two_reader
     assert done.status_code == 303
     assert login(client, "R2", PASSWORDS["R2"]).status_code == 401
     assert login(client, "R2", "a new password!").status_code == 303
+    # The access log names who did what, never the enrolment token.
+    assert token not in access_log.getvalue() and '"GET /enrol?token=*** ' in access_log.getvalue()
+    assert re.search(r' R2 "GET /api/worklist" 200\n', access_log.getvalue())
     # A new account: the link printed once; a duplicate id is refused with a message.
     assert main(["qa", "add-reader", "R3", "--results-dir", str(results)]) == 0
     assert re.fullmatch(r"/enrol\?token=[A-Za-z0-9_-]{40,}", capsys.readouterr().out.strip().splitlines()[-1])

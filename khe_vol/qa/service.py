@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -183,6 +184,9 @@ class ReadingService:
         The address the server binds (accepted in ``Host`` when it is a specific address).
     check_viewer : bool
         Refuse to start without NiiVue.
+    access_log : file-like, optional
+        One line per request (UTC time, client, account, request line, status);
+        enrolment tokens are masked. None: no access log.
 
     Raises
     ------
@@ -190,11 +194,13 @@ class ReadingService:
     """
 
     def __init__(self, results_dir, accounts_db=None, niivue_dir=None, allocation_tsv=None, behind_tls=False,
-                 public_url=None, bind_host=None, check_viewer=True):
+                 public_url=None, bind_host=None, check_viewer=True, access_log=None):
         self.results_dir = Path(results_dir)
         self.accounts_db = Path(accounts_db) if accounts_db else accounts.default_accounts_path(results_dir)
         self.niivue_dir = str(find_niivue(niivue_dir)) if check_viewer else niivue_dir
         self.check_viewer = check_viewer
+        self.access_log = access_log
+        self._log_lock = threading.Lock()
         self.allocation_tsv = allocation_tsv
         self.names = host_names(public_url, bind_host)
         self.sessions = Sessions(self.accounts_db)
@@ -297,6 +303,30 @@ class ReadingService:
     # ---- WSGI --------------------------------------------------------------------------------------
 
     def __call__(self, environ, start_response):
+        if self.access_log is None:
+            return self._handle(environ, start_response)
+
+        def logged_start_response(status, headers, exc_info=None):
+            self._log(environ, status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        return self._handle(environ, logged_start_response)
+
+    def _log(self, environ, status):
+        query = environ.get("QUERY_STRING", "")
+        if "token=" in query:
+            query = re.sub(r"token=[^&]*", "token=***", query)  # an enrolment link is a password until spent
+        target = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {environ.get('REMOTE_ADDR', '-')} "
+                f"{environ.get('khe_vol.account', '-')} \"{environ.get('REQUEST_METHOD')} {target}\" {status}\n")
+        with self._log_lock:
+            try:
+                self.access_log.write(line)
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass  # a closed log never fails a request
+
+    def _handle(self, environ, start_response):
         host = environ.get("HTTP_HOST")
         if not host_allowed(host, self.names):
             # A DNS-rebinding page arrives with its own host name; HTTP/1.0 may send none.
