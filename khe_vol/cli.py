@@ -294,16 +294,58 @@ def _cmd_qa_audit(args):
 
 
 def _cmd_qa_serve(args):
-    from khe_vol.qa.app import ViewerMissing, create_app, serve
+    from khe_vol.qa.service import ReadingService, ViewerMissing, serve
 
     try:
-        app = create_app(args.results_dir, args.reader, db_path=args.db, niivue_dir=args.niivue_dir)
-    except (ViewerMissing, FileNotFoundError, ValueError) as exc:
+        service = ReadingService(args.results_dir, accounts_db=args.accounts, niivue_dir=args.niivue_dir,
+                                 allocation_tsv=args.allocation, behind_tls=args.behind_tls,
+                                 public_url=args.public_url, bind_host=args.host, access_log=sys.stderr)
+    except (ViewerMissing, ValueError, OSError) as exc:
         print(f"khe-vol qa serve: {exc}", file=sys.stderr)
         return 2
-    print(f"reader {args.reader}: open http://127.0.0.1:{args.port}/ (reads in {app.config['KHE_DB']}); "
-          "Ctrl-C stops", flush=True)
-    serve(app, args.port)
+    shown = args.public_url or f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"reading service: open {shown}/ and log in (accounts in {service.accounts_db}; "
+          f"listening on {args.host}:{args.port}); Ctrl-C stops", flush=True)
+    serve(service, args.host, args.port, threads=args.threads)
+    return 0
+
+
+def _accounts_path(args):
+    from khe_vol.qa.accounts import default_accounts_path
+
+    return args.accounts or default_accounts_path(args.results_dir)
+
+
+def _enrolment_link(args, token):
+    base = (args.public_url or "").rstrip("/")
+    return f"{base}/enrol?token={token}"
+
+
+def _cmd_qa_account(args):
+    from khe_vol.qa import accounts
+
+    if not (args.results_dir or args.accounts):
+        print(f"khe-vol qa {args.qa_command}: give --results-dir (or --accounts)", file=sys.stderr)
+        return 2
+    path = _accounts_path(args)
+    try:
+        if args.qa_command == "add-reader":
+            token = accounts.add_account(path, args.account, "adjudicator" if args.adjudicator else "reader")
+        elif args.qa_command == "reset-reader":
+            token = accounts.reset_account(path, args.account)
+        else:
+            accounts.set_enabled(path, args.account, args.qa_command == "enable-reader")
+            token = None
+    except (accounts.AccountError, ValueError) as exc:
+        print(f"khe-vol qa {args.qa_command}: {exc}", file=sys.stderr)
+        return 2
+    if token is None:
+        state = "enabled" if args.qa_command == "enable-reader" else "disabled (its sessions are over)"
+        print(f"{args.account}: {state}")
+    else:
+        print(f"{args.account}: enrolment link (one use, valid {accounts.ENROLMENT_SECONDS // 86400} days; "
+              "give it to the reader only, it is not shown again):")
+        print(_enrolment_link(args, token))
     return 0
 
 
@@ -357,6 +399,35 @@ def _cmd_qa_reader_baseline(args):
     return 0
 
 
+def _cmd_qa_verify(args):
+    from khe_vol.qa.verify import verify_results
+
+    try:
+        results = verify_results(args.results_dir)
+    except FileNotFoundError as exc:
+        print(f"khe-vol qa verify: {exc}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"khe-vol qa verify: no reads database in {args.results_dir}/reads", file=sys.stderr)
+        return 2
+    bad = 0
+    for path, v in results:
+        if v.ok:
+            print(f"{path}: ok: {v.records} trail record(s), {v.reads} read(s), {v.signed} signed; "
+                  f"last SHA-256 {v.last_sha256}")
+            continue
+        bad += 1
+        first = "" if v.first_altered is None else f"first altered record: seq {v.first_altered}; "
+        print(f"{path}: FAILED: {first}{len(v.findings)} finding(s)", file=sys.stderr)
+        for f in v.findings:
+            print(f"  {f.message}", file=sys.stderr)
+    if bad:
+        print(f"khe-vol qa verify: {bad} of {len(results)} reads database(s) failed verification", file=sys.stderr)
+        return 1
+    print(f"khe-vol qa verify: {len(results)} reads database(s) verified")
+    return 0
+
+
 def _add_qa_parser(sub):
     from khe_vol.qa import READING_MODES
 
@@ -404,13 +475,44 @@ def _add_qa_parser(sub):
                    "<results-dir>/blinding/)")
     p.set_defaults(func=_cmd_qa_audit)
 
-    p = qa_sub.add_parser("serve", help="serve one reader's app on 127.0.0.1")
+    p = qa_sub.add_parser("serve", help="serve the reading service: every reader and the adjudicator behind a login, "
+                          "on waitress (loopback unless --host)")
     p.add_argument("--results-dir", required=True)
-    p.add_argument("--reader", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; a deployment "
+                   "listens on loopback behind a TLS reverse proxy, see docs/nginx-khe-vol.conf)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--db", default=None, help="reads database (default <results-dir>/reads/<reader>.sqlite)")
+    p.add_argument("--behind-tls", action="store_true", help="readers reach the service over HTTPS (a TLS proxy): "
+                   "session cookies are Secure")
+    p.add_argument("--public-url", default=None, help="the URL readers open, e.g. https://reading.example.org "
+                   "(its host name is accepted in the Host header)")
+    p.add_argument("--accounts", default=None, help="accounts database (default <results-dir>/reads/accounts.sqlite)")
+    p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
+    p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
+                   "as the leak audit would flag them")
     p.set_defaults(func=_cmd_qa_serve)
+
+    p = qa_sub.add_parser("verify", help="recompute the audit trail's hash chain of every reads database and check "
+                          "each read against it (exit 1 names the first altered record)")
+    p.add_argument("--results-dir", required=True, help="checks <dir>/reads/*.sqlite (read-only)")
+    p.set_defaults(func=_cmd_qa_verify)
+
+    for name, text in (("add-reader", "create a reader (or --adjudicator) account; prints its one-time enrolment link"),
+                       ("reset-reader", "drop an account's password and sessions; prints a new enrolment link"),
+                       ("disable-reader", "disable an account (its sessions end at once)"),
+                       ("enable-reader", "enable a disabled account again")):
+        p = qa_sub.add_parser(name, help=text)
+        p.add_argument("account", help="reader id, as in the reader package (R1, ADJ, ...)")
+        p.add_argument("--results-dir", help="accounts are in <dir>/reads/accounts.sqlite")
+        p.add_argument("--accounts", default=None, help="accounts database (instead of --results-dir)")
+        if name in ("add-reader", "reset-reader"):
+            p.add_argument("--public-url", default=None, help="prefix of the printed enrolment link "
+                           "(e.g. https://reading.example.org)")
+        else:
+            p.set_defaults(public_url=None)
+        if name == "add-reader":
+            p.add_argument("--adjudicator", action="store_true", help="the account is the adjudicator's")
+        p.set_defaults(func=_cmd_qa_account)
 
     def reads_args(p):
         p.add_argument("--results-dir", required=True, help="reads are taken from <dir>/reads/<reader>.sqlite")

@@ -42,12 +42,17 @@ MASK_NAME = "mask.nii.gz"
 # ---------------------------------------------------------------- atomic writes
 
 
-def atomic_write_bytes(path, payload):
-    """Write bytes to ``path`` via a temporary file and an atomic rename."""
+def atomic_write_bytes(path, payload, mode=None):
+    """Write bytes to ``path`` via a temporary file and an atomic rename.
+
+    ``mode``: permission bits the file has from its creation (e.g. ``0o600`` for a secret).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
         os.replace(tmp, path)
@@ -56,9 +61,9 @@ def atomic_write_bytes(path, payload):
         raise
 
 
-def atomic_write_text(path, text):
+def atomic_write_text(path, text, mode=None):
     """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from khe_vol.cli import main
-from khe_vol.qa import store
+from khe_vol.qa import accounts, store
 from khe_vol.qa.app import create_app, find_niivue
 from khe_vol.qa.key import read_key
 from tests.qa_cohort import write_cohort
@@ -52,16 +52,30 @@ def free_port():
         return s.getsockname()[1]
 
 
+#: The password of the test reader's account (:func:`reader_account`).
+READER_PASSWORD = "R1 reads in the test browser"
+
+
+def reader_account(results, reader="R1", password=READER_PASSWORD):
+    """Create (or reset) the reader's account in ``R/reads/accounts.sqlite`` with ``password``."""
+    db = accounts.default_accounts_path(results)
+    try:
+        token = accounts.add_account(db, reader)
+    except accounts.AccountError:
+        token = accounts.reset_account(db, reader)
+    accounts.enrol(db, token, password)
+
+
 def start_server(results, port, log):
+    """The reading service (``khe-vol qa serve --results-dir R``, waitress) on a local port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results), "--reader", "R1",
-         "--port", str(port)],
+        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as resp:
                 if resp.status == 200:
                     return proc
         except OSError:
@@ -89,22 +103,34 @@ class ServedPage:
         self.server = start_server(results, port, log)
         self.page = None
 
+    def login(self, reader="R1", password=READER_PASSWORD):
+        """Log in through the real login page."""
+        self.page.goto(self.base + "/login")
+        self.page.fill("#account", reader)
+        self.page.fill("#password", password)
+        with self.page.expect_navigation():
+            self.page.click("#login")
+        assert self.page.url == self.base + "/", self.page.inner_text("#error")
+
     def restart_server(self):
-        """The server dies without warning and starts again on the same port."""
+        """The server dies without warning and starts again on the same port (sessions are kept)."""
         kill_hard(self.server)
         self.server = start_server(self.results, self.port, self.log)
 
 
 @contextlib.contextmanager
 def reader_browser(results, tmp_path, auto_advance=False):
-    """Serve R1's app from ``results`` and open a Chromium page: yields a :class:`ServedPage`
-    recording every requested URL and page error; the browser is closed and the server
-    killed afterwards. ``auto_advance``: leave the page's "go to the next unread case after a
-    verdict" on (the reader's default); off, a test stays on the case it gave a verdict."""
+    """Serve the reading service from ``results``, open a Chromium page and log R1 in through
+    the login page (R1's account is created): yields a :class:`ServedPage` recording every
+    requested URL and page error; the browser is closed and the server killed afterwards.
+    Verdicts are signed: :func:`wait_status` answers the signature dialog with R1's password.
+    ``auto_advance``: leave the page's "go to the next unread case after a verdict" on (the
+    reader's default); off, a test stays on the case it gave a verdict."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    reader_account(results)
     with open(tmp_path / "server.log", "w") as log:
         served = ServedPage(results, free_port(), log)
         try:
@@ -115,6 +141,7 @@ def reader_browser(results, tmp_path, auto_advance=False):
                 served.page.on("pageerror", lambda e: served.errors.append(str(e)))
                 if not auto_advance:
                     served.page.add_init_script("window.localStorage.setItem('khe-vol.autoAdvance', '0');")
+                served.login()
                 yield served
                 browser.close()
         finally:
@@ -188,7 +215,25 @@ def test_reader_session_in_a_real_browser(package, tmp_path):
     check_edited_mask(results, target, current[target], drawn_mm)
 
 
+SIGN_DIALOG = "#sign-dialog[open]"
+
+
+def sign(page, password=READER_PASSWORD, reason="revised in the test"):
+    """Sign the verdict the page asks a signature for (a revision gets ``reason``)."""
+    page.wait_for_selector(SIGN_DIALOG, timeout=10000)
+    if page.is_visible("#sign-reason"):
+        page.fill("#sign-reason", reason)
+    page.fill("#sign-password", password)
+    page.click("#sign-confirm")
+
+
 def wait_status(page, prefix):
+    """Wait for the verdict's status line, signing the verdict first if the page asks."""
+    page.wait_for_function(
+        "(p) => document.getElementById('status').textContent.startsWith(p) || !!document.querySelector(" +
+        repr(SIGN_DIALOG) + ")", arg=prefix, timeout=30000)
+    if page.locator(SIGN_DIALOG).count():
+        sign(page)
     page.wait_for_function("(p) => document.getElementById('status').textContent.startsWith(p)", arg=prefix,
                            timeout=30000)
 
@@ -255,7 +300,7 @@ def check_edited_mask(results, code, read, drawn_mm):
 def test_server_refuses_to_start_without_niivue(package, tmp_path):
     results, _ = package
     proc = subprocess.run(
-        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results), "--reader", "R1",
+        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results),
          "--niivue-dir", str(tmp_path / "nowhere")],
         capture_output=True, text=True, timeout=60, check=False,
     )
@@ -274,8 +319,8 @@ def test_upload_is_checked_against_the_case_grid(package, tmp_path):
         data = {"verdict": "edited", "comment": "", "mask": (io.BytesIO(payload), "drawing.nii")}
         return client.post(f"/api/case/{code}/read", data=data, headers=headers, **kw)
 
-    drawing = np.zeros(case.shape, np.float32)
-    drawing[3:6, 4:7, 5] = 2.0  # NiiVue pen values are colours: binarised on save
+    drawing = np.zeros(case.shape, np.uint8)
+    drawing[3:6, 4:7, 5] = 2  # NiiVue pen values are colours: binarised on save
     good = nib.Nifti1Image(drawing, case.affine).to_bytes()
     wrong_shape = nib.Nifti1Image(drawing[:-1], case.affine).to_bytes()
     shifted = case.affine.copy()

@@ -20,7 +20,8 @@ from khe_vol.cli import main
 from khe_vol.files import read_tsv
 from khe_vol.qa import store
 from khe_vol.qa.agreement import reader_time_rows
-from khe_vol.qa.audit import DATE_RE, worklist_problems
+from khe_vol.qa.audit import worklist_problems
+from khe_vol.qa.leaks import DATE_RE
 from khe_vol.qa.key import read_key
 from tests.qa_cohort import write_cohort
 from tests.test_qa_app import draw_stroke, reader_browser, wait_status

@@ -13,7 +13,8 @@ import pytest
 
 from khe_vol.cli import main
 from khe_vol.qa import store
-from khe_vol.qa.audit import Scanner, Token, png_text_chunks
+from khe_vol.qa.audit import png_text_chunks
+from khe_vol.qa.leaks import Scanner, Token
 from khe_vol.qa.codes import case_code
 from khe_vol.qa.deidentify import HEADER_TEXT_FIELDS
 from khe_vol.qa.key import read_key

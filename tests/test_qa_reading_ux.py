@@ -168,7 +168,7 @@ def js(page, expression):
 
 @pytest.mark.slow
 def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
-    from tests.test_qa_app import reader_browser
+    from tests.test_qa_app import READER_PASSWORD, SIGN_DIALOG, reader_browser, sign
 
     results, codes = package
     db = results / "reads" / "R1.sqlite"
@@ -209,6 +209,11 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
         # A: accept (twice, fast: one revision), then on to the next unread case.
         page.keyboard.press("a")
         page.keyboard.press("a")
+        # The signature, by keyboard too: the dialog has the password box focused (the second "a" went there).
+        page.wait_for_selector(SIGN_DIALOG)
+        page.keyboard.press("Control+A")
+        page.keyboard.type(READER_PASSWORD)
+        page.keyboard.press("Enter")
         page.wait_for_url(f"**/case/{order[1]}", timeout=30000)
         page.wait_for_selector(READY, timeout=30000)
         (read,) = store.read_history(db, order[0])
@@ -223,6 +228,7 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
         page.wait_for_selector(READY, timeout=30000)
         # Auto-advance off (remembered): the verdict stays on the page.
         page.keyboard.press("r")
+        sign(page)
         page.wait_for_url(f"**/case/{order[2]}", timeout=30000)
         page.wait_for_selector(READY, timeout=30000)
         page.click("#auto-advance")
@@ -231,6 +237,7 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
         assert not page.is_checked("#auto-advance")
         # A double click on a button records one revision too.
         page.dblclick("button.verdict[data-verdict='reject']")
+        sign(page)
         page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Current: Reject')")
         page.wait_for_function("() => !window.khe.saving")
         assert page.url.endswith(order[2]) and len(store.read_history(db, order[2])) == 1
@@ -320,7 +327,7 @@ def test_display_loading_and_caching(package, tmp_path):
 
 @pytest.mark.slow
 def test_unsaved_work_and_comment_limit(package, tmp_path):
-    from tests.test_qa_app import reader_browser
+    from tests.test_qa_app import reader_browser, sign
 
     results, _ = package
     db = results / "reads" / "R1.sqlite"
@@ -368,6 +375,7 @@ def test_unsaved_work_and_comment_limit(package, tmp_path):
         page.mouse.up()
         assert page.evaluate("() => window.khe.hasUnsaved()")
         page.click("#save-edit")
+        sign(page)
         page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Current: Edited')")
         assert not page.evaluate("() => window.khe.hasUnsaved()")
     assert not served.errors, served.errors

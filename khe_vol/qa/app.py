@@ -1,6 +1,8 @@
 """The reader web app: one blinded reader's worklist, viewer and verdicts.
 
-A Flask app bound to 127.0.0.1 that serves only what is in ``R/qa/<reader>/``
+A Flask app, reached only through the reading service's login
+(:class:`khe_vol.qa.service.ReadingService`, served by waitress; the leak
+audit renders it directly), that serves only what is in ``R/qa/<reader>/``
 (files listed in its worklist, nothing else), the app's own templates and
 static files, and NiiVue's prebuilt browser bundle from the repository's
 ``node_modules`` (``npm ci``). Nothing is loaded from the network: the
@@ -18,15 +20,14 @@ recomputation of the mask, never a mask the browser sends.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
@@ -43,7 +44,11 @@ from khe_vol.qa import (
     reader_dir,
     store,
 )
-from khe_vol.qa.deidentify import mask_like, same_grid
+from khe_vol.qa import accounts
+from khe_vol.qa.deidentify import mask_like
+from khe_vol.qa.key import key_paths
+from khe_vol.qa.leaks import Scanner, study_tokens
+from khe_vol.qa.upload import mask_from_upload
 from khe_vol.review import REVIEW_REASONS
 from khe_vol.segmentation.interactive import ClickSession, clicks_from_json
 
@@ -72,6 +77,9 @@ VENDOR_MAX_AGE_S = 365 * 24 * 3600
 #: own acquisition plane by default), degrees.
 OBLIQUE_DEGREES = 1.0
 
+#: What a verdict's electronic signature means (recorded with each signed read in the trail).
+SIGNATURE_MEANING = store.SIGNATURE_MEANING
+
 #: Keyboard key of each verdict (shown on its button).
 VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion": "0"}
 
@@ -79,6 +87,36 @@ VERDICT_KEYS = {"accept": "A", "edited": "D", "reject": "R", "no_residual_lesion
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data: blob:; connect-src 'self' data: blob:; worker-src 'self' blob:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+#: The Host header values a loopback server answers (with or without a port).
+LOCAL_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+_PORT = re.compile(r":[0-9]{1,5}")
+
+
+def host_allowed(host, names):
+    """Whether a request's ``Host`` header names this server exactly.
+
+    Parameters
+    ----------
+    host : str or None
+        The raw header; None when the request had none (refused).
+    names : sequence of str
+        Allowed host names, lower case; an IPv6 address in brackets (``[::1]``).
+
+    Returns
+    -------
+    bool
+        True only for one of ``names``, optionally followed by ``:port``.
+    """
+    if not host:
+        return False
+    host = host.strip().lower()
+    for name in names:
+        if host == name or (host.startswith(name) and _PORT.fullmatch(host[len(name):])):
+            return True
+    return False
 
 
 class ViewerMissing(RuntimeError):
@@ -130,23 +168,12 @@ def validate_edited_mask(upload, case_image_path):
 
     Raises
     ------
-    ValueError
-        Not NIfTI, not 3D, or another shape or affine than the case image.
+    UploadRefused
+        Not a 0/1 NIfTI-1 mask on the case grid (:mod:`khe_vol.qa.upload`),
+        found before more than the case's own voxel count is decompressed.
     """
-    raw = gzip.decompress(upload) if upload[:2] == b"\x1f\x8b" else upload
-    try:
-        img = nib.Nifti1Image.from_bytes(raw)
-    except Exception as exc:  # nibabel raises many types for foreign bytes
-        raise ValueError(f"the uploaded mask is not a NIfTI-1 image ({exc})") from exc
     case_img, case_shape, case_affine, _ = open_image(case_image_path, "series")
-    shape = tuple(int(n) for n in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    affine = img.header.get_best_affine()
-    if not same_grid(shape, affine, case_shape, case_affine):
-        raise ValueError(f"the uploaded mask (shape {list(shape)}) is not on the case grid (shape {list(case_shape)}, "
-                         "or another position); reload the case and draw again")
-    data = np.asarray(img.dataobj).reshape(case_shape) != 0
+    data = mask_from_upload(upload, case_shape, case_affine)
     volume_ml = float(np.count_nonzero(data)) * voxel_volume_mm3(case_affine) / 1000.0
     return nifti_bytes(mask_like(data, case_img)), volume_ml
 
@@ -254,8 +281,60 @@ def parse_clicks_text(text):
         raise ClicksRefused(str(exc)) from None
 
 
-def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True):
+class CommentRefused(ValueError):
+    """A comment the blinding would not let stand; the message is for the reader's screen."""
+
+
+class CommentChecker:
+    """Checks a reader's comment against the study's forbidden tokens before it is saved.
+
+    The tokens are the leak audit's own (:func:`khe_vol.qa.leaks.study_tokens`),
+    matched as the audit matches page text, so a comment that is saved can
+    never make the audit fail. They are rebuilt when a key file changes.
+
+    Parameters
+    ----------
+    results_dir : path-like
+    allocation_tsv : path-like, optional
+        The allocation table the workflow's audit uses (arm and site names).
+    """
+
+    def __init__(self, results_dir, allocation_tsv=None):
+        self.results_dir, self.allocation_tsv = Path(results_dir), allocation_tsv
+        self._stamp, self._scanner = None, None
+        self._lock = threading.Lock()
+
+    def _current(self):
+        keys = key_paths(self.results_dir)
+        stamp = tuple((str(k), k.stat().st_mtime_ns, k.stat().st_size) for k in keys)
+        with self._lock:
+            if stamp != self._stamp:
+                tokens = study_tokens(self.results_dir, self.allocation_tsv, keys) if keys else []
+                self._scanner, self._stamp = Scanner(tokens), stamp
+            return self._scanner
+
+    def check(self, comment):
+        """The comment, unchanged, or :class:`CommentRefused` naming the problem."""
+        if len(comment) > COMMENT_MAX_CHARS:
+            # Never cut a reader's words without a word: refuse, say by how much.
+            raise CommentRefused(f"the comment has {len(comment)} characters; at most {COMMENT_MAX_CHARS} are kept: "
+                                 f"shorten it by {len(comment) - COMMENT_MAX_CHARS} (nothing was saved)")
+        leaks = self._current().find("comment", "comment", comment, strict=False)
+        if leaks:
+            words = ", ".join(sorted({f"'{leak.token}'" for leak in leaks}))
+            raise CommentRefused(f"the comment contains {words}: a participant, session, date, arm or file name "
+                                 "word that a blinded read must not carry. Rephrase without it (nothing was saved)")
+        return comment
+
+
+def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=True, allocation_tsv=None,
+               allowed_hosts=LOCAL_HOST_NAMES, accounts_db=None):
     """The reader app for one reader.
+
+    On its own (``khe-vol qa serve --reader``) it serves one reader on
+    loopback without a login; inside the reading service
+    (:class:`khe_vol.qa.service.ReadingService`) it is reached only through
+    the service's login and CSRF checks, and signs every verdict.
 
     Parameters
     ----------
@@ -269,6 +348,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     check_viewer : bool
         Refuse to build the app without NiiVue (the leak audit renders pages
         without it).
+    allocation_tsv : path-like, optional
+        The workflow's allocation table: comments naming an arm or site are refused too.
+    allowed_hosts : sequence of str
+        ``Host`` header values answered (default: loopback names only).
+    accounts_db : path-like, optional
+        The service's accounts database: every verdict is then an electronic
+        signature (the reader's password re-entered, checked with
+        :func:`khe_vol.qa.accounts.authenticate`), and a revision needs a reason.
 
     Raises
     ------
@@ -286,7 +373,15 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_UPLOAD_BYTES, KHE_READER=reader, KHE_DB=str(db))
+    allowed_hosts = tuple(allowed_hosts)
+    signing = accounts_db is not None
+
+    @app.context_processor
+    def service_context():
+        # Set by the reading service for a logged-in session; absent in the local single-reader mode.
+        return {"csrf_token": request.environ.get("khe_vol.csrf_token"), "signing": signing}
     sessions = CaseSessions()
+    comments = CommentChecker(results_dir, allocation_tsv)
     app.extensions["khe_vol_click_sessions"] = sessions
 
     def worklist():
@@ -482,10 +577,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     @app.before_request
     def only_local_names():
-        # A DNS-rebinding page would arrive with its own host name.
-        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else "[::1]"
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
-            abort(403)
+        # A DNS-rebinding page would arrive with its own host name; HTTP/1.0 may send none.
+        if not host_allowed(request.headers.get("Host"), allowed_hosts):
+            abort(403 if request.headers.get("Host") else 400)
 
     @app.after_request
     def headers(response):
@@ -529,6 +623,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     @app.get("/api/case/<code>/revision/<int:revision>/edited_mask.nii.gz")
     def edited_mask(code, revision):
+        if revision > 2**31:  # SQLite integers end at 2**63; no case has that many revisions
+            abort(404)
         case_or_404(code)
         payload = store.edited_mask_bytes(db, code, revision)
         if payload is None:
@@ -543,13 +639,12 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         verdict = request.form.get("verdict", "")
         if verdict not in VERDICTS:
             return jsonify(error=f"unknown verdict {verdict!r}"), 400
-        comment = request.form.get("comment", "")
-        if len(comment) > COMMENT_MAX_CHARS:
-            # Never cut a reader's words without a word: refuse, say by how much.
-            return jsonify(error=f"the comment has {len(comment)} characters; at most {COMMENT_MAX_CHARS} are kept: "
-                           f"shorten it by {len(comment) - COMMENT_MAX_CHARS}"), 400
+        try:
+            comment = comments.check(request.form.get("comment", ""))
+        except CommentRefused as exc:
+            return jsonify(error=str(exc)), 400
         expected = request.form.get("expected_revision")
-        if expected is not None and not expected.isdigit():
+        if expected is not None and not (expected.isdigit() and len(expected) <= 9):
             return jsonify(error="expected_revision is the case's revision the page showed (0: unread)"), 400
         mask_gz = volume_ml = clicks = None
         upload = request.files.get("mask")
@@ -582,15 +677,40 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                                                              request.form.get("edit_seconds"), verdict)
         except ValueError as exc:
             return jsonify(error=str(exc)), 400
+        signature = {}
+        if signing:
+            # An electronic signature: the reader re-enters the password (a wrong one counts towards lockout).
+            reason = request.form.get("reason", "").strip()
+            latest = max((r["revision"] for r in store.read_history(db, code) if r["reader"] == reader), default=0)
+            if expected is not None and int(expected) != latest:
+                return jsonify(error=str(store.RevisionConflict(code, int(expected), latest)), duplicate=True,
+                               view=case_view(code)), 409
+            if latest and not reason:
+                return jsonify(error="a revision of a signed read needs a reason: say why the verdict changes "
+                               "(nothing was saved)"), 400
+            if len(reason) > store.MAX_REASON_CHARS:
+                return jsonify(error=f"the reason has {len(reason)} characters; at most {store.MAX_REASON_CHARS} are "
+                               "kept: shorten it (nothing was saved)"), 400
+            try:
+                reason = comments.check(reason) if reason else None
+            except CommentRefused as exc:
+                return jsonify(error=str(exc).replace("the comment", "the reason")), 400
+            try:
+                accounts.authenticate(accounts_db, reader, request.form.get("password", ""))
+            except accounts.LoginRefused as exc:
+                return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
+            signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
             store.record_read(db, reader, code, verdict, comment, edited_mask=mask_gz, edited_volume_ml=volume_ml,
                               proposed_mask_sha256=proposed_sha(case), clicks=clicks, seconds_to_verdict=seconds,
                               edit_seconds=edit_seconds,
-                              expected_revision=None if expected is None else int(expected))
+                              expected_revision=None if expected is None else int(expected), **signature)
         except store.RevisionConflict as exc:
             # A second post of the same page state (a double click): nothing stored, the saved state returned.
             return jsonify(error=str(exc), duplicate=True, view=case_view(code)), 409
+        except (store.ReasonRequired, store.SignatureRequired) as exc:  # a revision of a signed read
+            return jsonify(error=f"{exc} (nothing was saved)"), 400
         return jsonify(case_view(code))
 
     @app.post("/api/case/<code>/prepare")
@@ -661,7 +781,3 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     return app
 
-
-def serve(app, port):
-    """Run the app until interrupted, on 127.0.0.1 only: the package must not be reachable from the network."""
-    app.run(host="127.0.0.1", port=port, debug=False, use_reloader=False, threaded=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from khe_vol.files import NA, atomic_write_text, read_tsv, write_tsv
+from khe_vol.files import NA, atomic_write_text, read_tsv, tsv_text
 from khe_vol.qa import key_dir
 
 #: Columns of ``R/blinding/key.tsv`` and what they mean (also written as key.json).
@@ -41,6 +41,9 @@ KEY_COLUMNS = {
 #: Columns of keys written before longitudinal reading (still read, e.g. by the audit of an older run).
 _FORMER_KEY_COLUMNS = tuple(KEY_COLUMNS)[:-2]
 
+#: Permission bits of a key file: its owner (the core lab's account running the workflow) only.
+KEY_FILE_MODE = 0o600
+
 def default_key_path(results_dir):
     """``R/blinding/key.tsv``."""
     return key_dir(results_dir) / "key.tsv"
@@ -57,8 +60,9 @@ def write_key(path, readers, rows):
         pos = r.get("position")
         return (r["reader"], pos is None, int(pos) if pos else 0, r["participant_id"], r["session_id"])
 
-    # Paths and messages read back exactly (keep_spaces): the audit opens record_path.
-    write_tsv(path, KEY_COLUMNS, sorted(all_rows, key=sort_key), keep_spaces=True)
+    # Paths and messages read back exactly (keep_spaces): the audit opens record_path. Owner-only
+    # (0600) from the moment it exists: the key unblinds the trial.
+    atomic_write_text(path, tsv_text(KEY_COLUMNS, sorted(all_rows, key=sort_key), keep_spaces=True), mode=KEY_FILE_MODE)
     atomic_write_text(path.with_suffix(".json"), json.dumps(
         {c: {"Description": d} for c, d in KEY_COLUMNS.items()}, indent=2) + "\n")
 

@@ -21,10 +21,23 @@ verdict given on that page, to this verdict) and, for an edited read,
 :data:`MAX_READ_SECONDS`). The reader app never shows them; only the
 per-reader summary (:func:`khe_vol.qa.agreement.reader_time_rows`) reads them.
 Older databases get these columns on open, like ``clicks``.
+
+Every read also writes one record to the ``trail`` table, in the same
+transaction (21 CFR 11.10(e) in spirit): who (``reader``), when (server UTC
+``recorded_utc``), what (``action``: ``read_created``, ``read_revised``, or
+``migrated`` for a read made before the trail), the read's content before
+(``old_value``) and after (``new_value``) as canonical JSON
+(:func:`read_content`), the ``reason`` for a revision, and the signature
+(``signer``, ``meaning``, ``signed_utc``). The records are append-only and
+hash-chained (``sha256`` over ``prev_sha256`` and the record,
+:func:`trail_record_sha256`); :mod:`khe_vol.qa.verify` recomputes the chain.
+A signed read is locked: its revision must be signed again and give a
+reason (:class:`ReasonRequired`, :class:`SignatureRequired`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
@@ -32,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from khe_vol.qa import VERDICTS
+from khe_vol.qa.accounts import create_private
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reads (
@@ -60,6 +74,54 @@ BEGIN SELECT RAISE(ABORT, 'reads are append-only: add a revision instead'); END;
 _COLUMNS = ("reader", "case_code", "revision", "verdict", "comment", "edited_mask", "edited_volume_ml",
             "proposed_mask_sha256", "created_utc", "clicks", "seconds_to_verdict", "edit_seconds")
 
+#: The trail of every action on a read (module docstring). Not in :data:`SCHEMA`: a database
+#: without this table is from before the trail, and :func:`_migrate_trail` creates it together with a
+#: ``migrated`` record for each read it already holds, in one transaction.
+TRAIL_STATEMENTS = (
+    """CREATE TABLE IF NOT EXISTS trail (
+    seq INTEGER PRIMARY KEY CHECK (seq >= 1),
+    reader TEXT NOT NULL,
+    recorded_utc TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('read_created', 'read_revised', 'migrated')),
+    case_code TEXT NOT NULL,
+    revision INTEGER NOT NULL CHECK (revision >= 1),
+    old_value TEXT,
+    new_value TEXT NOT NULL,
+    reason TEXT,
+    signer TEXT,
+    meaning TEXT,
+    signed_utc TEXT,
+    prev_sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    CHECK ((signer IS NULL) = (meaning IS NULL) AND (signer IS NULL) = (signed_utc IS NULL))
+)""",
+    """CREATE TRIGGER IF NOT EXISTS trail_append_only_update BEFORE UPDATE ON trail
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS trail_append_only_delete BEFORE DELETE ON trail
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
+    # A record joins the chain only at its end: the next seq, linked to the last record's hash.
+    """CREATE TRIGGER IF NOT EXISTS trail_chained BEFORE INSERT ON trail
+WHEN NEW.seq IS NOT (SELECT COALESCE(MAX(seq), 0) + 1 FROM trail)
+  OR NEW.prev_sha256 IS NOT COALESCE((SELECT sha256 FROM trail ORDER BY seq DESC LIMIT 1), '""" + "0" * 64 + """')
+BEGIN SELECT RAISE(ABORT, 'a trail record must extend the chain at its end'); END""",
+)
+
+#: ``prev_sha256`` of the first trail record.
+GENESIS_SHA256 = "0" * 64
+
+#: Trail actions: the first revision of a case, a later one, a read made before the trail existed.
+TRAIL_ACTIONS = ("read_created", "read_revised", "migrated")
+
+#: Fields of a trail record covered by its ``sha256`` (every column but the hash itself).
+TRAIL_HASHED_FIELDS = ("seq", "reader", "recorded_utc", "action", "case_code", "revision", "old_value", "new_value",
+                       "reason", "signer", "meaning", "signed_utc", "prev_sha256")
+
+#: The meaning of a reader's signature on a verdict.
+SIGNATURE_MEANING = "read complete"
+
+#: Longest reason for a revision, characters.
+MAX_REASON_CHARS = 2000
+
 #: Columns added after the first release, with their SQL type: added to older databases on open.
 _ADDED_COLUMNS = {"clicks": "TEXT", "seconds_to_verdict": "REAL", "edit_seconds": "REAL"}
 
@@ -77,13 +139,15 @@ def connect(db_path):
         In autocommit mode (``isolation_level=None``); transactions are explicit.
     """
     db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    # Owner-only (0600) from its creation; SQLite gives its -wal/-shm files the same bits.
+    create_private(db_path)
     con = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
     con.row_factory = sqlite3.Row
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
     con.executescript(SCHEMA)
     _migrate(con)
+    _migrate_trail(con)
     return con
 
 
@@ -104,6 +168,142 @@ def _migrate(con):
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def _has_trail(con):
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trail'").fetchone() is not None
+
+
+def _migrate_trail(con, now=None):
+    """Give a database from before the trail its ``trail`` table, with a ``migrated`` record per read it holds.
+
+    Only when the table does not exist yet: a read added later without a
+    trail record is a finding of :mod:`khe_vol.qa.verify`, never laundered
+    into the chain here.
+    """
+    if _has_trail(con):
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        if not _has_trail(con):  # another connection may have migrated between our look and the lock
+            for statement in TRAIL_STATEMENTS:
+                con.execute(statement)
+            recorded = _utc_text(now, "milliseconds")
+            for row in con.execute("SELECT * FROM reads ORDER BY id").fetchall():
+                _append_trail(con, row["reader"], recorded, "migrated", row["case_code"], row["revision"], None,
+                              read_content(dict(row)), reason=None, signer=None, meaning=None)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _utc_text(now, timespec):
+    return (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec=timespec)
+
+
+def canonical_json(value):
+    """The one JSON text of ``value`` that is hashed and compared: sorted keys, no spaces, ASCII.
+
+    Bytes (only in a tampered row) are written as their SHA-256, so any row has a text.
+    """
+    def _default(obj):
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return {"bytes_sha256": hashlib.sha256(bytes(obj)).hexdigest()}
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+                      default=_default)
+
+
+def read_content(row):
+    """What a read says, as recorded in the trail: every column of its ``reads`` row, the mask as its SHA-256.
+
+    Parameters
+    ----------
+    row : dict
+        A ``reads`` row (``edited_mask`` gzip NIfTI bytes or None; ``clicks``
+        JSON text, a list, or None).
+
+    Returns
+    -------
+    dict
+        ``reader``, ``case_code``, ``revision``, ``verdict``, ``comment``,
+        ``edited_mask_sha256`` (None: no mask), ``edited_volume_ml`` (mL),
+        ``proposed_mask_sha256``, ``created_utc``, ``clicks`` (list or None),
+        ``seconds_to_verdict``, ``edit_seconds`` (s).
+    """
+    out = {k: row.get(k) for k in _COLUMNS if k not in ("edited_mask", "clicks")}
+    mask = row.get("edited_mask")
+    out["edited_mask_sha256"] = None if mask is None else hashlib.sha256(
+        mask if isinstance(mask, bytes) else str(mask).encode("utf-8", "surrogateescape")).hexdigest()
+    clicks = row.get("clicks")
+    if isinstance(clicks, str):
+        try:
+            clicks = json.loads(clicks)
+        except ValueError:
+            pass  # a tampered text is kept as it is, so it differs from the trail's value
+    out["clicks"] = clicks
+    return out
+
+
+def trail_record_sha256(record):
+    """SHA-256 (hex) of a trail record: over its ``prev_sha256`` and the canonical JSON of its fields.
+
+    Parameters
+    ----------
+    record : dict
+        At least :data:`TRAIL_HASHED_FIELDS`.
+    """
+    body = canonical_json({k: record[k] for k in TRAIL_HASHED_FIELDS})
+    return hashlib.sha256(f"{record['prev_sha256']}\n{body}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _append_trail(con, reader, recorded_utc, action, case_code, revision, old_content, new_content, reason, signer,
+                  meaning):
+    """Insert the next trail record (inside the caller's write transaction) and return it."""
+    last = con.execute("SELECT seq, sha256 FROM trail ORDER BY seq DESC LIMIT 1").fetchone()
+    record = {
+        "seq": 1 if last is None else last["seq"] + 1, "reader": reader, "recorded_utc": recorded_utc,
+        "action": action, "case_code": case_code, "revision": revision,
+        "old_value": None if old_content is None else canonical_json(old_content),
+        "new_value": canonical_json(new_content), "reason": reason, "signer": signer, "meaning": meaning,
+        "signed_utc": recorded_utc if signer is not None else None,
+        "prev_sha256": GENESIS_SHA256 if last is None else last["sha256"]}
+    record["sha256"] = trail_record_sha256(record)
+    con.execute(f"INSERT INTO trail ({', '.join(record)}) VALUES ({', '.join('?' * len(record))})",
+                tuple(record.values()))
+    return record
+
+
+def trail(db_path, case_code=None):
+    """The trail records of a reads database (all, or one case's), oldest first.
+
+    Returns
+    -------
+    list of dict
+        The ``trail`` columns (module docstring); ``old_value`` and
+        ``new_value`` as dicts (None: no old value). The reader app must not
+        show their times to a reader.
+    """
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        return []
+    con = connect(db_path)
+    try:
+        if case_code is None:
+            rows = con.execute("SELECT * FROM trail ORDER BY seq").fetchall()
+        else:
+            rows = con.execute("SELECT * FROM trail WHERE case_code = ? ORDER BY seq", (case_code,)).fetchall()
+    finally:
+        con.close()
+    out = []
+    for row in rows:
+        r = dict(row)
+        r["old_value"] = None if r["old_value"] is None else json.loads(r["old_value"])
+        r["new_value"] = json.loads(r["new_value"])
+        out.append(r)
+    return out
 
 
 def clicks_json(clicks):
@@ -143,6 +343,47 @@ def clicks_json(clicks):
     if not items:
         raise ValueError("a read's clicks are None or at least one click")
     return json.dumps(items)
+
+
+class ReasonRequired(ValueError):
+    """A revision of a signed read without a reason (or a reason that is not text); nothing was stored."""
+
+
+class SignatureRequired(ValueError):
+    """A revision of a signed read that is not signed itself, or a signature that is not the reader's."""
+
+
+def check_signature(reader, reason, signer, meaning):
+    """Validate the reason and signature a read comes with (from the browser: hostile until checked).
+
+    Returns
+    -------
+    (str or None, str or None, str or None)
+        ``reason`` stripped (None: none given), ``signer``, ``meaning``
+        (:data:`SIGNATURE_MEANING` when signed without one).
+
+    Raises
+    ------
+    ReasonRequired
+        A reason that is not text or longer than :data:`MAX_REASON_CHARS`.
+    SignatureRequired
+        A signer other than the reader, or a meaning without a signer.
+    """
+    if reason is not None and not isinstance(reason, str):
+        raise ReasonRequired("a reason for a revision is text")
+    reason = (reason or "").strip() or None
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise ReasonRequired(f"a reason for a revision has at most {MAX_REASON_CHARS} characters, not {len(reason)}")
+    if signer is None:
+        if meaning is not None:
+            raise SignatureRequired("a signature's meaning goes with a signer")
+        return reason, None, None
+    if signer != reader:
+        raise SignatureRequired(f"only the reader ({reader}) can sign their read, not {signer!r}")
+    meaning = SIGNATURE_MEANING if meaning is None else str(meaning).strip()
+    if not meaning:
+        raise SignatureRequired("a signature has a meaning (e.g. 'read complete')")
+    return reason, signer, meaning
 
 
 class RevisionConflict(ValueError):
@@ -196,8 +437,8 @@ def check_read_seconds(seconds_to_verdict, edit_seconds, verdict):
 
 def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=None, edited_volume_ml=None,
                 proposed_mask_sha256=None, now=None, clicks=None, expected_revision=None, seconds_to_verdict=None,
-                edit_seconds=None):
-    """Append one read, as the next revision of its case, in one committed transaction.
+                edit_seconds=None, reason=None, signer=None, meaning=None):
+    """Append one read, as the next revision of its case, and its trail record, in one committed transaction.
 
     Parameters
     ----------
@@ -225,11 +466,27 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         :class:`RevisionConflict` is raised: the same page state saves once.
     seconds_to_verdict, edit_seconds : float, optional
         How long the read took, seconds (:func:`check_read_seconds`; never shown to readers).
+    reason : str, optional
+        Why the read is revised; required (:class:`ReasonRequired`) when the
+        case's latest revision is signed, recorded in the trail whenever given.
+    signer : str, optional
+        The account that signed this read (the reader, having re-entered their
+        password: the caller's check). A signed read is locked: its next
+        revision must be signed too (:class:`SignatureRequired`) and give a reason.
+    meaning : str, optional
+        What the signature means (default :data:`SIGNATURE_MEANING` when signed).
 
     Returns
     -------
     dict
         The stored read (without the mask bytes; ``clicks`` as a list or None).
+
+    Raises
+    ------
+    ValueError
+        A bad verdict, mask, clicks or times; :class:`RevisionConflict`,
+        :class:`ReasonRequired`, :class:`SignatureRequired` as above. Nothing
+        is stored then.
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
@@ -239,7 +496,9 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         raise ValueError("clicks go only with the verdict 'edited' (the mask they make)")
     clicks_text = clicks_json(clicks)
     seconds_to_verdict, edit_seconds = check_read_seconds(seconds_to_verdict, edit_seconds, verdict)
-    created = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+    reason, signer, meaning = check_signature(reader, reason, signer, meaning)
+    now = now or datetime.now(UTC)
+    created = _utc_text(now, "seconds")
     con = connect(db_path)
     try:
         con.execute("BEGIN IMMEDIATE")  # takes the write lock before reading the last revision
@@ -248,10 +507,21 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
                                   (reader, case_code)).fetchone()
             if expected_revision is not None and int(expected_revision) != last:
                 raise RevisionConflict(case_code, int(expected_revision), last)
+            previous = con.execute("SELECT new_value, signer FROM trail WHERE reader = ? AND case_code = ? "
+                                   "AND revision = ? ORDER BY seq DESC LIMIT 1", (reader, case_code, last)).fetchone()
+            if previous is not None and previous["signer"] is not None:
+                if signer is None:
+                    raise SignatureRequired(f"case {case_code} revision {last} is signed: a change is a new signed "
+                                            "revision (re-enter your password)")
+                if reason is None:
+                    raise ReasonRequired(f"case {case_code} revision {last} is signed: give the reason for the revision")
             values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
                       None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
                       clicks_text, seconds_to_verdict, edit_seconds)
             con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+            _append_trail(con, reader, _utc_text(now, "milliseconds"), "read_revised" if last else "read_created",
+                          case_code, last + 1, None if previous is None else json.loads(previous["new_value"]),
+                          read_content(dict(zip(_COLUMNS, values))), reason, signer, meaning)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

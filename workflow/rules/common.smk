@@ -315,7 +315,8 @@ def results_banner():
     if config["dicom_export"]:
         lines.append("  dicom/: DICOM SEG + SR per imported series for the site's PACS (export.tsv lists each)")
     if READERS:
-        lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa serve --results-dir {RESULTS} --reader {READERS[0]}")
+        lines.append(f"  qa/<reader>/ for blinded readers: khe-vol qa add-reader {READERS[0]} --results-dir {RESULTS}, "
+                     f"then khe-vol qa serve --results-dir {RESULTS}")
         lines.append("  qa_agreement.tsv; the unblinding key is in blinding/ (keep it from readers)")
     if n_problems:
         lines.append(

@@ -5,6 +5,10 @@
   const $ = (id) => document.getElementById(id);
   const view = JSON.parse($("case-data").textContent);
   const code = view.case.case_code;
+  // Headers of every state-changing request: the app's own, and the session's CSRF token (reading service).
+  const csrfMeta = document.querySelector("meta[name='csrf-token']");
+  const POST_HEADERS = { "X-Khe-Vol": "reader" };
+  if (csrfMeta) { POST_HEADERS["X-CSRF-Token"] = csrfMeta.content; }
   const MASK_OPACITY = 0.5;
   const OVERLAY_COLORMAPS = ["green", "blue", "violet", "warm"];
   const PLANES = ["axial", "coronal", "sagittal"];
@@ -305,12 +309,22 @@
     }
     if (window.kheReadTime) { window.kheReadTime.addTo(form, verdict); }  // time per read (readtime.js)
     setSaving(true);
-    $("error").textContent = "saving...";
     try {
+      if ($("sign-dialog")) {
+        // The reading service: a verdict is an electronic signature (password again; a reason to revise).
+        const signature = await askSignature(verdict);
+        if (!signature) {
+          $("error").textContent = "Not saved: not signed.";
+          return false;
+        }
+        form.append("password", signature.password);
+        if (signature.reason) { form.append("reason", signature.reason); }
+      }
+      $("error").textContent = "saving...";
       let resp;
       try {
         resp = await fetch("/api/case/" + code + "/read", {
-          method: "POST", body: form, credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
+          method: "POST", body: form, credentials: "same-origin", headers: POST_HEADERS,
         });
       } catch (err) {
         $("error").textContent = "Not saved: the server cannot be reached (" + err + ")";
@@ -334,6 +348,41 @@
     } finally {
       setSaving(false);
     }
+  }
+  // Resolves {password, reason} when the reader signs, null when they cancel.
+  function askSignature(verdict) {
+    const dialog = $("sign-dialog");
+    const revising = revision > 0;
+    const button = document.querySelector("button.verdict[data-verdict='" + verdict + "']");
+    $("sign-verdict").textContent = button ? button.textContent : verdict;
+    $("sign-reason-row").hidden = !revising;
+    $("sign-password").value = "";
+    $("sign-error").textContent = "";
+    return new Promise(function (resolve) {
+      function done(result) {
+        $("sign-form").removeEventListener("submit", onSign);
+        $("sign-cancel").removeEventListener("click", onCancel);
+        dialog.removeEventListener("cancel", onCancel);
+        if (dialog.open) { dialog.close(); }
+        resolve(result);
+      }
+      function onSign(e) {
+        e.preventDefault();
+        const reason = $("sign-reason").value.trim();
+        if (revising && !reason) { $("sign-error").textContent = "Say why the verdict changes."; return; }
+        if (!$("sign-password").value) { $("sign-error").textContent = "Enter your password to sign."; return; }
+        const result = { password: $("sign-password").value, reason: revising ? reason : "" };
+        $("sign-password").value = "";
+        if (revising) { $("sign-reason").value = ""; }
+        done(result);
+      }
+      function onCancel(e) { e.preventDefault(); done(null); }
+      $("sign-form").addEventListener("submit", onSign);
+      $("sign-cancel").addEventListener("click", onCancel);
+      dialog.addEventListener("cancel", onCancel);
+      dialog.showModal();
+      (revising ? $("sign-reason") : $("sign-password")).focus();
+    });
   }
   function afterVerdict() {
     if ($("auto-advance").checked && nextUnread) {
@@ -464,7 +513,7 @@
         try {
           resp = await fetch("/api/case/" + code + "/segment", {
             method: "POST", credentials: "same-origin", body: JSON.stringify({ clicks: list }),
-            headers: { "X-Khe-Vol": "reader", "Content-Type": "application/json" },
+            headers: Object.assign({ "Content-Type": "application/json" }, POST_HEADERS),
           });
         } catch (err) {
           throw new Error("the server cannot be reached (" + err + ")");
@@ -602,6 +651,7 @@
   };
   const EDIT_KEYS = ["b", "x", "o", "d", "i", "[", "]", "escape"];
   function onKey(e) {
+    if ($("sign-dialog") && $("sign-dialog").open) { return; }  // the dialog's own keys (Enter signs, Esc cancels)
     if (typing(e.target)) {
       if (e.type === "keydown" && e.key === "Escape") { e.target.blur(); }
       return;
@@ -641,7 +691,7 @@
   // Let the server do what does not depend on the first click (bias correction of the
   // series, the proposed mask's region) while the reader looks; failures show at the click.
   fetch("/api/case/" + code + "/prepare", {
-    method: "POST", credentials: "same-origin", headers: { "X-Khe-Vol": "reader" },
+    method: "POST", credentials: "same-origin", headers: POST_HEADERS,
   }).catch(function () {});
 
   $("load-state").hidden = true;

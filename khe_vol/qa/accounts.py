@@ -1,0 +1,315 @@
+"""Reader accounts of the reading service: passwords, enrolment, lockout.
+
+One SQLite database (default ``R/reads/accounts.sqlite``, created 0600)
+holds an account per reader and adjudicator id. Passwords are stored as
+scrypt hashes (RFC 7914, Python's :func:`hashlib.scrypt`; n=2**15, r=8,
+p=1, 16-byte salt), never in clear. A new or reset account gets a one-time
+enrolment token instead of a password: only its SHA-256 is stored, it
+expires, and it is spent by setting a password. Repeated failed logins lock
+the account for a while; a wrong password and an unknown account get the
+same answer. ``epoch`` counts password changes: a session made before the
+last change (or before a reset or disable) is no longer valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from khe_vol.qa import check_reader_id
+
+#: scrypt cost parameters (about 50 ms and 32 MiB per hash on the project's machines).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+_SCRYPT_MAXMEM = 64 * 2**20
+
+#: Shortest accepted password, characters.
+MIN_PASSWORD_CHARS = 12
+
+#: Failed logins in a row that lock an account, and for how long, seconds.
+MAX_FAILED_LOGINS = 5
+LOCKOUT_SECONDS = 15 * 60
+
+#: How long an enrolment token is valid, seconds.
+ENROLMENT_SECONDS = 7 * 24 * 3600
+
+ROLES = ("reader", "adjudicator")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS accounts (
+    account TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ({", ".join(repr(r) for r in ROLES)})),
+    password_hash TEXT,
+    enrolment_sha256 TEXT,
+    enrolment_expires REAL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    failed_logins INTEGER NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class AccountError(ValueError):
+    """An account operation that cannot be done; the message says why."""
+
+
+class LoginRefused(AccountError):
+    """A login, enrolment or signature that did not pass; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A reader or adjudicator who may log in."""
+
+    account: str
+    role: str
+    epoch: int
+
+
+def default_accounts_path(results_dir):
+    """``R/reads/accounts.sqlite``: beside the reads databases, outside every reader package."""
+    return Path(results_dir) / "reads" / "accounts.sqlite"
+
+
+def create_private(path):
+    """Create ``path`` (and its folder) readable and writable by its owner only, if it does not exist."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
+def connect(path):
+    """Open (creating 0600 if needed) an accounts database, in autocommit mode."""
+    create_private(path)
+    con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.executescript(SCHEMA)
+    return con
+
+
+def hash_password(password, salt=None):
+    """An scrypt hash of ``password``, as ``scrypt$n$r$p$salt$hash`` (base64).
+
+    Parameters
+    ----------
+    password : str
+    salt : bytes, optional
+        16 random bytes by default.
+    """
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            maxmem=_SCRYPT_MAXMEM, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def password_matches(password, stored):
+    """Whether ``password`` hashes to ``stored`` (constant-time comparison)."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        got = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                             maxmem=_SCRYPT_MAXMEM, dklen=len(expected))
+    except (ValueError, AttributeError):
+        return False
+    return hmac.compare_digest(got, expected)
+
+
+def check_password(password):
+    """The password, or :class:`AccountError` if it is too weak to set."""
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
+        raise AccountError(f"a password has at least {MIN_PASSWORD_CHARS} characters")
+    if len(password) > 1024:
+        raise AccountError("a password has at most 1024 characters")
+    return password
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _new_enrolment(con, account, now):
+    token = secrets.token_urlsafe(32)
+    con.execute("UPDATE accounts SET password_hash = NULL, enrolment_sha256 = ?, enrolment_expires = ?, "
+                "failed_logins = 0, locked_until = 0, epoch = epoch + 1 WHERE account = ?",
+                (_sha256(token), now + ENROLMENT_SECONDS, account))
+    return token
+
+
+def add_account(path, account, role="reader", now=None):
+    """Create an account with a one-time enrolment token (no password yet).
+
+    Returns
+    -------
+    str
+        The enrolment token: give it to the reader (``/enrol?token=...``); it
+        is not stored and cannot be shown again.
+
+    Raises
+    ------
+    AccountError
+        An existing account, a bad id or role.
+    """
+    account = check_reader_id(account)
+    if role not in ROLES:
+        raise AccountError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    con = connect(path)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
+                raise AccountError(f"account {account} exists; reset it instead")
+            con.execute("INSERT INTO accounts (account, role) VALUES (?, ?)", (account, role))
+            token = _new_enrolment(con, account, time.time() if now is None else now)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return token
+
+
+def _update(path, account, sql, params=()):
+    con = connect(path)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if not con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
+                raise AccountError(f"no account {account}")
+            result = sql(con) if callable(sql) else con.execute(sql, (*params, account))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return result
+
+
+def reset_account(path, account, now=None):
+    """Drop the password and sessions of an account; return a new enrolment token."""
+    now = time.time() if now is None else now
+    return _update(path, account, lambda con: _new_enrolment(con, account, now))
+
+
+def set_enabled(path, account, enabled):
+    """Disable (ending its sessions) or re-enable an account."""
+    _update(path, account, "UPDATE accounts SET enabled = ?, epoch = epoch + 1 WHERE account = ?",
+            (1 if enabled else 0,))
+
+
+def enrol(path, token, password, now=None):
+    """Spend an enrolment token by setting the account's password.
+
+    Returns
+    -------
+    Account
+
+    Raises
+    ------
+    LoginRefused
+        An unknown, spent or expired token.
+    AccountError
+        A password too weak to set.
+    """
+    check_password(password)
+    now = time.time() if now is None else now
+    con = connect(path)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute("SELECT * FROM accounts WHERE enrolment_sha256 = ?",
+                              (_sha256(str(token)),)).fetchone()
+            if row is None or row["enrolment_expires"] is None or row["enrolment_expires"] < now:
+                raise LoginRefused("this enrolment link is not valid (spent, expired or mistyped); ask for a new one")
+            con.execute("UPDATE accounts SET password_hash = ?, enrolment_sha256 = NULL, enrolment_expires = NULL, "
+                        "epoch = epoch + 1 WHERE account = ?", (hash_password(password), row["account"]))
+            account = Account(row["account"], row["role"], row["epoch"] + 1)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return account
+
+
+_REFUSED = "wrong account or password"
+
+
+def authenticate(path, account, password, now=None):
+    """Check a login (or a signature's password re-entry).
+
+    Returns
+    -------
+    Account
+
+    Raises
+    ------
+    LoginRefused
+        Unknown account, wrong password (both :data:`_REFUSED`), a disabled
+        or locked account, or one that has not enrolled yet. A wrong password
+        counts towards the lockout (:data:`MAX_FAILED_LOGINS` in a row lock it
+        for :data:`LOCKOUT_SECONDS`).
+    """
+    now = time.time() if now is None else now
+    con = connect(path)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute("SELECT * FROM accounts WHERE account = ?", (str(account),)).fetchone()
+            if row is None:
+                password_matches(str(password), hash_password("x" * MIN_PASSWORD_CHARS))  # same time as a real check
+                raise LoginRefused(_REFUSED)
+            if row["locked_until"] > now:
+                raise LoginRefused(f"too many failed logins: account locked for {int(row['locked_until'] - now) // 60 + 1}"
+                                   " more minute(s)")
+            if not row["enabled"]:
+                raise LoginRefused("this account is disabled; ask the core lab")
+            if row["password_hash"] is None:
+                raise LoginRefused("this account has no password yet: use your enrolment link")
+            if not password_matches(str(password), row["password_hash"]):
+                failed = row["failed_logins"] + 1
+                locked = now + LOCKOUT_SECONDS if failed >= MAX_FAILED_LOGINS else 0
+                con.execute("UPDATE accounts SET failed_logins = ?, locked_until = ? WHERE account = ?",
+                            (0 if locked else failed, locked, row["account"]))
+                con.execute("COMMIT")
+                raise LoginRefused(_REFUSED)
+            if row["failed_logins"]:
+                con.execute("UPDATE accounts SET failed_logins = 0 WHERE account = ?", (row["account"],))
+            con.execute("COMMIT")
+        except LoginRefused:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return Account(row["account"], row["role"], row["epoch"])
+
+
+def current_epoch(path, account):
+    """The account's epoch if it is enabled, else None (its sessions are over)."""
+    con = connect(path)
+    try:
+        row = con.execute("SELECT enabled, epoch FROM accounts WHERE account = ?", (account,)).fetchone()
+    finally:
+        con.close()
+    return row["epoch"] if row is not None and row["enabled"] else None

@@ -1,0 +1,397 @@
+"""The reading service: every reader and the adjudicator from one process, behind a login.
+
+:class:`ReadingService` is a WSGI application. Its own small Flask app (the
+*gate*) answers ``/login``, ``/logout``, ``/enrol``, ``/api/session`` and the
+shared static files; every other request must carry a valid session and is
+passed on, unchanged, to the logged-in account's own reader app
+(:func:`khe_vol.qa.app.create_app` for ``R/qa/<account>/``, built on first
+use). A reader therefore only ever reaches their own package and reads
+database: another reader's case code is simply not in their worklist (404).
+
+Sessions are server-side (table ``sessions`` in the accounts database): the
+cookie carries a random session id inside Flask's signed session (key in
+``R/reads/service.key``, created 0600), the database keeps its SHA-256, the
+account, the account's ``epoch`` at login and the session's CSRF token.
+Every request re-checks the account's current epoch
+(:func:`khe_vol.qa.accounts.current_epoch`): a disabled or reset account is
+logged out at its next request. Every POST past the gate must send the
+session's CSRF token in ``X-CSRF-Token`` (the pages carry it in
+``<meta name="csrf-token">``; scripts get it from ``GET /api/session``).
+
+Served by waitress (:func:`serve`), a production WSGI server, on loopback
+unless told otherwise (``--host`` behind a TLS reverse proxy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flask import Flask, jsonify, redirect, render_template, request, session
+
+from khe_vol.qa import accounts, check_reader_id
+from khe_vol.qa.app import (CSP, LOCAL_HOST_NAMES, SIGNATURE_MEANING, ViewerMissing, create_app, find_niivue,
+                            host_allowed)
+
+#: How long a login lasts at most, seconds (a working day); then the reader logs in again.
+SESSION_SECONDS = 12 * 3600
+
+#: Header that carries the session's CSRF token on every state-changing request.
+CSRF_TOKEN_HEADER = "X-CSRF-Token"
+
+#: The cookie's name (one per service; the path is the whole site).
+SESSION_COOKIE = "khe_vol_session"
+
+SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    sid_sha256 TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    csrf_token TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+#: Paths the gate answers itself (no session needed, except /logout and /api/session which check it).
+_GATE_PATHS = ("/login", "/logout", "/enrol", "/api/session")
+
+
+def service_key_path(results_dir):
+    """``R/reads/service.key``: the key that signs session cookies (0600, never in a package)."""
+    return Path(results_dir) / "reads" / "service.key"
+
+
+def load_secret_key(path):
+    """The service's secret key, created (0600, 32 random bytes as hex) on first use.
+
+    Raises
+    ------
+    ValueError
+        A key file that is not 64 hex characters (naming the file).
+    """
+    path = Path(path)
+    accounts.create_private(path)
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    if not text:
+        text = secrets.token_hex(32)
+        # The file was created empty and 0600 above; fill it once (a concurrent first start writes the same way).
+        with open(path, "r+", encoding="ascii") as fh:
+            if not fh.read().strip():
+                fh.seek(0)
+                fh.write(text + "\n")
+                fh.flush()
+        text = path.read_text(encoding="ascii").strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"{path}: not a service key (64 hex characters); move it away to make a new one "
+                         "(every reader then logs in again)")
+    return bytes.fromhex(text)
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+class Sessions:
+    """Server-side login sessions, in the accounts database."""
+
+    def __init__(self, accounts_db):
+        self.accounts_db = accounts_db
+        con = self._connect()
+        con.close()
+
+    def _connect(self):
+        con = accounts.connect(self.accounts_db)
+        con.executescript(SESSIONS_SCHEMA)
+        return con
+
+    def create(self, account, epoch, now=None):
+        """A new session for a logged-in account: ``(session id, csrf token)``."""
+        now = time.time() if now is None else now
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        con = self._connect()
+        try:
+            con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+            con.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                        (_sha256(sid), account, epoch, csrf, now + SESSION_SECONDS))
+        finally:
+            con.close()
+        return sid, csrf
+
+    def lookup(self, sid, now=None):
+        """``(account, csrf token)`` of a live session, or None (unknown, expired, or its account changed since)."""
+        if not isinstance(sid, str) or not sid:
+            return None
+        now = time.time() if now is None else now
+        con = self._connect()
+        try:
+            row = con.execute("SELECT * FROM sessions WHERE sid_sha256 = ?", (_sha256(sid),)).fetchone()
+            if row is None:
+                return None
+            # Disabled, reset or re-enrolled since the login: the session is over.
+            if row["expires"] < now or accounts.current_epoch(self.accounts_db, row["account"]) != row["epoch"]:
+                con.execute("DELETE FROM sessions WHERE sid_sha256 = ?", (row["sid_sha256"],))
+                return None
+            return row["account"], row["csrf_token"]
+        finally:
+            con.close()
+
+    def end(self, sid):
+        """Log a session out (nothing if unknown)."""
+        if isinstance(sid, str) and sid:
+            con = self._connect()
+            try:
+                con.execute("DELETE FROM sessions WHERE sid_sha256 = ?", (_sha256(sid),))
+            finally:
+                con.close()
+
+
+def host_names(public_url=None, host=None):
+    """Host header values the service answers: loopback names, the public URL's host and a bound address."""
+    names = list(LOCAL_HOST_NAMES)
+    if public_url:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--public-url {public_url!r} is not an http(s) URL with a host name")
+        name = parts.hostname.lower()
+        names.append(f"[{name}]" if ":" in name else name)
+    if host and host not in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1"):
+        names.append(f"[{host.lower()}]" if ":" in host else host.lower())
+    return tuple(dict.fromkeys(names))
+
+
+class ReadingService:
+    """The WSGI application of ``khe-vol qa serve --results-dir R``.
+
+    Parameters
+    ----------
+    results_dir : path-like
+        ``R``: packages in ``R/qa/<account>/``, reads in ``R/reads/<account>.sqlite``.
+    accounts_db : path-like, optional
+        Default ``R/reads/accounts.sqlite``.
+    niivue_dir, allocation_tsv
+        As :func:`khe_vol.qa.app.create_app`.
+    behind_tls : bool
+        Cookies are ``Secure`` (sent over HTTPS only): the service sits behind a TLS proxy.
+    public_url : str, optional
+        The URL readers open (e.g. ``https://reading.example.org``): its host is accepted in ``Host``.
+    bind_host : str, optional
+        The address the server binds (accepted in ``Host`` when it is a specific address).
+    check_viewer : bool
+        Refuse to start without NiiVue.
+    access_log : file-like, optional
+        One line per request (UTC time, client, account, request line, status);
+        enrolment tokens are masked. None: no access log.
+
+    Raises
+    ------
+    ViewerMissing, ValueError
+    """
+
+    def __init__(self, results_dir, accounts_db=None, niivue_dir=None, allocation_tsv=None, behind_tls=False,
+                 public_url=None, bind_host=None, check_viewer=True, access_log=None):
+        self.results_dir = Path(results_dir)
+        self.accounts_db = Path(accounts_db) if accounts_db else accounts.default_accounts_path(results_dir)
+        self.niivue_dir = str(find_niivue(niivue_dir)) if check_viewer else niivue_dir
+        self.check_viewer = check_viewer
+        self.access_log = access_log
+        self._log_lock = threading.Lock()
+        self.allocation_tsv = allocation_tsv
+        self.names = host_names(public_url, bind_host)
+        self.sessions = Sessions(self.accounts_db)
+        self._apps, self._lock = {}, threading.Lock()
+        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), behind_tls)
+
+    # ---- the readers' own apps --------------------------------------------------------------
+
+    def reader_app(self, account):
+        """The account's reader app (built once), or None when the account has no package."""
+        with self._lock:
+            if account not in self._apps:
+                try:
+                    self._apps[account] = create_app(
+                        self.results_dir, account, niivue_dir=self.niivue_dir, check_viewer=self.check_viewer,
+                        allocation_tsv=self.allocation_tsv, allowed_hosts=self.names, accounts_db=self.accounts_db)
+                except FileNotFoundError:
+                    return None  # not cached: a package built later is found at the next request
+            return self._apps[account]
+
+    # ---- the gate ------------------------------------------------------------------------------
+
+    def _make_gate(self, secret_key, behind_tls):
+        gate = Flask("khe_vol.qa.app")  # the reader app's templates and static files
+        gate.config.update(
+            SECRET_KEY=secret_key, SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
+            SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=bool(behind_tls),
+            PERMANENT_SESSION_LIFETIME=SESSION_SECONDS, MAX_CONTENT_LENGTH=64 * 1024,
+        )
+        svc = self
+
+        @gate.after_request
+        def headers(response):
+            response.headers["Content-Security-Policy"] = CSP
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Referrer-Policy"] = "no-referrer"
+            if request.path.startswith("/static/"):
+                response.headers["Cache-Control"] = "no-cache"
+            else:
+                response.headers["Cache-Control"] = "no-store"
+            return response
+
+        def login_page(error=None, status=200, notice=None):
+            return render_template("login.html", error=error, notice=notice), status
+
+        @gate.get("/login")
+        def login_form():
+            return login_page(notice="Password set: log in." if request.args.get("enrolled") else None)
+
+        @gate.post("/login")
+        def login():
+            account, password = request.form.get("account", "").strip(), request.form.get("password", "")
+            try:
+                found = accounts.authenticate(svc.accounts_db, account, password)
+            except accounts.LoginRefused as exc:
+                return login_page(str(exc), 401)
+            old = session.get("sid")
+            svc.sessions.end(old)  # a new session id at every login (no fixation)
+            sid, _ = svc.sessions.create(found.account, found.epoch)
+            session.clear()
+            session["sid"] = sid
+            session.permanent = True
+            return redirect("/", 303)
+
+        @gate.post("/logout")
+        def logout():
+            live = svc.sessions.lookup(session.get("sid"))
+            token = request.headers.get(CSRF_TOKEN_HEADER) or request.form.get("csrf_token", "")
+            if live is not None and not hmac.compare_digest(token.encode(), live[1].encode()):
+                return "the logout form is stale: reload the page", 403
+            svc.sessions.end(session.get("sid"))
+            session.clear()
+            return redirect("/login", 303)
+
+        @gate.get("/enrol")
+        def enrol_form():
+            return render_template("enrol.html", token=request.args.get("token", ""), error=None)
+
+        @gate.post("/enrol")
+        def enrol():
+            token = request.form.get("token", "")
+            password, again = request.form.get("password", ""), request.form.get("password2", "")
+            if password != again:
+                return render_template("enrol.html", token=token, error="the two passwords differ"), 400
+            try:
+                accounts.enrol(svc.accounts_db, token, password)
+            except accounts.AccountError as exc:  # LoginRefused too
+                return render_template("enrol.html", token=token, error=str(exc)), 400
+            return redirect("/login?enrolled=1", 303)
+
+        @gate.get("/api/session")
+        def api_session():
+            live = svc.sessions.lookup(session.get("sid"))
+            if live is None:
+                return jsonify(error="not logged in"), 401
+            return jsonify(account=live[0], csrf_token=live[1])
+
+        return gate
+
+    # ---- WSGI --------------------------------------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        if self.access_log is None:
+            return self._handle(environ, start_response)
+
+        def logged_start_response(status, headers, exc_info=None):
+            self._log(environ, status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        return self._handle(environ, logged_start_response)
+
+    def _log(self, environ, status):
+        query = environ.get("QUERY_STRING", "")
+        if "token=" in query:
+            query = re.sub(r"token=[^&]*", "token=***", query)  # an enrolment link is a password until spent
+        target = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {environ.get('REMOTE_ADDR', '-')} "
+                f"{environ.get('khe_vol.account', '-')} \"{environ.get('REQUEST_METHOD')} {target}\" {status}\n")
+        with self._log_lock:
+            try:
+                self.access_log.write(line)
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass  # a closed log never fails a request
+
+    def _handle(self, environ, start_response):
+        host = environ.get("HTTP_HOST")
+        if not host_allowed(host, self.names):
+            # A DNS-rebinding page arrives with its own host name; HTTP/1.0 may send none.
+            return self._plain(environ, start_response, 403 if host else 400, "unknown host")
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        if method not in ("GET", "HEAD"):
+            # A browser says where a post comes from (Sec-Fetch-Site; Origin, which is "null" under the
+            # pages' no-referrer policy): another site's page is refused before anything else.
+            origin, site = environ.get("HTTP_ORIGIN"), environ.get("HTTP_SEC_FETCH_SITE")
+            if (site is not None and site not in ("same-origin", "none")) or (
+                    origin not in (None, "null") and not host_allowed(urlsplit(origin).netloc, self.names)):
+                return self._plain(environ, start_response, 403, "cross-site request refused")
+        if path in _GATE_PATHS or path.startswith("/static/"):
+            return self.gate.wsgi_app(environ, start_response)
+        with self.gate.request_context(environ):
+            live = self.sessions.lookup(session.get("sid"))
+        if live is None:
+            if method == "GET" and (path == "/" or path.startswith("/case/")):
+                return self._redirect(environ, start_response, "/login")
+            return self._plain(environ, start_response, 401, "not logged in (or the session ended): log in again")
+        account, csrf = live
+        if method not in ("GET", "HEAD"):
+            sent = environ.get("HTTP_X_CSRF_TOKEN", "")
+            if not hmac.compare_digest(sent.encode("latin-1", "replace"), csrf.encode()):
+                return self._plain(environ, start_response, 403, "missing or wrong CSRF token: reload the page")
+        try:
+            check_reader_id(account)
+        except ValueError:
+            return self._plain(environ, start_response, 403, "this account cannot read")
+        app = self.reader_app(account)
+        if app is None:
+            return self._plain(environ, start_response, 403,
+                               f"account {account} has no worklist on this server yet: ask the core lab "
+                               "to build your reader package (khe-vol qa package --reader "
+                               f"{account}), then reload", html=True, csrf_token=csrf)
+        environ["khe_vol.account"] = account
+        environ["khe_vol.csrf_token"] = csrf
+        return app.wsgi_app(environ, start_response)
+
+    def _plain(self, environ, start_response, status, message, html=False, csrf_token=None):
+        with self.gate.request_context(environ):
+            if html:
+                body = render_template("message.html", message=message, csrf_token=csrf_token)
+                response = self.gate.response_class(body, status=status, mimetype="text/html")
+            else:
+                response = self.gate.response_class(message + "\n", status=status, mimetype="text/plain")
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Content-Security-Policy"] = CSP
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response(environ, start_response)
+
+    def _redirect(self, environ, start_response, location):
+        with self.gate.request_context(environ):
+            response = redirect(location, 303)
+            response.headers["Cache-Control"] = "no-store"
+            return response(environ, start_response)
+
+
+def serve(service, host="127.0.0.1", port=8765, threads=8):
+    """Run the service on waitress until interrupted (SIGINT/SIGTERM)."""
+    from waitress import serve as waitress_serve
+
+    # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
+    waitress_serve(service, host=host, port=port, threads=threads, ident="khe-vol", max_request_body_size=256 * 2**20,
+                   clear_untrusted_proxy_headers=True)
+
+
+__all__ = ["ReadingService", "ViewerMissing", "serve", "SIGNATURE_MEANING", "CSRF_TOKEN_HEADER"]

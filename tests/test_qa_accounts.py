@@ -1,0 +1,66 @@
+"""Reader accounts: scrypt hashes, one-time enrolment, lockout, private files."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+
+import pytest
+
+from khe_vol.qa import accounts
+from khe_vol.qa.accounts import AccountError, LoginRefused
+
+PASSWORD = "correct horse battery"
+
+
+def test_enrolment_login_and_the_stored_hash(tmp_path):
+    db = tmp_path / "reads" / "accounts.sqlite"
+    token = accounts.add_account(db, "R1", now=1000.0)
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    with pytest.raises(LoginRefused, match="enrolment link"):
+        accounts.authenticate(db, "R1", PASSWORD, now=1001.0)
+    with pytest.raises(AccountError, match="at least 12"):
+        accounts.enrol(db, token, "short", now=1001.0)
+    account = accounts.enrol(db, token, PASSWORD, now=1001.0)
+    assert account.account == "R1" and account.role == "reader"
+    with pytest.raises(LoginRefused, match="not valid"):
+        accounts.enrol(db, token, PASSWORD, now=1002.0)  # spent
+    assert accounts.authenticate(db, "R1", PASSWORD, now=1003.0).epoch == account.epoch
+    (stored,) = sqlite3.connect(db).execute("SELECT password_hash FROM accounts").fetchone()
+    assert stored.startswith("scrypt$32768$8$1$") and PASSWORD not in stored and token not in stored
+    with pytest.raises(AccountError, match="exists"):
+        accounts.add_account(db, "R1")
+
+
+def test_wrong_password_and_unknown_account_answer_alike_and_lock_out(tmp_path):
+    db = tmp_path / "accounts.sqlite"
+    accounts.enrol(db, accounts.add_account(db, "R1", now=0.0), PASSWORD, now=0.0)
+    with pytest.raises(LoginRefused) as unknown:
+        accounts.authenticate(db, "R9", PASSWORD, now=1.0)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        with pytest.raises(LoginRefused) as wrong:
+            accounts.authenticate(db, "R1", PASSWORD + "x", now=1.0)
+        assert str(wrong.value) == str(unknown.value)
+    with pytest.raises(LoginRefused, match="locked"):  # even the right password, while locked
+        accounts.authenticate(db, "R1", PASSWORD, now=2.0)
+    assert accounts.authenticate(db, "R1", PASSWORD, now=1.0 + accounts.LOCKOUT_SECONDS + 1).account == "R1"
+
+
+def test_enrolment_expires_and_reset_or_disable_ends_sessions(tmp_path):
+    db = tmp_path / "accounts.sqlite"
+    token = accounts.add_account(db, "ADJ", role="adjudicator", now=0.0)
+    with pytest.raises(LoginRefused, match="not valid"):
+        accounts.enrol(db, token, PASSWORD, now=accounts.ENROLMENT_SECONDS + 1)
+    token = accounts.reset_account(db, "ADJ", now=10.0)
+    epoch = accounts.enrol(db, token, PASSWORD, now=11.0).epoch
+    assert accounts.current_epoch(db, "ADJ") == epoch
+    accounts.set_enabled(db, "ADJ", False)
+    assert accounts.current_epoch(db, "ADJ") is None
+    with pytest.raises(LoginRefused, match="disabled"):
+        accounts.authenticate(db, "ADJ", PASSWORD, now=12.0)
+    accounts.set_enabled(db, "ADJ", True)
+    assert accounts.current_epoch(db, "ADJ") not in (None, epoch)  # sessions from before stay ended
+    with pytest.raises(AccountError, match="no account"):
+        accounts.reset_account(db, "R7")
+    with pytest.raises(ValueError):
+        accounts.add_account(db, "../etc")
