@@ -156,6 +156,7 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
         self.proc = None
         self.peak_rss_bytes = 0
+        self.cpu_s = {}  # pid -> user + system CPU seconds at the last look (a killed server keeps its last)
         self.starts = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -188,7 +189,10 @@ class Server:
         try:
             import psutil
 
-            return psutil.Process(pid).memory_info().rss
+            proc = psutil.Process(pid)
+            times = proc.cpu_times()
+            self.cpu_s[pid] = times.user + times.system
+            return proc.memory_info().rss
         except ImportError:
             pass
         except Exception:  # noqa: BLE001 - the process just died: no reading
@@ -381,6 +385,8 @@ def run_once(template, work, readers, n_reads, kill_midway, think_seconds=0.0):
                             "p95": _ms(_percentile(latencies, 95)), "max": _ms(max(latencies, default=None))},
         "saves_across_the_restart_ms": sorted(_ms(s) for c in clients for s in c.retried_s),
         "server_peak_rss_mib": round(server.peak_rss_bytes / 2**20, 1),
+        "server_cpu_ms_per_save": round(1000.0 * sum(server.cpu_s.values()) / max(len(acked), 1), 1) if server.cpu_s
+        else None,
         "server_starts": server.starts, "downtime_s": None if downtime_s is None else round(downtime_s, 2),
         "wall_s": round(wall_s, 1), "saves_per_s": round(len(acked) / wall_s, 1),
         "verify_exit": verify.returncode, "verify_summary": (verify.stdout + verify.stderr).strip().splitlines()[-1:],

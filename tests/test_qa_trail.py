@@ -13,6 +13,7 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.qa import accounts, store
 from khe_vol.qa.verify import verify_database, verify_rows
+from tests.test_qa_service import two_readers  # noqa: F401 - the fixture: packages and accounts for R1, R2
 
 T0 = datetime(2026, 3, 1, 9, 30, 0, tzinfo=UTC)
 
@@ -305,3 +306,28 @@ def test_a_read_whose_trail_record_cannot_be_written_is_not_stored(tmp_path):
         store.record_read(db, "R1", "BBBB", "reject")
     assert [r["case_code"] for r in store.all_reads(db)] == ["AAAA"]  # the read went with its record
     assert verify_database(db).ok
+
+
+def test_reads_signed_through_the_service_are_in_the_trail_and_verify(two_readers, capsys):
+    """The service's signed verdict (password re-entered) and its revision with a reason, as the trail records them."""
+    from tests.test_qa_service import PASSWORDS, client_for, csrf_of, login, post_read
+
+    results, codes = two_readers
+    client = client_for(results)
+    code = codes["R1"][("sub-01", "ses-baseline")]
+    login(client, "R1")
+    csrf = csrf_of(client)
+    assert post_read(client, code, csrf, verdict="accept", expected_revision="0",
+                     password=PASSWORDS["R1"]).status_code == 200
+    assert post_read(client, code, csrf, verdict="reject", expected_revision="1", password=PASSWORDS["R1"],
+                     reason="motion on second look").status_code == 200
+    records = store.trail(results / "reads" / "R1.sqlite", code)
+    assert [(r["action"], r["revision"], r["signer"], r["meaning"], r["reason"]) for r in records] == [
+        ("read_created", 1, "R1", "read complete", None), ("read_revised", 2, "R1", "read complete",
+                                                           "motion on second look")]
+    assert records[1]["old_value"]["verdict"] == "accept" and records[1]["new_value"]["verdict"] == "reject"
+    # The store itself refuses an unsigned or unexplained change of the signed read, whoever calls it.
+    with pytest.raises(store.SignatureRequired):
+        store.record_read(results / "reads" / "R1.sqlite", "R1", code, "accept", reason="x")
+    code_, text = _verify_cli(results, capsys)
+    assert code_ == 0 and "R1.sqlite: ok: 2 trail record(s), 2 read(s), 2 signed" in text, text
