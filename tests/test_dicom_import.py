@@ -18,7 +18,8 @@ from khe_vol.config import load_config
 from khe_vol.files import read_tsv
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.nifti import load_series
-from khe_vol.qa.audit import DATE_RE, nifti_text_fields
+from khe_vol.qa.audit import nifti_text_fields
+from khe_vol.qa.leaks import DATE_RE
 from khe_vol.series import measure_series
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
 from tests.dicom_phantom import (

@@ -281,9 +281,10 @@ def leaks(payloads, identifying):
     list of str
         One line per leak (empty: clean). NIfTI files are scanned in their header
         text fields and extensions, other files as text, with the leak audit's
-        matching (:mod:`khe_vol.qa.audit`).
+        matching (:mod:`khe_vol.qa.leaks`).
     """
-    from khe_vol.qa.audit import Scanner, Token, scan_payload
+    from khe_vol.qa.audit import scan_payload
+    from khe_vol.qa.leaks import Scanner, Token
 
     scanner = Scanner([Token(t, "DICOM identifier") for t in sorted(identifying)])
     found = []
