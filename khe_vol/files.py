@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -247,3 +248,49 @@ def read_records(paths):
         loaded = json.loads(Path(path).read_text(encoding="utf-8"))
         records.extend(loaded if isinstance(loaded, list) else [loaded])
     return records
+
+
+def create_private(path):
+    """Create ``path`` (and its folder) readable and writable by its owner only (0600), if it does not exist."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
+def connect_private_db(path, schema):
+    """Open (creating 0600 if needed) an SQLite database of reads or accounts.
+
+    Autocommit mode (``isolation_level=None``, transactions explicit), rows as
+    :class:`sqlite3.Row`, WAL journal with ``synchronous=FULL`` (committed is on
+    disk), ``schema`` applied. SQLite gives its -wal/-shm files the same bits.
+    """
+    create_private(path)
+    con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.executescript(schema)
+    return con
+
+
+@contextmanager
+def write_transaction(path, schema):
+    """An open private database (:func:`connect_private_db`) inside one ``BEGIN IMMEDIATE`` transaction.
+
+    Committed when the block ends, rolled back (and the exception passed on)
+    when it raises; the connection is closed either way.
+    """
+    con = connect_private_db(path, schema)
+    try:
+        con.execute("BEGIN IMMEDIATE")  # the write lock before reading what the write depends on
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()

@@ -11,14 +11,8 @@ import contextlib
 import io
 import re
 import stat
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 from werkzeug.test import Client
 
@@ -243,22 +237,9 @@ def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers
 
 def start_service(results, port, log):
     """``khe-vol qa serve --results-dir R`` (every reader, behind the login) on a local port."""
-    from tests.test_qa_app import kill_hard
+    from tests.test_qa_app import start_server
 
-    proc = subprocess.Popen([sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-    kill_hard(proc)
-    raise AssertionError(f"service did not start; log:\n{Path(log.name).read_text()}")
+    return start_server(results, port, log)
 
 
 @contextlib.contextmanager

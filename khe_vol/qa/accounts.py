@@ -16,13 +16,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from khe_vol.files import connect_private_db, write_transaction
 from khe_vol.qa import check_reader_id
 
 #: scrypt cost parameters (about 50 ms and 32 MiB per hash on the project's machines).
@@ -78,25 +77,9 @@ def default_accounts_path(results_dir):
     return Path(results_dir) / "reads" / "accounts.sqlite"
 
 
-def create_private(path):
-    """Create ``path`` (and its folder) readable and writable by its owner only, if it does not exist."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        pass
-
-
 def connect(path):
     """Open (creating 0600 if needed) an accounts database, in autocommit mode."""
-    create_private(path)
-    con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.executescript(SCHEMA)
-    return con
+    return connect_private_db(path, SCHEMA)
 
 
 def hash_password(password, salt=None):
@@ -167,37 +150,19 @@ def add_account(path, account, role="reader", now=None):
     account = check_reader_id(account)
     if role not in ROLES:
         raise AccountError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    con = connect(path)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            if con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
-                raise AccountError(f"account {account} exists; reset it instead")
-            con.execute("INSERT INTO accounts (account, role) VALUES (?, ?)", (account, role))
-            token = _new_enrolment(con, account, time.time() if now is None else now)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    finally:
-        con.close()
+    with write_transaction(path, SCHEMA) as con:
+        if con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
+            raise AccountError(f"account {account} exists; reset it instead")
+        con.execute("INSERT INTO accounts (account, role) VALUES (?, ?)", (account, role))
+        token = _new_enrolment(con, account, time.time() if now is None else now)
     return token
 
 
 def _update(path, account, sql, params=()):
-    con = connect(path)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            if not con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
-                raise AccountError(f"no account {account}")
-            result = sql(con) if callable(sql) else con.execute(sql, (*params, account))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    finally:
-        con.close()
+    with write_transaction(path, SCHEMA) as con:
+        if not con.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone():
+            raise AccountError(f"no account {account}")
+        result = sql(con) if callable(sql) else con.execute(sql, (*params, account))
     return result
 
 
@@ -229,23 +194,14 @@ def enrol(path, token, password, now=None):
     """
     check_password(password)
     now = time.time() if now is None else now
-    con = connect(path)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            row = con.execute("SELECT * FROM accounts WHERE enrolment_sha256 = ?",
-                              (_sha256(str(token)),)).fetchone()
-            if row is None or row["enrolment_expires"] is None or row["enrolment_expires"] < now:
-                raise LoginRefused("this enrolment link is not valid (spent, expired or mistyped); ask for a new one")
-            con.execute("UPDATE accounts SET password_hash = ?, enrolment_sha256 = NULL, enrolment_expires = NULL, "
-                        "epoch = epoch + 1 WHERE account = ?", (hash_password(password), row["account"]))
-            account = Account(row["account"], row["role"], row["epoch"] + 1)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    finally:
-        con.close()
+    with write_transaction(path, SCHEMA) as con:
+        row = con.execute("SELECT * FROM accounts WHERE enrolment_sha256 = ?",
+                          (_sha256(str(token)),)).fetchone()
+        if row is None or row["enrolment_expires"] is None or row["enrolment_expires"] < now:
+            raise LoginRefused("this enrolment link is not valid (spent, expired or mistyped); ask for a new one")
+        con.execute("UPDATE accounts SET password_hash = ?, enrolment_sha256 = NULL, enrolment_expires = NULL, "
+                    "epoch = epoch + 1 WHERE account = ?", (hash_password(password), row["account"]))
+        account = Account(row["account"], row["role"], row["epoch"] + 1)
     return account
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, jsonify, redirect, render_template, request, session
 
+from khe_vol.files import create_private
 from khe_vol.qa import accounts, check_reader_id
 from khe_vol.qa.app import (CSP, LOCAL_HOST_NAMES, SIGNATURE_MEANING, ViewerMissing, create_app, find_niivue,
                             host_allowed)
@@ -76,7 +77,7 @@ def load_secret_key(path):
         A key file that is not 64 hex characters (naming the file).
     """
     path = Path(path)
-    accounts.create_private(path)
+    create_private(path)
     text = path.read_text(encoding="ascii", errors="replace").strip()
     if not text:
         text = secrets.token_hex(32)

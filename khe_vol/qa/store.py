@@ -40,12 +40,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 from khe_vol.qa import VERDICTS
-from khe_vol.qa.accounts import create_private
+from khe_vol.files import connect_private_db
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reads (
@@ -139,13 +138,7 @@ def connect(db_path):
         In autocommit mode (``isolation_level=None``); transactions are explicit.
     """
     db_path = Path(db_path)
-    # Owner-only (0600) from its creation; SQLite gives its -wal/-shm files the same bits.
-    create_private(db_path)
-    con = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.executescript(SCHEMA)
+    con = connect_private_db(db_path, SCHEMA)  # owner-only (0600) from its creation
     _migrate(con)
     _migrate_trail(con)
     return con
