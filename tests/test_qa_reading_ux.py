@@ -218,11 +218,17 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
         page.wait_for_selector(READY, timeout=30000)
         (read,) = store.read_history(db, order[0])
         assert read["verdict"] == "accept" and read["comment"] == "a rather dark case, no motion"
-        # P back; U to the next unread (order[1], the one we are on is unread too: skip to it).
+        # P back, N forward, P back; U to the next unread (order[1], the one we are on is unread too: skip to it).
         page.keyboard.press("p")
         page.wait_for_url(f"**/case/{order[0]}")
         page.wait_for_selector(READY, timeout=30000)
         assert page.inner_text("#status").startswith("Current: Accept (revision 1)")
+        page.keyboard.press("n")
+        page.wait_for_url(f"**/case/{order[1]}")
+        page.wait_for_selector(READY, timeout=30000)
+        page.keyboard.press("p")
+        page.wait_for_url(f"**/case/{order[0]}")
+        page.wait_for_selector(READY, timeout=30000)
         page.keyboard.press("u")
         page.wait_for_url(f"**/case/{order[1]}")
         page.wait_for_selector(READY, timeout=30000)
@@ -242,6 +248,12 @@ def test_keyboard_only_reading_from_open_to_verdict(package, tmp_path):
         page.wait_for_function("() => !window.khe.saving")
         assert page.url.endswith(order[2]) and len(store.read_history(db, order[2])) == 1
         assert page.inner_text("#next-unread") == "no unread case left"
+        # 0: no residual lesion (a revision of a signed read: signed again, with a reason).
+        page.keyboard.press("0")
+        sign(page)
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.startsWith('Current: No residual lesion (revision 2)')")
+        assert [r["verdict"] for r in store.read_history(db, order[2])] == ["reject", "no_residual_lesion"]
     assert not served.errors, served.errors
 
 
@@ -320,13 +332,16 @@ def test_display_loading_and_caching(package, tmp_path):
         (results / "qa" / "R1" / f"{code}_t2.nii.gz").unlink()
         page.goto(f"{base}/case/{code}")
         page.wait_for_selector("body[data-load-error='1']", timeout=30000)
-        assert "HTTP 500" in page.inner_text("#load-state") or "HTTP 404" in page.inner_text("#load-state")
+        assert "The image could not be loaded: HTTP 500" in page.inner_text("#load-state")  # the server's error
+        assert not page.is_visible("text=Loading the image")  # not "loading ..." forever
         assert page.is_disabled("button.verdict[data-verdict='accept']")
     assert not [e for e in served.errors if "HTTP" not in e], served.errors
 
 
 @pytest.mark.slow
 def test_unsaved_work_and_comment_limit(package, tmp_path):
+    from playwright.sync_api import Error as PlaywrightError
+
     from tests.test_qa_app import reader_browser, sign
 
     results, _ = package
@@ -361,6 +376,13 @@ def test_unsaved_work_and_comment_limit(package, tmp_path):
         page.click("#next")
         page.wait_for_timeout(300)
         assert len(dialogs) == 2 and page.url.endswith(code)
+        # Leaving through the browser (address bar, reload, closing the tab) asks too: its own prompt
+        # (beforeunload); dismissed, the navigation is abandoned and the case stays.
+        unload = []
+        page.once("dialog", lambda d: (unload.append(d.type), d.dismiss()))
+        with pytest.raises(PlaywrightError):
+            page.goto(base + "/", timeout=10000)
+        assert unload == ["beforeunload"] and page.url.endswith(code)
         page.once("dialog", lambda d: answer(d, True))
         page.click("#next")
         page.wait_for_url(lambda url: not url.endswith(code), timeout=30000)
