@@ -225,6 +225,12 @@ def test_longitudinal_reading_in_a_real_browser(tmp_path):
         assert (plo - prlo) / (prhi - prlo) == pytest.approx((lo - rlo) / (rhi - rlo), abs=1e-4)
         assert (phi - prlo) / (prhi - prlo) == pytest.approx((hi - rlo) / (rhi - rlo), abs=1e-4)
 
+        # The native plane box holds for both panes (both resliced along the scanner axes, then back).
+        for native in (False, True):
+            page.click("#native-plane")
+            page.wait_for_function("(m) => window.kheCompare.prior.opts.isSliceMM === m", arg=not native)
+            wait_linked(page)
+
         # An edited read of T2 is timed, with its edit time.
         draw_stroke(page)
         time.sleep(0.5)

@@ -5,7 +5,7 @@
 // - window/level matched on each series' robust range (NiiVue's 2nd..98th percentiles): the same
 //   place between them in both, as follow-ups may be stored on another intensity scale;
 // - zoom and pan (NiiVue's pan2Dxyzmm, in mm), view (axial/coronal/sagittal/multiplanar) and the
-//   left/right convention.
+//   left/right convention and the native plane / scanner-axes reslicing (isSliceMM).
 // Either pane drives the other. Loaded only for a follow-up of a longitudinal worklist.
 (async function () {
   "use strict";
@@ -70,6 +70,7 @@
     isColorbar: false,
     logLevel: "warn",
     isRadiologicalConvention: nv.opts.isRadiologicalConvention,
+    isSliceMM: nv.opts.isSliceMM,
   });
   await pv.attachTo("gl-prior");
   try {
@@ -106,7 +107,7 @@
   function state(v) {
     const vol = v.volumes[0];
     return [...v.scene.crosshairPos, ...v.scene.pan2Dxyzmm, v.opts.sliceType, vol.cal_min, vol.cal_max,
-            v.opts.isRadiologicalConvention ? 1 : 0].join(",");
+            v.opts.isRadiologicalConvention ? 1 : 0, v.opts.isSliceMM ? 1 : 0].join(",");
   }
   function push(from, to) {
     const mm = worldMM(from);
@@ -117,6 +118,8 @@
     if (to.opts.isRadiologicalConvention !== from.opts.isRadiologicalConvention) {
       to.setRadiologicalConvention(from.opts.isRadiologicalConvention);
     }
+    // Both panes in their own acquisition plane, or both resliced along the scanner axes.
+    if (to.opts.isSliceMM !== from.opts.isSliceMM) { to.setSliceMM(from.opts.isSliceMM); }
     const src = from.volumes[0];
     const dst = to.volumes[0];
     const lo = mapLevel(src.cal_min, from, to);
