@@ -181,6 +181,17 @@ def test_longitudinal_reading_in_a_real_browser(tmp_path):
         assert any(u.endswith(f"/files/{base_code}_mask.nii.gz") for u in served.urls)
         page.click("button[data-slice='0']")  # axial, in both panes
         page.wait_for_function("() => window.kheCompare.prior.opts.sliceType === 0")
+        # The case's display boxes hold for T1's pane too: X and M hide the crosshair and mask in both.
+        prior_display = "() => [window.kheCompare.prior.opts.crosshairWidth, window.kheCompare.prior.drawOpacity]"
+        assert page.evaluate(prior_display) == pytest.approx(
+            page.evaluate("() => [window.khe.nv.opts.crosshairWidth, window.khe.nv.drawOpacity]"))
+        assert page.evaluate(prior_display) == pytest.approx([0.3, 0.5])
+        for key in ("x", "m"):
+            page.keyboard.press(key)
+        page.wait_for_function(f"() => ({prior_display})().every((v) => v === 0)")
+        for key in ("x", "m"):
+            page.keyboard.press(key)
+        page.wait_for_function(f"() => ({prior_display})()[0] === 0.3 && ({prior_display})()[1] === 0.5")
 
         # A click in this case's pane moves T1's crosshair to the same physical point ...
         affine_t2 = nib.load(results / "qa" / "R1" / f"{follow_code}_t2.nii.gz").affine

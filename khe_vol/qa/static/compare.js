@@ -5,14 +5,15 @@
 // - window/level matched on each series' robust range (NiiVue's 2nd..98th percentiles): the same
 //   place between them in both, as follow-ups may be stored on another intensity scale;
 // - zoom and pan (NiiVue's pan2Dxyzmm, in mm), view (axial/coronal/sagittal/multiplanar) and the
-//   left/right convention and the native plane / scanner-axes reslicing (isSliceMM).
+//   left/right convention and the native plane / scanner-axes reslicing (isSliceMM);
+// - the display the reader sets on the case (mask shown, outline, opacity; crosshair shown), so
+//   hiding the crosshair or the mask hides it in both panes.
 // Either pane drives the other. Loaded only for a follow-up of a longitudinal worklist.
 (async function () {
   "use strict";
   const view = JSON.parse(document.getElementById("case-data").textContent);
   const lon = view.longitudinal;
   if (!lon) { return; }
-  const MASK_OPACITY = 0.5;
 
   function el(tag, attrs, text) {
     const e = document.createElement(tag);
@@ -85,8 +86,20 @@
     document.body.dataset.compareReady = "1";
     return;
   }
-  pv.setDrawOpacity(MASK_OPACITY);
   pv.setDrawingEnabled(false);
+
+  // ---- the case's display settings (case.js's mask and crosshair boxes) hold for T1's pane
+  function displayOf(v) {
+    return [v.opts.crosshairWidth, ...v.opts.crosshairColor, v.drawOpacity, v.drawRimOpacity].join(",");
+  }
+  function copyDisplay() {
+    pv.setCrosshairColor(nv.opts.crosshairColor.slice());
+    pv.setCrosshairWidth(nv.opts.crosshairWidth);
+    pv.drawRimOpacity = nv.drawRimOpacity;
+    pv.setDrawOpacity(nv.drawOpacity);
+  }
+  copyDisplay();
+  let shownDisplay = displayOf(nv);
 
   // ---- linking
   function worldMM(v) {
@@ -138,6 +151,10 @@
   push(nv, pv);
   let seen = [state(nv), state(pv)];
   function tick() {
+    if (displayOf(nv) !== shownDisplay) {
+      copyDisplay();
+      shownDisplay = displayOf(nv);
+    }
     const now = [state(nv), state(pv)];
     if (now[0] !== seen[0]) {
       push(nv, pv);
