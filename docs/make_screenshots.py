@@ -28,7 +28,7 @@ def case_page_png(out=OUT):
         results = tmp / "results"
         assert main(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--seed", "20261201",
                      *map(str, records)]) == 0
-        with reader_browser(results, tmp) as served:
+        with reader_browser(results, tmp, auto_advance=True) as served:  # the reader's default
             page = served.page
             page.set_viewport_size({"width": 1280, "height": 820})
             page.goto(served.base + "/")

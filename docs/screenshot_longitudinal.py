@@ -74,7 +74,7 @@ def main():
         assert khe_vol(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--seed", "715517",
                         "--reading-mode", "longitudinal", *map(str, records)]) == 0
         code = next(r["case_code"] for r in read_key(results) if r["timepoint"] == "2")
-        with reader_browser(results, tmp) as served:
+        with reader_browser(results, tmp, auto_advance=True) as served:  # the reader's default
             page = served.page
             page.set_viewport_size({"width": 1400, "height": 860})
             page.goto(f"{served.base}/case/{code}")
