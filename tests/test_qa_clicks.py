@@ -265,8 +265,10 @@ def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp
         page.wait_for_function("() => window.khe.clicks.length === 3 && !window.khe.busy", timeout=30000)
         assert float(page.inner_text("#click-volume").split()[0]) == volumes[2]
         assert page.inner_text("button.verdict[data-verdict='accept']") == "Accept clicked mask"
+        assert page.evaluate("() => window.khe.hasUnsaved()")  # leaving now would ask: the clicks are not saved
         page.click("button.verdict[data-verdict='accept']")
         wait_status(page, "Current: Edited (revision 1), edited volume")
+        assert not page.evaluate("() => window.khe.hasUnsaved()")
     assert not errors, errors
     assert all(u.startswith((base + "/", "data:", "blob:")) for u in urls), urls
 
