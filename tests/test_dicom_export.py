@@ -10,6 +10,7 @@ from pydicom.sr.codedict import codes
 import highdicom as hd
 from khe_vol.dicom.export import (
     AUTOMATIC,
+    DEVICE_OBSERVER_UID,
     MANUAL,
     SEMIAUTOMATIC,
     ExportError,
@@ -82,7 +83,8 @@ def seg_on_nifti_grid(seg_path, shape, affine):
 def test_seg_round_trip_gives_the_mask_back_exactly(tmp_path, name):
     source, affine = write_case(tmp_path, name)
     mask = lesion(SHAPE, affine, centre_ras(SHAPE, affine))
-    seg = segmentation_dataset(source, mask, affine, AUTOMATIC, "sub-01", "ses-m06", 6)
+    seg = segmentation_dataset(source, mask, affine, AUTOMATIC, "sub-01", "ses-m06", 6,
+                               {"sponsor_name": "KHE consortium", "protocol_id": "KHE-01"})
     path = tmp_path / "seg.dcm"
     path.write_bytes(dataset_bytes(seg))
     back, placed = seg_on_nifti_grid(path, SHAPE, affine)
@@ -90,6 +92,11 @@ def test_seg_round_trip_gives_the_mask_back_exactly(tmp_path, name):
     assert np.array_equal(placed, mask)
     # It references the source series and shares its frame of reference.
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in back.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in source}
+    derived_from = {s.ReferencedSOPInstanceUID for f in back.PerFrameFunctionalGroupsSequence
+                    for d in f.DerivationImageSequence for s in d.SourceImageSequence}
+    assert derived_from <= {ds.SOPInstanceUID for ds in source} and derived_from
     assert back.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     assert back.StudyInstanceUID == source[0].StudyInstanceUID
     desc = back.SegmentSequence[0]
@@ -199,6 +206,33 @@ def test_sr_holds_volume_diameter_category_and_references_the_seg(tmp_path):
     assert back.ClinicalTrialTimePointID == "m12"
     texts = [str(i.get("TextValue", "")) for i in items]
     assert "m12" in texts  # the time point context
+    # TID 1001: the observer (none is inherited) is khe-vol as a device; the private scheme is declared.
+    by_name = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in items if "ConceptNameCodeSequence" in i}
+    assert by_name["Observer Type"].ConceptCodeSequence[0].CodeValue == codes.DCM.Device.value
+    assert by_name["Device Observer UID"].UID == DEVICE_OBSERVER_UID
+    assert [s.CodingSchemeDesignator for s in back.CodingSchemeIdentificationSequence] == ["99KHEVOL"]
+
+
+TRIAL_SUBJECT = ("ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+                 "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID")
+
+
+@pytest.mark.parametrize("trial", [{"sponsor_name": "KHE consortium", "protocol_id": "KHE-01", "site_id": "03"}, None])
+def test_clinical_trial_attributes_are_complete_or_left_out(tmp_path, trial):
+    """The time point is always there; the subject module only with its Type 1 sponsor and protocol id."""
+    source, affine = write_case(tmp_path, "oblique")
+    seg = segmentation_dataset(source, lesion(SHAPE, affine, centre_ras(SHAPE, affine)), affine, AUTOMATIC,
+                               "sub-01", "ses-m06", 6, trial)
+    sr = sr_dataset(seg, source, "1.5", "20.0", "sub-01", "ses-m06", 6, category="growth", trial=trial)
+    for ds in (seg, sr):
+        back = pydicom.dcmread(__import__("io").BytesIO(dataset_bytes(ds)))
+        assert (back.ClinicalTrialTimePointID, back.ClinicalTrialTimePointDescription) == ("m06", "month 6")
+        if trial:
+            assert (back.ClinicalTrialSponsorName, back.ClinicalTrialProtocolID, back.ClinicalTrialSiteID,
+                    back.ClinicalTrialSubjectID) == ("KHE consortium", "KHE-01", "03", "01")
+            assert "ClinicalTrialProtocolName" in back and "ClinicalTrialSiteName" in back  # Type 2: present
+        else:  # never an empty Type 1 sponsor / protocol id
+            assert not [k for k in TRIAL_SUBJECT if k in back]
 
 
 def test_dicom_export_true_needs_the_uid_map(tmp_path):
