@@ -23,6 +23,7 @@ from khe_vol.qa.leaks import DATE_RE
 from khe_vol.series import measure_series
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
 from tests.dicom_phantom import (
+    PATIENT,
     SeriesInfo,
     StudyInfo,
     direct_nifti,
@@ -250,16 +251,20 @@ def test_month_window(tmp_path, phantom, capsys):
     assert "3.1 months after sub-01's first study, within 1.5 months of no session" in out
 
 
-@pytest.mark.parametrize("faults, words", [
+FAULTS = [
     ({"drop_slices": (6,)}, "missing slices"),
     ({"move_slices_mm": {6: 0.6}}, "varying slice spacing"),
     ({"shift_in_plane_mm_per_slice": 0.8}, "gantry tilt"),
     ({"other_orientation_slices": (4,)}, "mixed series"),
-])
-def test_series_problems_are_reported_and_the_rest_converts(tmp_path, phantom, faults, words, capsys):
+]
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single-frame", "enhanced multi-frame"])
+@pytest.mark.parametrize("faults, words", FAULTS, ids=[w for _, w in FAULTS])
+def test_series_problems_are_reported_and_the_rest_converts(tmp_path, phantom, faults, words, enhanced, capsys):
     bad, good = StudyInfo("bad"), StudyInfo("good", study_date="20240303", accession_number="G1")
-    write_study(tmp_path / "dicom" / "bad", phantom, bad, **faults)
-    write_study(tmp_path / "dicom" / "good", phantom, good)
+    write_study(tmp_path / "dicom" / "bad", phantom, bad, enhanced=enhanced, **faults)
+    write_study(tmp_path / "dicom" / "good", phantom, good, enhanced=not enhanced)
     visits_by_uid(tmp_path / "visits.tsv", [("01", "baseline", bad), ("02", "baseline", good)])
     assert run_import(tmp_path) == 1
     out = capsys.readouterr().out
@@ -284,3 +289,23 @@ def test_uid_map_inside_imaging_dir_is_refused(tmp_path, phantom, capsys):
     assert run_import(tmp_path, "--uid-map", tmp_path / "study" / "imaging" / "uids.tsv") == 2
     assert "outside the imaging folder" in capsys.readouterr().err
     assert not (tmp_path / "study" / "imaging").exists()
+
+
+def test_leak_scan_of_the_files_about_to_be_written():
+    """The import's last guard, with the leak audit's matching: any identifier or date in the NIfTI or the sidecar."""
+    import nibabel as nib
+
+    from khe_vol.dicom.importer import deidentified_payloads, leaks
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    img = nib.Nifti1Image.from_bytes(img.to_bytes())  # as the import holds dcm2niix's file
+    identifying = identifying_strings([StudyInfo("leak")], [T2])
+    nifti, side = deidentified_payloads(img, {"EchoTime": 0.092, "InstitutionName": PATIENT["InstitutionName"],
+                                              "AcquisitionDateTime": "2024-02-12T10:15:00"})
+    assert leaks({"T2w.nii.gz": nifti, "T2w.json": side}, identifying) == []  # filtered and blanked
+    img.header["descrip"] = b"Quixote TE=92"
+    raw = gzip.compress(img.to_bytes(), mtime=0)
+    assert any("Quixote" in line for line in leaks({"T2w.nii.gz": raw}, identifying))
+    for text in (f'{{"InstitutionName": "{PATIENT["InstitutionName"]}"}}', '{"AcquisitionDateTime": "2024-02-12"}',
+                 f'{{"Note": "{StudyInfo("leak").study_instance_uid}"}}'):
+        assert leaks({"T2w.json": text.encode()}, identifying), text
