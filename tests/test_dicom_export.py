@@ -10,6 +10,7 @@ from pydicom.sr.codedict import codes
 import highdicom as hd
 from khe_vol.dicom.export import (
     AUTOMATIC,
+    CATEGORY_MEANINGS,
     DEVICE_OBSERVER_UID,
     MANUAL,
     SEMIAUTOMATIC,
@@ -352,3 +353,77 @@ def test_a_uid_map_row_for_another_series_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not 1.2.3.4"):
         export_series(record, volume_row, None, row, tmp_path / "imaging", tmp_path / "derivatives")
     assert json.loads(row["dicom_files"]) == files
+
+
+@pytest.mark.slow
+def test_khe_vol_import_then_the_workflow_exports_onto_the_original_dicom(tmp_path, capsys):
+    """The contract between import and export: the uid map `khe-vol import` writes, then a real Snakemake run.
+
+    A baseline as single-frame files (axial LPS, oblique) and a follow-up as one enhanced multi-frame file:
+    each SEG references the original series and instances and gives the derivative mask back exactly
+    on its grid; each SR holds the volume of volumes.tsv and the follow-up's category of response.tsv.
+    """
+    import csv
+
+    import nibabel as nib
+    import yaml
+
+    from khe_vol.cli import main
+    from khe_vol.synthetic.seeds import reader_seeds_ras_mm
+    from tests.dicom_phantom import (StudyInfo, SeriesInfo, small_phantom, stored_values, write_enhanced_series,
+                                     write_single_frame_series)
+    from tests.test_workflow import run_snakemake
+
+    t2 = SeriesInfo()
+    studies = {}
+    for ses, orientation, enhanced, volume_ml, date in (("baseline", "axial_lps", False, 10.0, "20240110"),
+                                                        ("m06", "axial_ras", True, 6.0, "20240712")):
+        ph = small_phantom(rng_seed=1, orientation=orientation, oblique_deg=12.0, lesion_volume_ml=volume_ml)
+        stored, slope, intercept = stored_values(ph.image)
+        study = studies[ses] = StudyInfo(f"exp{ses}", study_date=date, accession_number=f"ACC{ses.upper()}")
+        writer = write_enhanced_series if enhanced else write_single_frame_series
+        writer(tmp_path / "site" / ses, stored, ph.affine, slope, intercept, study, t2)
+        if ses == "baseline":
+            seed = reader_seeds_ras_mm(ph.truth_mask, ph.affine, np.random.default_rng(5))[0]
+    (tmp_path / "visits.tsv").write_text("participant_id\tsession_id\taccession_number\n"
+                                         + "".join(f"01\t{ses}\t{s.accession_number}\n" for ses, s in studies.items()))
+    (tmp_path / "seeds.tsv").write_text("participant_id\tx\ty\tz\nsub-01\t" + "\t".join(f"{v:.2f}" for v in seed) + "\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "imaging_dir": str(tmp_path / "study/imaging"), "seeds": str(tmp_path / "seeds.tsv"),
+        "sessions": {"baseline": 0, "m06": 6}, "results_dir": str(tmp_path / "results"), "dicom_export": True,
+        "dicom_uid_map": str(tmp_path / "study/dicom_uids.tsv"),
+        "dicom_trial": {"sponsor_name": "KHE consortium", "protocol_id": "KHE-01"}}))
+    assert main(["import", str(tmp_path / "site"), "--out", str(tmp_path / "study/imaging"),
+                 "--visits", str(tmp_path / "visits.tsv"), "--config", str(config)]) == 0, capsys.readouterr()
+
+    run_snakemake(tmp_path / "work", config)
+    results = tmp_path / "results"
+
+    def table(path):
+        with open(path, newline="") as fh:
+            return {(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")}
+
+    export, volumes, response = (table(results / n) for n in ("dicom/export.tsv", "volumes.tsv", "response.tsv"))
+    for ses, study in studies.items():
+        key = ("sub-01", f"ses-{ses}")
+        assert export[key]["status"] == "exported" and export[key]["algorithm_type"] == AUTOMATIC, export[key]
+        originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((tmp_path / "site" / ses).iterdir())]
+        derivative = nib.load(results / f"derivatives/sub-01/ses-{ses}/anat/sub-01_ses-{ses}_label-lesion_mask.nii.gz")
+        seg, placed = seg_on_nifti_grid(results / f"dicom/sub-01/ses-{ses}/seg.dcm", derivative.shape,
+                                        derivative.affine)
+        assert placed.any() and np.array_equal(placed, np.asarray(derivative.dataobj))
+        referenced = seg.ReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == t2.series_instance_uid(study) == originals[0].SeriesInstanceUID
+        assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+            ds.SOPInstanceUID for ds in originals}
+        assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (study.study_instance_uid,
+                                                                   originals[0].FrameOfReferenceUID)
+        assert seg.ClinicalTrialTimePointID == ses and seg.ClinicalTrialSubjectID == "01"
+        group = hd.sr.srread(results / f"dicom/sub-01/ses-{ses}/sr.dcm").content \
+            .get_volumetric_roi_measurement_groups()[0]
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        assert float(volume[0].MeasuredValueSequence[0].NumericValue) == float(volumes[key]["volume_ml"]) > 0
+        evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+        assert evaluations.get("response_vs_baseline") == response.get(key, {}).get("category")
+    assert response[("sub-01", "ses-m06")]["category"] in CATEGORY_MEANINGS
