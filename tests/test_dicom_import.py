@@ -1,6 +1,6 @@
 """`khe-vol import`: DICOM written from phantoms (single-frame, enhanced multi-frame, oblique, LPS) into imaging_dir.
 
-Each test writes its own DICOM (tests/dicom_phantom.py), runs the real command (dcm2niix from
+Each test writes its own DICOM (khe_vol/synthetic/dicom.py), runs the real command (dcm2niix from
 the PyPI package) and checks the files it wrote.
 """
 
@@ -22,7 +22,7 @@ from khe_vol.qa.audit import nifti_text_fields
 from khe_vol.qa.leaks import DATE_RE
 from khe_vol.series import measure_series
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
-from tests.dicom_phantom import (
+from khe_vol.synthetic.dicom import (
     PATIENT,
     SeriesInfo,
     StudyInfo,
@@ -309,3 +309,21 @@ def test_leak_scan_of_the_files_about_to_be_written():
     for text in (f'{{"InstitutionName": "{PATIENT["InstitutionName"]}"}}', '{"AcquisitionDateTime": "2024-02-12"}',
                  f'{{"Note": "{StudyInfo("leak").study_instance_uid}"}}'):
         assert leaks({"T2w.json": text.encode()}, identifying), text
+
+
+def test_dicom_demo_is_the_readme_worked_example(tmp_path, monkeypatch, capsys):
+    """`khe-vol demo DIR --dicom` then the README's commands, from DIR: every study converts, check is clean."""
+    demo = tmp_path / "dicom_demo"
+    assert main(["demo", str(demo), "--dicom"]) == 0
+    first = {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()}
+    assert main(["demo", str(demo), "--dicom"]) == 0
+    assert {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()} == first  # the same bytes
+    monkeypatch.chdir(demo)
+    assert main(["import", "site_export/", "--out", "study/imaging", "--visits", "visits.tsv",
+                 "--config", "study.yaml"]) == 0, capsys.readouterr().out
+    assert "4 of 4 studies converted" in capsys.readouterr().out
+    assert main(["check", "study.yaml"]) == 0
+    rows = read_tsv(demo / "study" / "dicom_uids.tsv")
+    assert [(r["participant_id"], r["session_id"]) for r in rows] == [
+        ("sub-01", "ses-baseline"), ("sub-01", "ses-m06"), ("sub-02", "ses-baseline"), ("sub-02", "ses-m06")]
+    assert [len(json.loads(r["dicom_files"])) for r in rows] == [20, 20, 1, 1]  # single-frame; enhanced
