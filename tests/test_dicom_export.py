@@ -35,6 +35,17 @@ def lesion(shape, affine, centre_ras_mm, radius_mm=6.0):
     return inside.reshape(shape).astype(np.uint8)
 
 
+def result_tables(results):
+    """export.tsv, volumes.tsv and response.tsv of a run, each by (participant_id, session_id)."""
+    import csv
+
+    tables = []
+    for name in ("dicom/export.tsv", "volumes.tsv", "response.tsv"):
+        with open(results / name, newline="") as fh:
+            tables.append({(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")})
+    return tuple(tables)
+
+
 def centre_ras(shape, affine):
     return (affine @ np.array([*(np.asarray(shape) - 1) / 2, 1.0]))[:3]
 
@@ -247,7 +258,6 @@ def test_dicom_export_true_needs_the_uid_map(tmp_path):
 @pytest.mark.slow
 def test_workflow_writes_seg_and_sr_that_match_the_tables(tmp_path):
     """A real Snakemake run with dicom_export on a study whose NIfTI came from DICOM the test wrote."""
-    import csv
     import json
 
     import nibabel as nib
@@ -281,11 +291,7 @@ def test_workflow_writes_seg_and_sr_that_match_the_tables(tmp_path):
     run_snakemake(root / "work", config_path)
     results = root / "results"
 
-    def table(path):
-        with open(path, newline="") as fh:
-            return {(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")}
-
-    export, volumes, response = (table(results / name) for name in ("dicom/export.tsv", "volumes.tsv", "response.tsv"))
+    export, volumes, response = result_tables(results)
     assert export[("sub-02", "ses-m12")]["status"] == "not_exported"
     assert "uid map" in export[("sub-02", "ses-m12")]["message"]
     exported = [key for key, row in export.items() if row["status"] == "exported"]
@@ -363,14 +369,12 @@ def test_khe_vol_import_then_the_workflow_exports_onto_the_original_dicom(tmp_pa
     each SEG references the original series and instances and gives the derivative mask back exactly
     on its grid; each SR holds the volume of volumes.tsv and the follow-up's category of response.tsv.
     """
-    import csv
-
     import nibabel as nib
     import yaml
 
     from khe_vol.cli import main
     from khe_vol.synthetic.seeds import reader_seeds_ras_mm
-    from tests.dicom_phantom import (StudyInfo, SeriesInfo, small_phantom, stored_values, write_enhanced_series,
+    from khe_vol.synthetic.dicom import (StudyInfo, SeriesInfo, small_phantom, stored_values, write_enhanced_series,
                                      write_single_frame_series)
     from tests.test_workflow import run_snakemake
 
@@ -400,11 +404,7 @@ def test_khe_vol_import_then_the_workflow_exports_onto_the_original_dicom(tmp_pa
     run_snakemake(tmp_path / "work", config)
     results = tmp_path / "results"
 
-    def table(path):
-        with open(path, newline="") as fh:
-            return {(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")}
-
-    export, volumes, response = (table(results / n) for n in ("dicom/export.tsv", "volumes.tsv", "response.tsv"))
+    export, volumes, response = result_tables(results)
     for ses, study in studies.items():
         key = ("sub-01", f"ses-{ses}")
         assert export[key]["status"] == "exported" and export[key]["algorithm_type"] == AUTOMATIC, export[key]
