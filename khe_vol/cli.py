@@ -19,7 +19,12 @@ def _cmd_demo(args):
 
     out = Path(args.out_dir)
     with tempfile.TemporaryDirectory(prefix=".khe-vol-demo-", dir=out.parent if out.parent.exists() else None) as tmp:
-        write_demo_cohort(tmp, n_participants=args.participants, rng_seed=args.seed)
+        if args.dicom:
+            from khe_vol.synthetic.dicom import write_dicom_demo
+
+            write_dicom_demo(tmp, rng_seed=args.seed)
+        else:
+            write_demo_cohort(tmp, n_participants=args.participants, rng_seed=args.seed)
         # Copy only what changed, so a second run leaves mtimes alone and
         # Snakemake sees nothing to redo.
         for src in sorted(Path(tmp).rglob("*")):
@@ -30,7 +35,11 @@ def _cmd_demo(args):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-    print(f"demo cohort in {out}/ (imaging/, seeds.tsv, allocation.tsv, truth.tsv, truth/)")
+    if args.dicom:
+        print(f"DICOM demo in {out}/ (site_export/, visits.tsv, seeds.tsv, study.yaml, truth.tsv): from there, "
+              "khe-vol import site_export/ --out study/imaging --visits visits.tsv --config study.yaml")
+    else:
+        print(f"demo cohort in {out}/ (imaging/, seeds.tsv, allocation.tsv, truth.tsv, truth/)")
     return 0
 
 
@@ -660,6 +669,9 @@ def build_parser():
     p.add_argument("out_dir", nargs="?", default="demo")
     p.add_argument("--participants", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
+    p.add_argument("--dicom", action="store_true",
+                   help="write a small DICOM site export instead (site_export/, visits.tsv, seeds.tsv, study.yaml): "
+                        "the README's worked example of khe-vol import and DICOM export")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check", help="report every problem in a study folder at once, before a run")

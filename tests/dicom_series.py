@@ -5,8 +5,8 @@ instances or as one legacy-converted enhanced multi-frame MR instance, with
 frames taken along any array axis and in either direction, so a test can make
 a series whose DICOM frame order differs from the NIfTI's array axes, oblique
 or not. Every UID is derived from ``name`` (same bytes on every call).
-(imp16's ``tests/dicom_phantom.py`` is the import side's writer; this one only
-needs to be a faithful DICOM of a given grid.)
+(``khe_vol.synthetic.dicom`` is the import side's writer, of phantoms as a scanner exports them;
+this one only needs to be a faithful DICOM of a given grid.)
 """
 
 from __future__ import annotations

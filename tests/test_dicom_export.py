@@ -10,6 +10,8 @@ from pydicom.sr.codedict import codes
 import highdicom as hd
 from khe_vol.dicom.export import (
     AUTOMATIC,
+    CATEGORY_MEANINGS,
+    DEVICE_OBSERVER_UID,
     MANUAL,
     SEMIAUTOMATIC,
     ExportError,
@@ -31,6 +33,17 @@ def lesion(shape, affine, centre_ras_mm, radius_mm=6.0):
     inside = np.linalg.norm(xyz - centre_ras_mm, axis=1) < radius_mm
     inside |= np.linalg.norm(xyz - centre_ras_mm - [4.0, 3.0, 0.0], axis=1) < radius_mm / 2
     return inside.reshape(shape).astype(np.uint8)
+
+
+def result_tables(results):
+    """export.tsv, volumes.tsv and response.tsv of a run, each by (participant_id, session_id)."""
+    import csv
+
+    tables = []
+    for name in ("dicom/export.tsv", "volumes.tsv", "response.tsv"):
+        with open(results / name, newline="") as fh:
+            tables.append({(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")})
+    return tuple(tables)
 
 
 def centre_ras(shape, affine):
@@ -82,7 +95,8 @@ def seg_on_nifti_grid(seg_path, shape, affine):
 def test_seg_round_trip_gives_the_mask_back_exactly(tmp_path, name):
     source, affine = write_case(tmp_path, name)
     mask = lesion(SHAPE, affine, centre_ras(SHAPE, affine))
-    seg = segmentation_dataset(source, mask, affine, AUTOMATIC, "sub-01", "ses-m06", 6)
+    seg = segmentation_dataset(source, mask, affine, AUTOMATIC, "sub-01", "ses-m06", 6,
+                               {"sponsor_name": "KHE consortium", "protocol_id": "KHE-01"})
     path = tmp_path / "seg.dcm"
     path.write_bytes(dataset_bytes(seg))
     back, placed = seg_on_nifti_grid(path, SHAPE, affine)
@@ -90,6 +104,11 @@ def test_seg_round_trip_gives_the_mask_back_exactly(tmp_path, name):
     assert np.array_equal(placed, mask)
     # It references the source series and shares its frame of reference.
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in back.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in source}
+    derived_from = {s.ReferencedSOPInstanceUID for f in back.PerFrameFunctionalGroupsSequence
+                    for d in f.DerivationImageSequence for s in d.SourceImageSequence}
+    assert derived_from <= {ds.SOPInstanceUID for ds in source} and derived_from
     assert back.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     assert back.StudyInstanceUID == source[0].StudyInstanceUID
     desc = back.SegmentSequence[0]
@@ -199,6 +218,33 @@ def test_sr_holds_volume_diameter_category_and_references_the_seg(tmp_path):
     assert back.ClinicalTrialTimePointID == "m12"
     texts = [str(i.get("TextValue", "")) for i in items]
     assert "m12" in texts  # the time point context
+    # TID 1001: the observer (none is inherited) is khe-vol as a device; the private scheme is declared.
+    by_name = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in items if "ConceptNameCodeSequence" in i}
+    assert by_name["Observer Type"].ConceptCodeSequence[0].CodeValue == codes.DCM.Device.value
+    assert by_name["Device Observer UID"].UID == DEVICE_OBSERVER_UID
+    assert [s.CodingSchemeDesignator for s in back.CodingSchemeIdentificationSequence] == ["99KHEVOL"]
+
+
+TRIAL_SUBJECT = ("ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+                 "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID")
+
+
+@pytest.mark.parametrize("trial", [{"sponsor_name": "KHE consortium", "protocol_id": "KHE-01", "site_id": "03"}, None])
+def test_clinical_trial_attributes_are_complete_or_left_out(tmp_path, trial):
+    """The time point is always there; the subject module only with its Type 1 sponsor and protocol id."""
+    source, affine = write_case(tmp_path, "oblique")
+    seg = segmentation_dataset(source, lesion(SHAPE, affine, centre_ras(SHAPE, affine)), affine, AUTOMATIC,
+                               "sub-01", "ses-m06", 6, trial)
+    sr = sr_dataset(seg, source, "1.5", "20.0", "sub-01", "ses-m06", 6, category="growth", trial=trial)
+    for ds in (seg, sr):
+        back = pydicom.dcmread(__import__("io").BytesIO(dataset_bytes(ds)))
+        assert (back.ClinicalTrialTimePointID, back.ClinicalTrialTimePointDescription) == ("m06", "month 6")
+        if trial:
+            assert (back.ClinicalTrialSponsorName, back.ClinicalTrialProtocolID, back.ClinicalTrialSiteID,
+                    back.ClinicalTrialSubjectID) == ("KHE consortium", "KHE-01", "03", "01")
+            assert "ClinicalTrialProtocolName" in back and "ClinicalTrialSiteName" in back  # Type 2: present
+        else:  # never an empty Type 1 sponsor / protocol id
+            assert not [k for k in TRIAL_SUBJECT if k in back]
 
 
 def test_dicom_export_true_needs_the_uid_map(tmp_path):
@@ -212,7 +258,6 @@ def test_dicom_export_true_needs_the_uid_map(tmp_path):
 @pytest.mark.slow
 def test_workflow_writes_seg_and_sr_that_match_the_tables(tmp_path):
     """A real Snakemake run with dicom_export on a study whose NIfTI came from DICOM the test wrote."""
-    import csv
     import json
 
     import nibabel as nib
@@ -246,11 +291,7 @@ def test_workflow_writes_seg_and_sr_that_match_the_tables(tmp_path):
     run_snakemake(root / "work", config_path)
     results = root / "results"
 
-    def table(path):
-        with open(path, newline="") as fh:
-            return {(r["participant_id"], r["session_id"]): r for r in csv.DictReader(fh, delimiter="\t")}
-
-    export, volumes, response = (table(results / name) for name in ("dicom/export.tsv", "volumes.tsv", "response.tsv"))
+    export, volumes, response = result_tables(results)
     assert export[("sub-02", "ses-m12")]["status"] == "not_exported"
     assert "uid map" in export[("sub-02", "ses-m12")]["message"]
     exported = [key for key, row in export.items() if row["status"] == "exported"]
@@ -318,3 +359,71 @@ def test_a_uid_map_row_for_another_series_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not 1.2.3.4"):
         export_series(record, volume_row, None, row, tmp_path / "imaging", tmp_path / "derivatives")
     assert json.loads(row["dicom_files"]) == files
+
+
+@pytest.mark.slow
+def test_khe_vol_import_then_the_workflow_exports_onto_the_original_dicom(tmp_path, capsys):
+    """The contract between import and export: the uid map `khe-vol import` writes, then a real Snakemake run.
+
+    A baseline as single-frame files (axial LPS, oblique) and a follow-up as one enhanced multi-frame file:
+    each SEG references the original series and instances and gives the derivative mask back exactly
+    on its grid; each SR holds the volume of volumes.tsv and the follow-up's category of response.tsv.
+    """
+    import nibabel as nib
+    import yaml
+
+    from khe_vol.cli import main
+    from khe_vol.synthetic.seeds import reader_seeds_ras_mm
+    from khe_vol.synthetic.dicom import (StudyInfo, SeriesInfo, small_phantom, stored_values, write_enhanced_series,
+                                     write_single_frame_series)
+    from tests.test_workflow import run_snakemake
+
+    t2 = SeriesInfo()
+    studies = {}
+    for ses, orientation, enhanced, volume_ml, date in (("baseline", "axial_lps", False, 10.0, "20240110"),
+                                                        ("m06", "axial_ras", True, 6.0, "20240712")):
+        ph = small_phantom(rng_seed=1, orientation=orientation, oblique_deg=12.0, lesion_volume_ml=volume_ml)
+        stored, slope, intercept = stored_values(ph.image)
+        study = studies[ses] = StudyInfo(f"exp{ses}", study_date=date, accession_number=f"ACC{ses.upper()}")
+        writer = write_enhanced_series if enhanced else write_single_frame_series
+        writer(tmp_path / "site" / ses, stored, ph.affine, slope, intercept, study, t2)
+        if ses == "baseline":
+            seed = reader_seeds_ras_mm(ph.truth_mask, ph.affine, np.random.default_rng(5))[0]
+    (tmp_path / "visits.tsv").write_text("participant_id\tsession_id\taccession_number\n"
+                                         + "".join(f"01\t{ses}\t{s.accession_number}\n" for ses, s in studies.items()))
+    (tmp_path / "seeds.tsv").write_text("participant_id\tx\ty\tz\nsub-01\t" + "\t".join(f"{v:.2f}" for v in seed) + "\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "imaging_dir": str(tmp_path / "study/imaging"), "seeds": str(tmp_path / "seeds.tsv"),
+        "sessions": {"baseline": 0, "m06": 6}, "results_dir": str(tmp_path / "results"), "dicom_export": True,
+        "dicom_uid_map": str(tmp_path / "study/dicom_uids.tsv"),
+        "dicom_trial": {"sponsor_name": "KHE consortium", "protocol_id": "KHE-01"}}))
+    assert main(["import", str(tmp_path / "site"), "--out", str(tmp_path / "study/imaging"),
+                 "--visits", str(tmp_path / "visits.tsv"), "--config", str(config)]) == 0, capsys.readouterr()
+
+    run_snakemake(tmp_path / "work", config)
+    results = tmp_path / "results"
+
+    export, volumes, response = result_tables(results)
+    for ses, study in studies.items():
+        key = ("sub-01", f"ses-{ses}")
+        assert export[key]["status"] == "exported" and export[key]["algorithm_type"] == AUTOMATIC, export[key]
+        originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((tmp_path / "site" / ses).iterdir())]
+        derivative = nib.load(results / f"derivatives/sub-01/ses-{ses}/anat/sub-01_ses-{ses}_label-lesion_mask.nii.gz")
+        seg, placed = seg_on_nifti_grid(results / f"dicom/sub-01/ses-{ses}/seg.dcm", derivative.shape,
+                                        derivative.affine)
+        assert placed.any() and np.array_equal(placed, np.asarray(derivative.dataobj))
+        referenced = seg.ReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == t2.series_instance_uid(study) == originals[0].SeriesInstanceUID
+        assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+            ds.SOPInstanceUID for ds in originals}
+        assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (study.study_instance_uid,
+                                                                   originals[0].FrameOfReferenceUID)
+        assert seg.ClinicalTrialTimePointID == ses and seg.ClinicalTrialSubjectID == "01"
+        group = hd.sr.srread(results / f"dicom/sub-01/ses-{ses}/sr.dcm").content \
+            .get_volumetric_roi_measurement_groups()[0]
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        assert float(volume[0].MeasuredValueSequence[0].NumericValue) == float(volumes[key]["volume_ml"]) > 0
+        evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+        assert evaluations.get("response_vs_baseline") == response.get(key, {}).get("category")
+    assert response[("sub-01", "ses-m06")]["category"] in CATEGORY_MEANINGS

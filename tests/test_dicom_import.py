@@ -1,6 +1,6 @@
 """`khe-vol import`: DICOM written from phantoms (single-frame, enhanced multi-frame, oblique, LPS) into imaging_dir.
 
-Each test writes its own DICOM (tests/dicom_phantom.py), runs the real command (dcm2niix from
+Each test writes its own DICOM (khe_vol/synthetic/dicom.py), runs the real command (dcm2niix from
 the PyPI package) and checks the files it wrote.
 """
 
@@ -15,6 +15,7 @@ from scipy.ndimage import binary_dilation
 from khe_vol.check import check_study
 from khe_vol.cli import main
 from khe_vol.config import load_config
+from khe_vol.dicom.series import scan_folder
 from khe_vol.files import read_tsv
 from khe_vol.geometry import voxel_volume_mm3
 from khe_vol.nifti import load_series
@@ -22,7 +23,8 @@ from khe_vol.qa.audit import nifti_text_fields
 from khe_vol.qa.leaks import DATE_RE
 from khe_vol.series import measure_series
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
-from tests.dicom_phantom import (
+from khe_vol.synthetic.dicom import (
+    PATIENT,
     SeriesInfo,
     StudyInfo,
     direct_nifti,
@@ -159,6 +161,11 @@ def test_uid_map_report_and_no_identifier_under_imaging_dir(tmp_path, phantom, c
     assert "EchoTime" in json.loads((tmp_path / "study/imaging/sub-07/ses-m06/anat/sub-07_ses-m06_T2w.json")
                                     .read_text())
 
+    # Every identifying attribute the phantoms write is one the import looks for (the leak scan's list);
+    # the single-frame files hold them all (highdicom's enhanced conversion drops a few).
+    single = [s for s in scan_folder(tmp_path / "dicom")[0] if not s.multiframe]
+    assert len(single) == 2 and all(
+        {str(v) for k, v in base.patient.items() if k != "PatientSex"} <= s.identifying for s in single)
     forbidden = identifying_strings([base, follow], [T2, T1])
     files = sorted(p for p in (tmp_path / "study" / "imaging").rglob("*") if p.is_file())
     assert len(files) == 4
@@ -250,16 +257,20 @@ def test_month_window(tmp_path, phantom, capsys):
     assert "3.1 months after sub-01's first study, within 1.5 months of no session" in out
 
 
-@pytest.mark.parametrize("faults, words", [
+FAULTS = [
     ({"drop_slices": (6,)}, "missing slices"),
     ({"move_slices_mm": {6: 0.6}}, "varying slice spacing"),
     ({"shift_in_plane_mm_per_slice": 0.8}, "gantry tilt"),
     ({"other_orientation_slices": (4,)}, "mixed series"),
-])
-def test_series_problems_are_reported_and_the_rest_converts(tmp_path, phantom, faults, words, capsys):
+]
+
+
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single-frame", "enhanced multi-frame"])
+@pytest.mark.parametrize("faults, words", FAULTS, ids=[w for _, w in FAULTS])
+def test_series_problems_are_reported_and_the_rest_converts(tmp_path, phantom, faults, words, enhanced, capsys):
     bad, good = StudyInfo("bad"), StudyInfo("good", study_date="20240303", accession_number="G1")
-    write_study(tmp_path / "dicom" / "bad", phantom, bad, **faults)
-    write_study(tmp_path / "dicom" / "good", phantom, good)
+    write_study(tmp_path / "dicom" / "bad", phantom, bad, enhanced=enhanced, **faults)
+    write_study(tmp_path / "dicom" / "good", phantom, good, enhanced=not enhanced)
     visits_by_uid(tmp_path / "visits.tsv", [("01", "baseline", bad), ("02", "baseline", good)])
     assert run_import(tmp_path) == 1
     out = capsys.readouterr().out
@@ -284,3 +295,41 @@ def test_uid_map_inside_imaging_dir_is_refused(tmp_path, phantom, capsys):
     assert run_import(tmp_path, "--uid-map", tmp_path / "study" / "imaging" / "uids.tsv") == 2
     assert "outside the imaging folder" in capsys.readouterr().err
     assert not (tmp_path / "study" / "imaging").exists()
+
+
+def test_leak_scan_of_the_files_about_to_be_written():
+    """The import's last guard, with the leak audit's matching: any identifier or date in the NIfTI or the sidecar."""
+    import nibabel as nib
+
+    from khe_vol.dicom.importer import deidentified_payloads, leaks
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    img = nib.Nifti1Image.from_bytes(img.to_bytes())  # as the import holds dcm2niix's file
+    identifying = identifying_strings([StudyInfo("leak")], [T2])
+    nifti, side = deidentified_payloads(img, {"EchoTime": 0.092, "InstitutionName": PATIENT["InstitutionName"],
+                                              "AcquisitionDateTime": "2024-02-12T10:15:00"})
+    assert leaks({"T2w.nii.gz": nifti, "T2w.json": side}, identifying) == []  # filtered and blanked
+    img.header["descrip"] = b"Quixote TE=92"
+    raw = gzip.compress(img.to_bytes(), mtime=0)
+    assert any("Quixote" in line for line in leaks({"T2w.nii.gz": raw}, identifying))
+    for text in (f'{{"InstitutionName": "{PATIENT["InstitutionName"]}"}}', '{"AcquisitionDateTime": "2024-02-12"}',
+                 f'{{"Note": "{StudyInfo("leak").study_instance_uid}"}}'):
+        assert leaks({"T2w.json": text.encode()}, identifying), text
+
+
+def test_dicom_demo_is_the_readme_worked_example(tmp_path, monkeypatch, capsys):
+    """`khe-vol demo DIR --dicom` then the README's commands, from DIR: every study converts, check is clean."""
+    demo = tmp_path / "dicom_demo"
+    assert main(["demo", str(demo), "--dicom"]) == 0
+    first = {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()}
+    assert main(["demo", str(demo), "--dicom"]) == 0
+    assert {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()} == first  # the same bytes
+    monkeypatch.chdir(demo)
+    assert main(["import", "site_export/", "--out", "study/imaging", "--visits", "visits.tsv",
+                 "--config", "study.yaml"]) == 0, capsys.readouterr().out
+    assert "4 of 4 studies converted" in capsys.readouterr().out
+    assert main(["check", "study.yaml"]) == 0
+    rows = read_tsv(demo / "study" / "dicom_uids.tsv")
+    assert [(r["participant_id"], r["session_id"]) for r in rows] == [
+        ("sub-01", "ses-baseline"), ("sub-01", "ses-m06"), ("sub-02", "ses-baseline"), ("sub-02", "ses-m06")]
+    assert [len(json.loads(r["dicom_files"])) for r in rows] == [20, 20, 1, 1]  # single-frame; enhanced

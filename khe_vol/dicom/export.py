@@ -23,7 +23,10 @@ result over the site's own images:
 * **Clinical trial attributes**: ClinicalTrialSubjectID = the participant
   label (without ``sub-``), ClinicalTrialTimePointID = the session label
   (e.g. ``m06``), ClinicalTrialTimePointDescription = "month 6" ("baseline
-  (month 0)"); sponsor, protocol and site from the config's ``dicom_trial``.
+  (month 0)"); sponsor, protocol and site from the config's ``dicom_trial``, else
+  the source's. Without a sponsor and a protocol id (Type 1) the Clinical Trial
+  Subject module (sponsor, protocol, site, subject id) is left out; the time
+  point (Clinical Trial Study module) is always written.
 * **SR** (:func:`sr_dataset`): Comprehensive 3D SR, TID 1500 measurement
   report with one volumetric group referencing the SEG's segment: volume (mL,
   UCUM ``ml``, SCT 118565006, method DCM 126030 "Sum of segmented voxel
@@ -32,7 +35,8 @@ result over the site's own images:
   baseline as a qualitative evaluation coded in the private scheme
   ``99KHEVOL`` (no standard code exists for the KHE categories; codes are
   the ``response.tsv`` category names) plus whether it needs review (SCT
-  Yes/No, reasons in ``99KHEVOL``).
+  Yes/No, reasons in ``99KHEVOL``, declared in CodingSchemeIdentificationSequence).
+  The observer is khe-vol as a device (TID 1002/1004, :data:`DEVICE_OBSERVER_UID`).
 * **Reproducible bytes**: every UID the export creates is
   ``2.25.<decimal of 128 bits of SHA-256>`` (the ISO/IEC 9834-8 UUID root) of
   the source SeriesInstanceUID, the mask's SHA-256 and what the UID is for
@@ -97,6 +101,10 @@ def derived_uid(*parts):
     """
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+#: Device Observer UID of khe-vol in every SR (TID 1004): the same on every run and machine.
+DEVICE_OBSERVER_UID = derived_uid("khe-vol", "device observer")
 
 
 def algorithm_type(record):
@@ -300,6 +308,13 @@ def mask_on_source_frames(mask, mask_affine, frames, where="source series",
 # ---------------------------------------------------------------- SEG
 
 
+#: Config ``dicom_trial`` keys -> the Clinical Trial Subject module's attributes.
+TRIAL_SUBJECT_KEYWORDS = {
+    "sponsor_name": "ClinicalTrialSponsorName", "protocol_id": "ClinicalTrialProtocolID",
+    "protocol_name": "ClinicalTrialProtocolName", "site_id": "ClinicalTrialSiteID", "site_name": "ClinicalTrialSiteName",
+}
+
+
 def _source_date_time(ds):
     date = ds.get("SeriesDate") or ds.get("StudyDate") or ""
     time = ds.get("SeriesTime") or ds.get("StudyTime") or ""
@@ -324,12 +339,19 @@ def _set_trial_and_dates(ds, source, participant_id, session_id, month, trial):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = date + time
     trial = dict(trial or {})
-    ds.ClinicalTrialSponsorName = trial.get("sponsor_name") or source.get("ClinicalTrialSponsorName", "")
-    ds.ClinicalTrialProtocolID = trial.get("protocol_id") or source.get("ClinicalTrialProtocolID", "")
-    ds.ClinicalTrialProtocolName = trial.get("protocol_name") or source.get("ClinicalTrialProtocolName", "")
-    ds.ClinicalTrialSiteID = trial.get("site_id") or source.get("ClinicalTrialSiteID", "")
-    ds.ClinicalTrialSiteName = trial.get("site_name") or source.get("ClinicalTrialSiteName", "")
-    ds.ClinicalTrialSubjectID = str(participant_id).removeprefix("sub-")
+    subject = {keyword: str(trial.get(key) or source.get(keyword, "") or "")
+               for key, keyword in TRIAL_SUBJECT_KEYWORDS.items()}
+    # The Clinical Trial Subject module needs a sponsor and a protocol id (Type 1): without
+    # both (neither in dicom_trial nor in the source) it is left out, never written empty.
+    if subject["ClinicalTrialSponsorName"] and subject["ClinicalTrialProtocolID"]:
+        for keyword, value in subject.items():
+            setattr(ds, keyword, value)
+        ds.ClinicalTrialSubjectID = str(participant_id).removeprefix("sub-")
+    else:
+        for keyword in (*subject, "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID"):
+            if keyword in ds:
+                del ds[keyword]
+    # The Clinical Trial Study module (the time point) stands on its own.
     ds.ClinicalTrialTimePointID = str(session_id).removeprefix("ses-")
     ds.ClinicalTrialTimePointDescription = time_point_description(session_id, month)
 
@@ -462,6 +484,7 @@ def sr_dataset(seg, source_datasets, volume_ml, max_diameter_mm, participant_id,
     highdicom.sr.Comprehensive3DSR
     """
     import highdicom as hd
+    import pydicom
     from pydicom.sr.codedict import codes
 
     seed = f"{seg.SOPInstanceUID}|sr"
@@ -517,7 +540,12 @@ def sr_dataset(seg, source_datasets, volume_ml, max_diameter_mm, participant_id,
         qualitative_evaluations=evaluations,
     )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(),
+        # TID 1001 needs an observer when none is inherited: khe-vol, a device (TID 1004).
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=DEVICE_OBSERVER_UID, name="khe-vol", manufacturer_name="khe-vol", model_name=__version__),
+        )),
         procedure_reported=codes.cid100.MRIUnspecifiedBodyRegion,
         imaging_measurements=[group],
     )
@@ -533,6 +561,11 @@ def sr_dataset(seg, source_datasets, volume_ml, max_diameter_mm, participant_id,
         is_complete=True,
     )
     _set_trial_and_dates(sr, source_datasets[0], participant_id, session_id, month, trial)
+    scheme = pydicom.Dataset()  # the private scheme, declared (PS3.3 C.12.1.1.3.1)
+    scheme.CodingSchemeDesignator = CODING_SCHEME
+    scheme.CodingSchemeName = "khe-vol volumetric response categories and review reasons"
+    scheme.CodingSchemeResponsibleOrganization = "khe-vol"
+    sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
 
 

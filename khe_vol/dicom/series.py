@@ -133,7 +133,9 @@ def _frames(ds, rel):
 
 #: Attributes whose values identify the patient, the visit or the site: they must never reach imaging_dir.
 IDENTIFYING_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "StudyDate", "SeriesDate",
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID",
+    "RequestingPhysician", "PhysiciansOfRecord", "StudyDate", "SeriesDate",
     "AcquisitionDate", "ContentDate", "AccessionNumber", "InstitutionName", "InstitutionAddress",
     "InstitutionalDepartmentName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
     "StationName", "DeviceSerialNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",

@@ -53,6 +53,8 @@ Modules, in the order a phantom is made:
   ``render_labels`` (the tissue of every voxel, to check where a segmentation went);
 - :mod:`~khe_vol.synthetic.seeds`: seeds as a reader places them;
 - :mod:`~khe_vol.synthetic.demo`: the demo study on disk (``write_demo_cohort``) and ``nifti_gz_bytes``.
+- :mod:`~khe_vol.synthetic.dicom`: phantom series as a scanner's DICOM (single-frame or enhanced
+  multi-frame, with identifiers and deliberate faults) and the DICOM demo (``write_dicom_demo``).
 
 Everything is a pure function of its arguments; randomness comes only from
 ``numpy.random.default_rng`` seeded with integers the caller passes.

@@ -16,7 +16,7 @@ from khe_vol.segmentation.seeded import segment_from_seed
 from khe_vol.segmentation.track import track_followup
 from khe_vol.series import measure_series
 from khe_vol.synthetic.seeds import reader_seeds_ras_mm
-from tests.dicom_phantom import small_phantom
+from khe_vol.synthetic.dicom import small_phantom
 
 
 def flipped(data, affine, axis):

@@ -1,4 +1,4 @@
-"""DICOM written by the tests themselves: the project's phantoms as a scanner would export them.
+"""Phantom series as a scanner would export them: DICOM for the import tests and the DICOM demo.
 
 A phantom series (``khe_vol.synthetic``: an image on a RAS+ grid) becomes
 
@@ -10,6 +10,8 @@ A phantom series (``khe_vol.synthetic``: an image on a RAS+ grid) becomes
 
 Identifying attributes (:data:`PATIENT`, a study's date, accession number, institution and
 every UID) are set to values a leak scan can look for (:func:`identifying_strings`).
+:func:`write_dicom_demo` writes a small site export with its visits table, seeds and config
+(``khe-vol demo DIR --dicom``: the README's worked example of import and export).
 Deliberate faults for the import's checks: dropped slices (missing slices), moved slices
 (varying spacing), slices shifted in plane (a gantry tilt) and a slice of another orientation
 (a mixed series), by keyword arguments. Stored values are int16 with RescaleSlope /
@@ -19,7 +21,7 @@ values (:func:`direct_nifti`) holds exactly the intensities the DICOM files hold
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -40,6 +42,14 @@ PATIENT = {
     "PatientID": "PATQX4711",
     "PatientBirthDate": "20230105",
     "PatientSex": "F",
+    "OtherPatientNames": "Panza^Teresa",
+    "PatientBirthName": "Aldonza^Lorenzo",
+    "PatientMotherBirthName": "Nogales^Francisca",
+    "PatientAddress": "Calle Ficticia 12, Toboso",
+    "PatientTelephoneNumbers": "+34 555 0199",
+    "IssuerOfPatientID": "SECH-MRN",
+    "RequestingPhysician": "Carrasco^Sanson",
+    "PhysiciansOfRecord": "Perez^Pero",
     "InstitutionName": "Sanctum Elsewhere Childrens Hospital",
     "InstitutionAddress": "Rue Imaginaire 7, Nowhereville",
     "ReferringPhysicianName": "Faustus^Johann",
@@ -275,11 +285,41 @@ def write_enhanced_series(folder, stored, affine, slope, intercept, study, serie
     enhanced = LegacyConvertedEnhancedMRImage(
         frames, series_instance_uid=series.series_instance_uid(study), series_number=series.number,
         sop_instance_uid=uid("enhanced", study.key, series.number), instance_number=1)
+    _fix_converter_variables(enhanced, study, series)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"EMR{series.number:02d}.dcm"
     enhanced.save_as(path, enforce_file_format=True)
     return [path]
+
+
+def _fix_converter_variables(ds, study, series):
+    """What highdicom's converter takes from the clock, a random UID or a set, made a function of the study.
+
+    So the same arguments write the same bytes.
+    """
+    time = "101500"
+    for keyword in ("InstanceCreationDate", "ContentDate"):
+        if keyword in ds:
+            setattr(ds, keyword, study.study_date)
+    for keyword in ("InstanceCreationTime", "ContentTime"):
+        if keyword in ds:
+            setattr(ds, keyword, time)
+
+    def walk(item):
+        for element in item:
+            if element.VR != "SQ":
+                continue
+            if element.keyword == "ReferencedInstanceSequence":
+                element.value = sorted(element.value, key=lambda i: str(i.ReferencedSOPInstanceUID))
+            for child in element.value:
+                if "ContributionDateTime" in child:
+                    child.ContributionDateTime = study.study_date + time
+                if "DimensionOrganizationUID" in child:
+                    child.DimensionOrganizationUID = uid("dimension", study.key, series.number)
+                walk(child)
+
+    walk(ds)
 
 
 def identifying_strings(studies, series_list=()):
@@ -305,11 +345,66 @@ def identifying_strings(studies, series_list=()):
     return sorted(out)
 
 
-def read_back(path):
-    """The dataset of a written file (for tests that check what was written)."""
-    return pydicom.dcmread(path)
+#: The DICOM demo: (participant, storage, orientation, oblique degrees) and its visits
+#: (session, lesion mL, study date). Participant 01's series are single-frame files, 02's one
+#: enhanced multi-frame file each; every study also holds a T1 series the T2 rule leaves out.
+DICOM_DEMO_PARTICIPANTS = (("01", "single-frame", "axial_lps", 12.0), ("02", "enhanced", "axial_ras", 15.0))
+DICOM_DEMO_VISITS = (("baseline", 20.0, "20240110"), ("m06", 12.0, "20240712"))
+
+
+def write_dicom_demo(out_dir, rng_seed=0):
+    """Write a small site export and what a study needs to import it and export DICOM back.
+
+    Layout under ``out_dir``::
+
+        site_export/P<nn>/<visit>/*.dcm   the T2 (and a T1) of each visit, as a scanner exports them
+        visits.tsv   participant_id session_id accession_number
+        seeds.tsv    baseline seeds (scanner RAS+ mm, where a reader clicks)
+        study.yaml   imaging_dir study/imaging, seeds, sessions, dicom_export with the uid map
+                     study/dicom_uids.tsv (paths relative to ``out_dir``: run from there)
+        truth.tsv    participant_id session_id true_volume_ml
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+    """
+    import yaml
+
+    from khe_vol.files import atomic_write_text
+    from khe_vol.synthetic.seeds import reader_seeds_ras_mm
+
+    out = Path(out_dir)
+    t2 = SeriesInfo()
+    t1 = SeriesInfo(number=2, description="t1_tse_tra", echo_time_ms=12.0, repetition_time_ms=550.0)
+    visits, seeds = ["participant_id\tsession_id\taccession_number"], ["participant_id\tx\ty\tz"]
+    truth = ["participant_id\tsession_id\ttrue_volume_ml"]
+    for pid, storage, orientation, oblique in DICOM_DEMO_PARTICIPANTS:
+        for ses, volume_ml, date in DICOM_DEMO_VISITS:
+            ph = small_phantom(rng_seed=rng_seed + int(pid), orientation=orientation, oblique_deg=oblique,
+                               shape=(96, 96, 20), voxel_mm=(1.0, 1.0, 3.0), lesion_volume_ml=volume_ml)
+            stored, slope, intercept = stored_values(ph.image)
+            accession = f"ACC{pid}{ses.upper()}"
+            study = StudyInfo(f"demo{rng_seed}-{pid}-{ses}", study_date=date, accession_number=accession,
+                              patient={**PATIENT, "PatientID": f"PATQX47{pid}"})
+            folder = out / "site_export" / f"P{pid}" / ses
+            writer = write_enhanced_series if storage == "enhanced" else write_single_frame_series
+            writer(folder, stored, ph.affine, slope, intercept, study, t2)
+            write_single_frame_series(folder, stored, ph.affine, slope, intercept, study, t1)
+            visits.append(f"{pid}\t{ses}\t{accession}")
+            truth.append(f"sub-{pid}\tses-{ses}\t{ph.true_volume_ml:.6f}")
+            if ses == "baseline":
+                seed = reader_seeds_ras_mm(ph.truth_mask, ph.affine, np.random.default_rng(rng_seed + 5))[0]
+                seeds.append(f"sub-{pid}\t" + "\t".join(f"{v:.2f}" for v in seed))
+    for name, rows in (("visits.tsv", visits), ("seeds.tsv", seeds), ("truth.tsv", truth)):
+        atomic_write_text(out / name, "\n".join(rows) + "\n")
+    config = {"imaging_dir": "study/imaging", "seeds": "seeds.tsv", "sessions": {"baseline": 0, "m06": 6},
+              "results_dir": "results", "dicom_export": True, "dicom_uid_map": "study/dicom_uids.tsv",
+              "dicom_trial": {"sponsor_name": "KHE consortium", "protocol_id": "KHE-DEMO", "site_id": "01"}}
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(config, sort_keys=False))
+    return out
 
 
 __all__ = ["PATIENT", "StudyInfo", "SeriesInfo", "small_phantom", "stored_values", "direct_nifti",
            "slice_geometry", "single_frame_datasets", "write_single_frame_series", "write_enhanced_series",
-           "identifying_strings", "uid", "replace"]
+           "identifying_strings", "uid", "write_dicom_demo"]
