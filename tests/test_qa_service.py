@@ -232,6 +232,41 @@ def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers
     assert client.get("/api/worklist", base_url="https://other.example.org").status_code == 403
 
 
+def test_the_access_log_escapes_what_a_client_chose(two_readers):
+    results, _ = two_readers
+    access_log = io.StringIO()
+    client = Client(ReadingService(results, check_viewer=False, access_log=access_log))
+    # %0A decodes to a newline in the path: unescaped, it would forge a line of its own.
+    forged = '2026-01-01T00:00:00Z 203.0.113.9 R2 "POST /api/case/ABC/read" 200'
+    assert client.get("/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), base_url=LOCAL).status_code == 401
+    lines = access_log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith('"GET /x\\x0a2026-01-01T00:00:00Z 203.0.113.9 R2 '
+                                                 '\\x22POST /api/case/ABC/read\\x22 200" 401'), lines
+
+
+def test_behind_tls_the_access_log_names_the_reader_the_proxy_forwards_and_no_one_else_can(two_readers, tmp_path):
+    """A real server: X-Forwarded-For is believed from the loopback proxy with --behind-tls, never without."""
+    import socket
+
+    from tests.test_qa_app import free_port, kill_hard, start_server
+
+    results, _ = two_readers
+    for options, client in (((), "127.0.0.1"), (("--behind-tls", "--public-url", "https://reading.example.org"),
+                                                 "203.0.113.7")):
+        port, log_path = free_port(), tmp_path / f"service{len(options)}.log"
+        with open(log_path, "w") as log:
+            server = start_server(results, port, log, *options)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /login?probe=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: 203.0.113.7\r\n"
+                          b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n")
+                assert s.recv(64).startswith(b"HTTP/1.1 200")
+        finally:
+            kill_hard(server)
+        (line,) = [x for x in log_path.read_text().splitlines() if "probe=1" in x]
+        assert line.split(" ")[1:] == [client, "-", '"GET', '/login?probe=1"', "200"], line
+
+
 # ---- the real server (waitress) and a real browser ------------------------------------------------
 
 
