@@ -210,6 +210,8 @@ def test_a_comment_the_audit_would_flag_is_refused_and_the_audit_stays_clean(pac
     assert "nothing was saved" in message
     refused(post("looks like sub-01 again"), "'sub-01'")
     refused(post("scanned 2024-03-05"), "'2024-03-05'")
+    refused(post("scanned 2024-03-05T10:30, see the prior"), "'2024-03-05'")  # an ISO date-time is a date too
+    refused(post("series 20240305T103000"), "'20240305'")
     refused(post("x" * 5001), "5001 characters")
     assert store.current_reads(db_dir / "R1.sqlite") == []
     assert post("residual smaller than before; rim enhancement at the medial edge").status_code == 200
