@@ -230,6 +230,9 @@ def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers
     assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
     assert client.get("/api/worklist", base_url="https://reading.example.org").status_code == 200
     assert client.get("/api/worklist", base_url="https://other.example.org").status_code == 403
+    # An https public URL is TLS even if --behind-tls was forgotten: the cookie is Secure.
+    answer = login(Client(ReadingService(results, check_viewer=False, public_url="https://reading.example.org")), "R1")
+    assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
 
 
 def test_the_access_log_escapes_what_a_client_chose(two_readers):

@@ -188,7 +188,8 @@ class ReadingService:
     niivue_dir, allocation_tsv
         As :func:`khe_vol.qa.app.create_app`.
     behind_tls : bool
-        Cookies are ``Secure`` (sent over HTTPS only): the service sits behind a TLS proxy.
+        Cookies are ``Secure`` (sent over HTTPS only): the service sits behind a TLS proxy. Implied
+        by an ``https://`` ``public_url``.
     public_url : str, optional
         The URL readers open (e.g. ``https://reading.example.org``): its host is accepted in ``Host``.
     bind_host : str, optional
@@ -216,7 +217,9 @@ class ReadingService:
         self.names = host_names(public_url, bind_host)
         self.sessions = Sessions(self.accounts_db)
         self._apps, self._lock = {}, threading.Lock()
-        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), behind_tls)
+        # Readers who open an https:// URL are behind TLS whatever the flag says: a cookie never goes out in clear.
+        self.behind_tls = bool(behind_tls) or urlsplit(public_url or "").scheme == "https"
+        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), self.behind_tls)
 
     # ---- the readers' own apps --------------------------------------------------------------
 
