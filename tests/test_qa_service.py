@@ -66,6 +66,14 @@ def test_reads_databases_key_and_service_files_are_owner_only(two_readers, tmp_p
     results, _ = two_readers
     db = tmp_path / "elsewhere" / "R9.sqlite"
     store.record_read(db, "R9", "ABC123", "accept")
+    # A database or key that others can read (from before the rule, or copied in) is made owner-only on use.
+    (results / "reads" / "accounts.sqlite").chmod(0o644)
+    old = tmp_path / "old" / "R8.sqlite"
+    old.parent.mkdir()
+    old.touch()
+    old.chmod(0o644)
+    store.record_read(old, "R8", "ABC123", "accept")
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
     ReadingService(results, check_viewer=False)
     for path in (db, results / "blinding" / "key.tsv", results / "reads" / "accounts.sqlite",
                  service_key_path(results)):
