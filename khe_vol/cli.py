@@ -315,7 +315,8 @@ def _cmd_qa_serve(args):
     shown = args.public_url or f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"reading service: open {shown}/ and log in (accounts in {service.accounts_db}; "
           f"listening on {args.host}:{args.port}); Ctrl-C stops", flush=True)
-    serve(service, args.host, args.port, threads=args.threads)
+    trusted = args.trusted_proxy if args.trusted_proxy is not None else ("127.0.0.1" if args.behind_tls else None)
+    serve(service, args.host, args.port, threads=args.threads, trusted_proxy=trusted or None)
     return 0
 
 
@@ -494,6 +495,9 @@ def _add_qa_parser(sub):
                    "session cookies are Secure")
     p.add_argument("--public-url", default=None, help="the URL readers open, e.g. https://reading.example.org "
                    "(its host name is accepted in the Host header)")
+    p.add_argument("--trusted-proxy", default=None, help="address of the TLS proxy whose X-Forwarded-For and "
+                   "X-Forwarded-Proto are believed, so the access log names each reader's address (default with "
+                   "--behind-tls: 127.0.0.1; without it none; '' for none)")
     p.add_argument("--accounts", default=None, help="accounts database (default <results-dir>/reads/accounts.sqlite)")
     p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")

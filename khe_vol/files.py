@@ -251,13 +251,17 @@ def read_records(paths):
 
 
 def create_private(path):
-    """Create ``path`` (and its folder) readable and writable by its owner only (0600), if it does not exist."""
+    """Create ``path`` (and its folder) readable and writable by its owner only (0600), if it does not exist.
+
+    An existing file that others may read or write (one from before this rule, or copied in) is made 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
-        pass
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
 
 
 def connect_private_db(path, schema):

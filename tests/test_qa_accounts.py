@@ -64,3 +64,59 @@ def test_enrolment_expires_and_reset_or_disable_ends_sessions(tmp_path):
         accounts.reset_account(db, "R7")
     with pytest.raises(ValueError):
         accounts.add_account(db, "../etc")
+
+
+def test_concurrent_guesses_get_no_more_answers_than_the_lockout_allows(tmp_path):
+    import threading
+
+    db = tmp_path / "accounts.sqlite"
+    accounts.enrol(db, accounts.add_account(db, "R1", now=0.0), PASSWORD, now=0.0)
+    answers, start = [], threading.Barrier(10)
+
+    def guess(i):
+        start.wait()
+        try:
+            accounts.authenticate(db, "R1", f"guess number {i:04d}", now=1.0)
+            answers.append("in")
+        except LoginRefused as exc:
+            answers.append(str(exc))
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(10)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    # Ten wrong guesses at once, hashed in parallel: five are answered on their merits, the rest "locked".
+    assert answers.count("wrong account or password") == accounts.MAX_FAILED_LOGINS, answers
+    assert len(answers) == 10 and sum("locked" in a for a in answers) == 10 - accounts.MAX_FAILED_LOGINS, answers
+    with pytest.raises(LoginRefused, match="locked"):
+        accounts.authenticate(db, "R1", PASSWORD, now=2.0)
+
+
+def test_the_password_hash_is_computed_outside_the_accounts_write_lock(tmp_path, monkeypatch):
+    """A login hashing (~0.1 s of CPU) must not hold every other login and signature up."""
+    import threading
+
+    db = tmp_path / "accounts.sqlite"
+    for account in ("R1", "R2"):
+        accounts.enrol(db, accounts.add_account(db, account, now=0.0), PASSWORD, now=0.0)
+    hashing, release = threading.Event(), threading.Event()
+    real, released = accounts.password_matches, []
+
+    def slow_match(password, stored):  # R1's check waits until R2 has been disabled (or 5 s)
+        if password == "R1 is hashing":
+            hashing.set()
+            released.append(release.wait(timeout=5))  # False: the write below waited for this hash
+        return real(password, stored)
+
+    monkeypatch.setattr(accounts, "password_matches", slow_match)
+    worker = threading.Thread(target=lambda: pytest.raises(LoginRefused, accounts.authenticate, db, "R1",
+                                                           "R1 is hashing", now=1.0))
+    worker.start()
+    assert hashing.wait(timeout=30)
+    accounts.set_enabled(db, "R2", False)  # a write while R1's hash is being computed
+    release.set()
+    worker.join(timeout=30)
+    assert released == [True]
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT failed_logins FROM accounts WHERE account = 'R1'").fetchone() == (1,)

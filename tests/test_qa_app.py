@@ -66,10 +66,11 @@ def reader_account(results, reader="R1", password=READER_PASSWORD):
     accounts.enrol(db, token, password)
 
 
-def start_server(results, port, log):
-    """The reading service (``khe-vol qa serve --results-dir R``, waitress) on a local port."""
+def start_server(results, port, log, *options):
+    """The reading service (``khe-vol qa serve --results-dir R [options]``, waitress) on a local port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results), "--port", str(port)],
+        [sys.executable, "-m", "khe_vol.cli", "qa", "serve", "--results-dir", str(results), "--port", str(port),
+         *options],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 30

@@ -21,7 +21,7 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.qa import store
 from khe_vol.qa.app import create_app, host_allowed
-from khe_vol.qa.upload import UploadRefused, mask_from_upload
+from khe_vol.qa.upload import UploadRefused, mask_from_upload, max_upload_bytes
 from tests.test_qa_app import free_port, kill_hard, package, start_server  # noqa: F401  (fixture)
 
 HEADERS = {"X-Khe-Vol": "reader"}
@@ -68,8 +68,9 @@ def refused(response, *words):
 def test_a_gzip_bomb_is_refused_without_decompressing_it(app_case):
     client, code, case, db = app_case
     drawing = np.zeros(case.shape, np.uint8)
-    bomb = gzip_stream(nifti(drawing, case.affine), trailing_zero_bytes=256 * 2**20)
-    assert len(bomb) < 2**20  # 256 MiB of zeros behind a valid mask, in under 1 MiB
+    bomb = gzip_stream(nifti(drawing, case.affine), trailing_zero_bytes=48 * 2**20)
+    # 48 MiB of zeros behind a valid mask, short enough to pass the length check: the inflating is what stops.
+    assert len(bomb) < max_upload_bytes(case.shape)
     tracemalloc.start()
     try:
         response = post_mask(client, code, bomb)
@@ -77,7 +78,7 @@ def test_a_gzip_bomb_is_refused_without_decompressing_it(app_case):
     finally:
         tracemalloc.stop()
     refused(response, "more data than its header declares")
-    # Decompression stopped at the case's own size (tens of kB), not at 256 MiB.
+    # Decompression stopped at the case's own size (tens of kB), not at 48 MiB.
     assert peak < 32 * 2**20, peak
     assert store.current_reads(db) == []
 
@@ -116,6 +117,9 @@ def test_rgb_truncated_and_foreign_uploads_get_a_message(app_case):
     good = gzip.compress(nifti(np.ones(case.shape, np.uint8), case.affine))
     refused(post_mask(client, code, good[: len(good) // 2]), "truncated")
     refused(post_mask(client, code, good[:100]), "truncated")
+    # Every voxel there but the CRC trailer cut off (or wrong): nothing vouches for the bytes.
+    refused(post_mask(client, code, good[:-8]), "truncated")
+    refused(post_mask(client, code, good[:-8] + bytes([good[-8] ^ 1]) + good[-7:]), "not valid gzip")
     refused(post_mask(client, code, nifti(np.ones(case.shape, np.uint8), case.affine)[:-10]), "cut short")
     two = nib.Nifti2Image(np.ones(case.shape, np.uint8), case.affine).to_bytes()
     refused(post_mask(client, code, two), "NIfTI-2")
@@ -142,10 +146,25 @@ def test_mask_from_upload_keeps_the_case_orientation():
         mask_from_upload(nifti(data, affine), (5, 7, 6), affine)
 
 
+def test_an_upload_longer_than_any_mask_of_the_case_is_refused_unread(app_case):
+    client, code, case, db = app_case
+    limit = max_upload_bytes(case.shape)
+    assert limit < 4 * np.prod(case.shape) + 2**17  # the case's own size, not the service's 256 MiB
+    # Starts like a valid gzip drawing, then goes on: refused by its length, before any parsing.
+    drawing = gzip.compress(nifti(np.zeros(case.shape, np.uint8), case.affine))
+    refused(post_mask(client, code, drawing + bytes(limit + 1 - len(drawing))), "larger than any mask of this case",
+            str(limit))
+    with pytest.raises(UploadRefused, match="larger than any mask"):
+        mask_from_upload(bytes(limit + 1), case.shape, case.affine)
+    assert store.current_reads(db) == []
+
+
 def test_revision_numbers_past_sqlite_range_are_not_found(app_case):
     client, code, _, _ = app_case
-    for revision in (2**63, 2**64 + 5, 10**30):
-        assert client.get(f"/api/case/{code}/revision/{revision}/edited_mask.nii.gz").status_code == 404
+    for revision in (1, 2**31 + 1, 2**63, 2**64 + 5, 10**30):
+        response = client.get(f"/api/case/{code}/revision/{revision}/edited_mask.nii.gz")
+        assert response.status_code == 404
+        assert response.json["error"] == f"case {code} has no edited mask at revision {revision}"
 
 
 def test_host_must_name_this_server_exactly():
@@ -191,6 +210,8 @@ def test_a_comment_the_audit_would_flag_is_refused_and_the_audit_stays_clean(pac
     assert "nothing was saved" in message
     refused(post("looks like sub-01 again"), "'sub-01'")
     refused(post("scanned 2024-03-05"), "'2024-03-05'")
+    refused(post("scanned 2024-03-05T10:30, see the prior"), "'2024-03-05'")  # an ISO date-time is a date too
+    refused(post("series 20240305T103000"), "'20240305'")
     refused(post("x" * 5001), "5001 characters")
     assert store.current_reads(db_dir / "R1.sqlite") == []
     assert post("residual smaller than before; rim enhancement at the medial edge").status_code == 200

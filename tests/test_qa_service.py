@@ -66,6 +66,14 @@ def test_reads_databases_key_and_service_files_are_owner_only(two_readers, tmp_p
     results, _ = two_readers
     db = tmp_path / "elsewhere" / "R9.sqlite"
     store.record_read(db, "R9", "ABC123", "accept")
+    # A database or key that others can read (from before the rule, or copied in) is made owner-only on use.
+    (results / "reads" / "accounts.sqlite").chmod(0o644)
+    old = tmp_path / "old" / "R8.sqlite"
+    old.parent.mkdir()
+    old.touch()
+    old.chmod(0o644)
+    store.record_read(old, "R8", "ABC123", "accept")
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
     ReadingService(results, check_viewer=False)
     for path in (db, results / "blinding" / "key.tsv", results / "reads" / "accounts.sqlite",
                  service_key_path(results)):
@@ -230,6 +238,44 @@ def test_behind_tls_cookies_are_secure_and_the_public_host_is_served(two_readers
     assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
     assert client.get("/api/worklist", base_url="https://reading.example.org").status_code == 200
     assert client.get("/api/worklist", base_url="https://other.example.org").status_code == 403
+    # An https public URL is TLS even if --behind-tls was forgotten: the cookie is Secure.
+    answer = login(Client(ReadingService(results, check_viewer=False, public_url="https://reading.example.org")), "R1")
+    assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
+
+
+def test_the_access_log_escapes_what_a_client_chose(two_readers):
+    results, _ = two_readers
+    access_log = io.StringIO()
+    client = Client(ReadingService(results, check_viewer=False, access_log=access_log))
+    # %0A decodes to a newline in the path: unescaped, it would forge a line of its own.
+    forged = '2026-01-01T00:00:00Z 203.0.113.9 R2 "POST /api/case/ABC/read" 200'
+    assert client.get("/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), base_url=LOCAL).status_code == 401
+    lines = access_log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith('"GET /x\\x0a2026-01-01T00:00:00Z 203.0.113.9 R2 '
+                                                 '\\x22POST /api/case/ABC/read\\x22 200" 401'), lines
+
+
+def test_behind_tls_the_access_log_names_the_reader_the_proxy_forwards_and_no_one_else_can(two_readers, tmp_path):
+    """A real server: X-Forwarded-For is believed from the loopback proxy with --behind-tls, never without."""
+    import socket
+
+    from tests.test_qa_app import free_port, kill_hard, start_server
+
+    results, _ = two_readers
+    for options, client in (((), "127.0.0.1"), (("--behind-tls", "--public-url", "https://reading.example.org"),
+                                                 "203.0.113.7")):
+        port, log_path = free_port(), tmp_path / f"service{len(options)}.log"
+        with open(log_path, "w") as log:
+            server = start_server(results, port, log, *options)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /login?probe=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: 203.0.113.7\r\n"
+                          b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n")
+                assert s.recv(64).startswith(b"HTTP/1.1 200")
+        finally:
+            kill_hard(server)
+        (line,) = [x for x in log_path.read_text().splitlines() if "probe=1" in x]
+        assert line.split(" ")[1:] == [client, "-", '"GET', '/login?probe=1"', "200"], line
 
 
 # ---- the real server (waitress) and a real browser ------------------------------------------------

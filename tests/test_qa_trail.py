@@ -12,6 +12,7 @@ import pytest
 
 from khe_vol.cli import main
 from khe_vol.qa import accounts, store
+from khe_vol.qa.leaks import DATE_RE
 from khe_vol.qa.verify import verify_database, verify_rows
 from tests.test_qa_service import two_readers  # noqa: F401 - the fixture: packages and accounts for R1, R2
 
@@ -331,3 +332,8 @@ def test_reads_signed_through_the_service_are_in_the_trail_and_verify(two_reader
         store.record_read(results / "reads" / "R1.sqlite", "R1", code, "accept", reason="x")
     code_, text = _verify_cli(results, capsys)
     assert code_ == 0 and "R1.sqlite: ok: 2 trail record(s), 2 read(s), 2 signed" in text, text
+    # What R1's pages show of the signed reads carries no time (the audit scans every page for dates).
+    pages = "".join(client.get(url, base_url="http://127.0.0.1").get_data(as_text=True)
+                    for url in ("/", f"/case/{code}", "/api/worklist", f"/api/case/{code}"))
+    assert pages.count("reject") and not DATE_RE.search(pages), DATE_RE.search(pages)
+    assert main(["qa", "audit", "--results-dir", str(results)]) == 0

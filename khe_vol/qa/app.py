@@ -48,7 +48,7 @@ from khe_vol.qa import accounts
 from khe_vol.qa.deidentify import mask_like
 from khe_vol.qa.key import key_paths
 from khe_vol.qa.leaks import Scanner, study_tokens
-from khe_vol.qa.upload import mask_from_upload
+from khe_vol.qa.upload import mask_from_upload, read_upload
 from khe_vol.review import REVIEW_REASONS
 from khe_vol.segmentation.interactive import ClickSession, clicks_from_json
 
@@ -154,8 +154,9 @@ def validate_edited_mask(upload, case_image_path):
 
     Parameters
     ----------
-    upload : bytes
-        A NIfTI file (gzip or not), e.g. NiiVue's ``saveImage({isSaveDrawing: true})``.
+    upload : bytes or file-like
+        A NIfTI file (gzip or not), e.g. NiiVue's ``saveImage({isSaveDrawing: true})``; a stream is
+        read only up to :func:`khe_vol.qa.upload.max_upload_bytes` of the case.
     case_image_path : path-like
         The case's T2 in the reader package.
 
@@ -173,6 +174,8 @@ def validate_edited_mask(upload, case_image_path):
         found before more than the case's own voxel count is decompressed.
     """
     case_img, case_shape, case_affine, _ = open_image(case_image_path, "series")
+    if hasattr(upload, "read"):  # a request's file stream: read no more than a mask of this case can need
+        upload = read_upload(upload, case_shape)
     data = mask_from_upload(upload, case_shape, case_affine)
     volume_ml = float(np.count_nonzero(data)) * voxel_volume_mm3(case_affine) / 1000.0
     return nifti_bytes(mask_like(data, case_img)), volume_ml
@@ -623,12 +626,11 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
     @app.get("/api/case/<code>/revision/<int:revision>/edited_mask.nii.gz")
     def edited_mask(code, revision):
-        if revision > 2**31:  # SQLite integers end at 2**63; no case has that many revisions
-            abort(404)
         case_or_404(code)
-        payload = store.edited_mask_bytes(db, code, revision)
+        # SQLite integers end at 2**63 (a larger one would not bind); no case has 2**31 revisions.
+        payload = store.edited_mask_bytes(db, code, revision) if revision <= 2**31 else None
         if payload is None:
-            abort(404)
+            return jsonify(error=f"case {code} has no edited mask at revision {revision}"), 404
         return app.response_class(payload, mimetype="application/octet-stream")
 
     @app.post("/api/case/<code>/read")
@@ -668,7 +670,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             if upload is None:
                 return jsonify(error="an edited verdict needs the edited mask or the clicks"), 400
             try:
-                mask_gz, volume_ml = validate_edited_mask(upload.read(), folder / case["image"])
+                mask_gz, volume_ml = validate_edited_mask(upload.stream, folder / case["image"])
             except (ValueError, SeriesError, OSError) as exc:
                 return jsonify(error=str(exc)), 400
         try:

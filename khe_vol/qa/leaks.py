@@ -50,7 +50,9 @@ _DATE_PATTERNS = (
     r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])",  # YYYYMMDD
     r"(?:0[1-9]|[12]\d|3[01])[./](?:0[1-9]|1[0-2])[./](?:19|20)\d\d",  # DD.MM.YYYY
 )
-DATE_RE = re.compile(rf"(?<![{_WORD}])(?:{'|'.join(_DATE_PATTERNS)})(?![{_WORD}])")
+#: A date on its own or starting an ISO 8601 / DICOM date-time ("2026-12-04T03:00:02Z",
+#: "20261204T030002": the T and the time are word characters, yet the date is still a date).
+DATE_RE = re.compile(rf"(?<![{_WORD}])(?:{'|'.join(_DATE_PATTERNS)})(?:(?![{_WORD}])|(?=[Tt]\d))")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,16 @@ def _sha256(text):
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
+def log_safe(text):
+    """``text`` for one access-log field: printable ASCII kept, anything else (a newline, a quote) escaped.
+
+    A request path is the client's to choose (``%0A`` decodes to a newline): unescaped, it could
+    write a line of its own into the log.
+    """
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in str(text))
+
+
 class Sessions:
     """Server-side login sessions, in the accounts database."""
 
@@ -178,7 +188,8 @@ class ReadingService:
     niivue_dir, allocation_tsv
         As :func:`khe_vol.qa.app.create_app`.
     behind_tls : bool
-        Cookies are ``Secure`` (sent over HTTPS only): the service sits behind a TLS proxy.
+        Cookies are ``Secure`` (sent over HTTPS only): the service sits behind a TLS proxy. Implied
+        by an ``https://`` ``public_url``.
     public_url : str, optional
         The URL readers open (e.g. ``https://reading.example.org``): its host is accepted in ``Host``.
     bind_host : str, optional
@@ -206,7 +217,9 @@ class ReadingService:
         self.names = host_names(public_url, bind_host)
         self.sessions = Sessions(self.accounts_db)
         self._apps, self._lock = {}, threading.Lock()
-        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), behind_tls)
+        # Readers who open an https:// URL are behind TLS whatever the flag says: a cookie never goes out in clear.
+        self.behind_tls = bool(behind_tls) or urlsplit(public_url or "").scheme == "https"
+        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), self.behind_tls)
 
     # ---- the readers' own apps --------------------------------------------------------------
 
@@ -318,8 +331,9 @@ class ReadingService:
         if "token=" in query:
             query = re.sub(r"token=[^&]*", "token=***", query)  # an enrolment link is a password until spent
         target = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
-        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {environ.get('REMOTE_ADDR', '-')} "
-                f"{environ.get('khe_vol.account', '-')} \"{environ.get('REQUEST_METHOD')} {target}\" {status}\n")
+        fields = [log_safe(environ.get(k, "-")) for k in ("REMOTE_ADDR", "khe_vol.account", "REQUEST_METHOD")]
+        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {fields[0]} {fields[1]} "
+                f"\"{fields[2]} {log_safe(target)}\" {log_safe(status)}\n")
         with self._log_lock:
             try:
                 self.access_log.write(line)
@@ -386,13 +400,29 @@ class ReadingService:
             return response(environ, start_response)
 
 
-def serve(service, host="127.0.0.1", port=8765, threads=8):
-    """Run the service on waitress until interrupted (SIGINT/SIGTERM)."""
+#: Headers a TLS proxy sets that the service believes, and only from ``trusted_proxy``: the reader's
+#: address (for the access log) and the scheme. Host is the reader's own, passed on unchanged.
+TRUSTED_PROXY_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto"})
+
+
+def serve(service, host="127.0.0.1", port=8765, threads=8, trusted_proxy=None):
+    """Run the service on waitress until interrupted (SIGINT/SIGTERM).
+
+    Parameters
+    ----------
+    trusted_proxy : str, optional
+        Address of the TLS reverse proxy (``--behind-tls``: 127.0.0.1): its
+        :data:`TRUSTED_PROXY_HEADERS` are believed (one hop), so the access log
+        names the reader's address, not the proxy's. Every other client's
+        proxy headers, and every other proxy header, are dropped.
+    """
     from waitress import serve as waitress_serve
 
+    proxy = {} if not trusted_proxy else {"trusted_proxy": trusted_proxy, "trusted_proxy_count": 1,
+                                          "trusted_proxy_headers": set(TRUSTED_PROXY_HEADERS)}
     # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
     waitress_serve(service, host=host, port=port, threads=threads, ident="khe-vol", max_request_body_size=256 * 2**20,
-                   clear_untrusted_proxy_headers=True)
+                   clear_untrusted_proxy_headers=True, **proxy)
 
 
 __all__ = ["ReadingService", "ViewerMissing", "serve", "SIGNATURE_MEANING", "CSRF_TOKEN_HEADER"]

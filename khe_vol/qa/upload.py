@@ -6,7 +6,9 @@ decompressed: shape, orientation and position, an integer label type, no
 intensity scaling, a data offset within the header and a small extension
 block. Only then is the body decompressed, and never past the size that
 header declares, so a gzip bomb or a header announcing a gigabyte of
-offset costs at most the case's own voxel count. The voxels must be
+offset costs at most the case's own voxel count; the upload itself is read
+only up to the largest size a mask of the case can have
+(:func:`max_upload_bytes`). The voxels must be
 non-negative integer labels (0 background; NiiVue's pen colours 1, 2, ...
 are all lesion): float, negative, complex, RGB or NaN "masks" are refused,
 not binarised.
@@ -37,6 +39,41 @@ MAX_EXTENSION_BYTES = 64 * 1024
 LABEL_DATATYPES = {2: "uint8", 256: "int8", 4: "int16", 512: "uint16", 8: "int32", 768: "uint32"}
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+#: Bytes per voxel of the widest label type (:data:`LABEL_DATATYPES`).
+_MAX_LABEL_ITEMSIZE = 4
+
+
+def max_upload_bytes(case_shape):
+    """The largest upload that can hold a mask of the case grid, bytes.
+
+    A NIfTI-1 file of the widest label type with the largest accepted
+    extension block, stored uncompressed or as gzip of incompressible bytes
+    (deflate's stored blocks: 5 bytes per 64 KiB, plus header and trailer).
+    Anything longer is refused before it is read into memory.
+    """
+    raw = NIFTI1_MIN_OFFSET + MAX_EXTENSION_BYTES + int(np.prod(case_shape)) * _MAX_LABEL_ITEMSIZE
+    return raw + raw // 1000 + 4096
+
+
+def read_upload(stream, case_shape):
+    """An upload's bytes from a file-like ``stream``, reading at most :func:`max_upload_bytes` + 1.
+
+    Raises
+    ------
+    UploadRefused
+        A longer upload (nothing more of it is read).
+    """
+    limit = max_upload_bytes(case_shape)
+    payload = stream.read(limit + 1)
+    _check_length(payload, limit)
+    return payload
+
+
+def _check_length(payload, limit):
+    if len(payload) > limit:
+        raise UploadRefused(f"the uploaded mask is larger than any mask of this case can be (more than {limit} "
+                            "bytes); save the drawing from the app")
 
 
 class UploadRefused(ValueError):
@@ -160,7 +197,8 @@ def mask_from_upload(payload, case_shape, case_affine):
     Parameters
     ----------
     payload : bytes
-        A NIfTI-1 file, gzip or not (NiiVue's ``saveImage({isSaveDrawing: true})``).
+        A NIfTI-1 file, gzip or not (NiiVue's ``saveImage({isSaveDrawing: true})``), at most
+        :func:`max_upload_bytes` long.
     case_shape : tuple of int
     case_affine : (4, 4) array_like
         The case image's voxel-to-world RAS+ mm.
@@ -175,6 +213,7 @@ def mask_from_upload(payload, case_shape, case_affine):
     UploadRefused
         With a message naming the problem.
     """
+    _check_length(payload, max_upload_bytes(case_shape))
     header = mask_header(_head(payload))
     dtype, offset = check_mask_header(header, tuple(case_shape), np.asarray(case_affine, float))
     n_voxels = int(np.prod(case_shape))
