@@ -358,7 +358,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     accounts_db : path-like, optional
         The service's accounts database: every verdict is then an electronic
         signature (the reader's password re-entered, checked with
-        :func:`khe_vol.qa.accounts.authenticate`), and a revision needs a reason.
+        :func:`khe_vol.qa.accounts.authenticate`, or behind the service by the
+        session's ``environ["khe_vol.sign"]``), and a revision needs a reason.
 
     Raises
     ------
@@ -698,7 +699,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             except CommentRefused as exc:
                 return jsonify(error=str(exc).replace("the comment", "the reason")), 400
             try:
-                accounts.authenticate(accounts_db, reader, request.form.get("password", ""))
+                # Behind the service's login, within the session (a fast check of a password scrypt has
+                # already accepted in it, 21 CFR 11.200(a)(1)); a standalone app checks by scrypt each time.
+                sign = request.environ.get("khe_vol.sign")
+                password = request.form.get("password", "")
+                if sign is not None:
+                    sign(password)
+                else:
+                    accounts.authenticate(accounts_db, reader, password)
             except accounts.LoginRefused as exc:
                 return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
             signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
