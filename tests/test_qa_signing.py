@@ -17,7 +17,7 @@ import requests
 from khe_vol.cli import main
 from khe_vol.qa import accounts, default_db_path, store
 from khe_vol.qa.app import SIGNATURE_MEANING
-from khe_vol.qa.service import Sessions
+from khe_vol.qa.service import Sessions, load_secret_key, service_key_path
 from tests.test_qa_app import free_port, kill_hard, start_server
 from tests.test_qa_service import PASSWORDS, two_readers  # noqa: F401 - the fixture
 
@@ -124,7 +124,7 @@ def test_a_session_verifier_does_not_outlive_a_password_change(two_readers):  # 
     """Below the gate: a session whose row is still there after a reset cannot sign with the old password."""
     results, _ = two_readers
     db = accounts.default_accounts_path(results)
-    sessions = Sessions(db)
+    sessions = Sessions(db, load_secret_key(service_key_path(results)))
     account = accounts.authenticate(db, "R1", PASSWORDS["R1"])
     sid, _ = sessions.create("R1", account.epoch, password=PASSWORDS["R1"])
     assert sessions.sign(sid, "R1", PASSWORDS["R1"]).account == "R1"

@@ -14,7 +14,7 @@ Signing within a session (21 CFR 11.200(a)(1)): the first signing of a
 continuous session of controlled access uses every component (the account
 and the password, checked by scrypt at login); later signings in the same
 session re-enter the password, which is checked against the session's
-:func:`signing_verifier` (an HMAC keyed by the session id the database never
+:func:`signing_verifier` (an HMAC keyed by a per-session key the database never
 holds) in microseconds instead of another scrypt hash. Only a match is taken
 on that fast path; anything else is checked by scrypt as before and a wrong
 password counts towards the lockout the same way.
@@ -121,12 +121,12 @@ def password_matches(password, stored):
     return hmac.compare_digest(got, expected)
 
 
-def signing_verifier(session_id, account, epoch, password):
+def signing_verifier(session_key, account, epoch, password):
     """A fast verifier of a password already checked by scrypt, for later signatures in one session.
 
-    HMAC-SHA256 keyed by the session id (the cookie's secret; the database keeps only its SHA-256,
-    so a copy of the database cannot test guesses against it) over the account, its ``epoch`` and
-    the password. A password change, reset or disable moves the epoch, and with it every verifier.
+    HMAC-SHA256 keyed by ``session_key`` (the service derives it from the session id and its own key;
+    the database holds neither, so a copy of it cannot test guesses) over the account, its ``epoch``
+    and the password. A password change, reset or disable moves the epoch, and with it every verifier.
 
     Returns
     -------
@@ -134,7 +134,7 @@ def signing_verifier(session_id, account, epoch, password):
         64 hex characters.
     """
     message = "\0".join(("khe-vol signing verifier", str(account), str(int(epoch)), str(password)))
-    return hmac.new(str(session_id).encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(str(session_key).encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def check_password(password):
@@ -246,7 +246,7 @@ def authenticate(path, account, password, now=None, verifier=None):
     Parameters
     ----------
     verifier : (str, str), optional
-        ``(session id, signing_verifier)`` of the live session signing: a password that matches it
+        ``(session key, signing_verifier)`` of the live session signing: a password that matches it
         (same account and epoch) is right without scrypt. A mismatch proves nothing by itself and is
         checked by scrypt as usual; the outcome is counted the same way either way.
 

@@ -13,7 +13,8 @@ cookie carries a random session id inside Flask's signed session (key in
 ``R/reads/service.key``, created 0600), the database keeps its SHA-256, the
 account, the account's ``epoch`` at login, the session's CSRF token and the
 session's signing verifier (:func:`khe_vol.qa.accounts.signing_verifier` of
-the password scrypt checked at login, keyed by the session id itself): a
+the password scrypt checked at login, keyed by the session id under the
+service key, neither of which the database holds): a
 verdict signed later in the session is checked against it in microseconds
 (21 CFR 11.200(a)(1): later signings in one continuous session need one
 component known only to the reader, the password), anything that does not
@@ -118,9 +119,14 @@ def log_safe(text):
 class Sessions:
     """Server-side login sessions, in the accounts database."""
 
-    def __init__(self, accounts_db):
+    def __init__(self, accounts_db, secret_key=b""):
         self.accounts_db = accounts_db
+        self._secret_key = bytes(secret_key)
         self._migrate()
+
+    def _verifier_key(self, sid):
+        """The signing verifier's key: the session id under the service key (the database holds neither)."""
+        return hmac.new(self._secret_key, b"signing verifier\0" + sid.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def _connect(self):
         con = accounts.connect(self.accounts_db)
@@ -144,7 +150,8 @@ class Sessions:
         """
         now = time.time() if now is None else now
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        verifier = None if password is None else accounts.signing_verifier(sid, account, epoch, password)
+        verifier = None if password is None else accounts.signing_verifier(self._verifier_key(sid), account, epoch,
+                                                                            password)
         con = self._connect()
         try:
             con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
@@ -180,12 +187,12 @@ class Sessions:
             con.close()
         if row is None or row["expires"] < now:
             raise accounts.LoginRefused("the session ended: log in again")
-        stored = row["signing_verifier"]
+        stored, key = row["signing_verifier"], self._verifier_key(sid)
         found = accounts.authenticate(self.accounts_db, account, str(password), now=now,
-                                      verifier=None if stored is None else (sid, stored))
+                                      verifier=None if stored is None else (key, stored))
         if found.epoch != row["epoch"]:
             raise accounts.LoginRefused("the session ended: log in again")  # reset or disabled meanwhile
-        fresh = accounts.signing_verifier(sid, account, found.epoch, password)
+        fresh = accounts.signing_verifier(key, account, found.epoch, password)
         if stored is None or not hmac.compare_digest(fresh.encode(), stored.encode()):
             con = self._connect()
             try:
@@ -276,11 +283,12 @@ class ReadingService:
         self._log_lock = threading.Lock()
         self.allocation_tsv = allocation_tsv
         self.names = host_names(public_url, bind_host)
-        self.sessions = Sessions(self.accounts_db)
+        secret_key = load_secret_key(service_key_path(results_dir))
+        self.sessions = Sessions(self.accounts_db, secret_key)
         self._apps, self._lock = {}, threading.Lock()
         # Readers who open an https:// URL are behind TLS whatever the flag says: a cookie never goes out in clear.
         self.behind_tls = bool(behind_tls) or urlsplit(public_url or "").scheme == "https"
-        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), self.behind_tls)
+        self.gate = self._make_gate(secret_key, self.behind_tls)
 
     # ---- the readers' own apps --------------------------------------------------------------
 
