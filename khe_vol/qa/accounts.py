@@ -9,6 +9,15 @@ expires, and it is spent by setting a password. Repeated failed logins lock
 the account for a while; a wrong password and an unknown account get the
 same answer. ``epoch`` counts password changes: a session made before the
 last change (or before a reset or disable) is no longer valid.
+
+Signing within a session (21 CFR 11.200(a)(1)): the first signing of a
+continuous session of controlled access uses every component (the account
+and the password, checked by scrypt at login); later signings in the same
+session re-enter the password, which is checked against the session's
+:func:`signing_verifier` (an HMAC keyed by a per-session key the database never
+holds) in microseconds instead of another scrypt hash. Only a match is taken
+on that fast path; anything else is checked by scrypt as before and a wrong
+password counts towards the lockout the same way.
 """
 
 from __future__ import annotations
@@ -112,6 +121,22 @@ def password_matches(password, stored):
     return hmac.compare_digest(got, expected)
 
 
+def signing_verifier(session_key, account, epoch, password):
+    """A fast verifier of a password already checked by scrypt, for later signatures in one session.
+
+    HMAC-SHA256 keyed by ``session_key`` (the service derives it from the session id and its own key;
+    the database holds neither, so a copy of it cannot test guesses) over the account, its ``epoch``
+    and the password. A password change, reset or disable moves the epoch, and with it every verifier.
+
+    Returns
+    -------
+    str
+        64 hex characters.
+    """
+    message = "\0".join(("khe-vol signing verifier", str(account), str(int(epoch)), str(password)))
+    return hmac.new(str(session_key).encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def check_password(password):
     """The password, or :class:`AccountError` if it is too weak to set."""
     if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
@@ -208,7 +233,7 @@ def enrol(path, token, password, now=None):
 _REFUSED = "wrong account or password"
 
 
-def authenticate(path, account, password, now=None):
+def authenticate(path, account, password, now=None, verifier=None):
     """Check a login (or a signature's password re-entry).
 
     The scrypt hash (the costly part, ~0.1 s of CPU) is computed outside any
@@ -217,6 +242,13 @@ def authenticate(path, account, password, now=None):
     transaction against the account as it is *then*: a guess whose turn
     comes after the lockout is answered "locked" even if it was right, so
     concurrent guesses get no more answers than :data:`MAX_FAILED_LOGINS`.
+
+    Parameters
+    ----------
+    verifier : (str, str), optional
+        ``(session key, signing_verifier)`` of the live session signing: a password that matches it
+        (same account and epoch) is right without scrypt. A mismatch proves nothing by itself and is
+        checked by scrypt as usual; the outcome is counted the same way either way.
 
     Returns
     -------
@@ -238,7 +270,9 @@ def authenticate(path, account, password, now=None):
             password_matches(str(password), hash_password("x" * MIN_PASSWORD_CHARS))  # same time as a real check
             raise LoginRefused(_REFUSED)
         _check_may_log_in(row, now)
-        right = password_matches(str(password), row["password_hash"])
+        right = (verifier is not None and isinstance(verifier[1], str) and hmac.compare_digest(
+            signing_verifier(verifier[0], row["account"], row["epoch"], password).encode(), verifier[1].encode()))
+        right = right or password_matches(str(password), row["password_hash"])
         con.execute("BEGIN IMMEDIATE")
         try:
             row_now = con.execute("SELECT * FROM accounts WHERE account = ?", (row["account"],)).fetchone()

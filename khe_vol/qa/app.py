@@ -65,6 +65,9 @@ MAX_CLICKS_BYTES = 64 * 1024
 #: Cases whose prepared click segmentation the server keeps (most recently used first out).
 SESSION_CACHE_CASES = 4
 
+#: Cases whose image facts (obliquity, windows, voxel volume: a few numbers each) are kept; more than a worklist.
+IMAGE_INFO_CACHE_CASES = 1024
+
 #: Header every state-changing request must carry. A page on another site
 #: cannot add it without a CORS preflight, which this app never grants, so
 #: no other web page the reader has open can post reads.
@@ -358,7 +361,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     accounts_db : path-like, optional
         The service's accounts database: every verdict is then an electronic
         signature (the reader's password re-entered, checked with
-        :func:`khe_vol.qa.accounts.authenticate`), and a revision needs a reason.
+        :func:`khe_vol.qa.accounts.authenticate`, or behind the service by the
+        session's ``environ["khe_vol.sign"]``), and a revision needs a reason.
 
     Raises
     ------
@@ -390,28 +394,37 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     def worklist():
         return json.loads((folder / WORKLIST_NAME).read_text(encoding="utf-8"))
 
-    image_infos = OrderedDict()  # (code, file stamps) -> image_info; a few recent cases
+    image_infos = OrderedDict()  # (code, file stamps) -> image_info; small, so every case of a worklist
+    image_infos_lock = threading.Lock()  # waitress threads share it
 
     def image_info(case):
-        """Obliquity and window presets of a case image (computed once per file version)."""
+        """Obliquity, window presets and voxel volume of a case image (computed once per file version).
+
+        A save answers with the case's view, so without this every save would load and scan the image.
+        """
         names = [case["image"]] + ([case["proposed_mask"]] if case["proposed_mask"] else [])
         try:
             key = (case["case_code"],) + tuple((folder / n).stat().st_mtime_ns for n in names)
         except OSError:
-            return {"oblique_degrees": 0.0, "windows": None}  # the page reports the failed load
-        if key not in image_infos:
-            try:
-                img = load_image(folder / case["image"], "series")
-                mask = load_image(folder / case["proposed_mask"], "mask").data != 0 if case["proposed_mask"] else None
-                info = {"oblique_degrees": round(oblique_degrees(img.affine), 3),
-                        "windows": display_windows(img.data, mask if mask is not None and mask.shape == img.data.shape
-                                                   else None)}
-            except (ValueError, OSError):  # SeriesError: the viewer shows its own load error
-                info = {"oblique_degrees": 0.0, "windows": None}
+            return {"oblique_degrees": 0.0, "windows": None, "voxel_volume_mm3": None}  # the page reports it
+        with image_infos_lock:
+            if key in image_infos:
+                image_infos.move_to_end(key)
+                return image_infos[key]
+        try:
+            img = load_image(folder / case["image"], "series")
+            mask = load_image(folder / case["proposed_mask"], "mask").data != 0 if case["proposed_mask"] else None
+            info = {"oblique_degrees": round(oblique_degrees(img.affine), 3),
+                    "windows": display_windows(img.data, mask if mask is not None and mask.shape == img.data.shape
+                                               else None)}
+        except (ValueError, OSError):  # SeriesError: the viewer shows its own load error
+            info = {"oblique_degrees": 0.0, "windows": None}
+        info["voxel_volume_mm3"] = case_voxel_volume_mm3(case)
+        with image_infos_lock:
             image_infos[key] = info
-            while len(image_infos) > SESSION_CACHE_CASES:
+            while len(image_infos) > IMAGE_INFO_CACHE_CASES:
                 image_infos.popitem(last=False)
-        return image_infos[key]
+        return info
 
     def next_unread(code):
         """The next case after ``code`` in worklist order (wrapping) that is unread or stale, or None."""
@@ -524,6 +537,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         case, prev_code, next_code = case_or_404(code)
         history = [r for r in store.read_history(db, code) if r["reader"] == reader]
         current = history[-1] if history else None
+        info = image_info(case)
         longitudinal = {}
         if "timepoint" in case:  # a longitudinal package; independent cases carry none of this
             longitudinal = {"longitudinal": {
@@ -550,9 +564,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             "n_cases": len(worklist()["cases"]),
             "display": {**DEFAULT_READER_DISPLAY, **worklist().get("display", {})},
             "comment_max_chars": COMMENT_MAX_CHARS,
-            "image_info": image_info(case),
+            "image_info": {k: v for k, v in info.items() if k != "voxel_volume_mm3"},
             # The live edited volume (edit.js) uses the server's voxel volume, so it equals the saved one.
-            "voxel_volume_mm3": case_voxel_volume_mm3(case),
+            "voxel_volume_mm3": info["voxel_volume_mm3"],
         }
 
     def case_voxel_volume_mm3(case):
@@ -698,7 +712,14 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             except CommentRefused as exc:
                 return jsonify(error=str(exc).replace("the comment", "the reason")), 400
             try:
-                accounts.authenticate(accounts_db, reader, request.form.get("password", ""))
+                # Behind the service's login, within the session (a fast check of a password scrypt has
+                # already accepted in it, 21 CFR 11.200(a)(1)); a standalone app checks by scrypt each time.
+                sign = request.environ.get("khe_vol.sign")
+                password = request.form.get("password", "")
+                if sign is not None:
+                    sign(password)
+                else:
+                    accounts.authenticate(accounts_db, reader, password)
             except accounts.LoginRefused as exc:
                 return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
             signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}

@@ -11,7 +11,14 @@ database: another reader's case code is simply not in their worklist (404).
 Sessions are server-side (table ``sessions`` in the accounts database): the
 cookie carries a random session id inside Flask's signed session (key in
 ``R/reads/service.key``, created 0600), the database keeps its SHA-256, the
-account, the account's ``epoch`` at login and the session's CSRF token.
+account, the account's ``epoch`` at login, the session's CSRF token and the
+session's signing verifier (:func:`khe_vol.qa.accounts.signing_verifier` of
+the password scrypt checked at login, keyed by the session id under the
+service key, neither of which the database holds): a
+verdict signed later in the session is checked against it in microseconds
+(21 CFR 11.200(a)(1): later signings in one continuous session need one
+component known only to the reader, the password), anything that does not
+match it by scrypt as at login.
 Every request re-checks the account's current epoch
 (:func:`khe_vol.qa.accounts.current_epoch`): a disabled or reset account is
 logged out at its next request. Every POST past the gate must send the
@@ -55,7 +62,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     account TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     csrf_token TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    signing_verifier TEXT
 );
 """
 
@@ -111,28 +119,88 @@ def log_safe(text):
 class Sessions:
     """Server-side login sessions, in the accounts database."""
 
-    def __init__(self, accounts_db):
+    def __init__(self, accounts_db, secret_key=b""):
         self.accounts_db = accounts_db
-        con = self._connect()
-        con.close()
+        self._secret_key = bytes(secret_key)
+        self._migrate()
+
+    def _verifier_key(self, sid):
+        """The signing verifier's key: the session id under the service key (the database holds neither)."""
+        return hmac.new(self._secret_key, b"signing verifier\0" + sid.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def _connect(self):
         con = accounts.connect(self.accounts_db)
         con.executescript(SESSIONS_SCHEMA)
         return con
 
-    def create(self, account, epoch, now=None):
-        """A new session for a logged-in account: ``(session id, csrf token)``."""
+    def _migrate(self):
+        """A sessions table from before signing verifiers gets the column (its sessions sign by scrypt once)."""
+        con = self._connect()
+        try:
+            if "signing_verifier" not in {r["name"] for r in con.execute("PRAGMA table_info(sessions)")}:
+                con.execute("ALTER TABLE sessions ADD COLUMN signing_verifier TEXT")
+        finally:
+            con.close()
+
+    def create(self, account, epoch, now=None, password=None):
+        """A new session for a logged-in account: ``(session id, csrf token)``.
+
+        ``password``: the one scrypt has just checked at login; the session keeps its
+        :func:`~khe_vol.qa.accounts.signing_verifier` (never the password) for later signatures.
+        """
         now = time.time() if now is None else now
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        verifier = None if password is None else accounts.signing_verifier(self._verifier_key(sid), account, epoch,
+                                                                            password)
         con = self._connect()
         try:
             con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
-            con.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
-                        (_sha256(sid), account, epoch, csrf, now + SESSION_SECONDS))
+            con.execute("INSERT INTO sessions (sid_sha256, account, epoch, csrf_token, expires, signing_verifier) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (_sha256(sid), account, epoch, csrf, now + SESSION_SECONDS,
+                                                      verifier))
         finally:
             con.close()
         return sid, csrf
+
+    def sign(self, sid, account, password, now=None):
+        """Check a signature's password in the live session ``sid`` of ``account``.
+
+        Against the session's signing verifier when it has one (no scrypt); otherwise, and for any
+        password that does not match it, by :func:`khe_vol.qa.accounts.authenticate` as at login
+        (a wrong password counts towards the lockout). A password scrypt accepted becomes the
+        session's verifier. Only a live session (not expired, account's epoch unchanged) signs.
+
+        Returns
+        -------
+        khe_vol.qa.accounts.Account
+
+        Raises
+        ------
+        khe_vol.qa.accounts.LoginRefused
+        """
+        now = time.time() if now is None else now
+        con = self._connect()
+        try:
+            row = con.execute("SELECT * FROM sessions WHERE sid_sha256 = ? AND account = ?",
+                              (_sha256(sid), account)).fetchone()
+        finally:
+            con.close()
+        if row is None or row["expires"] < now:
+            raise accounts.LoginRefused("the session ended: log in again")
+        stored, key = row["signing_verifier"], self._verifier_key(sid)
+        found = accounts.authenticate(self.accounts_db, account, str(password), now=now,
+                                      verifier=None if stored is None else (key, stored))
+        if found.epoch != row["epoch"]:
+            raise accounts.LoginRefused("the session ended: log in again")  # reset or disabled meanwhile
+        fresh = accounts.signing_verifier(key, account, found.epoch, password)
+        if stored is None or not hmac.compare_digest(fresh.encode(), stored.encode()):
+            con = self._connect()
+            try:
+                con.execute("UPDATE sessions SET signing_verifier = ? WHERE sid_sha256 = ? AND epoch = ?",
+                            (fresh, _sha256(sid), found.epoch))
+            finally:
+                con.close()
+        return found
 
     def lookup(self, sid, now=None):
         """``(account, csrf token)`` of a live session, or None (unknown, expired, or its account changed since)."""
@@ -215,11 +283,12 @@ class ReadingService:
         self._log_lock = threading.Lock()
         self.allocation_tsv = allocation_tsv
         self.names = host_names(public_url, bind_host)
-        self.sessions = Sessions(self.accounts_db)
+        secret_key = load_secret_key(service_key_path(results_dir))
+        self.sessions = Sessions(self.accounts_db, secret_key)
         self._apps, self._lock = {}, threading.Lock()
         # Readers who open an https:// URL are behind TLS whatever the flag says: a cookie never goes out in clear.
         self.behind_tls = bool(behind_tls) or urlsplit(public_url or "").scheme == "https"
-        self.gate = self._make_gate(load_secret_key(service_key_path(results_dir)), self.behind_tls)
+        self.gate = self._make_gate(secret_key, self.behind_tls)
 
     # ---- the readers' own apps --------------------------------------------------------------
 
@@ -273,7 +342,7 @@ class ReadingService:
                 return login_page(str(exc), 401)
             old = session.get("sid")
             svc.sessions.end(old)  # a new session id at every login (no fixation)
-            sid, _ = svc.sessions.create(found.account, found.epoch)
+            sid, _ = svc.sessions.create(found.account, found.epoch, password=password)
             session.clear()
             session["sid"] = sid
             session.permanent = True
@@ -357,7 +426,8 @@ class ReadingService:
         if path in _GATE_PATHS or path.startswith("/static/"):
             return self.gate.wsgi_app(environ, start_response)
         with self.gate.request_context(environ):
-            live = self.sessions.lookup(session.get("sid"))
+            session_id = session.get("sid")
+            live = self.sessions.lookup(session_id)
         if live is None:
             if method == "GET" and (path == "/" or path.startswith("/case/")):
                 return self._redirect(environ, start_response, "/login")
@@ -379,6 +449,8 @@ class ReadingService:
                                f"{account}), then reload", html=True, csrf_token=csrf)
         environ["khe_vol.account"] = account
         environ["khe_vol.csrf_token"] = csrf
+        # A verdict's signature is checked within this session (its signing verifier; see Sessions.sign).
+        environ["khe_vol.sign"] = lambda password: self.sessions.sign(session_id, account, password)
         return app.wsgi_app(environ, start_response)
 
     def _plain(self, environ, start_response, status, message, html=False, csrf_token=None):
