@@ -29,6 +29,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def connect_private_db(path, schema):
     disk), ``schema`` applied. SQLite gives its -wal/-shm files the same bits.
     """
     create_private(path)
-    con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    con = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     con.row_factory = sqlite3.Row
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
@@ -280,21 +281,163 @@ def connect_private_db(path, schema):
     return con
 
 
+class _Pooled:
+    """An open connection of the pool, with the file it was opened on and the set-ups already run on it."""
+
+    __slots__ = ("con", "ident", "done")
+
+    def __init__(self, con, ident):
+        self.con, self.ident, self.done = con, ident, set()
+
+
+def _file_ident(path):
+    """``(device, inode)`` of a database file (None: gone), making it 0600 again if others may read it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return st.st_dev, st.st_ino
+
+
+class ConnectionPool:
+    """Open connections to private databases, kept between uses (a long-running service's).
+
+    A connection is opened, its PRAGMAs set and its schema (and any ``setup``) run once; then it is
+    lent to one thread at a time (:func:`private_db`) and given back with no transaction open. So a
+    request does not pay for opening, for re-running ``CREATE ... IF NOT EXISTS``, nor for the
+    checkpoint SQLite runs when the last connection to a WAL database closes. Durability is the same:
+    every connection is WAL with ``synchronous=FULL``, so a COMMIT is on disk when it returns.
+
+    A file replaced or removed behind the pool's back (another inode) gets a new connection; a
+    connection that raised an SQLite error, or that comes back inside a transaction, is closed.
+    """
+
+    def __init__(self, max_idle_per_file=4):
+        self.max_idle_per_file = int(max_idle_per_file)
+        self._idle = {}  # resolved path -> [_Pooled]
+        self._lock = threading.Lock()
+
+    def take(self, path):
+        """A pooled connection to ``path`` that is still on the same file, or None."""
+        key = os.path.abspath(path)
+        ident = _file_ident(key)
+        stale = []
+        found = None
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                item = idle.pop()
+                if item.ident == ident:
+                    found = item
+                    break
+                stale.append(item)
+        for item in stale:
+            item.con.close()
+        return found
+
+    def give(self, path, item):
+        """Keep ``item`` for the next use (closed instead when too many are idle)."""
+        key = os.path.abspath(path)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle_per_file:
+                idle.append(item)
+                return
+        item.con.close()
+
+    def close(self):
+        """Close every idle connection (the last close of a WAL database checkpoints it into the main file)."""
+        with self._lock:
+            items = [item for idle in self._idle.values() for item in idle]
+            self._idle.clear()
+        for item in items:
+            item.con.close()
+
+
+#: The pool in use, or None (the default: every use opens and closes its own connection).
+_POOL = None
+
+
+def reuse_connections(pool=None):
+    """Keep private-database connections open between uses, in this process (the reading service does).
+
+    Returns the previous pool (None: none), so a caller (a test) can put it back; ``pool=False`` stops
+    reusing (its idle connections are closed).
+    """
+    global _POOL
+    previous = _POOL
+    _POOL = None if pool is False else (pool or ConnectionPool())
+    if pool is False and previous is not None:
+        previous.close()
+    return previous
+
+
 @contextmanager
-def write_transaction(path, schema):
-    """An open private database (:func:`connect_private_db`) inside one ``BEGIN IMMEDIATE`` transaction.
+def private_db(path, schema, setup=None):
+    """A connection to a private database (:func:`connect_private_db`) for one use, in autocommit mode.
+
+    Without a pool (:func:`reuse_connections`) it is opened and closed around the block. With one, a
+    kept connection is lent (``schema`` and ``setup(con)`` run once per connection, not per use) and
+    given back afterwards; a transaction the block left open is rolled back first.
+    """
+    pool = _POOL
+    item = pool.take(path) if pool is not None else None
+    if item is None:
+        con = connect_private_db(path, schema)
+        item = _Pooled(con, _file_ident(path))
+        item.done.add(schema)
+        if setup is not None:
+            try:
+                setup(con)
+            except BaseException:
+                con.close()
+                raise
+            item.done.add(setup)
+    try:
+        if schema not in item.done:  # a connection opened by another module on the same file
+            item.con.executescript(schema)
+            item.done.add(schema)
+        if setup is not None and setup not in item.done:
+            setup(item.con)
+            item.done.add(setup)
+        yield item.con
+    except sqlite3.Error:
+        item.con.close()  # an error of the database itself: never lend that connection again
+        raise
+    except BaseException:
+        _give_back(pool, path, item)
+        raise
+    _give_back(pool, path, item)
+
+
+def _give_back(pool, path, item):
+    if pool is None:
+        item.con.close()
+        return
+    try:
+        if item.con.in_transaction:
+            item.con.execute("ROLLBACK")
+    except sqlite3.Error:
+        item.con.close()
+        return
+    pool.give(path, item)
+
+
+@contextmanager
+def write_transaction(path, schema, setup=None):
+    """A private database (:func:`private_db`) inside one ``BEGIN IMMEDIATE`` transaction.
 
     Committed when the block ends, rolled back (and the exception passed on)
-    when it raises; the connection is closed either way.
+    when it raises; the connection is closed (or given back to the pool) either way.
     """
-    con = connect_private_db(path, schema)
-    try:
+    with private_db(path, schema, setup) as con:
         con.execute("BEGIN IMMEDIATE")  # the write lock before reading what the write depends on
         try:
             yield con
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
-    finally:
-        con.close()
