@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from khe_vol.qa import VERDICTS
-from khe_vol.files import connect_private_db
+from khe_vol.files import connect_private_db, private_db
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reads (
@@ -139,9 +139,33 @@ def connect(db_path):
     """
     db_path = Path(db_path)
     con = connect_private_db(db_path, SCHEMA)  # owner-only (0600) from its creation
+    try:
+        _set_up(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+#: Indexes of the lookups a save makes (a case's revisions, its last trail record), so a save never
+#: reads the whole table; created on open (``IF NOT EXISTS``: a database from before them gets them).
+INDEX_STATEMENTS = (
+    "CREATE INDEX IF NOT EXISTS reads_by_case ON reads (case_code, revision)",
+    "CREATE INDEX IF NOT EXISTS trail_by_case ON trail (reader, case_code, revision, seq)",
+)
+
+
+def _set_up(con):
+    """What opening a reads database does after its schema: the migrations and indexes (once per connection)."""
     _migrate(con)
     _migrate_trail(con)
-    return con
+    for statement in INDEX_STATEMENTS:
+        con.execute(statement)
+
+
+def _db(db_path):
+    """A reads database for one use (:func:`khe_vol.files.private_db`: kept open by the service's pool)."""
+    return private_db(Path(db_path), SCHEMA, _set_up)
 
 
 def _migrate(con):
@@ -282,14 +306,11 @@ def trail(db_path, case_code=None):
     db_path = Path(db_path)
     if not db_path.is_file():
         return []
-    con = connect(db_path)
-    try:
+    with _db(db_path) as con:
         if case_code is None:
             rows = con.execute("SELECT * FROM trail ORDER BY seq").fetchall()
         else:
             rows = con.execute("SELECT * FROM trail WHERE case_code = ? ORDER BY seq", (case_code,)).fetchall()
-    finally:
-        con.close()
     out = []
     for row in rows:
         r = dict(row)
@@ -492,8 +513,7 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
     reason, signer, meaning = check_signature(reader, reason, signer, meaning)
     now = now or datetime.now(UTC)
     created = _utc_text(now, "seconds")
-    con = connect(db_path)
-    try:
+    with _db(db_path) as con:
         con.execute("BEGIN IMMEDIATE")  # takes the write lock before reading the last revision
         try:
             (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
@@ -519,8 +539,6 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         except BaseException:
             con.execute("ROLLBACK")
             raise
-    finally:
-        con.close()
     out = {k: v for k, v in zip(_COLUMNS, values) if k != "edited_mask"}
     out["clicks"] = None if clicks_text is None else json.loads(clicks_text)
     return out
@@ -530,11 +548,10 @@ def _rows(db_path, sql, params, with_masks):
     db_path = Path(db_path)
     if not db_path.is_file():
         return []
-    con = connect(db_path)
-    try:
-        rows = [dict(r) for r in con.execute(sql, params)]
-    finally:
-        con.close()
+    # Without masks, the mask column is not even read (its pages are most of a database's bytes).
+    columns = ", ".join(f"r.{c}" for c in _COLUMNS if with_masks or c != "edited_mask")
+    with _db(db_path) as con:
+        rows = [dict(r) for r in con.execute(sql.format(columns=columns), params)]
     for r in rows:
         r.pop("id", None)
         r["clicks"] = None if r.get("clicks") is None else json.loads(r["clicks"])
@@ -562,7 +579,7 @@ def current_reads(db_path, with_masks=True):
         order, or None), ``seconds_to_verdict``, ``edit_seconds`` (None:
         not measured); sorted by reader and case code.
     """
-    sql = """SELECT r.* FROM reads r JOIN (
+    sql = """SELECT {columns} FROM reads r JOIN (
                  SELECT reader, case_code, MAX(revision) AS revision FROM reads GROUP BY reader, case_code
              ) last USING (reader, case_code, revision)
              ORDER BY r.reader, r.case_code"""
@@ -571,16 +588,17 @@ def current_reads(db_path, with_masks=True):
 
 def read_history(db_path, case_code, with_masks=False):
     """Every revision of one case, oldest first (same keys as :func:`current_reads`)."""
-    sql = "SELECT * FROM reads WHERE case_code = ? ORDER BY reader, revision"
+    sql = "SELECT {columns} FROM reads r WHERE case_code = ? ORDER BY reader, revision"
     return _rows(db_path, sql, (case_code,), with_masks)
 
 
 def all_reads(db_path):
     """Every revision of every case, without masks, by reader, case and revision (same keys as :func:`current_reads`)."""
-    return _rows(db_path, "SELECT * FROM reads ORDER BY reader, case_code, revision", (), False)
+    return _rows(db_path, "SELECT {columns} FROM reads r ORDER BY reader, case_code, revision", (), False)
 
 
 def edited_mask_bytes(db_path, case_code, revision):
     """The stored edited mask of one revision (gzip NIfTI bytes), or None."""
-    rows = _rows(db_path, "SELECT * FROM reads WHERE case_code = ? AND revision = ?", (case_code, revision), True)
+    rows = _rows(db_path, "SELECT {columns} FROM reads r WHERE case_code = ? AND revision = ?", (case_code, revision),
+                 True)
     return rows[0]["edited_mask"] if rows else None
