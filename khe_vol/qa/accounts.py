@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from khe_vol.files import connect_private_db, write_transaction
+from khe_vol.files import connect_private_db, private_db, write_transaction
 from khe_vol.qa import check_reader_id
 
 #: scrypt cost parameters (32 MiB and about 0.05-0.13 s of CPU per hash on the project's machines).
@@ -263,16 +263,19 @@ def authenticate(path, account, password, now=None, verifier=None):
         for :data:`LOCKOUT_SECONDS`).
     """
     now = time.time() if now is None else now
-    con = connect(path)
-    try:
+    with private_db(path, SCHEMA) as con:
         row = con.execute("SELECT * FROM accounts WHERE account = ?", (str(account),)).fetchone()
         if row is None:
             password_matches(str(password), hash_password("x" * MIN_PASSWORD_CHARS))  # same time as a real check
             raise LoginRefused(_REFUSED)
         _check_may_log_in(row, now)
-        right = (verifier is not None and isinstance(verifier[1], str) and hmac.compare_digest(
+        by_verifier = (verifier is not None and isinstance(verifier[1], str) and hmac.compare_digest(
             signing_verifier(verifier[0], row["account"], row["epoch"], password).encode(), verifier[1].encode()))
-        right = right or password_matches(str(password), row["password_hash"])
+        if by_verifier and not row["failed_logins"]:
+            # Right, checked against the account as it is now (one SELECT: no hash computed since it was read),
+            # and nothing to count: no write transaction (and no fsync) for a signature within a session.
+            return Account(row["account"], row["role"], row["epoch"])
+        right = by_verifier or password_matches(str(password), row["password_hash"])
         con.execute("BEGIN IMMEDIATE")
         try:
             row_now = con.execute("SELECT * FROM accounts WHERE account = ?", (row["account"],)).fetchone()
@@ -293,8 +296,6 @@ def authenticate(path, account, password, now=None, verifier=None):
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-    finally:
-        con.close()
     return Account(row_now["account"], row_now["role"], row_now["epoch"])
 
 
@@ -311,9 +312,6 @@ def _check_may_log_in(row, now):
 
 def current_epoch(path, account):
     """The account's epoch if it is enabled, else None (its sessions are over)."""
-    con = connect(path)
-    try:
+    with private_db(path, SCHEMA) as con:
         row = con.execute("SELECT enabled, epoch FROM accounts WHERE account = ?", (account,)).fetchone()
-    finally:
-        con.close()
     return row["epoch"] if row is not None and row["enabled"] else None

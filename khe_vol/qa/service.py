@@ -20,7 +20,7 @@ verdict signed later in the session is checked against it in microseconds
 component known only to the reader, the password), anything that does not
 match it by scrypt as at login.
 Every request re-checks the account's current epoch
-(:func:`khe_vol.qa.accounts.current_epoch`): a disabled or reset account is
+(one read of the session joined with its account): a disabled or reset account is
 logged out at its next request. Every POST past the gate must send the
 session's CSRF token in ``X-CSRF-Token`` (the pages carry it in
 ``<meta name="csrf-token">``; scripts get it from ``GET /api/session``).
@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, jsonify, redirect, render_template, request, session
 
-from khe_vol.files import create_private
+from khe_vol.files import create_private, private_db, reuse_connections
 from khe_vol.qa import accounts, check_reader_id
 from khe_vol.qa.app import (CSP, LOCAL_HOST_NAMES, SIGNATURE_MEANING, ViewerMissing, create_app, find_niivue,
                             host_allowed)
@@ -128,19 +128,15 @@ class Sessions:
         """The signing verifier's key: the session id under the service key (the database holds neither)."""
         return hmac.new(self._secret_key, b"signing verifier\0" + sid.encode("utf-8"), hashlib.sha256).hexdigest()
 
-    def _connect(self):
-        con = accounts.connect(self.accounts_db)
-        con.executescript(SESSIONS_SCHEMA)
-        return con
+    def _db(self):
+        """The accounts database with its sessions table, for one use (kept open by the service's pool)."""
+        return private_db(self.accounts_db, accounts.SCHEMA + SESSIONS_SCHEMA)
 
     def _migrate(self):
         """A sessions table from before signing verifiers gets the column (its sessions sign by scrypt once)."""
-        con = self._connect()
-        try:
+        with self._db() as con:
             if "signing_verifier" not in {r["name"] for r in con.execute("PRAGMA table_info(sessions)")}:
                 con.execute("ALTER TABLE sessions ADD COLUMN signing_verifier TEXT")
-        finally:
-            con.close()
 
     def create(self, account, epoch, now=None, password=None):
         """A new session for a logged-in account: ``(session id, csrf token)``.
@@ -152,14 +148,11 @@ class Sessions:
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         verifier = None if password is None else accounts.signing_verifier(self._verifier_key(sid), account, epoch,
                                                                             password)
-        con = self._connect()
-        try:
+        with self._db() as con:
             con.execute("DELETE FROM sessions WHERE expires < ?", (now,))
             con.execute("INSERT INTO sessions (sid_sha256, account, epoch, csrf_token, expires, signing_verifier) "
                         "VALUES (?, ?, ?, ?, ?, ?)", (_sha256(sid), account, epoch, csrf, now + SESSION_SECONDS,
                                                       verifier))
-        finally:
-            con.close()
         return sid, csrf
 
     def sign(self, sid, account, password, now=None):
@@ -179,12 +172,9 @@ class Sessions:
         khe_vol.qa.accounts.LoginRefused
         """
         now = time.time() if now is None else now
-        con = self._connect()
-        try:
+        with self._db() as con:
             row = con.execute("SELECT * FROM sessions WHERE sid_sha256 = ? AND account = ?",
                               (_sha256(sid), account)).fetchone()
-        finally:
-            con.close()
         if row is None or row["expires"] < now:
             raise accounts.LoginRefused("the session ended: log in again")
         stored, key = row["signing_verifier"], self._verifier_key(sid)
@@ -194,12 +184,9 @@ class Sessions:
             raise accounts.LoginRefused("the session ended: log in again")  # reset or disabled meanwhile
         fresh = accounts.signing_verifier(key, account, found.epoch, password)
         if stored is None or not hmac.compare_digest(fresh.encode(), stored.encode()):
-            con = self._connect()
-            try:
+            with self._db() as con:
                 con.execute("UPDATE sessions SET signing_verifier = ? WHERE sid_sha256 = ? AND epoch = ?",
                             (fresh, _sha256(sid), found.epoch))
-            finally:
-                con.close()
         return found
 
     def lookup(self, sid, now=None):
@@ -207,27 +194,26 @@ class Sessions:
         if not isinstance(sid, str) or not sid:
             return None
         now = time.time() if now is None else now
-        con = self._connect()
-        try:
-            row = con.execute("SELECT * FROM sessions WHERE sid_sha256 = ?", (_sha256(sid),)).fetchone()
+        with self._db() as con:
+            # One read (no write, no fsync) for a live session: the session and its account's state as of now.
+            row = con.execute("SELECT s.sid_sha256, s.account, s.epoch, s.csrf_token, s.expires, "
+                              "a.enabled AS account_enabled, a.epoch AS account_epoch FROM sessions s "
+                              "LEFT JOIN accounts a ON a.account = s.account WHERE s.sid_sha256 = ?",
+                              (_sha256(sid),)).fetchone()
             if row is None:
                 return None
-            # Disabled, reset or re-enrolled since the login: the session is over.
-            if row["expires"] < now or accounts.current_epoch(self.accounts_db, row["account"]) != row["epoch"]:
+            # Disabled, reset or re-enrolled since the login (or the account gone): the session is over.
+            live_epoch = row["account_epoch"] if row["account_enabled"] else None
+            if row["expires"] < now or live_epoch != row["epoch"]:
                 con.execute("DELETE FROM sessions WHERE sid_sha256 = ?", (row["sid_sha256"],))
                 return None
             return row["account"], row["csrf_token"]
-        finally:
-            con.close()
 
     def end(self, sid):
         """Log a session out (nothing if unknown)."""
         if isinstance(sid, str) and sid:
-            con = self._connect()
-            try:
+            with self._db() as con:
                 con.execute("DELETE FROM sessions WHERE sid_sha256 = ?", (_sha256(sid),))
-            finally:
-                con.close()
 
 
 def host_names(public_url=None, host=None):
@@ -490,6 +476,8 @@ def serve(service, host="127.0.0.1", port=8765, threads=8, trusted_proxy=None):
     """
     from waitress import serve as waitress_serve
 
+    # One process serves every request: its database connections are opened once and kept (files.ConnectionPool).
+    reuse_connections()
     proxy = {} if not trusted_proxy else {"trusted_proxy": trusted_proxy, "trusted_proxy_count": 1,
                                           "trusted_proxy_headers": set(TRUSTED_PROXY_HEADERS)}
     # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
