@@ -391,8 +391,27 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
     comments = CommentChecker(results_dir, allocation_tsv)
     app.extensions["khe_vol_click_sessions"] = sessions
 
+    file_cache = {}  # (name, purpose) -> (file stamp, value): a file is read again only when it changes
+    file_cache_lock = threading.Lock()
+
+    def from_file(name, purpose, compute):
+        """``compute(path)`` of a package file, kept until the file changes (inode, size or mtime)."""
+        path = folder / name
+        st = path.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with file_cache_lock:
+            hit = file_cache.get((name, purpose))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = compute(path)
+        with file_cache_lock:
+            file_cache[(name, purpose)] = (stamp, value)
+        return value
+
     def worklist():
-        return json.loads((folder / WORKLIST_NAME).read_text(encoding="utf-8"))
+        # Parsed afresh for each caller (they may change it); read from disk only when it changed.
+        text = from_file(WORKLIST_NAME, "text", lambda p: p.read_text(encoding="utf-8"))
+        return json.loads(text)
 
     image_infos = OrderedDict()  # (code, file stamps) -> image_info; small, so every case of a worklist
     image_infos_lock = threading.Lock()  # waitress threads share it
@@ -445,7 +464,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         abort(404)
 
     def proposed_sha(case):
-        return _sha256((folder / case["proposed_mask"]).read_bytes()) if case["proposed_mask"] else None
+        if not case["proposed_mask"]:
+            return None
+        return from_file(case["proposed_mask"], "sha256", lambda p: _sha256(p.read_bytes()))
 
     def with_session(case, action):
         """``action(entry)`` on the case's kept click session, created if new, under its lock.
