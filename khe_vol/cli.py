@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from khe_vol import __version__
+from khe_vol.qa import SERVE_THREADS
 
 
 def _cmd_demo(args):
@@ -499,7 +500,9 @@ def _add_qa_parser(sub):
                    "X-Forwarded-Proto are believed, so the access log names each reader's address (default with "
                    "--behind-tls: 127.0.0.1; without it none; '' for none)")
     p.add_argument("--accounts", default=None, help="accounts database (default <results-dir>/reads/accounts.sqlite)")
-    p.add_argument("--threads", type=int, default=8, help="waitress worker threads (default 8)")
+    p.add_argument("--threads", type=int, default=SERVE_THREADS,
+                   help=f"waitress worker threads (default {SERVE_THREADS}: requests run one at a time under the "
+                        "GIL, so more threads only contend; further requests wait in waitress's queue)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
     p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
                    "as the leak audit would flag them")

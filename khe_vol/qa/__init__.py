@@ -52,6 +52,13 @@ QA_STATUSES = {
 #: blinded participant code, each follow-up beside T1 (see :func:`khe_vol.qa.package.build_worklist`).
 READING_MODES = ("independent", "longitudinal")
 
+#: waitress worker threads of ``khe-vol qa serve`` by default. A request is Python, run one at a time
+#: under the GIL (SQLite, zlib and fsync release it), so a few threads keep 2 cores busy and more only
+#: contend: 20 readers saving back to back on 2 cores gave p95 219 / 264 / 325 ms with 2 / 4 / 8 threads
+#: (benchmarks/reading_service.py). 4, not 2, so that two slow requests (a click segmentation, an
+#: upload) never hold up every other reader's save; requests beyond them wait in waitress's queue.
+SERVE_THREADS = 4
+
 WORKLIST_NAME = "worklist.json"
 
 #: How the reader app shows images unless the study config's ``reader_display`` says otherwise:

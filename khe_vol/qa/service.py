@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from flask import Flask, jsonify, redirect, render_template, request, session
 
 from khe_vol.files import create_private, private_db, reuse_connections
-from khe_vol.qa import accounts, check_reader_id
+from khe_vol.qa import SERVE_THREADS, accounts, check_reader_id
 from khe_vol.qa.app import (CSP, LOCAL_HOST_NAMES, SIGNATURE_MEANING, ViewerMissing, create_app, find_niivue,
                             host_allowed)
 
@@ -463,7 +463,7 @@ class ReadingService:
 TRUSTED_PROXY_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto"})
 
 
-def serve(service, host="127.0.0.1", port=8765, threads=8, trusted_proxy=None):
+def serve(service, host="127.0.0.1", port=8765, threads=SERVE_THREADS, trusted_proxy=None):
     """Run the service on waitress until interrupted (SIGINT/SIGTERM).
 
     Parameters
