@@ -7,7 +7,9 @@ SIGKILLed while readers save keeps every read it acknowledged (and the trail ver
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
 
@@ -166,3 +168,22 @@ def test_a_server_killed_while_readers_save_keeps_every_acknowledged_read(two_re
     for token, account, code, revision in acked:
         assert stored[token] == [(account, code, revision)]
     assert main(["qa", "verify", "--results-dir", str(results)]) == 0
+
+
+def test_a_server_stopped_by_sigterm_leaves_every_read_in_the_main_file(two_readers, tmp_path):  # noqa: F811
+    results, codes = two_readers
+    port = free_port()
+    with open(tmp_path / "service.log", "w") as log:
+        proc = start_server(results, port, log)
+        try:
+            reader = Reader(f"http://127.0.0.1:{port}")
+            assert reader.login().status_code == 303
+            assert reader.sign(sorted(codes["R1"].values())[0], PASSWORDS["R1"], comment="kept").status_code == 200
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            kill_hard(proc)
+    db = default_db_path(results, "R1")
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(db, copy)  # the main file alone: the kept connections were closed, their WAL checkpointed
+    assert [r["comment"] for r in store.all_reads(copy)] == ["kept"]

@@ -35,6 +35,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -480,9 +482,15 @@ def serve(service, host="127.0.0.1", port=8765, threads=SERVE_THREADS, trusted_p
     reuse_connections()
     proxy = {} if not trusted_proxy else {"trusted_proxy": trusted_proxy, "trusted_proxy_count": 1,
                                           "trusted_proxy_headers": set(TRUSTED_PROXY_HEADERS)}
-    # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
-    waitress_serve(service, host=host, port=port, threads=threads, ident="khe-vol", max_request_body_size=256 * 2**20,
-                   clear_untrusted_proxy_headers=True, **proxy)
+    # SIGTERM ends the server like SIGINT, so the kept connections are closed: the last close of each
+    # database checkpoints its WAL into the main file (a copy of R/reads/*.sqlite alone is then whole).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
+        waitress_serve(service, host=host, port=port, threads=threads, ident="khe-vol",
+                       max_request_body_size=256 * 2**20, clear_untrusted_proxy_headers=True, **proxy)
+    finally:
+        reuse_connections(False)
 
 
 __all__ = ["ReadingService", "ViewerMissing", "serve", "SIGNATURE_MEANING", "CSRF_TOKEN_HEADER"]
