@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from khe_vol.qa import VERDICTS
-from khe_vol.files import connect_private_db, private_db
+from khe_vol.files import connect_private_db, private_db, write_transaction
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reads (
@@ -513,32 +513,27 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
     reason, signer, meaning = check_signature(reader, reason, signer, meaning)
     now = now or datetime.now(UTC)
     created = _utc_text(now, "seconds")
-    with _db(db_path) as con:
-        con.execute("BEGIN IMMEDIATE")  # takes the write lock before reading the last revision
-        try:
-            (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
-                                  (reader, case_code)).fetchone()
-            if expected_revision is not None and int(expected_revision) != last:
-                raise RevisionConflict(case_code, int(expected_revision), last)
-            previous = con.execute("SELECT new_value, signer FROM trail WHERE reader = ? AND case_code = ? "
-                                   "AND revision = ? ORDER BY seq DESC LIMIT 1", (reader, case_code, last)).fetchone()
-            if previous is not None and previous["signer"] is not None:
-                if signer is None:
-                    raise SignatureRequired(f"case {case_code} revision {last} is signed: a change is a new signed "
-                                            "revision (re-enter your password)")
-                if reason is None:
-                    raise ReasonRequired(f"case {case_code} revision {last} is signed: give the reason for the revision")
-            values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
-                      None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
-                      clicks_text, seconds_to_verdict, edit_seconds)
-            con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
-            _append_trail(con, reader, _utc_text(now, "milliseconds"), "read_revised" if last else "read_created",
-                          case_code, last + 1, None if previous is None else json.loads(previous["new_value"]),
-                          read_content(dict(zip(_COLUMNS, values))), reason, signer, meaning)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    # write_transaction takes the write lock (BEGIN IMMEDIATE) before the last revision is read.
+    with write_transaction(db_path, SCHEMA, _set_up) as con:
+        (last,) = con.execute("SELECT COALESCE(MAX(revision), 0) FROM reads WHERE reader = ? AND case_code = ?",
+                              (reader, case_code)).fetchone()
+        if expected_revision is not None and int(expected_revision) != last:
+            raise RevisionConflict(case_code, int(expected_revision), last)
+        previous = con.execute("SELECT new_value, signer FROM trail WHERE reader = ? AND case_code = ? "
+                               "AND revision = ? ORDER BY seq DESC LIMIT 1", (reader, case_code, last)).fetchone()
+        if previous is not None and previous["signer"] is not None:
+            if signer is None:
+                raise SignatureRequired(f"case {case_code} revision {last} is signed: a change is a new signed "
+                                        "revision (re-enter your password)")
+            if reason is None:
+                raise ReasonRequired(f"case {case_code} revision {last} is signed: give the reason for the revision")
+        values = (reader, case_code, last + 1, verdict, comment or "", edited_mask,
+                  None if edited_volume_ml is None else float(edited_volume_ml), proposed_mask_sha256, created,
+                  clicks_text, seconds_to_verdict, edit_seconds)
+        con.execute(f"INSERT INTO reads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        _append_trail(con, reader, _utc_text(now, "milliseconds"), "read_revised" if last else "read_created",
+                      case_code, last + 1, None if previous is None else json.loads(previous["new_value"]),
+                      read_content(dict(zip(_COLUMNS, values))), reason, signer, meaning)
     out = {k: v for k, v in zip(_COLUMNS, values) if k != "edited_mask"}
     out["clicks"] = None if clicks_text is None else json.loads(clicks_text)
     return out
