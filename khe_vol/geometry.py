@@ -266,6 +266,36 @@ def from_sitk(image):
     return array, affine
 
 
+def shrink_by_index(array, affine, factors):
+    """One voxel of every block of ``factors`` voxels, picked by index, with its affine.
+
+    The voxel at index ``(f - 1) // 2`` of each block along each axis: the
+    same voxels however the header places the grid in space. (SimpleITK's
+    ``Shrink`` picks each by rounding a physical position, so a change of the
+    header far below a voxel picked other voxels wherever a factor is even.)
+
+    Parameters
+    ----------
+    array : (I, J, K) ndarray
+    affine : (4, 4) array_like
+        Voxel-to-world RAS+ affine.
+    factors : (3,) int
+        Block size along each axis, voxels.
+
+    Returns
+    -------
+    small : ndarray
+        C-contiguous.
+    small_affine : (4, 4) ndarray
+    """
+    factors = [int(f) for f in factors]
+    picks = tuple(slice((f - 1) // 2, int(n), f) for n, f in zip(np.shape(array)[:3], factors))
+    small_affine = np.array(affine, dtype=float)
+    small_affine[:3, 3] = voxel_to_world([s.start for s in picks], affine)
+    small_affine[:3, :3] = small_affine[:3, :3] * np.asarray(factors, float)
+    return np.ascontiguousarray(np.asarray(array)[picks]), small_affine
+
+
 def signed_distance_mm(mask, spacing_mm):
     """Signed Euclidean distance in mm from each voxel centre to the edge of ``mask``.
 

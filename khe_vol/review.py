@@ -30,6 +30,16 @@ WIDE_BAND_SHARE = 0.5
 #: it is at most about 2 %; masks that took in adjacent fluid hold 15 % or more.
 BRIGHT_SHARE = 0.05
 
+#: Fluid left out beside the lesion whose level is within this many lesion contrasts ``L - B``
+#: above the lesion level may be lesion (a bright lobe taken for fluid: a third of a phantom
+#: lesion was lost so, silently) as well as fluid; cysts and effusions on fat-suppressed T2
+#: stand further above a KHE lesion.
+FLUID_NEAR_LESION_CONTRAST = 0.5
+
+#: ...when it amounts to at least this share of the lesion's volume (a few voxels of a
+#: saturated nodule at the edge are not worth a reader's look).
+FLUID_NEAR_LESION_SHARE = 0.05
+
 #: Every review reason, with what it means and what a coordinator does about it.
 REVIEW_REASONS = {
     "automatic_zero_volume": (
@@ -56,6 +66,12 @@ REVIEW_REASONS = {
         f"more than {BRIGHT_SHARE:.0%} of the automatic mask is much brighter than the rest of the lesion: "
         "fluid (a cyst, an effusion, the bladder) or a vessel may have joined it; check the mask's edges "
         "and exclude what is not lesion"
+    ),
+    "fluid_near_lesion_level": (
+        "tissue next to the lesion, at least "
+        f"{FLUID_NEAR_LESION_SHARE:.0%} of its volume, was left out as fluid although it is barely brighter than "
+        f"the lesion (within {FLUID_NEAR_LESION_CONTRAST:g} of the lesion contrast): it may be a bright part of "
+        "the lesion; check the mask there and include it if it is lesion"
     ),
 }
 

@@ -19,11 +19,12 @@ from khe_vol.geometry import (
     resample_mask_to_grid,
     seed_voxel,
     voxel_sizes_mm,
+    voxel_volume_mm3,
 )
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_series
 from khe_vol.record import SeriesRecord
-from khe_vol.review import BRIGHT_SHARE, flag
+from khe_vol.review import BRIGHT_SHARE, FLUID_NEAR_LESION_CONTRAST, FLUID_NEAR_LESION_SHARE, flag
 from khe_vol.segmentation.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
@@ -159,8 +160,8 @@ def flag_geometry(record, image, what="series"):
 def too_thin_for_bias_fit(shape, affine, params):
     """The first array axis along which a grid is too thin for the N4 bias-field fit, or None.
 
-    N4 is fitted on a copy shrunk by ``round(n4_spacing_mm / voxel size)``
-    per axis (:func:`khe_vol.segmentation.intensity.correct_bias`) and needs at least two
+    N4 is fitted on a copy shrunk by whole factors per axis
+    (:func:`khe_vol.segmentation.intensity.n4_shrink_factors`) and needs at least two
     voxels along every axis there; with fewer, ITK fails with a raw error.
 
     Parameters
@@ -176,8 +177,10 @@ def too_thin_for_bias_fit(shape, affine, params):
     """
     if not params.bias_correction:
         return None
-    for axis, (n, size) in enumerate(zip(shape, voxel_sizes_mm(affine))):
-        shrink = max(1, int(round(params.n4_spacing_mm / size)))
+    from khe_vol.segmentation.intensity import n4_shrink_factors
+
+    sizes = voxel_sizes_mm(affine)
+    for axis, (n, size, shrink) in enumerate(zip(shape, sizes, n4_shrink_factors(shape, sizes, params))):
         if n // shrink < 2:
             return axis, float(n * size), float(2 * shrink * size)
     return None
@@ -205,6 +208,18 @@ def reader_mask_on_grid(mask_path, series):
             f"{mask.path}: the lesion drawn in this mask lies outside the field of view of {series.path}"
         )
     return on_grid, mask
+
+
+def _flag_fluid_near_lesion(record, info, voxel_ml):
+    """Flag an automatic mask beside which tissue barely brighter than the lesion was left out as fluid."""
+    near = [item for item in info.get("fluid_beside") or []
+            if item["level_above_lesion"] < FLUID_NEAR_LESION_CONTRAST]
+    n_voxels = sum(item["n_voxels"] for item in near)
+    if near and n_voxels >= FLUID_NEAR_LESION_SHARE * max(info.get("n_voxels") or 0, 1):
+        ml = n_voxels * voxel_ml
+        level = min(item["level_above_lesion"] for item in near)
+        flag(record, "fluid_near_lesion_level",
+             f"{ml:.1f} mL beside the lesion left out as fluid, {level:.2f} lesion contrasts above its level")
 
 
 def _flag_bright_inclusion(record, info):
@@ -335,7 +350,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
     from khe_vol.review import flag
     from khe_vol.segmentation.params import SegmentationError
     from khe_vol.segmentation.interactive import INCLUDE, Click, segment_clicks
-    from khe_vol.segmentation.track import scale_review_detail, track_followup
+    from khe_vol.segmentation.track import reference_summary, scale_review_detail, track_followup
 
     params = segmentation_params(params_overrides)
     record["parameters"] = dataclasses.asdict(params)
@@ -367,6 +382,9 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
             if problem:
                 flag(record, "seed_not_in_lesion_tissue", problem)
             _flag_bright_inclusion(record, info)
+            _flag_fluid_near_lesion(record, info, voxel_volume_mm3(series.affine) / 1000.0)
+            if mask.any():  # what every follow-up tracked from this lesion needs of it, computed once
+                info["reference_model"] = reference_summary(series.data, series.affine, mask, params)
             return mask, info
         ref_record = reference["record"]
         record["reference_session_id"] = ref_record["session_id"]
@@ -392,11 +410,16 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                 f"{ref_record['session_id']} has an empty lesion mask (0 mL): there is no lesion to follow; "
                 "check that session's mask or seed, or give this series a reader mask"
             )
-        mask, info = track_followup(series.data, series.affine, ref_series.data, ref_series.affine, ref_mask, params)
+        cached = (ref_record.get("details") or {}).get("reference_model")
+        if ref_record.get("parameters") != record["parameters"]:
+            cached = None  # computed under other parameters
+        mask, info = track_followup(series.data, series.affine, ref_series.data, ref_series.affine, ref_mask, params,
+                                    ref_model=cached)
         scale_detail = scale_review_detail(info["intensity_map"])
         if scale_detail:  # another gain-and-offset, sign or z-scoring than the reference
             flag(record, "intensity_scale_differs", scale_detail)
         _flag_bright_inclusion(record, info)
+        _flag_fluid_near_lesion(record, info, voxel_volume_mm3(series.affine) / 1000.0)
         return mask, info
     except SegmentationError as exc:
         raise SeriesError(f"{series.path}: automatic segmentation failed: {exc}") from exc

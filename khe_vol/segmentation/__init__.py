@@ -11,16 +11,20 @@ behave alike)
    it the bias field and the tissue level, does not depend on where in the
    lesion the reader clicked.
 2. **Bias field.** N4 (SimpleITK) fitted on a copy shrunk to about
-   ``n4_spacing_mm`` voxels, its field applied at full resolution; then a
-   light Gaussian of ``smoothing_sigma_mm``. Data with negative values are
-   already normalised (e.g. z-scores) and are left alone.
+   ``n4_spacing_mm`` voxels (finer on a small field of view, so every axis
+   keeps ``n4_min_samples``), one voxel per block picked by index, so the
+   same voxels whatever the header says below a voxel; its field applied
+   at full resolution; then a light Gaussian of ``smoothing_sigma_mm``.
+   Data with negative values are already normalised (e.g. z-scores) and
+   are left alone.
 3. **Intensity model.** ``L`` is the lesion level (median of the current
    lesion), ``B`` the level of the ordinary tissue it displaces (the mode of
    the region's histogram above its dark class), ``c = L - B`` the
    contrast. Lesion tissue is
    ``I >= B + lower_fraction * c``: half-way between lesion and
    surroundings is the unbiased edge for partial-volume voxels, and sits
-   above an oedema rim. Flat regions (``fluid_max_sd``) above
+   above an oedema rim. Flat regions (``fluid_max_sd``, about a linear
+   trend: bias correction leaves a few percent across a collection) above
    ``L + max(fluid_fraction * c, fluid_sd_factor * sd)`` are fluid: fluid
    beside the lesion is excluded with its partial-volume rim, while a
    bright core the lesion surrounds (``enclosure_fraction``) is kept, as is
@@ -48,7 +52,9 @@ instead of a seed, finds the lesion again in follow-ups
 Modules, in the order data flows through a series job
 -------------------------------------------------------
 - :mod:`~khe_vol.segmentation.params`: :class:`SegmentationParams`, :class:`SegmentationError`.
-- :mod:`~khe_vol.segmentation.morphology`: boxes, balls, mm morphology, holes, components.
+- :mod:`~khe_vol.segmentation.morphology`: boxes, balls, mm morphology, holes, components
+  (a radius read with ``RADIUS_RTOL`` of slack, so grids a header's rounding apart give the
+  same balls, boxes and slice axis).
 - :mod:`~khe_vol.segmentation.labels`: per-label sums / extrema / selection (fast scipy equivalents).
 - :mod:`~khe_vol.segmentation.intensity`: bias correction, smoothing, tissue level, intensity model.
 - :mod:`~khe_vol.segmentation.band`: band segmentation, fluid plateaus, enclosed core, iteration, threshold band.

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import update_model
-from khe_vol.segmentation.labels import label_extrema, label_sums, select_labels
+from khe_vol.segmentation.labels import label_detrended_sd, label_extrema, label_sums, select_labels
 from khe_vol.segmentation.morphology import (
     closing_mm,
     component_near,
@@ -21,7 +21,9 @@ from khe_vol.segmentation.morphology import (
     distance_outside_mm,
     fill_lesion_holes,
     mask_box,
+    on_mask_box,
     opening_mm,
+    within_mm,
 )
 
 
@@ -51,7 +53,7 @@ def enclosure_fraction(region, spacing_mm, reach_mm):
     for d in itertools.product((-1, 0, 1), repeat=3):
         if not any(d):
             continue
-        steps = int(float(reach_mm) // float(np.linalg.norm(np.asarray(d) * spacing)))
+        steps = int(within_mm(reach_mm) // float(np.linalg.norm(np.asarray(d) * spacing)))
         hit = np.zeros(region.shape, bool)
         for k in range(1, steps + 1):
             # voxel v is hit when region[v + k d] is set
@@ -108,12 +110,16 @@ def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
     Candidates (above ``upper``) are eroded by one voxel before labelling, so
     partial-volume bridges between a fluid collection and bright lesion
     tissue next to it break and each is judged on its own interior. A part
-    is a plateau when its interior is flat (standard deviation at most
-    ``max_sd``) and stands clear of the threshold (mean at least
-    ``min_height_sd`` standard deviations above it): a patch of smooth lesion
-    heterogeneity crossing the threshold has its values spread from the
-    threshold up, fluid sits well above it with only noise. Plateaus are
-    returned grown back by one voxel within the candidates.
+    is a plateau when its interior is flat (standard deviation about a
+    linear trend at most ``max_sd``) and stands clear of the threshold (mean
+    at least ``min_height_sd`` such standard deviations above it): a patch
+    of smooth lesion heterogeneity crossing the threshold has its values
+    spread from the threshold up, fluid sits well above it with only noise.
+    The trend is taken out because bias correction leaves a few percent of
+    field across a fluid collection, and on fluid two to three times as
+    bright as the lesion that alone exceeded ``max_sd`` (on a small field of
+    view, where N4 has few samples, fluid then joined the lesion). Plateaus
+    are returned grown back by one voxel within the candidates.
 
     Parameters
     ----------
@@ -134,10 +140,10 @@ def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
         return np.zeros(smoothed.shape, bool)
     count = label_sums(labels, n, interior)
     mean = label_sums(labels, n, interior, smoothed) / count
-    sd = np.sqrt(np.maximum(label_sums(labels, n, interior, np.square(smoothed, dtype=np.float64)) / count - mean**2, 0))
+    sd = label_detrended_sd(smoothed, labels, n, interior)
     flat = (count >= 8) & (sd <= max_sd) & (mean - upper >= min_height_sd * sd)
     plateaus = select_labels(labels, flat)
-    return ndimage.binary_dilation(plateaus, structure=cube) & candidates
+    return on_mask_box(lambda sub: ndimage.binary_dilation(sub, structure=cube), plateaus, (1, 1, 1)) & candidates
 
 
 def fluid_mask(smoothed, model, params):
@@ -175,6 +181,52 @@ def fluid_mask(smoothed, model, params):
     tissue = (smoothed[box] >= model.lower(params)) & ~fluid[box]
     fluid[box] &= ~enclosed_components(fluid[box], tissue, params.nodule_border_fraction)
     return fluid
+
+
+def fluid_beside(smoothed, model, region, spacing_mm, params):
+    """The fluid plateaus the lesion was told apart from: each one touching it, with its volume and level.
+
+    The fluid test (:func:`fluid_mask`) leaves out flat tissue above the upper
+    threshold next to the lesion. When such tissue is barely brighter than
+    the lesion (within a fraction of the contrast), it may be fluid, or a
+    bright lobe of the lesion itself that the test took for fluid; which one
+    it was decided may be a third of the volume, and only a reader can tell.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+    model : IntensityModel
+        The model that produced ``region``.
+    region : ndarray of bool
+        The lesion found.
+    spacing_mm : (3,) float
+    params : SegmentationParams
+
+    Returns
+    -------
+    list of dict
+        ``n_voxels`` and ``level_above_lesion`` (its mean minus the lesion
+        level, in lesion contrasts ``L - B``), one per plateau within two
+        voxels of the lesion, largest first.
+    """
+    if not region.any() or model.contrast <= 0:
+        return []
+    box = mask_box(region, spacing_mm, params.shell_outer_mm + 2 * float(np.max(spacing_mm)))
+    fluid = fluid_mask(smoothed[box], model, params)
+    if not fluid.any():
+        return []
+    near = ndimage.binary_dilation(region[box], structure=np.ones((3, 3, 3), bool), iterations=2)
+    labels, n = ndimage.label(fluid)
+    touching = np.zeros(n + 1, bool)
+    touching[labels[near & fluid]] = True
+    touching[0] = False
+    where = labels > 0
+    count = label_sums(labels, n, where)
+    mean = label_sums(labels, n, where, smoothed[box]) / np.maximum(count, 1)
+    found = [{"n_voxels": int(count[k - 1]),
+              "level_above_lesion": round(float((mean[k - 1] - model.lesion) / model.contrast), 4)}
+             for k in np.flatnonzero(touching)]
+    return sorted(found, key=lambda item: -item["n_voxels"])
 
 
 def enclosed_components(candidates, region, min_fraction):
@@ -229,8 +281,8 @@ def restorable(removed, core, spacing_mm, params):
         return np.zeros(core.shape, bool)
     nearest, farthest = label_extrema(dist, labels, n, removed)
     touching = nearest <= float(np.max(spacing_mm)) * 1.01
-    whole = select_labels(labels, touching & (farthest <= params.restore_max_mm))
-    part = select_labels(labels, touching) & (dist <= params.restore_radius_mm)
+    whole = select_labels(labels, touching & (farthest <= within_mm(params.restore_max_mm)))
+    part = select_labels(labels, touching) & (dist <= within_mm(params.restore_radius_mm))
     return components_touching(whole | part | core, core) & ~core
 
 
@@ -279,7 +331,8 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
     if beside.any():
         # Fluid beside the lesion: drop the voxels touching it, its
         # partial-volume rim rather than lesion.
-        rim = ndimage.binary_dilation(beside, structure=np.ones((3, 3, 3), bool))
+        rim = on_mask_box(lambda sub: ndimage.binary_dilation(sub, structure=np.ones((3, 3, 3), bool)), beside,
+                          (1, 1, 1))
         region = components_touching(region & ~rim, core & ~rim)
     return fill_lesion_holes(region, spacing_mm, params)
 

@@ -61,6 +61,8 @@ from khe_vol.segmentation.morphology import (
     fill_lesion_holes,
     mask_box,
     opening_mm,
+    thickest_axis,
+    within_mm,
 )
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 from khe_vol.segmentation.seeded import lesion_box_centre, roi_box, seeded_roi
@@ -314,7 +316,7 @@ def lesion_hull(region, spacing_mm):
     the union of those across all three axes."""
     spacing_mm = np.asarray(spacing_mm, float)
     if spacing_mm.max() >= 1.5 * spacing_mm.min():
-        return _slicewise_hull(region, int(np.argmax(spacing_mm)))
+        return _slicewise_hull(region, thickest_axis(spacing_mm))
     box = mask_box(region, spacing_mm, 0.0)
     hull = np.zeros_like(region)
     for axis in range(3):
@@ -458,7 +460,7 @@ class ClickSession:
                 self._roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
             return
         extents_mm = np.asarray(self.image.shape) * self.spacing_mm
-        if np.all(extents_mm <= self.params.whole_axis_mm):
+        if np.all(extents_mm <= within_mm(self.params.whole_axis_mm)):
             self._prepare_roi(self.image, self.affine, tuple(slice(0, int(n)) for n in self.image.shape), self.params)
 
     def _voxel(self, click):

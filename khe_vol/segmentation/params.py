@@ -38,7 +38,10 @@ class SegmentationParams:
     bias_correction : bool
         Run N4 bias-field correction on the region of interest.
     n4_spacing_mm : float
-        Voxel size the region is shrunk to for fitting N4, mm.
+        Voxel size the region is shrunk to for fitting N4, mm...
+    n4_min_samples : int
+        ...or smaller, so that every axis keeps at least this many voxels
+        (:func:`khe_vol.segmentation.intensity.n4_shrink_factors`).
     n4_iterations : int
         N4 iterations at each fitting level.
     n4_levels : int
@@ -145,7 +148,8 @@ class SegmentationParams:
     min_contrast: float = 2.0
     bias_correction: bool = True
     n4_spacing_mm: float = 8.0
-    n4_iterations: int = 30
+    n4_min_samples: int = 24
+    n4_iterations: int = 10
     n4_levels: int = 3
     smoothing_sigma_mm: float = 0.5
     lower_fraction: float = 0.5

@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from khe_vol.geometry import from_canonical, seed_voxel, to_canonical, voxel_sizes_mm
-from khe_vol.segmentation.band import enclosed_core, iterate_segmentation, threshold_band_ml
+from khe_vol.segmentation.band import enclosed_core, fluid_beside, iterate_segmentation, threshold_band_ml
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import PreparedRoi, bright_share, initial_model, prepare_roi
-from khe_vol.segmentation.morphology import ball_mask, crop_box, fill_lesion_holes
+from khe_vol.segmentation.morphology import ball_mask, bounding_box, crop_box, fill_lesion_holes, voxels_covering, within_mm
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
 
@@ -114,6 +114,7 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=
         region = fill_lesion_holes(region | core, spacing, params)
     info["enclosed_core_voxels"] = int(core.sum())
     info["bright_share"] = bright_share(smoothed, region, model)
+    info["fluid_beside"] = fluid_beside(smoothed, model, region, spacing, params)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info["threshold_band_ml"] = (threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
                                  if volume_band else None)
@@ -135,7 +136,7 @@ def roi_box(center_ijk, shape, spacing_mm, params):
     tuple of slice
     """
     box = crop_box(center_ijk, shape, spacing_mm, params.max_radius_mm)
-    return tuple(slice(0, int(n)) if n * s <= params.whole_axis_mm else b
+    return tuple(slice(0, int(n)) if n * s <= within_mm(params.whole_axis_mm) else b
                  for b, n, s in zip(box, shape[:3], spacing_mm))
 
 
@@ -157,8 +158,8 @@ def lesion_box_centre(region, box):
     -------
     tuple of int
     """
-    idx = np.argwhere(region)
-    mid = (idx.min(axis=0) + idx.max(axis=0)) // 2
+    first, last = bounding_box(region)
+    mid = (first + last) // 2
     return tuple(int(m + sl.start) for m, sl in zip(mid, box))
 
 
@@ -209,15 +210,14 @@ def _search_near_seed(smoothed, model, seed_roi, spacing, params):
     whole region gives; otherwise the whole region is searched.
     """
     search = crop_box(seed_roi, smoothed.shape, spacing, params.max_radius_mm)
-    margin = np.ceil((params.shell_outer_mm + params.opening_radius_mm + 10.0) / np.asarray(spacing, float))
+    margin = voxels_covering(params.shell_outer_mm + params.opening_radius_mm + 10.0, spacing)
     if any(sl.start > 0 or sl.stop < n for sl, n in zip(search, smoothed.shape)):
         start = tuple(i - sl.start for i, sl in zip(seed_roi, search))
         sub, sub_model, history = iterate_segmentation(
             smoothed[search], model, start, spacing, params, params.seed_search_radius_mm
         )
         if sub.any():
-            idx = np.argwhere(sub)
-            lo, hi = idx.min(axis=0), idx.max(axis=0)
+            lo, hi = bounding_box(sub)
             clear = all((sl.start == 0 or a >= m) and (sl.stop == n or b < sl.stop - sl.start - m)
                         for sl, n, a, b, m in zip(search, smoothed.shape, lo, hi, margin))
             if clear:

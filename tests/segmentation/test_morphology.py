@@ -21,6 +21,9 @@ from khe_vol.segmentation.morphology import (
     fill_holes,
     mask_box,
     opening_mm,
+    thickest_axis,
+    voxels_covering,
+    within_mm,
 )
 
 SPACINGS_MM = [(0.55, 0.55, 4.0), (0.9, 1.3, 2.5), (3.0, 0.7, 0.7)]
@@ -59,9 +62,10 @@ def test_distance_outside_equals_scipy_edt(spacing_mm):
 @pytest.mark.parametrize("radius_mm", RADII_MM)
 def test_dilate_and_erode_equal_scipy_distance_thresholds(spacing_mm, radius_mm):
     mask = blobs(seed=2)
-    np.testing.assert_array_equal(dilate_mm(mask, spacing_mm, radius_mm), edt_mm(~mask, spacing_mm) <= radius_mm)
+    reach = within_mm(radius_mm)  # a radius is read with RADIUS_RTOL of slack
+    np.testing.assert_array_equal(dilate_mm(mask, spacing_mm, radius_mm), edt_mm(~mask, spacing_mm) <= reach)
     # Erosion: the array border is not background, as scipy's EDT (distance to the nearest 0 in the array).
-    np.testing.assert_array_equal(erode_mm(mask, spacing_mm, radius_mm), edt_mm(mask, spacing_mm) > radius_mm)
+    np.testing.assert_array_equal(erode_mm(mask, spacing_mm, radius_mm), edt_mm(mask, spacing_mm) > reach)
 
 
 @pytest.mark.parametrize("spacing_mm", SPACINGS_MM)
@@ -108,6 +112,36 @@ def test_fill_holes_in_3d_and_slice_by_slice():
     assert filled[4, 4, 2] and not filled[2, 2, 2]
     assert fill_holes(mask, slice_axis=2)[2, 2, 2]
     assert not fill_holes(mask, slice_axis=0)[2, 2, 2]  # across axis 0 the tunnel is open
+
+
+@pytest.mark.parametrize("slice_axis", [None, 0, 1, 2])
+def test_fill_holes_equals_scipy_binary_fill_holes(slice_axis):
+    """The background labelled once gives scipy's voxels, in 3D and on every slice."""
+    for seed in range(6):
+        mask = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=(23, 17, 9)), 1.0) > 0.1
+        expected = ndimage.binary_fill_holes(mask)
+        if slice_axis is not None:
+            moved = np.moveaxis(expected, slice_axis, 0)
+            for k in range(moved.shape[0]):
+                moved[k] = ndimage.binary_fill_holes(moved[k])
+        np.testing.assert_array_equal(fill_holes(mask, slice_axis), expected)
+
+
+def test_grids_a_header_rounding_apart_give_the_same_balls_boxes_and_slice_axis():
+    """Voxel sizes 2.5e-5 apart (a DICOM decimal string, a float32 affine) must not flip a
+    voxel exactly one radius away into or out of a ball, resize a box, or pick another
+    slice axis."""
+    exact, off = np.array([1.0, 1.0, 4.0]), np.array([1.0, 1.0, 4.0]) * np.array([1 - 1e-5, 1 - 1e-5, 1 + 2.5e-5])
+    for radius_mm in (1.0, 2.0, 3.0, 4.0, 8.0):
+        np.testing.assert_array_equal(ball_structure(off, radius_mm), ball_structure(exact, radius_mm))
+        np.testing.assert_array_equal(ball_mask((25, 25, 9), (12, 12, 4), off, radius_mm),
+                                      ball_mask((25, 25, 9), (12, 12, 4), exact, radius_mm))
+        np.testing.assert_array_equal(voxels_covering(radius_mm, off), voxels_covering(radius_mm, exact))
+        mask = blobs(seed=4)
+        np.testing.assert_array_equal(dilate_mm(mask, off, radius_mm), dilate_mm(mask, exact, radius_mm))
+        np.testing.assert_array_equal(erode_mm(mask, off, radius_mm), erode_mm(mask, exact, radius_mm))
+    assert thickest_axis((1.0, 1.0, 1.0)) == thickest_axis((1.0, 1.0, 1.00003)) == 0
+    assert thickest_axis((0.55, 0.55, 4.0)) == 2
 
 
 def test_components_touching_and_component_near():
