@@ -306,11 +306,6 @@ def tissue_level(values, bins=256):
     return float(centres[k]), dark, float(hi_edge - lo_edge) / 2.355
 
 
-#: The first lesion spread, before any segmentation, is at least this share of the contrast ``L - B``
-#: (phantom lesions settle at 0.15-0.2).
-INITIAL_SD_CONTRAST = 0.0
-
-
 def initial_model(roi, sample):
     """First guess of the intensity model from the region and a seed sample.
 
@@ -340,12 +335,9 @@ def initial_model(roi, sample):
     bright = sample[sample > 0.5 * (level + top)]
     if bright.size == 0:
         bright = np.array([top])
-    lesion = float(np.median(bright))
-    # A sample this small may lie in one even part of the lesion, and the
-    # lesion's bright parts then passed for fluid (a lobe lost, from one seed
-    # and not another): its spread is taken as at least a share of the contrast.
-    spread = max(robust_sd(bright), INITIAL_SD_CONTRAST * (lesion - level))
-    model = IntensityModel(lesion=lesion, surround=level, lesion_sd=spread, dark=dark, floor=level)
+    model = IntensityModel(
+        lesion=float(np.median(bright)), surround=level, lesion_sd=robust_sd(bright), dark=dark, floor=level
+    )
     return model, tissue_sd
 
 
