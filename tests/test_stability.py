@@ -71,6 +71,35 @@ def test_slice_step_moved_by_1e4_mm_leaves_the_tracked_volume(demo_participant_0
     assert unmoved == pytest.approx(sessions["m06"][3], rel=0.06)
 
 
+def test_sform_only_qform_only_and_reversed_storage_give_one_baseline_volume(demo_participant_01):
+    """The same voxels under an sform alone, a qform alone (a quaternion: the affine to float
+    precision) and with an array axis reversed measure one volume."""
+    import nibabel as nib
+
+    folder, sessions, seed = demo_participant_01
+    stored, slope, affine, _ = sessions["baseline"]
+    volumes = {}
+    for name in ("sform", "qform", "reversed"):
+        data, aff = (stored[::-1].copy(), affine @ np.array([[-1, 0, 0, stored.shape[0] - 1], [0, 1, 0, 0],
+                                                              [0, 0, 1, 0], [0, 0, 0, 1.0]])) \
+            if name == "reversed" else (stored, affine)
+        img = nib.Nifti1Image(data, None)
+        img.header.set_slope_inter(slope, 0.0)
+        if name == "qform":
+            img.set_qform(aff, code=1)
+            img.set_sform(None, code=0)
+        else:
+            img.set_sform(aff, code=1)
+            img.set_qform(None, code=0)
+        path = folder / f"{name}_T2w.nii.gz"
+        nib.save(img, path)
+        record, _, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=seed)
+        assert record["status"] == "ok", record["message"]
+        assert record["affine_source"] == ("qform" if name == "qform" else "sform")
+        volumes[name] = record["volume_ml"]
+    assert max(volumes.values()) == pytest.approx(min(volumes.values()), rel=1e-3), volumes
+
+
 def test_a_followup_reusing_its_baselines_reference_model_gives_the_same_record(demo_participant_01):
     """The baseline job computes what tracking needs of its lesion once; a follow-up given it
     writes the same record as one that computes it again."""
