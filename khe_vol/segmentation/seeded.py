@@ -11,7 +11,8 @@ from khe_vol.geometry import from_canonical, seed_voxel, to_canonical, voxel_siz
 from khe_vol.segmentation.band import enclosed_core, fluid_beside, iterate_segmentation, threshold_band_ml
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import PreparedRoi, bright_share, initial_model, prepare_roi
-from khe_vol.segmentation.morphology import ball_mask, bounding_box, crop_box, fill_lesion_holes, voxels_covering, within_mm
+from khe_vol.segmentation.morphology import (ball_mask, bounding_box, crop_box, fill_lesion_holes, voxels_covering,
+                                             within_mm)
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
 
