@@ -20,8 +20,8 @@ from khe_vol.segmentation.morphology import (
     dilate_mm,
     distance_outside_mm,
     fill_lesion_holes,
+    grow_voxels,
     mask_box,
-    on_mask_box,
     opening_mm,
     within_mm,
 )
@@ -143,7 +143,7 @@ def fluid_plateaus(smoothed, upper, max_sd, min_height_sd):
     sd = label_detrended_sd(smoothed, labels, n, interior)
     flat = (count >= 8) & (sd <= max_sd) & (mean - upper >= min_height_sd * sd)
     plateaus = select_labels(labels, flat)
-    return on_mask_box(lambda sub: ndimage.binary_dilation(sub, structure=cube), plateaus, (1, 1, 1)) & candidates
+    return grow_voxels(plateaus) & candidates
 
 
 def fluid_mask(smoothed, model, params):
@@ -215,7 +215,7 @@ def fluid_beside(smoothed, model, region, spacing_mm, params):
     fluid = fluid_mask(smoothed[box], model, params)
     if not fluid.any():
         return []
-    near = ndimage.binary_dilation(region[box], structure=np.ones((3, 3, 3), bool), iterations=2)
+    near = grow_voxels(region[box], 2)
     labels, n = ndimage.label(fluid)
     touching = np.zeros(n + 1, bool)
     touching[labels[near & fluid]] = True
@@ -331,8 +331,7 @@ def band_segmentation(smoothed, model, start, spacing_mm, params, search_radius_
     if beside.any():
         # Fluid beside the lesion: drop the voxels touching it, its
         # partial-volume rim rather than lesion.
-        rim = on_mask_box(lambda sub: ndimage.binary_dilation(sub, structure=np.ones((3, 3, 3), bool)), beside,
-                          (1, 1, 1))
+        rim = grow_voxels(beside)
         region = components_touching(region & ~rim, core & ~rim)
     return fill_lesion_holes(region, spacing_mm, params)
 
@@ -371,7 +370,7 @@ def thick_low_band(smoothed, model, region, spacing_mm, params):
         return np.zeros(region.shape, bool)
     fluid = fluid_mask(smoothed, model, params)
     if fluid.any():
-        fluid = ndimage.binary_dilation(fluid, structure=np.ones((3, 3, 3), bool))
+        fluid = grow_voxels(fluid)
     low = smoothed >= model.surround + params.low_band_fraction * model.contrast
     thick = opening_mm(low & ~region & ~fluid, spacing_mm, params.low_band_min_thickness_mm)
     touching = ndimage.binary_dilation(region, structure=ndimage.generate_binary_structure(3, 1))

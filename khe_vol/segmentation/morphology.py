@@ -138,6 +138,16 @@ def on_mask_box(operation, mask, margin_voxels):
     return out
 
 
+def grow_voxels(mask, n_voxels=1):
+    """Dilation by ``n_voxels`` in every direction (a cube of ``2 n + 1`` voxels), on the mask's box.
+
+    For rims measured in voxels, not mm: the partial-volume rim of fluid, what
+    touches a lesion.
+    """
+    cube = np.ones((2 * int(n_voxels) + 1,) * 3, bool)
+    return on_mask_box(lambda sub: ndimage.binary_dilation(sub, structure=cube), mask, (int(n_voxels),) * 3)
+
+
 def dilate_mm(mask, spacing_mm, radius_mm):
     """Dilation by a ball of ``radius_mm``: voxels within that distance of the mask."""
     if radius_mm <= 0:

@@ -409,7 +409,8 @@ def intensity_map(image, affine, ref_image, ref_affine, transform, carried, box,
                          sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     values, small_affine = from_sitk(follow)
     ref_values = from_sitk(reference)[0]
-    far = distance_outside_mm(from_sitk(near)[0] != 0, voxel_sizes_mm(small_affine)) > within_mm(params.track_margin_mm)
+    far = (distance_outside_mm(from_sitk(near)[0] != 0, voxel_sizes_mm(small_affine))
+           > within_mm(params.track_margin_mm))
     keep = far & np.isfinite(ref_values)
     x, y = values[keep].astype(np.float64), ref_values[keep].astype(np.float64)
     if x.size < 100:
