@@ -42,6 +42,7 @@ from scipy import ndimage
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
 from khe_vol.overlap import dice
 from khe_vol.segmentation.interactive import EXCLUDE, INCLUDE, Click, ClickSession
+from khe_vol.segmentation.learned import segment_box
 from khe_vol.segmentation.params import SegmentationError
 from khe_vol.segmentation.seeded import segment_from_seed
 from khe_vol.segmentation.track import track_followup
@@ -86,8 +87,20 @@ def next_click(mask, truth, affine):
     return Click(best[1], tuple(float(v) for v in voxel_to_world(ijk, affine)))
 
 
-def simulate(image, affine, truth, start_mask=None, seed_click=None):
+def truth_box_ras_mm(truth, affine):
+    """The simulated reader's box: the truth's 3D bounding box (voxel centres), RAS+ mm corners."""
+    idx = np.argwhere(np.asarray(truth) != 0)
+    corners = voxel_to_world(np.array([idx.min(axis=0), idx.max(axis=0)]), affine)
+    return [float(v) for v in (*corners[0], *corners[1])]
+
+
+def simulate(image, affine, truth, start_mask=None, seed_click=None, box=False):
     """Run the protocol on one series.
+
+    With ``box``, the learned engine's protocol: interaction 0 is the
+    automatic (seeded or tracked) mask as before, interaction 1 the truth's
+    3D box through :func:`khe_vol.segmentation.learned.segment_box`, and
+    the clicks then steer the box's mask.
 
     Returns
     -------
@@ -97,12 +110,23 @@ def simulate(image, affine, truth, start_mask=None, seed_click=None):
     truth = np.asarray(truth) != 0
     voxel_ml = abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000.0
     true_ml = float(truth.sum()) * voxel_ml
+    dices, errors, seconds, kinds = [], [], [], []
+    if box:
+        auto = start_mask if start_mask is not None else segment_from_seed(image, affine, seed_click.ras_mm)[0] != 0
+        dices.append(dice(auto, truth))
+        errors.append((float(auto.sum()) * voxel_ml - true_ml) / true_ml)
+        t0 = time.process_time()
+        start_mask = segment_box(image, affine, truth_box_ras_mm(truth, affine))[0] != 0
+        seconds.append(time.process_time() - t0)
+        kinds.append("box")
+        if not start_mask.any():
+            return {"error": "the box gave an empty mask"}
     session = ClickSession(image, affine, start_mask=start_mask)
     clicks = [] if start_mask is not None else [seed_click]
-    dices, errors, seconds, kinds = [], [], [], []
     mask = start_mask if start_mask is not None else None
-    for n in range(MAX_CLICKS + 1):
-        if n > 0 or start_mask is None:
+    first = len(dices)  # 1 after a box: it was interaction 1
+    for n in range(first, MAX_CLICKS + 1):
+        if n > first or start_mask is None:
             t0 = time.process_time()
             try:
                 mask, _ = session.segment(clicks)
@@ -134,7 +158,7 @@ def simulate(image, affine, truth, start_mask=None, seed_click=None):
     }
 
 
-def phantom_rows(n_participants, log):
+def phantom_rows(n_participants, log, box=False):
     rows = []
     for index in range(n_participants):
         pid = f"sub-ph{index + 1:02d}"
@@ -146,12 +170,12 @@ def phantom_rows(n_participants, log):
             row = {"cohort": "phantom", "participant_id": pid, "session_id": f"ses-{ses}"}
             if ses == "baseline":  # seeded where a reader clicks
                 seed = phantom_reader_seeds(anatomy, spec, ph, np.random.default_rng([2026, index, 3]))[0]
-                result = simulate(ph.image, ph.affine, ph.truth_mask, seed_click=Click(INCLUDE, tuple(seed)))
+                result = simulate(ph.image, ph.affine, ph.truth_mask, seed_click=Click(INCLUDE, tuple(seed)), box=box)
                 base = segment_from_seed(ph.image, ph.affine, seed)[0], ph
             else:
                 tracked, _ = track_followup(ph.image, ph.affine, base[1].image, base[1].affine, base[0])
                 if tracked.any():
-                    result = simulate(ph.image, ph.affine, ph.truth_mask, start_mask=tracked)
+                    result = simulate(ph.image, ph.affine, ph.truth_mask, start_mask=tracked, box=box)
                 elif ph.truth_mask.any():  # nothing found: one click at the interior-most point
                     ijk = interior_most(ph.truth_mask != 0, voxel_sizes_mm(ph.affine))
                     seed = Click(INCLUDE, tuple(float(v) for v in voxel_to_world(ijk, ph.affine)))
@@ -164,7 +188,7 @@ def phantom_rows(n_participants, log):
     return rows
 
 
-def real_rows(realdata, log):
+def real_rows(realdata, log, box=False):
     realdata = Path(realdata)
     if not realdata.is_dir():
         return []
@@ -177,7 +201,7 @@ def real_rows(realdata, log):
         bright = np.isin(np.asarray(dseg.dataobj), (2, 3, 4))  # FLAIR-bright tumour and oedema, as a reader seeds
         seed = reader_seeds_ras_mm(bright, dseg.affine, np.random.default_rng([2026, n, 3]))[0]
         image = np.asarray(img.dataobj, np.float32)
-        result = simulate(image, img.affine, truth, seed_click=Click(INCLUDE, tuple(seed)))
+        result = simulate(image, img.affine, truth, seed_click=Click(INCLUDE, tuple(seed)), box=box)
         row = {"cohort": "real", "participant_id": pid, "session_id": "ses-baseline", **result}
         rows.append(row)
         log(row)
@@ -229,10 +253,12 @@ def main(argv=None):
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-phantoms", action="store_true")
     parser.add_argument("--realdata", default=str(REALDATA))
+    parser.add_argument("--box", action="store_true",
+                        help="the learned engine's protocol: interaction 1 is the truth's 3D box, then clicks")
     parser.add_argument("--out", default=str(REPO / "results" / "benchmark_interactive.json"))
     args = parser.parse_args(argv)
-    phantoms = [] if args.skip_phantoms else phantom_rows(args.participants, _log)
-    real = [] if args.skip_real else real_rows(args.realdata, _log)
+    phantoms = [] if args.skip_phantoms else phantom_rows(args.participants, _log, args.box)
+    real = [] if args.skip_real else real_rows(args.realdata, _log, args.box)
     summary = {"phantom": summarise(phantoms), "real": summarise(real) if real else None}
     print(json.dumps(summary, indent=2))
     out = Path(args.out)

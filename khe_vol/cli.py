@@ -132,6 +132,18 @@ def _ras_point(text):
     return point
 
 
+def _ras_box(text):
+    """``X0,Y0,Z0,X1,Y1,Z1``: two opposite corners of a box, RAS+ mm (argparse type)."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        box = tuple(float(v) for v in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 6 or not all(map(math.isfinite, box)):
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,Z0,X1,Y1,Z1 in RAS+ mm (six numbers), got {text!r}")
+    return box
+
+
 class _ClickAction(argparse.Action):
     """Collect --include / --exclude points into one list, in command-line order."""
 
@@ -152,10 +164,21 @@ def _cmd_segment(args):
     try:
         params = segmentation_params(resolve_config([args.config])["segmentation"] if args.config else None)
         image = load_series(args.image)
-        start = None
+        start, box_info = None, None
+        if args.start_mask and args.box:
+            raise ValueError("give --box or --start-mask, not both: each is where the clicks start")
         if args.start_mask:  # any reader-mask format, checked, brought onto the image grid by position
             start = reader_mask_on_grid(args.start_mask, image)[0] != 0
+        if args.box:  # the learned engine inside the reader's box; clicks then steer its mask
+            from khe_vol.segmentation.learned import segment_box
+
+            start, box_info = segment_box(image.data, image.affine, args.box)
+            if not start.any():
+                raise SegmentationError(f"the learned engine found no lesion in the box {list(args.box)} RAS+ mm; "
+                                        "check the box holds the lesion, or start from an include click")
         clicks = [Click(kind, point) for kind, point in (args.clicks or [])]
+        if not clicks and start is None:
+            raise ValueError("nothing to segment from: give --box, --start-mask or an --include click")
         mask, info = segment_clicks(image.data, image.affine, clicks, start_mask=start, params=params)
     except (SeriesError, SegmentationError, ValueError, OSError) as exc:
         print(f"khe-vol segment: {exc}", file=sys.stderr)
@@ -163,9 +186,10 @@ def _cmd_segment(args):
     write_nifti(args.out, mask_image(mask, image.affine))
     if args.record:
         record = {"image": str(args.image), "image_sha256": image.sha256, "start_mask": args.start_mask,
+                  "box_ras_mm": list(args.box) if args.box else None, "box": box_info,
                   "clicks": [c.as_dict() for c in clicks], **info}
         atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
-    print(f"{args.out}: {info['volume_ml']:.3f} mL after {info['n_clicks']} click(s)")
+    print(f"{args.out}: {info['volume_ml']:.3f} mL after {'a box and ' if args.box else ''}{info['n_clicks']} click(s)")
     return 0
 
 
@@ -715,6 +739,9 @@ def build_parser():
     p.add_argument("--exclude", action=_ClickAction, const="exclude", type=_ras_point, metavar="X,Y,Z",
                    help="a point that is not lesion, RAS+ mm (repeatable; clicks apply in the order given)")
     p.add_argument("--start-mask", help="a mask to start from (a proposal or an earlier read) instead of the seed")
+    p.add_argument("--box", type=_ras_box, metavar="X0,Y0,Z0,X1,Y1,Z1",
+                   help="a box around the lesion, two opposite corners in RAS+ mm (its extent across the slices is "
+                   "the slice range): the learned engine (LiteMedSAM) segments inside it; clicks then steer that mask")
     p.add_argument("--config", help="study config (its segmentation parameters are used)")
     p.add_argument("--out", required=True, help="mask to write: uint8 0/1 on the image grid")
     p.add_argument("--record", help="JSON record of the clicks and the result")

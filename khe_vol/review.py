@@ -40,6 +40,11 @@ FLUID_NEAR_LESION_CONTRAST = 0.5
 #: saturated nodule at the edge are not worth a reader's look).
 FLUID_NEAR_LESION_SHARE = 0.05
 
+#: The learned and the classical engine disagree when their volumes differ by more than this share
+#: of the classical volume (``segmentation.engines_disagree_fraction`` sets it per study; this is
+#: its default, and the response categories are 20 % apart).
+ENGINES_DISAGREE_FRACTION = 0.2
+
 #: Every review reason, with what it means and what a coordinator does about it.
 REVIEW_REASONS = {
     "automatic_zero_volume": (
@@ -72,6 +77,11 @@ REVIEW_REASONS = {
         f"{FLUID_NEAR_LESION_SHARE:.0%} of its volume, was left out as fluid although it is barely brighter than "
         f"the lesion (within {FLUID_NEAR_LESION_CONTRAST:g} of the lesion contrast): it may be a bright part of "
         "the lesion; check the mask there and include it if it is lesion"
+    ),
+    "engines_disagree": (
+        "the learned and the classical engine measure this lesion differently (by more than "
+        f"{ENGINES_DISAGREE_FRACTION:.0%} by default): two independent methods disagree, so a reader checks "
+        "the mask, above all its edges and its first and last slices"
     ),
 }
 

@@ -319,6 +319,32 @@ def measure_series(
     return record, mask, series.affine
 
 
+def _apply_engine(series, mask, info, params, record):
+    """The mask of the configured engine (``segmentation.engine``) from the classical one.
+
+    With ``learned`` or ``hybrid`` the learned mask is the result; both
+    volumes go to ``info["engines"]``, the classical one widens the volume
+    band, and a disagreement beyond ``engines_disagree_fraction`` is flagged.
+    """
+    if params.engine == "classical" or not mask.any():
+        return mask
+    from khe_vol.segmentation.learned import engine_mask
+
+    learned, learned_info = engine_mask(series.data, series.affine, mask, params)
+    voxel_ml = voxel_volume_mm3(series.affine) / 1000.0
+    classical_ml = float(np.count_nonzero(mask)) * voxel_ml
+    learned_ml = learned_info["volume_ml"]
+    info["engines"] = {"classical_ml": classical_ml, **learned_info}
+    # Two independent methods' volumes: the band holds both.
+    info["threshold_band_ml"] = [*(info.get("threshold_band_ml") or ()), classical_ml]
+    share = abs(learned_ml - classical_ml) / classical_ml
+    if share > params.engines_disagree_fraction:
+        flag(record, "engines_disagree",
+             f"the {params.engine} engine measures {learned_ml:.2f} mL, the classical engine {classical_ml:.2f} mL "
+             f"({share:.0%} apart, more than {params.engines_disagree_fraction:.0%})")
+    return learned
+
+
 def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overrides, record):
     # Which source applies is decided once, by khe_vol.plan.series_plan.
     if sum(x is not None for x in (reader_mask_path, seed_ras_mm, reference)) > 1:
@@ -383,6 +409,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                 flag(record, "seed_not_in_lesion_tissue", problem)
             _flag_bright_inclusion(record, info)
             _flag_fluid_near_lesion(record, info, voxel_volume_mm3(series.affine) / 1000.0)
+            mask = _apply_engine(series, mask, info, params, record)
             if mask.any():  # what every follow-up tracked from this lesion needs of it, computed once
                 info["reference_model"] = reference_summary(series.data, series.affine, mask, params)
             return mask, info
@@ -420,7 +447,7 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
             flag(record, "intensity_scale_differs", scale_detail)
         _flag_bright_inclusion(record, info)
         _flag_fluid_near_lesion(record, info, voxel_volume_mm3(series.affine) / 1000.0)
-        return mask, info
+        return _apply_engine(series, mask, info, params, record), info
     except SegmentationError as exc:
         raise SeriesError(f"{series.path}: automatic segmentation failed: {exc}") from exc
 

@@ -20,10 +20,11 @@ tracked proposal, an earlier read).
   partial-volume rim, inside the lesion's convex hull (slice by slice), so it
   cannot run off into tissue elsewhere. Holes the new part closes are filled.
 - **Include, inside the mask**: marks that part as lesion for later excludes.
-- **Exclude, inside the mask**: within reach of the click (``click_reach_mm``
-  beyond its depth in the mask), on tissue dimmer than the lesion threshold
-  the mask's connected tissue no brighter than the click goes; on
-  lesion-bright tissue the mask is partitioned along intensity edges (a
+- **Exclude, inside the mask**: on tissue dimmer than the lesion threshold
+  the mask's tissue no brighter than the click goes wherever it is connected
+  to the click (a halo around the whole lesion, slab-end slices); on
+  lesion-bright tissue, within reach of the click (``click_reach_mm`` beyond
+  its depth in the mask), the mask is partitioned along intensity edges (a
   marker watershed of the gradient magnitude) between the click and the
   mask at the edge of its reach and the include markers, and the click's
   part goes. Parts cut off from every include marker go too. Include markers
@@ -278,32 +279,39 @@ def _click_reach_mm(distance_mm, params):
 def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
     """The mask after a reader's exclude click at ``point_ijk``, inside it (see the module notes).
 
-    Within reach of the click (``click_reach_mm`` beyond its depth in the
-    mask): on tissue dimmer than the lesion threshold, the connected tissue
-    of the mask no brighter than the click (within the tolerance) goes; on
-    lesion-bright tissue, the mask there is partitioned along intensity edges
-    (:func:`split_by_markers`) between the click and the mask at the edge of
-    the reach (and the include markers), and the click's part goes. Parts of
-    the mask this cuts off from every include marker go too.
+    On tissue dimmer than the lesion threshold, the mask's tissue no brighter
+    than the click (within the tolerance) goes wherever it is connected to
+    the click: a halo around the whole lesion, a slab-end slice. On
+    lesion-bright tissue, within reach of the click (``click_reach_mm``
+    beyond its depth in the mask), the mask is partitioned along intensity
+    edges (:func:`split_by_markers`) between the click and the mask at the
+    edge of the reach (and the include markers), and the click's part goes.
+    Parts of the mask this cuts off from every include marker go too.
     """
     smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
+    level = click_level(smoothed, point_ijk, spacing, params)
+    if level < model.lower(params):
+        # Dimmer than the lesion (oedema, a halo, a slab-end slice): that tissue goes
+        # wherever in the mask it is connected to the click, not only near it.
+        near = crop_box(point_ijk, smoothed.shape, spacing, params.click_sample_radius_mm)
+        local = tuple(int(p - s.start) for p, s in zip(point_ijk, near))
+        ceiling = level + _tolerance(smoothed[near], local, spacing, model, params)
+        gone = component_near(region & (smoothed <= ceiling), point_ijk, spacing, 0.0)
+        gone[point_ijk] = True
+        return _keep_marked(region & ~gone, include_ijk)
     reach_mm = _click_reach_mm(distance_to_mm(~region, point_ijk, spacing, params.max_radius_mm), params)
     sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
     local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
     values, inside = smoothed[sub], region[sub]
     reach = ball_mask(values.shape, local, spacing, reach_mm)
-    level = click_level(smoothed, point_ijk, spacing, params)
-    if level < model.lower(params):
-        dim = inside & reach & (values <= level + _tolerance(values, local, spacing, model, params))
-        gone = component_near(dim, local, spacing, 0.0)
-    else:
-        near = inside & reach
-        rim = near & ~ndimage.binary_erosion(reach)  # the outer voxel layer of the reach
-        offset = np.array([s.start for s in sub])
-        keep = [tuple(np.asarray(p) - offset) for p in include_ijk
-                if all(s.start <= i < s.stop for s, i in zip(sub, p))]
-        keep += [tuple(int(v) for v in q) for q in np.argwhere(rim)]
-        gone = near & ~split_by_markers(gradient[sub], near, keep, [local], params.click_compactness)
+    # Lesion-bright: partition the mask near the click along intensity edges.
+    near = inside & reach
+    rim = near & ~ndimage.binary_erosion(reach)  # the outer voxel layer of the reach
+    offset = np.array([s.start for s in sub])
+    keep = [tuple(np.asarray(p) - offset) for p in include_ijk
+            if all(s.start <= i < s.stop for s, i in zip(sub, p))]
+    keep += [tuple(int(v) for v in q) for q in np.argwhere(rim)]
+    gone = near & ~split_by_markers(gradient[sub], near, keep, [local], params.click_compactness)
     gone[local] = True
     out = region.copy()
     out[sub] &= ~gone
@@ -399,8 +407,8 @@ class ClickSession:
     affine : (4, 4) array_like
         Voxel-to-world RAS+ affine, mm.
     start_mask : (I, J, K) array_like, optional
-        Starting mask (non-zero = lesion). Without it, the first click must
-        be an include: the seed.
+        Starting mask (non-zero = lesion). Without it, or when it is empty
+        (a 0 mL proposal), the first click must be an include: the seed.
     params : SegmentationParams
     volume_band : bool
         Compute the seeded segmentation's volume band (``info["seeded"]``);
@@ -430,9 +438,8 @@ class ClickSession:
                 raise SegmentationError(f"the start mask (shape {list(start_mask.shape)}) is not on the image "
                                         f"grid (shape {list(self.shape)})")
             start_mask = to_canonical(start_mask, affine)[0]
-            if not start_mask.any():
-                raise SegmentationError("the start mask is empty; start from an include click instead")
-            self.start_mask = start_mask
+            # An empty start mask (a 0 mL proposal) is no mask: the first include click seeds.
+            self.start_mask = start_mask if start_mask.any() else None
         self.volume_band = volume_band
         self._prepared = {}  # box -> prepare_roi's result: N4 runs once per box
         self._roi = None

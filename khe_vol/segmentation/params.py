@@ -9,6 +9,10 @@ class SegmentationError(ValueError):
     """Segmentation cannot be done; the message says why in coordinator terms."""
 
 
+#: The automatic path's engines (``SegmentationParams.engine``).
+ENGINES = ("classical", "learned", "hybrid")
+
+
 @dataclass(frozen=True)
 class SegmentationParams:
     """Every tunable of :func:`khe_vol.segmentation.seeded.segment_from_seed` and
@@ -131,14 +135,28 @@ class SegmentationParams:
         of the click's level, and at least ``click_min_contrast_fraction`` of
         the lesion contrast, joins the lesion.
     click_reach_mm : float
-        A click on tissue dimmer than the lesion threshold acts within this
-        distance of it, mm: include adds the tissue at least as bright as the
-        click there, exclude removes the mask's tissue no brighter than it.
+        An include click on tissue dimmer than the lesion threshold adds the
+        tissue at least as bright as the click within this distance beyond
+        the lesion edge nearest it, mm; an exclude click on lesion-bright
+        tissue partitions the mask within it. (An exclude on dimmer tissue
+        removes it wherever it is connected: no reach.)
     click_compactness : float
         Where a click partitions the mask along intensity edges (an exclude
         on lesion-bright tissue, a barrier), each voxel of distance from a
         marker costs this many median gradients, so flat tissue is shared by
         distance rather than by its noise (compact watershed).
+    engine : {"classical", "learned", "hybrid"}
+        The automatic path (:func:`khe_vol.segmentation.learned.engine_mask`):
+        the classical engine alone; ``learned``, LiteMedSAM prompted with the
+        classical mask's 3D box (widened by ``learned_pad_mm``) and carried
+        slice to slice; ``hybrid``, LiteMedSAM prompted on every slice of the
+        classical mask with its box there (widened by ``learned_pad_mm``).
+    learned_pad_mm : float
+        How far the learned engine's boxes reach beyond the classical mask, mm.
+    engines_disagree_fraction : float
+        With ``learned`` or ``hybrid``, a series whose two engines' volumes
+        differ by more than this share of the classical one is flagged
+        ``engines_disagree``.
     """
 
     max_radius_mm: float = 90.0
@@ -184,3 +202,10 @@ class SegmentationParams:
     click_sample_radius_mm: float = 3.0
     click_level_tolerance: float = 1.0
     click_min_contrast_fraction: float = 0.05
+    engine: str = "classical"
+    learned_pad_mm: float = 3.0
+    engines_disagree_fraction: float = 0.2
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise SegmentationError(f"segmentation engine is one of {', '.join(ENGINES)}, not {self.engine!r}")

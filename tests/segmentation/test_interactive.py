@@ -177,3 +177,39 @@ def test_bad_clicks_say_what_is_wrong(scene, tmp_path):
                 [{"kind": "include", "ras_mm": [True, 2, 3]}]):
         with pytest.raises(ValueError):
             clicks_from_json(bad)
+
+
+def test_an_exclude_on_a_dim_halo_removes_it_around_the_whole_lesion(tmp_path):
+    """A start mask holding a lesion and the dimmer oedema-like halo around all of it, as the
+    classical engine takes it on a real sarcoma: one exclude on the halo, on one side, takes the
+    halo off every side and every slice and keeps the lesion."""
+    rng = np.random.default_rng(11)
+    centre = np.array([45.0, 45.0, 36.0])
+    lesion = _ball(centre, 13.0)
+    halo = _ball(centre, 18.0) & ~lesion
+    image = np.full(SHAPE, 200.0)
+    image[halo] = 290.0
+    image[lesion] = 430.0
+    image = ndimage.gaussian_filter(image, (0.8, 0.8, 0.3)) + rng.normal(0, 8.0, SHAPE)
+    affine = np.diag([SPACING_MM[0], SPACING_MM[1], SPACING_MM[2], 1.0])
+    start = lesion | halo
+    click_ijk = np.rint((centre + [-15.5, 0.0, 0.0]) / SPACING_MM).astype(int)  # in the halo, on the left
+    click = Click("exclude", tuple(float(v) for v in voxel_to_world(click_ijk, affine)))
+    mask, _ = segment_clicks(image.astype(np.float32), affine, [click], start_mask=start)
+    mask = mask.astype(bool)
+    far_side = halo & (np.arange(SHAPE[0])[:, None, None] * SPACING_MM[0] > centre[0] + 8.0)
+    assert mask[far_side].mean() < 0.2, "the halo on the far side of the lesion stays"
+    assert mask[halo].mean() < 0.2
+    core = _ball(centre, 11.5)
+    assert mask[core].mean() > 0.99, "the lesion went with its halo"
+
+
+def test_a_click_on_an_empty_start_mask_seeds(scene):
+    """A 0 mL proposal is no mask: the first include seeds, as without one."""
+    empty = np.zeros(SHAPE, np.uint8)
+    seeded, info = segment_clicks(scene["image"], scene["affine"], [Click("include", scene["seed"])],
+                                  start_mask=empty)
+    auto, _ = segment_from_seed(scene["image"], scene["affine"], scene["seed"])
+    assert info["start"] == "seed" and np.array_equal(seeded, auto)
+    with pytest.raises(SegmentationError, match="first click must be an include"):
+        segment_clicks(scene["image"], scene["affine"], [Click("exclude", scene["seed"])], start_mask=empty)
