@@ -229,7 +229,7 @@ def test_segmentation_overrides_are_checked_by_the_schema_naming_the_key(tmp_pat
     from khe_vol.segmentation.params import SegmentationParams
 
     schema = load_schema()["properties"]["segmentation"]["properties"]
-    json_type = {"float": "number", "int": "integer", "bool": "boolean"}
+    json_type = {"float": "number", "int": "integer", "bool": "boolean", "str": "string"}
     fields = {f.name: json_type[f.type if isinstance(f.type, str) else f.type.__name__]
               for f in dataclasses.fields(SegmentationParams)}
     assert {k: v["type"] for k, v in schema.items()} == fields
@@ -239,3 +239,6 @@ def test_segmentation_overrides_are_checked_by_the_schema_naming_the_key(tmp_pat
         validate_config(base | {"segmentation": {"max_radius_m": 120}})
     with pytest.raises(ConfigError, match="segmentation/n4_iterations"):
         validate_config(base | {"segmentation": {"n4_iterations": "many"}})
+    validate_config(base | {"segmentation": {"engine": "hybrid"}})
+    with pytest.raises(ConfigError, match="segmentation/engine"):
+        validate_config(base | {"segmentation": {"engine": "nnunet"}})

@@ -63,6 +63,9 @@ Modules, in the order data flows through a series job
 - :mod:`~khe_vol.segmentation.interactive`: a reader's include / exclude clicks steer a mask
   (:func:`segment_clicks`, :class:`ClickSession`); one include click is :func:`segment_from_seed`.
 - :mod:`~khe_vol.segmentation.track`: registration, intensity map, :func:`track_followup`.
+- :mod:`~khe_vol.segmentation.learned`: the learned engine (LiteMedSAM box prompts on ONNX
+  Runtime): a reader's 3D box (:func:`segment_box`), or the classical mask's boxes for
+  ``segmentation.engine: learned | hybrid`` (:func:`engine_mask`).
 - :mod:`~khe_vol.segmentation.uncertainty`: volume band and near-threshold flags.
 
 The package itself imports nothing (so ``import khe_vol.segmentation.params``
