@@ -157,26 +157,20 @@ def _cmd_segment(args):
     from khe_vol.config import resolve_config
     from khe_vol.files import atomic_write_text
     from khe_vol.nifti import SeriesError, load_series, mask_image, write_nifti
-    from khe_vol.segmentation.interactive import Click, segment_clicks
+    from khe_vol.segmentation.interactive import BOX, Click, segment_clicks
     from khe_vol.segmentation.params import SegmentationError
     from khe_vol.series import reader_mask_on_grid, segmentation_params
 
     try:
         params = segmentation_params(resolve_config([args.config])["segmentation"] if args.config else None)
         image = load_series(args.image)
-        start, box_info = None, None
+        start = None
         if args.start_mask and args.box:
             raise ValueError("give --box or --start-mask, not both: each is where the clicks start")
         if args.start_mask:  # any reader-mask format, checked, brought onto the image grid by position
             start = reader_mask_on_grid(args.start_mask, image)[0] != 0
-        if args.box:  # the learned engine inside the reader's box; clicks then steer its mask
-            from khe_vol.segmentation.learned import segment_box
-
-            start, box_info = segment_box(image.data, image.affine, args.box)
-            if not start.any():
-                raise SegmentationError(f"the learned engine found no lesion in the box {list(args.box)} RAS+ mm; "
-                                        "check the box holds the lesion, or start from an include click")
-        clicks = [Click(kind, point) for kind, point in (args.clicks or [])]
+        # A box is the first interaction: the learned engine's mask inside it; the clicks steer it.
+        clicks = ([Click(BOX, args.box)] if args.box else []) + [Click(kind, point) for kind, point in (args.clicks or [])]
         if not clicks and start is None:
             raise ValueError("nothing to segment from: give --box, --start-mask or an --include click")
         mask, info = segment_clicks(image.data, image.affine, clicks, start_mask=start, params=params)
@@ -186,10 +180,9 @@ def _cmd_segment(args):
     write_nifti(args.out, mask_image(mask, image.affine))
     if args.record:
         record = {"image": str(args.image), "image_sha256": image.sha256, "start_mask": args.start_mask,
-                  "box_ras_mm": list(args.box) if args.box else None, "box": box_info,
                   "clicks": [c.as_dict() for c in clicks], **info}
         atomic_write_text(args.record, json.dumps(record, indent=2) + "\n")
-    print(f"{args.out}: {info['volume_ml']:.3f} mL after {'a box and ' if args.box else ''}{info['n_clicks']} click(s)")
+    print(f"{args.out}: {info['volume_ml']:.3f} mL after {info['n_clicks']} interaction(s)")
     return 0
 
 

@@ -23,7 +23,7 @@ from khe_vol.geometry import resample_mask_to_grid, voxel_sizes_mm, voxel_volume
 from khe_vol.overlap import dice
 from khe_vol.segmentation.intensity import correct_bias
 from khe_vol.segmentation.morphology import dilate_mm, erode_mm
-from khe_vol.segmentation.params import SegmentationError, SegmentationParams
+from khe_vol.segmentation.params import ENGINES, SegmentationError, SegmentationParams
 from khe_vol.segmentation.seeded import segment_from_seed
 from khe_vol.segmentation.track import register_rigid, track_followup
 from khe_vol.series import measure_series
@@ -294,8 +294,8 @@ def test_morphology_in_millimetres_on_anisotropic_grids():
         assert erode_mm(ball, spacing, radius).sum() <= 1 + 2 * (radius >= 4.0)  # the centre (and along z)
 
 
-def test_parameters_are_plain_numbers():
+def test_parameters_are_plain_numbers_or_the_engine_name():
     params = SegmentationParams()
     for name, value in vars(params).items():
-        assert isinstance(value, (int, float, bool)), name
+        assert isinstance(value, (int, float, bool)) or (name == "engine" and value in ENGINES), name
     assert voxel_sizes_mm(np.diag([0.9, 0.9, 4.0, 1.0]))[2] == pytest.approx(4.0)

@@ -1,9 +1,11 @@
 """Interactive segmentation: a reader's include and exclude clicks steer the lesion mask.
 
 Clicks are points in scanner RAS+ mm, applied in order to a starting mask:
-either the automatic segmentation from the first include click (the seed,
-:func:`khe_vol.segmentation.seeded.segment_from_seed`), or a given mask (a
-tracked proposal, an earlier read).
+the automatic segmentation from the first include click (the seed,
+:func:`khe_vol.segmentation.seeded.segment_from_seed`), the learned engine's
+mask inside a box drawn first (:data:`BOX`,
+:func:`khe_vol.segmentation.learned.segment_box`), or a given mask (a tracked
+proposal, an earlier read; an empty one is no mask).
 
 - **Include, outside the mask**: the tissue at the point joins the mask.
   Lesion-bright tissue (at or above the model's lower threshold) joins as
@@ -21,8 +23,10 @@ tracked proposal, an earlier read).
   cannot run off into tissue elsewhere. Holes the new part closes are filled.
 - **Include, inside the mask**: marks that part as lesion for later excludes.
 - **Exclude, inside the mask**: on tissue dimmer than the lesion threshold
-  the mask's tissue no brighter than the click goes wherever it is connected
-  to the click (a halo around the whole lesion, slab-end slices); on
+  the mask's tissue no brighter than the click goes within reach of the
+  click, and beyond it wherever it is connected to the click outside the
+  lesion's bright body, its holes and its partial-volume rim (a halo around
+  the whole lesion, slab-end slices); on
   lesion-bright tissue, within reach of the click (``click_reach_mm`` beyond
   its depth in the mask), the mask is partitioned along intensity edges (a
   marker watershed of the gradient magnitude) between the click and the
@@ -70,7 +74,9 @@ from khe_vol.segmentation.seeded import lesion_box_centre, roi_box, seeded_roi
 
 INCLUDE = "include"
 EXCLUDE = "exclude"
-CLICK_KINDS = (INCLUDE, EXCLUDE)
+#: A reader's 3D box, the first interaction only: the learned engine's mask inside it is the start.
+BOX = "box"
+CLICK_KINDS = (INCLUDE, EXCLUDE, BOX)
 
 #: Most clicks one segmentation takes (a reader's session, not a script).
 MAX_CLICKS = 200
@@ -82,9 +88,11 @@ class Click:
 
     Attributes
     ----------
-    kind : {"include", "exclude"}
+    kind : {"include", "exclude", "box"}
     ras_mm : tuple of float
-        The point, scanner RAS+ mm.
+        The point, scanner RAS+ mm; for a box two opposite corners
+        ``x0, y0, z0, x1, y1, z1`` (its extent across the slices is the
+        slice range).
     """
 
     kind: str
@@ -92,13 +100,15 @@ class Click:
 
     def __post_init__(self):
         if self.kind not in CLICK_KINDS:
-            raise ValueError(f"a click is 'include' or 'exclude', not {self.kind!r}")
+            raise ValueError(f"a click is 'include', 'exclude' or 'box', not {self.kind!r}")
+        what = "a box is six finite numbers (two corners, RAS+ mm)" if self.kind == BOX else \
+            "a click point is three finite numbers (RAS+ mm)"
         try:
             point = tuple(float(v) for v in self.ras_mm)
         except (TypeError, ValueError):
-            raise ValueError(f"a click point is three numbers (RAS+ mm), not {self.ras_mm!r}") from None
-        if len(point) != 3 or not all(math.isfinite(v) for v in point):
-            raise ValueError(f"a click point is three finite numbers (RAS+ mm), not {self.ras_mm!r}")
+            raise ValueError(f"{what}, not {self.ras_mm!r}") from None
+        if len(point) != (6 if self.kind == BOX else 3) or not all(math.isfinite(v) for v in point):
+            raise ValueError(f"{what}, not {self.ras_mm!r}")
         object.__setattr__(self, "ras_mm", point)
 
     def as_dict(self):
@@ -123,8 +133,12 @@ def clicks_from_json(items):
             raise ValueError("each click is an object with exactly 'kind' and 'ras_mm'")
         if not isinstance(item["ras_mm"], list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                        for v in item["ras_mm"]):
-            raise ValueError("a click's ras_mm is a list of three numbers")
+            raise ValueError("a click's ras_mm is a list of numbers (three; six for a box)")
+        if not isinstance(item["kind"], str):
+            raise ValueError("a click's kind is 'include', 'exclude' or 'box'")
         clicks.append(Click(item["kind"], tuple(item["ras_mm"])))
+    if any(c.kind == BOX for c in clicks[1:]):
+        raise ValueError("a box can only be the first interaction (draw it again to start over)")
     return clicks
 
 
@@ -276,13 +290,28 @@ def _click_reach_mm(distance_mm, params):
     return min(params.click_reach_mm + distance_mm, params.max_radius_mm)
 
 
+def _with_rim(body, spacing_mm):
+    """``body`` and its one-voxel rim along the finely sampled axes: its partial volume in plane
+    (across thick slices a neighbouring slice is tissue of its own, such as a slab end)."""
+    structure = np.ones((3, 3, 3), bool)
+    spacing_mm = np.asarray(spacing_mm, float)
+    if spacing_mm.max() >= 1.5 * spacing_mm.min():
+        index = [slice(None)] * 3
+        index[thickest_axis(spacing_mm)] = slice(1, 2)
+        structure = np.zeros((3, 3, 3), bool)
+        structure[tuple(index)] = True
+    return ndimage.binary_dilation(body, structure=structure)
+
+
 def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
     """The mask after a reader's exclude click at ``point_ijk``, inside it (see the module notes).
 
     On tissue dimmer than the lesion threshold, the mask's tissue no brighter
-    than the click (within the tolerance) goes wherever it is connected to
-    the click: a halo around the whole lesion, a slab-end slice. On
-    lesion-bright tissue, within reach of the click (``click_reach_mm``
+    than the click (within the tolerance) goes: within reach of the click
+    (``click_reach_mm`` beyond its depth in the mask), and beyond it
+    wherever it is connected to the click outside the lesion's bright body
+    (its holes and its in-plane partial-volume rim kept): a halo around the
+    whole lesion, a slab-end slice. On lesion-bright tissue, within reach of the click (``click_reach_mm``
     beyond its depth in the mask), the mask is partitioned along intensity
     edges (:func:`split_by_markers`) between the click and the mask at the
     edge of the reach (and the include markers), and the click's part goes.
@@ -290,20 +319,22 @@ def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
     """
     smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
     level = click_level(smoothed, point_ijk, spacing, params)
-    if level < model.lower(params):
-        # Dimmer than the lesion (oedema, a halo, a slab-end slice): that tissue goes
-        # wherever in the mask it is connected to the click, not only near it.
-        near = crop_box(point_ijk, smoothed.shape, spacing, params.click_sample_radius_mm)
-        local = tuple(int(p - s.start) for p, s in zip(point_ijk, near))
-        ceiling = level + _tolerance(smoothed[near], local, spacing, model, params)
-        gone = component_near(region & (smoothed <= ceiling), point_ijk, spacing, 0.0)
-        gone[point_ijk] = True
-        return _keep_marked(region & ~gone, include_ijk)
     reach_mm = _click_reach_mm(distance_to_mm(~region, point_ijk, spacing, params.max_radius_mm), params)
     sub = crop_box(point_ijk, smoothed.shape, spacing, reach_mm)
     local = tuple(int(p - s.start) for p, s in zip(point_ijk, sub))
     values, inside = smoothed[sub], region[sub]
     reach = ball_mask(values.shape, local, spacing, reach_mm)
+    if level < model.lower(params):
+        ceiling = level + _tolerance(values, local, spacing, model, params)
+        gone = np.zeros(region.shape, bool)
+        gone[sub] = component_near(inside & reach & (values <= ceiling), local, spacing, 0.0)
+        # Beyond the reach, the same dim tissue outside the lesion's bright body (its holes and
+        # its partial-volume rim kept) goes wherever it is connected: an oedema halo around the
+        # whole lesion, the slab-end slices.
+        body = _with_rim(fill_lesion_holes(region & (smoothed >= model.lower(params)), spacing, params), spacing)
+        gone = component_near(gone | (region & ~body & (smoothed <= ceiling)), point_ijk, spacing, 0.0)
+        gone[point_ijk] = True
+        return _keep_marked(region & ~gone, include_ijk)
     # Lesion-bright: partition the mask near the click along intensity edges.
     near = inside & reach
     rim = near & ~ndimage.binary_erosion(reach)  # the outer voxel layer of the reach
@@ -442,10 +473,14 @@ class ClickSession:
             self.start_mask = start_mask if start_mask.any() else None
         self.volume_band = volume_band
         self._prepared = {}  # box -> prepare_roi's result: N4 runs once per box
-        self._roi = None
+        self._roi = None  # the region the clicks work on now: the seed's, the box's or the start mask's
+        self._mask_roi = None  # the start mask's
         self._gradient = None
-        self._seed = None
+        self._seed = None  # (seed click, region, info, roi) of the last seed
+        self._box = None  # (box click, region, info, roi) of the last box
+        self._encoder = None  # the learned engine's slice embeddings, kept for the next box
         self._steps = []  # (click, (region, include markers, exclude markers)) after each click
+        self._steps_start = None  # what those steps started from
 
     def _prepare_roi(self, image, affine, box, params):
         """:func:`prepare_roi`, once per box."""
@@ -463,8 +498,8 @@ class ClickSession:
         series; otherwise nothing.
         """
         if self.start_mask is not None:
-            if self._roi is None:
-                self._roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+            if self._mask_roi is None:
+                self._mask_roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
             return
         extents_mm = np.asarray(self.image.shape) * self.spacing_mm
         if np.all(extents_mm <= within_mm(self.params.whole_axis_mm)):
@@ -483,22 +518,48 @@ class ClickSession:
                 f"around the lesion (more than {self.params.max_radius_mm:g} mm from it)")
         return tuple(int(i - s.start) for i, s in zip(ijk, box))
 
+    def _start_from_box(self, box_click):
+        """Region, markers and info of a box: the learned engine's mask inside it."""
+        from khe_vol.segmentation.learned import SliceEncoder, segment_box, slice_axis
+
+        if self._box is None or self._box[0] != box_click:
+            if self._encoder is None:
+                self._encoder = SliceEncoder(self.image, slice_axis(self.spacing_mm))
+            mask, info = segment_box(self.image, self.affine, box_click.ras_mm, encoder=self._encoder)
+            if not mask.any():
+                raise SegmentationError("the learned engine found no lesion in the box; draw it around the lesion, "
+                                        "or start from an include click")
+            roi = roi_from_mask(self.image, self.affine, mask != 0, self.params)
+            self._box = (box_click, mask[roi.box] != 0, info, roi)
+        _, region, info, roi = self._box
+        self._use_roi(roi)
+        return region, interior_markers(region, self.spacing_mm), [], {"start": "box", "box": info}
+
     def _start(self, first_click):
         """Region, markers and info before the clicks (the seeded mask uses the first click)."""
+        if first_click is not None and first_click.kind == BOX:
+            return self._start_from_box(first_click)
         if self.start_mask is None:
             if first_click is None or first_click.kind != INCLUDE:
-                raise SegmentationError("with no start mask, the first click must be an include click in the lesion")
+                raise SegmentationError("with no start mask, the first click must be an include click in the lesion "
+                                        "(or a box around it)")
             if self._seed is None or self._seed[0] != first_click:
                 mask, info, roi = seeded_roi(self.image, self.affine, first_click.ras_mm, self.params,
                                              prepare=self._prepare_roi, volume_band=self.volume_band)
-                self._roi, self._gradient = roi, None
-                self._seed = (first_click, mask[roi.box].astype(bool), info)
-            _, region, info = self._seed
+                self._seed = (first_click, mask[roi.box].astype(bool), info, roi)
+            _, region, info, roi = self._seed
+            self._use_roi(roi)
             return region, [self._voxel(first_click)], [], {"start": "seed", "seeded": info}
-        if self._roi is None:
-            self._roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+        if self._mask_roi is None:
+            self._mask_roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+        self._use_roi(self._mask_roi)
         region = self.start_mask[self._roi.box]
         return region, interior_markers(region, self.spacing_mm), [], {"start": "mask"}
+
+    def _use_roi(self, roi):
+        """Work on ``roi`` from here (its gradient is computed again when needed)."""
+        if self._roi is not roi:
+            self._roi, self._gradient = roi, None
 
     def _step(self, state, click):
         region, include, exclude = state
@@ -556,7 +617,10 @@ class ClickSession:
             raise SegmentationError(f"at most {MAX_CLICKS} clicks, got {len(clicks)}")
         first = clicks[0] if clicks else None
         region, include, exclude, start_info = self._start(first)
-        todo = clicks[1:] if start_info["start"] == "seed" else clicks
+        todo = clicks[1:] if start_info["start"] in ("seed", "box") else clicks
+        start = first if start_info["start"] in ("seed", "box") else None
+        if start != self._steps_start:  # another seed or box: nothing done after the old one applies
+            self._steps, self._steps_start = [], start
         kept = 0
         while kept < min(len(todo), len(self._steps)) and self._steps[kept][0] == todo[kept]:
             kept += 1
@@ -578,8 +642,9 @@ class ClickSession:
             "volume_ml": float(n * abs(np.linalg.det(self.affine[:3, :3])) / 1000.0),
             "seconds": round(time.process_time() - started, 3),
         }
-        if "seeded" in start_info:
-            info["seeded"] = start_info["seeded"]
+        for key in ("seeded", "box"):
+            if key in start_info:
+                info[key] = start_info[key]
         return mask, info
 
 

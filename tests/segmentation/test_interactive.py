@@ -197,9 +197,12 @@ def test_an_exclude_on_a_dim_halo_removes_it_around_the_whole_lesion(tmp_path):
     click = Click("exclude", tuple(float(v) for v in voxel_to_world(click_ijk, affine)))
     mask, _ = segment_clicks(image.astype(np.float32), affine, [click], start_mask=start)
     mask = mask.astype(bool)
+    # The lesion's partial-volume rim stays (the image is blurred over about a voxel): the halo
+    # counted is the part more than 2 mm outside the lesion.
+    halo = halo & ~_ball(centre, 15.0)
     far_side = halo & (np.arange(SHAPE[0])[:, None, None] * SPACING_MM[0] > centre[0] + 8.0)
-    assert mask[far_side].mean() < 0.2, "the halo on the far side of the lesion stays"
-    assert mask[halo].mean() < 0.2
+    assert mask[far_side].mean() < 0.1, "the halo on the far side of the lesion stays"
+    assert mask[halo].mean() < 0.1
     core = _ball(centre, 11.5)
     assert mask[core].mean() > 0.99, "the lesion went with its halo"
 

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from khe_vol.geometry import voxel_to_world
 from khe_vol.overlap import dice
+from khe_vol.segmentation.interactive import BOX, EXCLUDE, INCLUDE, Click, ClickSession, clicks_from_json, segment_clicks
 from khe_vol.segmentation.learned import box_voxels, display_rect, display_view, from_display, slice_axis
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
 
@@ -69,12 +70,13 @@ def test_a_box_segments_the_lesion_and_the_same_box_gives_the_same_bytes(scene, 
     # outlines about the neighbour's lesion (the module notes say so).
     assert dice(mask, scene["lesion"]) > 0.8
     record = json.loads((tmp_path / "r.json").read_text())
-    assert record["box"]["engine"] == "learned" and record["box_ras_mm"] == pytest.approx(scene["box"], abs=1e-3)
+    assert record["start"] == "box" and record["box"]["engine"] == "learned"
+    assert record["clicks"][0]["kind"] == "box" and record["clicks"][0]["ras_mm"] == pytest.approx(scene["box"], abs=1e-3)
     b, out_b = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]), name="b.nii.gz")
     assert b.returncode == 0 and out_a.read_bytes() == out_b.read_bytes()
 
 
-def test_clicks_steer_the_mask_a_box_gave(scene, tmp_path):
+def test_clicks_steer_the_mask_a_box_gave_and_a_session_keeps_its_slices(scene, tmp_path):
     proc, out = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]),
                          "--exclude", ",".join(f"{v:.3f}" for v in scene["lesion_click"]))
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +84,23 @@ def test_clicks_steer_the_mask_a_box_gave(scene, tmp_path):
                           .dataobj) != 0
     steered = np.asarray(nib.load(out).dataobj) != 0
     assert np.all(steered <= box_only) and steered.sum() < box_only.sum()
+    # In a session (the reader app's), a box, then a seed instead, then the box again: each start
+    # gives what it gives alone, the clicks after it apply to it only.
+    box = Click(BOX, tuple(scene["box"]))
+    exclude = Click(EXCLUDE, scene["lesion_click"])
+    session = ClickSession(scene["image"], scene["affine"])
+    first, info = session.segment([box, exclude])
+    assert info["start"] == "box"
+    assert np.array_equal(first, segment_clicks(scene["image"], scene["affine"], [box, exclude])[0])
+    seeded, _ = session.segment([Click(INCLUDE, scene["lesion_click"]), exclude])
+    fresh, _ = segment_clicks(scene["image"], scene["affine"], [Click(INCLUDE, scene["lesion_click"]), exclude])
+    assert np.array_equal(seeded, fresh) and not np.array_equal(seeded, first)
+    again, _ = session.segment([box])
+    assert np.array_equal(again, segment_clicks(scene["image"], scene["affine"], [box])[0])
+    with pytest.raises(ValueError, match="first interaction"):
+        clicks_from_json([{"kind": "include", "ras_mm": [0, 0, 0]}, {"kind": "box", "ras_mm": [0, 0, 0, 1, 1, 1]}])
+    with pytest.raises(ValueError, match="six finite numbers"):
+        clicks_from_json([{"kind": "box", "ras_mm": [0, 0, 0]}])
 
 
 def test_bad_boxes_say_what_is_wrong(scene, tmp_path):
