@@ -285,6 +285,70 @@ def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp
     assert read["edited_volume_ml"] == pytest.approx(info["volume_ml"]) == pytest.approx(volumes[2], abs=0.006)
 
 
+def test_a_reader_draws_a_box_sets_its_slices_and_accepts_in_a_real_browser(phantom_package, tmp_path):
+    """The box tool: drag a rectangle on the axial slice through the lesion, set the first and
+    last slice at the crosshair, accept; the read keeps the box as its first interaction."""
+    from khe_vol.qa.app import find_niivue
+    from khe_vol.segmentation.seeded import segment_from_seed
+    from tests.test_qa_app import reader_browser, wait_status
+
+    find_niivue()
+    results, codes, scene = phantom_package
+    code = codes["sub-01"]
+    image, _ = case_files(results, code)
+    lesion = segment_from_seed(image.data, image.affine, scene["seed_ras_mm"])[0] != 0
+    idx = np.argwhere(lesion)
+    (i0, j0, k0), (i1, j1, k1) = idx.min(axis=0), idx.max(axis=0)
+    k_mid = (k0 + k1) // 2
+    with reader_browser(results, tmp_path) as served:
+        page, base, errors = served.page, served.base, served.errors
+        page.goto(f"{base}/case/{code}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        page.click("button[data-slice='0']")  # axial
+        corners = page.evaluate(
+            """([a, b]) => {
+                const nv = window.khe.nv;
+                nv.scene.crosshairPos = nv.vox2frac(a);
+                nv.drawScene();
+                return [Array.from(nv.frac2canvasPos(nv.vox2frac(a))), Array.from(nv.frac2canvasPos(nv.vox2frac(b)))];
+            }""",
+            [[int(i0) - 2, int(j0) - 2, int(k_mid)], [int(i1) + 2, int(j1) + 2, int(k_mid)]],
+        )
+        origin = page.locator("#gl").bounding_box()
+        page.click("#box-mode")
+        assert page.get_attribute("#box-mode", "aria-pressed") == "true"
+        page.mouse.move(origin["x"] + corners[0][0], origin["y"] + corners[0][1])
+        page.mouse.down()
+        page.mouse.move(origin["x"] + corners[1][0], origin["y"] + corners[1][1], steps=5)
+        page.mouse.up()
+        page.wait_for_function("() => window.khe.clicks.length === 1 && !window.khe.busy", timeout=120000)
+        assert page.inner_text("#error") == ""
+        for button, k in (("#box-first", k0), ("#box-last", k1)):
+            page.evaluate("(v) => { const nv = window.khe.nv; nv.scene.crosshairPos = nv.vox2frac(v); nv.drawScene(); }",
+                          [int(i0 + i1) // 2, int(j0 + j1) // 2, int(k)])
+            page.click(button)
+            page.wait_for_function("() => !window.khe.busy", timeout=120000)
+            assert page.inner_text("#error") == ""
+        assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == ["box"]
+        volume = float(page.inner_text("#click-volume").split()[0])
+        page.click("button.verdict[data-verdict='accept']")
+        wait_status(page, "Current: Edited (revision 1), edited volume")
+    assert not errors, errors
+    (read,) = [r for r in store.current_reads(results / "reads" / "R1.sqlite") if r["case_code"] == code]
+    box = read["clicks"][0]
+    assert read["verdict"] == "edited" and [c["kind"] for c in read["clicks"]] == ["box"]
+    # The box spans the lesion's slices, in the image's own RAS+ mm.
+    z = sorted(np.linalg.solve(image.affine, np.r_[corner, 1.0])[2] for corner in (box["ras_mm"][:3], box["ras_mm"][3:]))
+    assert z == pytest.approx([k0, k1], abs=0.01)
+    saved = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(read["edited_mask"])).dataobj)
+    expected, info = segment_clicks(image.data, image.affine, clicks_from_json(read["clicks"]))
+    assert np.array_equal(saved, expected) and info["start"] == "box"
+    assert read["edited_volume_ml"] == pytest.approx(volume, abs=0.006)
+    # The learned engine's lesion against the classical engine's (not the truth): 0.80 here.
+    overlap = 2 * (saved.astype(bool) & lesion).sum() / (saved.astype(bool).sum() + lesion.sum())
+    assert overlap > 0.7
+
+
 def click_at(page, ras_mm, shift=False):
     """Show the slice through a point (the crosshair there) and click the point on the axial view."""
     xy = page.evaluate(

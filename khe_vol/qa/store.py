@@ -338,21 +338,23 @@ def clicks_json(clicks):
     ------
     ValueError
         An empty list, or a click that is not an include/exclude kind with
-        three finite numbers.
+        three finite numbers (or a first box with six).
     """
     if clicks is None:
         return None
     items = []
-    for c in clicks:
+    for n, c in enumerate(clicks):
         d = c.as_dict() if hasattr(c, "as_dict") else c
-        if not isinstance(d, dict) or d.get("kind") not in ("include", "exclude"):
-            raise ValueError(f"a stored click is {{'kind': 'include' | 'exclude', 'ras_mm': [x, y, z]}}, not {d!r}")
+        if not isinstance(d, dict) or d.get("kind") not in ("include", "exclude", "box") or \
+                (d.get("kind") == "box" and n > 0):
+            raise ValueError("a stored click is {'kind': 'include' | 'exclude', 'ras_mm': [x, y, z]} (a first one may "
+                             f"be {{'kind': 'box', 'ras_mm': [x0, y0, z0, x1, y1, z1]}}), not {d!r}")
         try:
             point = [float(v) for v in d["ras_mm"]]
         except (KeyError, TypeError, ValueError):
             point = []
-        if len(point) != 3 or not all(math.isfinite(v) for v in point):
-            raise ValueError(f"a stored click's ras_mm is three finite numbers, not {d.get('ras_mm')!r}")
+        if len(point) != (6 if d["kind"] == "box" else 3) or not all(math.isfinite(v) for v in point):
+            raise ValueError(f"a stored click's ras_mm is three finite numbers (six for a box), not {d.get('ras_mm')!r}")
         items.append({"kind": d["kind"], "ras_mm": point})
     if not items:
         raise ValueError("a read's clicks are None or at least one click")

@@ -467,10 +467,13 @@
     shown.forEach(function (c, i) {
       const li = document.createElement("li");
       li.className = c.kind;
-      li.textContent = c.kind + " at (" + c.ras_mm.map(fmt).join(", ") + ") mm";
-      li.title = "show this click";
+      const box = c.kind === "box";
+      li.textContent = box ? "box from (" + c.ras_mm.slice(0, 3).map(fmt).join(", ") + ") to ("
+        + c.ras_mm.slice(3).map(fmt).join(", ") + ") mm" : c.kind + " at (" + c.ras_mm.map(fmt).join(", ") + ") mm";
+      li.title = box ? "show the box's centre" : "show this click";
+      const at = box ? [0, 1, 2].map(function (i) { return (c.ras_mm[i] + c.ras_mm[i + 3]) / 2; }) : c.ras_mm;
       li.addEventListener("click", function () {
-        nv.scene.crosshairPos = nv.mm2frac(c.ras_mm, 0, true);
+        nv.scene.crosshairPos = nv.mm2frac(at, 0, true);
         nv.drawScene();
       });
       list.appendChild(li);
@@ -591,7 +594,7 @@
   canvas.addEventListener("pointerup", function (e) {
     const start = down;
     down = null;
-    if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing) { return; }
+    if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing || boxMode) { return; }
     if (Math.hypot(e.clientX - start.cx, e.clientY - start.cy) > 4) { return; }  // a drag, not a click
     const dpr = window.devicePixelRatio || 1;
     const frac = nv.canvasPos2frac([start.x * dpr, start.y * dpr]);
@@ -606,6 +609,89 @@
     const exclude = excludeByDefault !== e.shiftKey;
     addClick(exclude ? "exclude" : "include", mm);
   });
+
+  // ---- box: a rectangle dragged on a slice, and its first and last slice; the learned engine
+  // outlines the lesion inside it. It is the first interaction of the click list (a box starts over).
+  let boxMode = false;
+  let boxDown = null;
+  let boxDraft = null;  // {a, b: the dragged corners (RAS+ mm), axis: the slices' normal, lo, hi: its range (mm)}
+  function setBoxMode(on) {
+    boxMode = on;
+    $("box-mode").setAttribute("aria-pressed", on ? "true" : "false");
+  }
+  function canvasPoint(e) {
+    const rect = canvas.getBoundingClientRect();
+    return { x: e.clientX - rect.left, y: e.clientY - rect.top };
+  }
+  function pointMm(p) {
+    const dpr = window.devicePixelRatio || 1;
+    const frac = nv.canvasPos2frac([p.x * dpr, p.y * dpr]);
+    if (!(frac[0] >= 0 && frac[0] <= 1 && frac[1] >= 0 && frac[1] <= 1 && frac[2] >= 0 && frac[2] <= 1)) { return null; }
+    return Array.from(nv.frac2mm(frac, 0, true)).slice(0, 3);
+  }
+  function showRubber(a, b) {
+    const r = $("box-rubber");
+    r.hidden = !a;
+    if (!a) { return; }
+    const offset = [canvas.offsetLeft, canvas.offsetTop];
+    r.style.left = (offset[0] + Math.min(a.x, b.x)) + "px";
+    r.style.top = (offset[1] + Math.min(a.y, b.y)) + "px";
+    r.style.width = Math.abs(a.x - b.x) + "px";
+    r.style.height = Math.abs(a.y - b.y) + "px";
+  }
+  function boxCorners() {
+    const lo = [0, 1, 2].map(function (i) { return Math.min(boxDraft.a[i], boxDraft.b[i]); });
+    const hi = [0, 1, 2].map(function (i) { return Math.max(boxDraft.a[i], boxDraft.b[i]); });
+    lo[boxDraft.axis] = Math.min(boxDraft.lo, boxDraft.hi);
+    hi[boxDraft.axis] = Math.max(boxDraft.lo, boxDraft.hi);
+    return lo.concat(hi);
+  }
+  function sendBox() {
+    const corners = boxCorners();
+    const names = ["x", "y", "z"];
+    $("box-state").textContent = "slices " + names[boxDraft.axis] + " " + fmt(corners[boxDraft.axis]) + " to "
+      + fmt(corners[boxDraft.axis + 3]) + " mm";
+    $("box-first").disabled = false;
+    $("box-last").disabled = false;
+    redo = [];
+    return setClicks([{ kind: "box", ras_mm: corners }]);
+  }
+  canvas.addEventListener("pointerdown", function (e) {
+    if (!boxMode || e.button !== 0 || window.khe.editing) { return; }
+    boxDown = canvasPoint(e);
+  });
+  canvas.addEventListener("pointermove", function (e) {
+    if (boxDown) { showRubber(boxDown, canvasPoint(e)); }
+  });
+  canvas.addEventListener("pointerup", function (e) {
+    const start = boxDown;
+    boxDown = null;
+    showRubber(null);
+    if (!start) { return; }
+    const end = canvasPoint(e);
+    if (Math.hypot(end.x - start.x, end.y - start.y) <= 4) { return; }  // a click, not a box
+    const a = pointMm(start);
+    const b = pointMm(end);
+    if (!a || !b) { $("error").textContent = "Box not used: drag it on a slice of the image"; return; }
+    // Both corners lie on the slice shown: its normal is the scanner axis along which they agree.
+    const spread = [0, 1, 2].map(function (i) { return Math.abs(a[i] - b[i]); });
+    const axis = spread.indexOf(Math.min.apply(null, spread));
+    const inPlane = [0, 1, 2].filter(function (i) { return i !== axis; }).map(function (i) { return spread[i]; });
+    // Until the reader sets them, the first and last slice lie half the box's narrower side away.
+    const half = Math.min.apply(null, inPlane) / 2;
+    boxDraft = { a: a, b: b, axis: axis, lo: a[axis] - half, hi: a[axis] + half };
+    setBoxMode(false);
+    sendBox();
+  });
+  function setBoxEnd(which) {
+    if (!boxDraft) { return; }
+    const mm = Array.from(nv.frac2mm(nv.scene.crosshairPos, 0, true));
+    boxDraft[which] = mm[boxDraft.axis];
+    sendBox();
+  }
+  $("box-mode").addEventListener("click", function () { setBoxMode(!boxMode); });
+  $("box-first").addEventListener("click", function () { setBoxEnd("lo"); });
+  $("box-last").addEventListener("click", function () { setBoxEnd("hi"); });
 
   $("click-kind").addEventListener("click", function () { setKind(!excludeByDefault); });
   $("click-undo").addEventListener("click", undoClick);
