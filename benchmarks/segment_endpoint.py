@@ -8,7 +8,8 @@ case page sends when it opens (bias correction of the series, while the
 reader looks), and without it (the server loads the case and segments from
 scratch); refinement clicks (includes in the lesion and the
 fluid, an exclude, undo/redo: one request each, the server's kept session)
-on one app. Wall-clock seconds per request; printed, never a test.
+on one app; and a reader's box (the learned engine) with clicks after it.
+Wall-clock seconds per request; printed, never a test.
 
     PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5]
 """
@@ -26,8 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from khe_vol.cli import main  # noqa: E402
+from khe_vol.geometry import voxel_to_world  # noqa: E402
+from khe_vol.nifti import load_series  # noqa: E402
 from khe_vol.qa.app import create_app  # noqa: E402
 from khe_vol.qa.key import read_key  # noqa: E402
+from khe_vol.segmentation.seeded import segment_from_seed  # noqa: E402
 from tests.qa_cohort import write_phantom_cases  # noqa: E402
 
 
@@ -83,10 +87,35 @@ def run(first_trials):
         for _ in range(3):  # undo, redo
             for step in (clicks[:-1], clicks):
                 refine.append(timed_post(client, code, step)[0])
+        box = box_timings(results, code, scene, Path(tmp))
     return {"series": "320x320x40, 0.55x0.55x4 mm", "first_click": percentiles(first),
             "page_prepare": percentiles(prepare), "first_click_unprepared": percentiles(cold),
             "refinement_click": percentiles(refine), "volumes_ml": volumes,
-            "true_lesion_ml": round(scene["lesion_ml"], 3)}
+            "true_lesion_ml": round(scene["lesion_ml"], 3), "box": box}
+
+
+def box_timings(results, code, scene, tmp):
+    """A reader's box (the classical lesion's bounding box, 2 voxels wider) on a fresh prepared app,
+    the same box a voxel wider (slices already encoded), then clicks steering its mask."""
+    image = load_series(results / "qa" / "R1" / f"{code}_t2.nii.gz")
+    idx = np.argwhere(segment_from_seed(image.data, image.affine, scene["seed_ras_mm"])[0])
+    app = create_app(results, "R1", db_path=tmp / "box.sqlite", check_viewer=False)
+    client = app.test_client()
+    client.post(f"/api/case/{code}/prepare", headers={"X-Khe-Vol": "reader"})
+    seconds, volumes, steer = [], [], []
+    for pad in (2, 3):
+        corners = voxel_to_world(np.array([idx.min(axis=0) - [pad, pad, 0], idx.max(axis=0) + [pad, pad, 0]]),
+                                 image.affine)
+        box = ("box", [*corners[0], *corners[1]])
+        took, volume = timed_post(client, code, [box])
+        seconds.append(took)
+        volumes.append(volume)
+    clicks = [box]
+    for click in [("include", mm) for mm in scene["more_seeds_ras_mm"][:3]] + [("exclude", scene["fluid_deep_ras_mm"])]:
+        clicks.append(click)
+        steer.append(timed_post(client, code, clicks)[0])
+    return {"slices": int(idx[:, 2].max() - idx[:, 2].min() + 1), "first_box_s": round(seconds[0], 3),
+            "second_box_s": round(seconds[1], 3), "box_volumes_ml": volumes, "clicks_after_box": percentiles(steer)}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ as JSON. Usage (from the repository root)::
     python benchmarks/segmentation.py                   # full run
     python benchmarks/segmentation.py --participants 4  # quicker
     python benchmarks/segmentation.py --skip-phantoms   # real scans only
+    python benchmarks/segmentation.py --engine hybrid   # the learned engine on the classical mask
 
 The job-cost figure uses /usr/bin/time (Debian package `time`).
 """
@@ -91,6 +92,10 @@ def _cpu():
     return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+#: Overrides of the segmentation parameters (``--engine``), as a study config's ``segmentation:``.
+OVERRIDES = {}
+
+
 def run_series(tmp, pid, ses, month, image, affine, seed=None, reference=None):
     path = Path(tmp) / f"{pid}_{ses}_T2w.nii.gz"
     img = nib.Nifti1Image(image.astype(np.float32), affine)
@@ -98,7 +103,8 @@ def run_series(tmp, pid, ses, month, image, affine, seed=None, reference=None):
     img.set_sform(affine, code=1)
     nib.save(img, path)
     t0 = _cpu()
-    record, mask, _ = measure_series(pid, ses, month, path, seed_ras_mm=seed, reference=reference)
+    record, mask, _ = measure_series(pid, ses, month, path, seed_ras_mm=seed, reference=reference,
+                                     params_overrides=OVERRIDES or None)
     return record, mask, _cpu() - t0
 
 
@@ -158,6 +164,8 @@ def _row(pid, ses, true_ml, record, mask, truth, cpu):
         "volume_high_ml": None if band[1] is None else round(band[1], 3),
         "true_in_band": None if band[0] is None else bool(band[0] <= true_ml <= band[1]),
         "cpu_seconds": round(cpu, 2), "status": record["status"], "message": record["message"],
+        "classical_ml": ((record.get("details") or {}).get("engines") or {}).get("classical_ml"),
+        "engines_disagree": any(r["reason"] == "engines_disagree" for r in record.get("review") or []),
     }
 
 
@@ -177,7 +185,8 @@ def real_cohort(tmp, log, realdata=REALDATA):
         bright = np.isin(np.asarray(dseg.dataobj), (2, 3, 4))
         seed = reader_seeds_ras_mm(bright, dseg.affine, np.random.default_rng([2026, n, 3]))[0]
         t0 = _cpu()
-        record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seed)
+        record, mask, _ = measure_series(pid, "ses-baseline", 0, image_path, seed_ras_mm=seed,
+                                         params_overrides=OVERRIDES or None)
         row = _row(pid, "ses-baseline", truth_ml[pid], record, mask, np.asarray(truth.dataobj), _cpu() - t0)
         rows.append(row)
         log(row)
@@ -246,7 +255,11 @@ def main(argv=None):
     parser.add_argument("--skip-job", action="store_true")
     parser.add_argument("--realdata", default=str(REALDATA), help="folder of the real scans (brats2013)")
     parser.add_argument("--out", default="results/benchmark_segmentation.json")
+    parser.add_argument("--engine", choices=("classical", "learned", "hybrid"), default="classical",
+                        help="segmentation.engine (the automatic path's engine)")
     args = parser.parse_args(argv)
+    if args.engine != "classical":
+        OVERRIDES["engine"] = args.engine
 
     def log(row):
         print(f"{row['participant_id']:>12} {row['session_id']:<13} true {row['true_volume_ml']:9.2f} mL  "
