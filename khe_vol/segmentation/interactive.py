@@ -475,9 +475,10 @@ class ClickSession:
         self._prepared = {}  # box -> prepare_roi's result: N4 runs once per box
         self._roi = None  # the region the clicks work on now: the seed's, the box's or the start mask's
         self._mask_roi = None  # the start mask's
+        self._mask_markers = None  # and its parts' interior-most voxels
         self._gradient = None
         self._seed = None  # (seed click, region, info, roi) of the last seed
-        self._box = None  # (box click, region, info, roi) of the last box
+        self._box = None  # (box click, region, info, roi, include markers) of the last box
         self._encoder = None  # the learned engine's slice embeddings, kept for the next box
         self._steps = []  # (click, (region, include markers, exclude markers)) after each click
         self._steps_start = None  # what those steps started from
@@ -530,10 +531,11 @@ class ClickSession:
                 raise SegmentationError("the learned engine found no lesion in the box; draw it around the lesion, "
                                         "or start from an include click")
             roi = roi_from_mask(self.image, self.affine, mask != 0, self.params)
-            self._box = (box_click, mask[roi.box] != 0, info, roi)
-        _, region, info, roi = self._box
+            region = mask[roi.box] != 0
+            self._box = (box_click, region, info, roi, interior_markers(region, self.spacing_mm))
+        _, region, info, roi, markers = self._box
         self._use_roi(roi)
-        return region, interior_markers(region, self.spacing_mm), [], {"start": "box", "box": info}
+        return region, markers, [], {"start": "box", "box": info}
 
     def _start(self, first_click):
         """Region, markers and info before the clicks (the seeded mask uses the first click)."""
@@ -554,7 +556,9 @@ class ClickSession:
             self._mask_roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
         self._use_roi(self._mask_roi)
         region = self.start_mask[self._roi.box]
-        return region, interior_markers(region, self.spacing_mm), [], {"start": "mask"}
+        if self._mask_markers is None:
+            self._mask_markers = interior_markers(region, self.spacing_mm)
+        return region, self._mask_markers, [], {"start": "mask"}
 
     def _use_roi(self, roi):
         """Work on ``roi`` from here (its gradient is computed again when needed)."""
