@@ -170,7 +170,8 @@ def _cmd_segment(args):
         if args.start_mask:  # any reader-mask format, checked, brought onto the image grid by position
             start = reader_mask_on_grid(args.start_mask, image)[0] != 0
         # A box is the first interaction: the learned engine's mask inside it; the clicks steer it.
-        clicks = ([Click(BOX, args.box)] if args.box else []) + [Click(kind, point) for kind, point in (args.clicks or [])]
+        clicks = [Click(BOX, args.box)] if args.box else []
+        clicks += [Click(kind, point) for kind, point in (args.clicks or [])]
         if not clicks and start is None:
             raise ValueError("nothing to segment from: give --box, --start-mask or an --include click")
         mask, info = segment_clicks(image.data, image.affine, clicks, start_mask=start, params=params)

@@ -311,11 +311,11 @@ def shrink_at_click(roi, region, point_ijk, include_ijk, gradient, params):
     (``click_reach_mm`` beyond its depth in the mask), and beyond it
     wherever it is connected to the click outside the lesion's bright body
     (its holes and its in-plane partial-volume rim kept): a halo around the
-    whole lesion, a slab-end slice. On lesion-bright tissue, within reach of the click (``click_reach_mm``
-    beyond its depth in the mask), the mask is partitioned along intensity
-    edges (:func:`split_by_markers`) between the click and the mask at the
-    edge of the reach (and the include markers), and the click's part goes.
-    Parts of the mask this cuts off from every include marker go too.
+    whole lesion, a slab-end slice. On lesion-bright tissue, within reach of
+    the click, the mask is partitioned along intensity edges
+    (:func:`split_by_markers`) between the click and the mask at the edge of
+    the reach (and the include markers), and the click's part goes. Parts of
+    the mask this cuts off from every include marker go too.
     """
     smoothed, model, spacing = roi.smoothed, roi.model, roi.spacing_mm
     level = click_level(smoothed, point_ijk, spacing, params)
