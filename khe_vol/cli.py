@@ -120,28 +120,26 @@ def _cmd_series(args):
     return 0
 
 
+def _ras_numbers(text, names):
+    """Comma-separated RAS+ mm numbers, one per name (argparse types below)."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != len(names) or not all(map(math.isfinite, values)):
+        raise argparse.ArgumentTypeError(
+            f"expected {','.join(names)} in RAS+ mm ({ {3: 'three', 6: 'six'}[len(names)]} numbers), got {text!r}")
+    return values
+
+
 def _ras_point(text):
     """``X,Y,Z`` in RAS+ mm (argparse type)."""
-    parts = text.replace(" ", "").split(",")
-    try:
-        point = tuple(float(v) for v in parts)
-    except ValueError:
-        point = ()
-    if len(point) != 3 or not all(map(math.isfinite, point)):
-        raise argparse.ArgumentTypeError(f"expected X,Y,Z in RAS+ mm (three numbers), got {text!r}")
-    return point
+    return _ras_numbers(text, ("X", "Y", "Z"))
 
 
 def _ras_box(text):
     """``X0,Y0,Z0,X1,Y1,Z1``: two opposite corners of a box, RAS+ mm (argparse type)."""
-    parts = text.replace(" ", "").split(",")
-    try:
-        box = tuple(float(v) for v in parts)
-    except ValueError:
-        box = ()
-    if len(box) != 6 or not all(map(math.isfinite, box)):
-        raise argparse.ArgumentTypeError(f"expected X0,Y0,Z0,X1,Y1,Z1 in RAS+ mm (six numbers), got {text!r}")
-    return box
+    return _ras_numbers(text, ("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
 
 
 class _ClickAction(argparse.Action):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 from khe_vol.overlap import dice
 from scipy import ndimage
@@ -34,3 +37,16 @@ def scene(cyst="beside", seed=0):
     return image.astype(np.float32), lesion & ~fluid if cyst == "beside" else lesion, fluid
 
 
+
+
+def ras_text(values):
+    """RAS+ mm numbers as a command-line argument (``X,Y,Z``; a box's six corners)."""
+    return ",".join(f"{v:.3f}" for v in values)
+
+
+def segment_cli(image_path, tmp_path, *args, name="mask.nii.gz"):
+    """``khe-vol segment --image image_path ... --out tmp_path/name`` as a user runs it: (process, out)."""
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "segment", "--image", str(image_path), *args,
+                           "--out", str(out)], capture_output=True, text=True)
+    return proc, out

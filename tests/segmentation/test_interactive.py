@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +13,7 @@ from khe_vol.geometry import voxel_to_world
 from khe_vol.segmentation.interactive import Click, ClickSession, clicks_from_json, segment_clicks
 from khe_vol.segmentation.params import SegmentationError
 from khe_vol.segmentation.seeded import segment_from_seed
+from scenes import ras_text, segment_cli
 
 SPACING_MM = (0.8, 0.8, 3.0)
 SHAPE = (112, 112, 24)
@@ -62,19 +61,10 @@ def scene(tmp_path_factory):
     }
 
 
-def _segment_cli(scene, tmp_path, *args, name="mask.nii.gz"):
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "segment", "--image", str(scene["path"]), *args,
-                           "--out", str(out)], capture_output=True, text=True)
-    return proc, out
-
-
-def _point(p):
-    return ",".join(f"{v:.3f}" for v in p)
 
 
 def test_one_include_click_is_the_automatic_segmentation(scene, tmp_path):
-    proc, out = _segment_cli(scene, tmp_path, "--include", _point(scene["seed"]), "--record", str(tmp_path / "r.json"))
+    proc, out = segment_cli(scene["path"], tmp_path, "--include", ras_text(scene["seed"]), "--record", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     img = nib.load(out)
     assert img.get_data_dtype() == np.uint8 and img.shape == SHAPE
@@ -126,8 +116,8 @@ def test_exclude_outside_the_mask_is_a_barrier_for_later_includes(scene):
 def test_start_mask_and_clicks_in_order_from_the_command_line(scene, tmp_path):
     start = tmp_path / "start.nii.gz"
     nib.save(nib.Nifti1Image((scene["lesion"] | scene["vessel"]).astype(np.uint8), scene["affine"]), start)
-    proc, out = _segment_cli(scene, tmp_path, "--start-mask", str(start), "--exclude", _point(scene["vessel_click"]),
-                             "--include", _point(scene["lobe_click"]))
+    proc, out = segment_cli(scene["path"], tmp_path, "--start-mask", str(start), "--exclude", ras_text(scene["vessel_click"]),
+                             "--include", ras_text(scene["lobe_click"]))
     assert proc.returncode == 0, proc.stderr
     mask = np.asarray(nib.load(out).dataobj)
     assert mask[scene["vessel"]].mean() < 0.2 and mask[scene["lobe"]].mean() > 0.8
@@ -135,10 +125,10 @@ def test_start_mask_and_clicks_in_order_from_the_command_line(scene, tmp_path):
 
 
 def test_same_clicks_same_bytes_on_any_thread_count(scene, tmp_path):
-    args = ["--include", _point(scene["seed"]), "--exclude", _point(scene["vessel_click"]),
-            "--include", _point(scene["core_click"])]
-    a, out_a = _segment_cli(scene, tmp_path, *args, name="a.nii.gz")
-    b, out_b = _segment_cli(scene, tmp_path, *args, name="b.nii.gz")
+    args = ["--include", ras_text(scene["seed"]), "--exclude", ras_text(scene["vessel_click"]),
+            "--include", ras_text(scene["core_click"])]
+    a, out_a = segment_cli(scene["path"], tmp_path, *args, name="a.nii.gz")
+    b, out_b = segment_cli(scene["path"], tmp_path, *args, name="b.nii.gz")
     assert a.returncode == b.returncode == 0
     assert out_a.read_bytes() == out_b.read_bytes()
     clicks = [Click("include", scene["seed"]), Click("exclude", scene["vessel_click"])]
@@ -164,11 +154,11 @@ def test_a_session_gives_what_a_fresh_segmentation_gives_after_undo(scene):
 
 
 def test_bad_clicks_say_what_is_wrong(scene, tmp_path):
-    proc, _ = _segment_cli(scene, tmp_path, "--exclude", _point(scene["seed"]))
+    proc, _ = segment_cli(scene["path"], tmp_path, "--exclude", ras_text(scene["seed"]))
     assert proc.returncode == 1 and "first click must be an include" in proc.stderr
-    proc, _ = _segment_cli(scene, tmp_path, "--include", "900,900,900")
+    proc, _ = segment_cli(scene["path"], tmp_path, "--include", "900,900,900")
     assert proc.returncode == 1 and "outside the image" in proc.stderr
-    proc, _ = _segment_cli(scene, tmp_path, "--include", "1,2")
+    proc, _ = segment_cli(scene["path"], tmp_path, "--include", "1,2")
     assert proc.returncode == 2 and "X,Y,Z" in proc.stderr
     with pytest.raises(SegmentationError, match="first click must be an include"):
         segment_clicks(scene["image"], scene["affine"], [])

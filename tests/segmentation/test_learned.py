@@ -16,6 +16,7 @@ from khe_vol.overlap import dice
 from khe_vol.segmentation.interactive import BOX, EXCLUDE, INCLUDE, Click, ClickSession, clicks_from_json, segment_clicks
 from khe_vol.segmentation.learned import box_voxels, display_rect, display_view, from_display, slice_axis
 from khe_vol.segmentation.params import SegmentationError, SegmentationParams
+from scenes import ras_text, segment_cli
 
 SHAPE = (128, 128, 14)
 SPACING_MM = (0.9, 0.9, 4.0)
@@ -50,19 +51,10 @@ def scene(tmp_path_factory):
             "lesion_click": tuple(float(v) for v in voxel_to_world(np.rint(centre) + [-6, 3, 0], stored.affine))}
 
 
-def _segment(scene, tmp_path, *args, name="mask.nii.gz"):
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "segment", "--image", str(scene["path"]), *args,
-                           "--out", str(out)], capture_output=True, text=True)
-    return proc, out
-
-
-def _box_arg(box):
-    return ",".join(f"{v:.3f}" for v in box)
 
 
 def test_a_box_segments_the_lesion_and_the_same_box_gives_the_same_bytes(scene, tmp_path):
-    a, out_a = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]), "--record", str(tmp_path / "r.json"),
+    a, out_a = segment_cli(scene["path"], tmp_path, "--box", ras_text(scene["box"]), "--record", str(tmp_path / "r.json"),
                         name="a.nii.gz")
     assert a.returncode == 0, a.stderr
     mask = np.asarray(nib.load(out_a).dataobj) != 0
@@ -72,15 +64,15 @@ def test_a_box_segments_the_lesion_and_the_same_box_gives_the_same_bytes(scene, 
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["start"] == "box" and record["box"]["engine"] == "learned"
     assert record["clicks"][0]["kind"] == "box" and record["clicks"][0]["ras_mm"] == pytest.approx(scene["box"], abs=1e-3)
-    b, out_b = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]), name="b.nii.gz")
+    b, out_b = segment_cli(scene["path"], tmp_path, "--box", ras_text(scene["box"]), name="b.nii.gz")
     assert b.returncode == 0 and out_a.read_bytes() == out_b.read_bytes()
 
 
 def test_clicks_steer_the_mask_a_box_gave_and_a_session_keeps_its_slices(scene, tmp_path):
-    proc, out = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]),
-                         "--exclude", ",".join(f"{v:.3f}" for v in scene["lesion_click"]))
+    proc, out = segment_cli(scene["path"], tmp_path, "--box", ras_text(scene["box"]),
+                         "--exclude", ras_text(scene["lesion_click"]))
     assert proc.returncode == 0, proc.stderr
-    box_only = np.asarray(nib.load(_segment(scene, tmp_path, "--box", _box_arg(scene["box"]), name="b.nii.gz")[1])
+    box_only = np.asarray(nib.load(segment_cli(scene["path"], tmp_path, "--box", ras_text(scene["box"]), name="b.nii.gz")[1])
                           .dataobj) != 0
     steered = np.asarray(nib.load(out).dataobj) != 0
     assert np.all(steered <= box_only) and steered.sum() < box_only.sum()
@@ -104,13 +96,13 @@ def test_clicks_steer_the_mask_a_box_gave_and_a_session_keeps_its_slices(scene, 
 
 
 def test_bad_boxes_say_what_is_wrong(scene, tmp_path):
-    proc, _ = _segment(scene, tmp_path, "--box", "1,2,3,4,5")
+    proc, _ = segment_cli(scene["path"], tmp_path, "--box", "1,2,3,4,5")
     assert proc.returncode == 2 and "six numbers" in proc.stderr
-    proc, _ = _segment(scene, tmp_path, "--box", "900,900,900,950,950,950")
+    proc, _ = segment_cli(scene["path"], tmp_path, "--box", "900,900,900,950,950,950")
     assert proc.returncode == 1 and "holds no voxel of the image" in proc.stderr
     start = tmp_path / "start.nii.gz"
     nib.save(nib.Nifti1Image(scene["lesion"].astype(np.uint8), scene["affine"]), start)
-    proc, _ = _segment(scene, tmp_path, "--box", _box_arg(scene["box"]), "--start-mask", str(start))
+    proc, _ = segment_cli(scene["path"], tmp_path, "--box", ras_text(scene["box"]), "--start-mask", str(start))
     assert proc.returncode == 1 and "not both" in proc.stderr
 
 
