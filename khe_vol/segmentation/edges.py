@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from khe_vol.segmentation.morphology import components_touching, fill_lesion_holes, mask_box
+from khe_vol.segmentation.morphology import components_touching, fill_lesion_holes, fine_axes, mask_box
 
 
 def refine_edges(smoothed, region, spacing_mm, params):
@@ -34,7 +34,7 @@ def refine_edges(smoothed, region, spacing_mm, params):
     if params.edge_sigma_mm <= 0 or not region.any():
         return region
     spacing = np.asarray(spacing_mm, float)
-    fine = spacing <= 1.5 * spacing.min()
+    fine = fine_axes(spacing)
     box = mask_box(region, spacing, 4 * params.edge_sigma_mm + 2 * float(spacing[fine].max()))
     sub = region[box]
     values = smoothed[box].astype(np.float32)

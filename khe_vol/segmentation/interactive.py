@@ -64,6 +64,7 @@ from khe_vol.segmentation.morphology import (
     components_touching,
     crop_box,
     fill_lesion_holes,
+    fine_axes,
     mask_box,
     opening_mm,
     thickest_axis,
@@ -293,13 +294,8 @@ def _click_reach_mm(distance_mm, params):
 def _with_rim(body, spacing_mm):
     """``body`` and its one-voxel rim along the finely sampled axes: its partial volume in plane
     (across thick slices a neighbouring slice is tissue of its own, such as a slab end)."""
-    structure = np.ones((3, 3, 3), bool)
-    spacing_mm = np.asarray(spacing_mm, float)
-    if spacing_mm.max() >= 1.5 * spacing_mm.min():
-        index = [slice(None)] * 3
-        index[thickest_axis(spacing_mm)] = slice(1, 2)
-        structure = np.zeros((3, 3, 3), bool)
-        structure[tuple(index)] = True
+    structure = np.zeros((3, 3, 3), bool)
+    structure[tuple(slice(None) if fine else slice(1, 2) for fine in fine_axes(spacing_mm))] = True
     return ndimage.binary_dilation(body, structure=structure)
 
 

@@ -239,6 +239,13 @@ def thickest_axis(spacing_mm):
     return int(np.flatnonzero(spacing >= spacing.max() * (1.0 - RADIUS_RTOL))[0])
 
 
+def fine_axes(spacing_mm):
+    """Which array axes are finely sampled: voxel edges at most 1.5 x the finest (the in-plane
+    axes of a 2D acquisition; every axis of a near-isotropic grid)."""
+    spacing = np.asarray(spacing_mm, float)
+    return spacing <= 1.5 * spacing.min()
+
+
 def fill_lesion_holes(mask, spacing_mm, params):
     """:func:`fill_holes` in 3D and, if ``params.fill_holes_slicewise``, slice by slice across the thickest axis."""
     return fill_holes(mask, thickest_axis(spacing_mm) if params.fill_holes_slicewise else None)
