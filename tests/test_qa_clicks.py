@@ -326,8 +326,11 @@ def test_a_reader_draws_a_box_sets_its_slices_and_accepts_in_a_real_browser(phan
         for button, k in (("#box-first", k0), ("#box-last", k1)):
             page.evaluate("(v) => { const nv = window.khe.nv; nv.scene.crosshairPos = nv.vox2frac(v); nv.drawScene(); }",
                           [int(i0 + i1) // 2, int(j0 + j1) // 2, int(k)])
+            shown = page.evaluate("() => JSON.stringify(window.khe.clicks)")
             page.click(button)
-            page.wait_for_function("() => !window.khe.busy", timeout=120000)
+            # Until the server answers, the mask on screen is the previous box's (busy is set a moment later).
+            page.wait_for_function("(before) => JSON.stringify(window.khe.clicks) !== before && !window.khe.busy",
+                                   arg=shown, timeout=120000)
             assert page.inner_text("#error") == ""
         assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == ["box"]
         volume = float(page.inner_text("#click-volume").split()[0])
