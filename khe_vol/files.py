@@ -44,17 +44,46 @@ MASK_NAME = "mask.nii.gz"
 # ---------------------------------------------------------------- atomic writes
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask():
+    """The process's file-creation mask (e.g. ``0o022``).
+
+    Read from ``/proc/self/status`` where there is one; elsewhere set and
+    restored under a lock (``os.umask`` can only be read by changing it).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, payload, mode=None):
     """Write bytes to ``path`` via a temporary file and an atomic rename.
 
-    ``mode``: permission bits the file has from its creation (e.g. ``0o600`` for a secret).
+    Parameters
+    ----------
+    path : str or Path
+    payload : bytes
+    mode : int, optional
+        Permission bits the file has from its creation (``0o600`` for a
+        secret). By default those of any new file, ``0o666`` less the user's
+        umask: the temporary file ``mkstemp`` makes is 0600, and results
+        others of the study must read (tables, masks, the workbook) would
+        otherwise stay private to whoever ran the workflow.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, 0o666 & ~current_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
         os.replace(tmp, path)

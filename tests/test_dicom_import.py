@@ -6,6 +6,7 @@ the PyPI package) and checks the files it wrote.
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -186,9 +187,15 @@ def test_rerun_same_bytes_and_force(tmp_path, phantom, capsys):
     visits_by_uid(tmp_path / "visits.tsv", [("01", "baseline", study)])
     before = sorted(p.name for p in (tmp_path / "dicom").iterdir())
     dicom_bytes = {p.name: p.read_bytes() for p in (tmp_path / "dicom").iterdir()}
-    assert run_import(tmp_path) == 0
+    umask = os.umask(0o022)
+    try:
+        assert run_import(tmp_path) == 0
+    finally:
+        os.umask(umask)
     target = t2_path(tmp_path, "01", "baseline")
     first = {p: p.read_bytes() for p in (tmp_path / "study").rglob("*") if p.is_file()}
+    # The study's others read what was imported: files follow the umask (022 -> 0644).
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in first if p.stat().st_mode & 0o777 != 0o644} == {}
     assert run_import(tmp_path) == 0
     assert {p: p.read_bytes() for p in (tmp_path / "study").rglob("*") if p.is_file()} == {
         p: b for p, b in first.items() if p.name != "import_report.tsv"} | {

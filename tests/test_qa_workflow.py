@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -64,9 +65,25 @@ def qa_cohort(tmp_path_factory):
     config = yaml.safe_load(config_path.read_text())
     config.update(readers=READERS, adjudicator="ADJ", qa_seed=8817230998812345)
     config_path.write_text(yaml.safe_dump(config))
-    proc = run_snakemake(root / "work", config_path)
+    # A shared study folder's usual umask: results readable by the group and others.
+    umask = os.umask(0o022)
+    try:
+        proc = run_snakemake(root / "work", config_path)
+    finally:
+        os.umask(umask)
     (root / "first_run.log").write_text(proc.stdout + proc.stderr)
     return root, config_path, root / "results"
+
+
+def test_results_follow_the_umask_and_secrets_stay_private(qa_cohort):
+    """Under umask 022 every result is 0644 (others of the study read the tables), the blinding key 0600."""
+    _, _, results = qa_cohort
+    modes = {path.relative_to(results).as_posix(): path.stat().st_mode & 0o777
+             for path in results.rglob("*") if path.is_file()}
+    secrets = {name for name in modes if name.startswith("blinding/key") and name.endswith(".tsv")}
+    assert "blinding/key.tsv" in secrets and "check.tsv" in modes and "work/series/sub-01/ses-m06/mask.nii.gz" in modes
+    assert {name: oct(modes[name]) for name in secrets if modes[name] != 0o600} == {}
+    assert {name: oct(mode) for name, mode in modes.items() if name not in secrets and mode != 0o644} == {}
 
 
 def test_packages_are_blinded_and_audited(qa_cohort):
