@@ -151,6 +151,29 @@ def geometry_disagreement(header, shape):
     return {"distance_mm": round(distance_mm, 2), "rotation_deg": round(rotation_deg, 2), "used": "sform"}
 
 
+#: Where a DICOM Part 10 file says so: "DICM" after its 128-byte preamble.
+DICOM_MARKER_OFFSET = 128
+
+
+def is_dicom_file(path):
+    """Whether a file is DICOM Part 10 (the ``DICM`` marker), also when gzip-compressed.
+
+    Files are copied by hand and renamed: a ``.dcm`` saved as ``_T2w.nii.gz``
+    would otherwise fail as "not a gzip file", named ``.nii`` as nibabel's
+    "Cannot work out file type".
+    """
+    end = DICOM_MARKER_OFFSET + 4
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(end)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(end)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return head[DICOM_MARKER_OFFSET:end] == b"DICM"
+
+
 def open_image(path, kind="series"):
     """Open a NIfTI file and validate its header, without reading voxel data.
 
@@ -173,6 +196,9 @@ def open_image(path, kind="series"):
         raise SeriesError(f"{path}: {kind} file does not exist")
     if path.stat().st_size == 0:
         raise SeriesError(f"{path}: {kind} file is empty (0 bytes)")
+    if is_dicom_file(path):
+        raise SeriesError(f"{path}: this is a DICOM file, not NIfTI (whatever its name says); convert the "
+                          "site's DICOM folder with `khe-vol import` (see the README's DICOM section)")
     try:
         img = nib.load(path)
     except Exception as exc:  # nibabel raises many types for foreign files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from khe_vol.synthetic.dicom import SeriesInfo, StudyInfo, small_phantom, stored_values, write_single_frame_series
 from tests.cohort import write_mask_cohort
 from tests.conftest import make_affine, save_nifti
 
@@ -80,6 +82,17 @@ def add_bad_series(root):
     p.parent.mkdir(parents=True)
     p.write_bytes(good.read_bytes())
     bad[("sub-97", "ses-baseline")] = "does not overlap"
+    # DICOM slices copied by hand under a NIfTI name, gzip-style and plain
+    ph = small_phantom(rng_seed=3, shape=(16, 16, 6))
+    stored, slope, intercept = stored_values(ph.image)
+    slices = sorted(write_single_frame_series(Path(root) / "site_dicom", stored, ph.affine, slope, intercept,
+                                              StudyInfo("hand"), SeriesInfo()))
+    for pid, name in (("sub-88", "sub-88_ses-baseline_T2w.nii.gz"), ("sub-89", "sub-89_ses-baseline_T2w.nii")):
+        p = img / pid / "ses-baseline/anat" / name
+        p.parent.mkdir(parents=True)
+        p.write_bytes(Path(slices[0]).read_bytes())
+        bad[(pid, "ses-baseline")] = "this is a DICOM file, not NIfTI"
+    shutil.rmtree(Path(root) / "site_dicom")
     return bad
 
 
