@@ -53,7 +53,7 @@ def _load_config_arg(args):
 
 
 def _cmd_check(args):
-    from khe_vol.check import REPORT_COLUMNS, check_study, format_report
+    from khe_vol.check import REPORT_COLUMNS, check_study, check_warnings, format_report
     from khe_vol.config import ConfigError
 
     try:
@@ -63,19 +63,24 @@ def _cmd_check(args):
         return 2
     try:
         problems = check_study(config, headers_only=args.headers_only)
+        warnings = check_warnings(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"khe-vol check: {exc}", file=sys.stderr)
         return 2
-    report = format_report(problems)
+    report = format_report(problems, warnings)
     if args.report:
         from khe_vol.files import atomic_write_text
 
         atomic_write_text(args.report, report)
         if args.report.endswith(".tsv"):
             atomic_write_text(args.report[: -len(".tsv")] + ".json", json.dumps(REPORT_COLUMNS, indent=2) + "\n")
-    print(report, end="")
+    if problems or warnings:  # the table only when it has rows: a bare header reads as a fault
+        print(report, end="")
     n = len(problems)
-    print(f"{n} problem(s) found" if n else "no problems found", file=sys.stderr)
+    found = [f"{n} problem(s) found" if n else "no problems found"]
+    if warnings:
+        found.append(f"{len(warnings)} warning(s)")
+    print(", ".join(found), file=sys.stderr)
     return 1 if n and not args.no_fail else 0
 
 

@@ -156,6 +156,7 @@ def test_uid_map_report_and_no_identifier_under_imaging_dir(tmp_path, phantom, c
     assert row["study_instance_uid"] == base.study_instance_uid
     assert row["series_instance_uid"] == T2.series_instance_uid(base)
     assert row["series_description"] == "t2_tse_fs_tra"
+    assert (row["study_date"], uid_map[1]["study_date"]) == (base.study_date, "20240903")  # khe-vol check's order
     assert json.loads(uid_map[1]["dicom_files"]) == ["visit2/EMR03.dcm"]
     report = report_rows(tmp_path)
     assert {(r["series_number"], r["candidate"], r["chosen"]) for r in report} == {("2", "0", "0"), ("3", "1", "1")}

@@ -185,7 +185,7 @@ def test_dictionaries_and_derivatives(mask_cohort_run):
             assert int(np.asarray(img.dataobj).sum()) == int(r["n_voxels"])
     check = read_tsv(res / "check.tsv")
     assert {"sub-92", "sub-95", "sub-98"} <= {c["participant_id"] for c in check}
-    assert list(json.loads((res / "check.json").read_text())) == ["participant_id", "session_id", "problem"]
+    assert list(json.loads((res / "check.json").read_text())) == ["participant_id", "session_id", "problem", "severity"]
 
 
 def test_inputs_untouched_and_rerun_is_byte_identical(mask_cohort_run, tmp_path):

@@ -39,7 +39,7 @@ from khe_vol.files import atomic_write_bytes, atomic_write_text, read_tsv, write
 
 #: Columns of the UID map (the contract with the DICOM export).
 UID_MAP_COLUMNS = ("participant_id", "session_id", "nifti", "dicom_dir", "dicom_files", "study_instance_uid",
-                   "series_instance_uid", "frame_of_reference_uid", "series_description")
+                   "series_instance_uid", "frame_of_reference_uid", "series_description", "study_date")
 
 #: Columns of import_report.tsv, with what each means (written as import_report.json).
 REPORT_COLUMNS = {
@@ -434,6 +434,8 @@ def import_dicom(dicom_dir, imaging_dir, visits_path, *, rule_overrides=None, se
                 "study_instance_uid": study_uid, "series_instance_uid": chosen.series_instance_uid,
                 "frame_of_reference_uid": chosen.frame_of_reference_uid,
                 "series_description": chosen.series_description or chosen.protocol_name,
+                # khe-vol check compares it with the session's month (sessions out of order).
+                "study_date": chosen.study_date,
             })
         except _StudyFailed as exc:
             outcome.status, outcome.message = "failed", str(exc)

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from khe_vol.config import ConfigError, baseline_session, resolve_config
 from khe_vol.discover import discover_study
-from khe_vol.files import series_mask_path, series_record_path
+from khe_vol.files import read_tsv, series_mask_path, series_record_path
 from khe_vol.plan import SOURCE_NEEDS_SEED, SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
 from khe_vol.qa.seeding import seeded_baselines
 from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
@@ -302,7 +302,7 @@ def results_banner():
     waiting = "".join(f", {counts[s]} {what}" for s, what in (("pending", "waiting for readers"),
                                                                 ("excluded", "excluded by readers")) if counts.get(s))
     try:
-        n_problems = len(Path(f"{RESULTS}/check.tsv").read_text().splitlines()) - 1
+        n_problems = sum(row.get("severity", "problem") == "problem" for row in read_tsv(f"{RESULTS}/check.tsv"))
     except OSError:
         n_problems = 0
     lines = [
