@@ -84,6 +84,25 @@ def _cmd_check(args):
     return 1 if n and not args.no_fail else 0
 
 
+def _cmd_run(args):
+    from khe_vol.config import ConfigError, load_config
+    from khe_vol.run import WorkflowFilesMissing, run_workflow
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"khe-vol run: {exc}", file=sys.stderr)
+        return 2
+    report = None
+    if args.report is not None:
+        report = args.report or str(Path(config["results_dir"]) / "report.html")
+    try:
+        return run_workflow(args.config, args.cores, args.profile, args.snakemake_args, report)
+    except WorkflowFilesMissing as exc:
+        print(f"khe-vol run: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_series(args):
     import numpy as np
     import SimpleITK as sitk
@@ -710,6 +729,22 @@ def build_parser():
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when problems are found")
     p.set_defaults(func=_cmd_check)
 
+    p = sub.add_parser(
+        "run", help="run the whole workflow on a study config, from any folder",
+        description="Run khe-vol's Snakemake workflow on one study config. Paths in the config are relative "
+                    "to its folder; Snakemake runs there (its .snakemake/ stays with the study). Any other "
+                    "option is passed to Snakemake unchanged (e.g. --dry-run, --rerun-incomplete, "
+                    "--config key=value).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", help="the study's config YAML (see khe_vol/schemas/config.schema.yaml)")
+    p.add_argument("--cores", default=None,
+                   help="cores to use (a number or 'all'); default: all, or what --profile sets")
+    p.add_argument("--profile", default=None,
+                   help="a Snakemake profile: 'slurm' (khe-vol's own, profiles/slurm) or a profile folder")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="HTML",
+                   help="after the run, write Snakemake's report (default <results_dir>/report.html)")
+    p.set_defaults(func=_cmd_run, snakemake_args=[])
+
     p = sub.add_parser("series", help="validate, segment and measure one series")
     p.add_argument("--participant", required=True)
     p.add_argument("--session", required=True)
@@ -859,7 +894,13 @@ def _joined_points(argv):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(_joined_points(sys.argv[1:] if argv is None else list(argv)))
+    argv = _joined_points(sys.argv[1:] if argv is None else list(argv))
+    if argv[:1] == ["run"]:
+        # Snakemake's own flags pass through `khe-vol run` unchanged.
+        args, passthrough = build_parser().parse_known_args(argv)
+        args.snakemake_args = [a for a in passthrough if a != "--"]
+    else:
+        args = build_parser().parse_args(argv)
     if args.command == "check" and not (args.config or args.config_json):
         build_parser().error("check needs a config file")
     return args.func(args)

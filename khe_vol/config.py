@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from importlib import resources
+import os
 from pathlib import Path
 
 import jsonschema
@@ -99,6 +100,24 @@ NO_CONFIG_MESSAGE = (
 )
 
 
+#: Config keys that name a file or folder: a relative one is relative to the config file's folder.
+PATH_KEYS = ("imaging_dir", "seeds", "masks_dir", "results_dir", "allocation", "dicom_uid_map")
+
+
+def absolute_paths(config, base_dir):
+    """``config`` with each relative :data:`PATH_KEYS` value made absolute against ``base_dir``.
+
+    Why: a study's config sits in the study's folder and names its files from
+    there, wherever the run is started (``khe-vol run`` from anywhere, Snakemake
+    from the repository). Values that are not strings (null, or a wrong type
+    the schema then reports) are left as they are.
+    """
+    base_dir = os.path.abspath(base_dir)
+    return {key: (os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+                  if key in PATH_KEYS and isinstance(value, str) and value else value)
+            for key, value in config.items()}
+
+
 def _read_config_file(path):
     path = Path(path)
     try:
@@ -107,7 +126,7 @@ def _read_config_file(path):
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: configuration must be a YAML mapping of keys to values")
-    return config
+    return absolute_paths(config, path.parent)
 
 
 def resolve_config(config_files=(), overrides=None):
@@ -141,7 +160,11 @@ def resolve_config(config_files=(), overrides=None):
     config = {}
     for path in config_files:
         config.update(_read_config_file(path))
-    config.update(overrides)
+    if config_files and "results_dir" not in config and "results_dir" not in overrides:
+        # The default too sits beside the config naming the study.
+        config["results_dir"] = os.path.join(os.path.abspath(config_files[-1].parent), "results")
+    # --config values are typed in a shell: relative to where it runs.
+    config.update(absolute_paths(overrides, os.getcwd()))
     try:
         return validate_config(config)
     except ConfigError as exc:

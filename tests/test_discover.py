@@ -171,7 +171,28 @@ def test_repository_default_config_is_valid():
     assert config["sessions"]["baseline"] == 0
     # the blinded-reading demo is a whole config of its own, not an extension
     qa = load_config(Path(__file__).parents[1] / "config" / "demo_qa.yaml")
-    assert qa["imaging_dir"] == "demo/imaging" and qa["readers"] == ["R1", "R2"]
+    assert qa["imaging_dir"] == str(Path(__file__).parents[1] / "demo" / "imaging") and qa["readers"] == ["R1", "R2"]
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """A study's config names its files from its own folder, wherever the run starts."""
+    import os
+
+    study = tmp_path / "trial" / "my_study.yaml"
+    study.parent.mkdir()
+    study.write_text("imaging_dir: imaging\nseeds: tables/seeds.tsv\nallocation: ../shared/alloc.tsv\n"
+                     "masks_dir: /abs/masks\narms: [a, b]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = resolve_config([os.path.relpath(study)])
+    assert config["imaging_dir"] == str(tmp_path / "trial" / "imaging")
+    assert config["seeds"] == str(tmp_path / "trial" / "tables" / "seeds.tsv")
+    assert config["allocation"] == str(tmp_path / "shared" / "alloc.tsv")
+    assert config["masks_dir"] == "/abs/masks"
+    assert config["results_dir"] == str(tmp_path / "trial" / "results")  # the default, beside the config
+    # --config values are typed in a shell: relative to the current folder
+    assert resolve_config([study], {"results_dir": "out"})["results_dir"] == str(elsewhere / "out")
 
 
 def test_resolve_config_replaces_top_level_keys_and_defaults_the_rest(tmp_path):
@@ -186,7 +207,7 @@ def test_resolve_config_replaces_top_level_keys_and_defaults_the_rest(tmp_path):
     # after the demo config (snakemake --configfile demo.yaml study.yaml): sessions replaced, not merged
     both = resolve_config([demo, study])
     assert both["sessions"] == {"screening": 0, "m06": 6}
-    assert resolve_config([study], {"results_dir": "elsewhere"})["results_dir"] == "elsewhere"
+    assert resolve_config([study], {"results_dir": "/elsewhere"})["results_dir"] == "/elsewhere"
     with pytest.raises(ConfigError, match="--configfile config/config.yaml"):
         resolve_config([])
     bad = tmp_path / "list.yaml"
