@@ -1,7 +1,7 @@
 """``khe-vol run``: the whole workflow on one study config, from any folder.
 
-The Snakefile, its rules and profiles come with khe-vol (the repository this
-package is installed from); the study's config names its files from its own
+The Snakefile, its rules and profiles come with khe-vol (the checkout, or the
+copy a built package carries); the study's config names its files from its own
 folder (:func:`khe_vol.config.absolute_paths`). Snakemake runs in the config's
 folder, so its ``.snakemake/`` bookkeeping stays with the study.
 """
@@ -21,17 +21,21 @@ class WorkflowFilesMissing(RuntimeError):
 def workflow_root():
     """The folder holding khe-vol's ``Snakefile``, ``workflow/`` and ``profiles/``.
 
+    The checkout's own (a source tree, or an editable install), else the copy
+    a built package carries in ``khe_vol/_workflow/`` (there, links to the
+    checkout's files that the wheel stores as files).
+
     Raises
     ------
     WorkflowFilesMissing
-        Installed without them (a wheel built from the package alone).
+        Neither is there.
     """
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "Snakefile").is_file() or not (root / "workflow" / "rules").is_dir():
-        raise WorkflowFilesMissing(
-            f"no khe-vol Snakefile beside the package ({root}): install khe-vol from its repository "
-            "(git clone, then pip install -e .) so that the workflow files come with it")
-    return root
+    package = Path(__file__).resolve().parent
+    for root in (package.parent, package / "_workflow"):
+        if (root / "Snakefile").is_file() and (root / "workflow" / "rules").is_dir():
+            return root
+    raise WorkflowFilesMissing(f"no khe-vol Snakefile with this package ({package}): reinstall khe-vol "
+                               "from its repository (pip install ., or pip install -e . for a checkout)")
 
 
 def profile_path(profile, root):
@@ -78,7 +82,9 @@ def snakemake_command(config_path, cores=None, profile=None, extra=(), report=No
 
 def run_workflow(config_path, cores=None, profile=None, extra=(), report=None):
     """Run the workflow (and then write its report when ``report`` is given); the exit code."""
-    code = subprocess.call(snakemake_command(config_path, cores, profile, extra))
+    # The rules call `khe-vol`: this installation's, also from a virtualenv that is not activated.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    code = subprocess.call(snakemake_command(config_path, cores, profile, extra), env=env)
     if code == 0 and report is not None:
-        code = subprocess.call(snakemake_command(config_path, cores, profile, extra, report=report))
+        code = subprocess.call(snakemake_command(config_path, cores, profile, extra, report=report), env=env)
     return code

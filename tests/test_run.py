@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,3 +60,24 @@ def test_a_bad_config_names_the_file(study):
     bad.write_text("imagin_dir: data/imaging\n")
     proc = khe_vol("run", bad, cwd=root)
     assert proc.returncode == 2 and str(bad) in proc.stderr and "imagin_dir" in proc.stderr
+
+
+def test_an_installed_wheel_carries_the_workflow(study, tmp_path):
+    """`pip install` of a built wheel (not the checkout) runs the same workflow."""
+    root, folder, _ = study
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(repo)],
+                   check=True, capture_output=True, timeout=600)
+    venv = tmp_path / "venv"
+    # The dependencies are this interpreter's; the package is the wheel's copy alone.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    wheel = next((tmp_path / "dist").glob("khe_vol-*.whl"))
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    probe = subprocess.run([str(venv / "bin/python"), "-c", "import khe_vol.run as r; print(r.workflow_root())"],
+                           cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert str(venv) in probe.stdout and probe.stdout.strip().endswith("_workflow"), probe.stdout
+    proc = subprocess.run([str(venv / "bin/khe-vol"), "run", "trial/my_study.yaml", "--cores", "1", "--dry-run"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "measure_series" in proc.stdout + proc.stderr
