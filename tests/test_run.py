@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,11 @@ def test_an_installed_wheel_carries_the_workflow(study, tmp_path):
     """`pip install` of a built wheel (not the checkout) runs the same workflow."""
     root, folder, _ = study
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(repo)],
+    # Built from a copy: a build writes build/ and *.egg-info beside the sources it is given.
+    source = tmp_path / "source"
+    shutil.copytree(repo, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "node_modules", ".snakemake", "build", "*.egg-info", "results*", "demo", "dicom_demo", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, capture_output=True, timeout=600)
     venv = tmp_path / "venv"
     # The dependencies are this interpreter's; the package is the wheel's copy alone.
