@@ -72,17 +72,16 @@ rule qa_package:
         display=DISPLAY_ARGS,
         reading_mode=config["reading_mode"],
         reader_records=reader_record_args,
-        study_words=lambda wildcards, input: " ".join(
-            [f"--allocation {shlex.quote(input.allocation)}"] if input.allocation else []
-        )
-        + "".join(f" --arm {shlex.quote(a)}" for a in config["arms"] or []),
+        # A string (not a function): a change of the arms is a params change, which reruns the packaging.
+        arms=" ".join(f"--arm {shlex.quote(a)}" for a in config["arms"] or []),
+        allocation=lambda wildcards, input: f"--allocation {shlex.quote(input.allocation)}" if input.allocation else "",
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_package.log",
     shell:
         "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} {params.display} "
-        "--reading-mode {params.reading_mode} {params.reader_records} {params.study_words} --key {output.key:q} "
+        "--reading-mode {params.reading_mode} {params.reader_records} {params.allocation} {params.arms} --key {output.key:q} "
         "{input.records:q} > {log:q} 2>&1"
 
 
