@@ -312,3 +312,15 @@ def test_add_reader_prints_the_whole_enrolment_link_once_the_service_has_run(two
             assert requests.get(link, timeout=30).status_code == 200
         finally:
             kill_hard(proc)
+
+
+def test_a_reader_id_like_a_visit_is_not_a_leak(tmp_path, capsys):
+    """The visit pattern finds "m1"; a reader called M1 is still named on their own folder and pages."""
+    from tests.qa_cohort import write_cohort
+
+    records = write_cohort(tmp_path)
+    results = tmp_path / "results"
+    assert main(["qa", "package", "--results-dir", str(results), "--reader", "M1", "--seed", "987654321987",
+                 *map(str, records)]) == 0
+    rc, out, _ = audit(results, capsys)
+    assert rc == 0 and out.startswith("clean"), out
