@@ -122,6 +122,7 @@ def test_the_filter_normalises_unicode_and_finds_visits_and_month_name_dates():
                         ("follow-up 1", ["visit"]), ("6 months", ["visit"]), ("12mo", ["visit"]),
                         ("m6", ["visit"]), ("Dec 1 2026", ["date"]), ("December 1st, 2026", ["date"]),
                         ("1 Dec 2026", ["date"]), ("the 3rd of May", ["date"]), ("Dec. 2026", ["date"]),
+                        ("May 3rd", ["date"]), ("Sept. 3", ["date"]), ("3 May 2026", ["date"]),
                         ("1.12.2026", ["date"]), ("2026-12", ["date"]), ("12/2026", ["date"]),
                         ("sub\u200b-01", ["participant"]), ("ＳＵＢ－０１", ["participant"]),
                         ("siro limus", ["arm"])):
@@ -129,7 +130,8 @@ def test_the_filter_normalises_unicode_and_finds_visits_and_month_name_dates():
     for benign in ("margin unclear on slice 12", "T2 bright rim, 3 mm", "flow voids posterior",
                    "volume 12.06 mL, 3 of 12 read, 0.01", "may be a vessel; 2 lesions", "T1 of 3 (prior T1)",
                    "no change at 4 mm", "1.5 cm, septum 2 mm", "case K01X6M06QZ and sha 9a01f06c",
-                   "decreased since prior", "volume 2019.05 mL"):
+                   "decreased since prior", "volume 2019.05 mL", "lesion 1 may be a vessel",
+                   "dec 3 mm since prior", "size 2 x 3 cm"):
         assert found(benign) == [], (benign, found(benign))
 
 

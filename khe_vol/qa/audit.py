@@ -99,8 +99,8 @@ def nifti_text_fields(payload):
     return out
 
 
-def scan_payload(scanner, where, name, payload, visits=True):
-    """Leaks in one file's bytes, by what the file is (``visits``: as :meth:`Scanner.find`)."""
+def scan_payload(scanner, where, name, payload, prose=True):
+    """Leaks in one file's bytes, by what the file is (``prose``: as :meth:`Scanner.find`)."""
     lower = name.lower()
     if lower.endswith((".nii", ".nii.gz")):
         try:
@@ -116,7 +116,7 @@ def scan_payload(scanner, where, name, payload, visits=True):
             return [Leak(where, "file", f"unreadable PNG ({exc})", "unverifiable")]
         return [leak for ctype, text in chunks for leak in scanner.find(where, f"PNG {ctype} chunk", text)]
     # Anything else is read as text: what a reader could open in an editor.
-    return scanner.find(where, "content", payload.decode("utf-8", "replace"), strict=False, visits=visits)
+    return scanner.find(where, "content", payload.decode("utf-8", "replace"), strict=False, prose=prose)
 
 
 def scan_files(scanner, results_dir):
@@ -292,7 +292,7 @@ def scan_pages(scanner, results_dir, reader, db_path=None):
             leaks += scanner.find(where, "URL", url)
             # The app's own scripts are the same code in every study: an identifier like m1 is not a visit.
             leaks += scan_payload(scanner, where, url.rsplit("/", 1)[-1] if "/files/" in url or url.endswith(
-                ".nii.gz") else "page.html", response.get_data(), visits=not url.startswith("/static/"))
+                ".nii.gz") else "page.html", response.get_data(), prose=not url.startswith("/static/"))
     return leaks
 
 

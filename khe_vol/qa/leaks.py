@@ -70,22 +70,38 @@ _ARM_STOPWORDS = {"with", "without", "plus", "and", "only", "arm", "group", "sta
 _YEAR = r"(?:19|20)\d\d"
 _MONTH_NUM = r"(?:0?[1-9]|1[0-2])"
 _DAY_NUM = r"(?:0?[1-9]|[12]\d|3[01])"
-_MONTH_NAME = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
-               r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
+_MONTHS = ("jan(?:uary)?", "feb(?:ruary)?", "mar(?:ch)?", "apr(?:il)?", "june?", "july?", "aug(?:ust)?",
+           "sep(?:t(?:ember)?)?", "oct(?:ober)?", "nov(?:ember)?", "dec(?:ember)?")
+#: A month's name; "may" (also a verb: "1 may be a vessel") only where a year or an ordinal day goes with it.
+_MONTH_NAME = rf"(?:{'|'.join(_MONTHS + ('may',))})\.?"
+_MONTH_NAME_NOT_MAY = rf"(?:{'|'.join(_MONTHS)})\.?"
 _ORDINAL_DAY = rf"{_DAY_NUM}(?:st|nd|rd|th)?"
-_DATE_PATTERNS = (
+#: Not a day after all: a size or count follows ("dec 3 mm" is decreased by 3 mm).
+_NOT_A_MEASURE = r"(?!\s*(?:mm|cm|ml|cc|%|x)(?![a-z]))"
+_NUMERIC_DATE_PATTERNS = (
     rf"{_YEAR}[-/.]{_MONTH_NUM}[-/.]{_DAY_NUM}",  # YYYY-MM-DD (also one-digit month or day)
     r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])",  # YYYYMMDD
     rf"{_DAY_NUM}[-/.]{_DAY_NUM}[-/.]{_YEAR}",  # D.M.YYYY and M/D/YYYY
     rf"{_YEAR}[-/](?:0[1-9]|1[0-2])",  # YYYY-MM (not with ".": a number like 2019.05)
     rf"{_MONTH_NUM}/{_YEAR}",  # MM/YYYY
-    rf"{_MONTH_NAME}[\s,]{{0,3}}{_ORDINAL_DAY}(?:[\s,]{{1,3}}{_YEAR})?",  # Dec 1 2026, December 1st, 2026
-    rf"(?:the\s+)?{_ORDINAL_DAY}(?:\s+of)?[\s-]{{1,3}}{_MONTH_NAME}(?:[\s,-]{{1,3}}{_YEAR})?",  # 1 Dec 2026
-    rf"{_MONTH_NAME}[\s,-]{{0,3}}{_YEAR}",  # December 2026, Dec-2026
 )
+_NAMED_DATE_PATTERNS = (
+    rf"{_MONTH_NAME}[\s,.]{{1,3}}{_ORDINAL_DAY}[\s,]{{1,3}}{_YEAR}",  # Dec 1 2026, December 1st, 2026
+    rf"{_MONTH_NAME_NOT_MAY}[\s,.]{{1,3}}{_ORDINAL_DAY}{_NOT_A_MEASURE}",  # Dec 1, Sept. 3rd
+    rf"may\.?[\s,]{{1,3}}{_DAY_NUM}(?:st|nd|rd|th)",  # May 3rd
+    rf"(?:the\s+)?{_ORDINAL_DAY}(?:\s+of)?[\s-]{{1,3}}{_MONTH_NAME}[\s,-]{{1,3}}{_YEAR}",  # 1 Dec 2026
+    rf"(?:the\s+)?{_DAY_NUM}(?:st|nd|rd|th)(?:\s+of)?[\s-]{{1,3}}{_MONTH_NAME}",  # the 3rd of May
+    rf"{_DAY_NUM}[\s-]{{1,3}}{_MONTH_NAME_NOT_MAY}",  # 1 Dec
+    rf"{_MONTH_NAME}[\s,.-]{{0,3}}{_YEAR}",  # December 2026, Dec-2026
+)
+_DATE_END = rf"(?:(?![{_WORD}])|(?=[Tt]\d))"
 #: A date on its own or starting an ISO 8601 / DICOM date-time ("2026-12-04T03:00:02Z",
-#: "20261204T030002": the T and the time are word characters, yet the date is still a date).
-DATE_RE = re.compile(rf"(?<![{_WORD}])(?:{'|'.join(_DATE_PATTERNS)})(?:(?![{_WORD}])|(?=[Tt]\d))", re.IGNORECASE)
+#: "20261204T030002": the T and the time are word characters, yet the date is still a date); numeric or
+#: with a month's name.
+DATE_RE = re.compile(rf"(?<![{_WORD}])(?:{'|'.join(_NUMERIC_DATE_PATTERNS + _NAMED_DATE_PATTERNS)}){_DATE_END}",
+                     re.IGNORECASE)
+#: Numeric dates only (for the app's own scripts, whose words are code, not prose).
+NUMERIC_DATE_RE = re.compile(rf"(?<![{_WORD}])(?:{'|'.join(_NUMERIC_DATE_PATTERNS)}){_DATE_END}", re.IGNORECASE)
 
 #: Separators a token may be written with (up to 3 of them, or none) where it has one.
 _SEP = r"[\s_\-./]{0,3}"
@@ -235,12 +251,12 @@ class Scanner:
         self.strict = [(t, _token_regex(t)) for t in tokens]
         self.text = [(t, r) for t, r in self.strict if _searched_in_text(t)]
 
-    def find(self, where, what, value, strict=True, visits=True):
+    def find(self, where, what, value, strict=True, prose=True):
         """Leaks in one string (``strict``: also short numbers; for names and header fields).
 
-        The string is matched as :func:`normalise` writes it. ``visits``: also
-        :data:`VISIT_RE` (off only for the app's own script files, whose code
-        is the same in every study).
+        The string is matched as :func:`normalise` writes it. ``prose``: also
+        dates with a month's name and :data:`VISIT_RE` (off only for the app's
+        own script files, whose words are code, the same in every study).
         """
         value = normalise(value)
         leaks = []
@@ -248,9 +264,9 @@ class Scanner:
             m = regex.search(value)
             if m:
                 leaks.append(Leak(where, what, m.group(0), token.kind))
-        for m in DATE_RE.finditer(value):
+        for m in (DATE_RE if prose else NUMERIC_DATE_RE).finditer(value):
             leaks.append(Leak(where, what, m.group(0), "date"))
-        if visits:
+        if prose:
             for m in VISIT_RE.finditer(value):
                 leaks.append(Leak(where, what, m.group(0), "visit"))
         return leaks
