@@ -293,6 +293,7 @@ def _cmd_qa_package(args):
     from khe_vol.nifti import SeriesError
     from khe_vol.qa import reader_dir
     from khe_vol.qa.key import default_key_path
+    from khe_vol.qa.leaks import write_study_words
     from khe_vol.qa.package import PackageError, write_package
 
     try:
@@ -303,7 +304,9 @@ def _cmd_qa_package(args):
                              overlays_tsv=args.overlays, source_root=args.source_root, key_path=args.key,
                              reader_records=reader_records, display={"radiological": not args.neurological},
                              reading_mode=args.reading_mode)
-    except (PackageError, SeriesError, OSError, KeyError, json.JSONDecodeError) as exc:
+        # The arm and site names the reader app refuses in comments and the audit flags (one file for both).
+        words = write_study_words(args.results_dir, args.allocation, args.arm or ())
+    except (PackageError, SeriesError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
         print(f"khe-vol qa package: {exc}", file=sys.stderr)
         return 2
     for reader in args.reader:
@@ -315,6 +318,7 @@ def _cmd_qa_package(args):
         if r["status"] != "case" and r["reader"] == args.reader[0]:
             print(f"  not packaged: {r['message']}", file=sys.stderr)
     print(f"unblinding key: {args.key or default_key_path(args.results_dir)} (keep it away from readers)")
+    print(f"study words (arm and site names readers must not write): {words}")
     if args.seed < 2**32:
         print("note: a small seed can be guessed; use e.g. python -c 'import secrets; print(secrets.randbits(63))'",
               file=sys.stderr)
@@ -323,6 +327,7 @@ def _cmd_qa_package(args):
 
 def _cmd_qa_audit(args):
     """Exit 1 listing every leak, 0 with a summary when clean."""
+    from khe_vol.files import atomic_write_text
     from khe_vol.qa.audit import audit
 
     try:
@@ -330,16 +335,52 @@ def _cmd_qa_audit(args):
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"khe-vol qa audit: {exc}", file=sys.stderr)
         return 2
-    for leak in leaks:
-        print(leak)
-    for problem in problems:
-        print(problem)
+    lines = [str(leak) for leak in leaks] + list(problems)
+    comments = sorted({leak.where for leak in leaks if leak.what == "comment"})
+    if comments:
+        lines.append(f"{len(comments)} reader comment(s) above unblind: hide each with `khe-vol qa redact --results-dir "
+                     "R --reader <reader> --case <case> --revision <n> --reason ... --by <your name>` (kept in the "
+                     "audit trail), then rerun")
+    if not (leaks or problems):
+        lines.append(f"clean: {summary['files']} file(s) and the pages of {len(summary['readers'])} reader(s) "
+                     f"({', '.join(summary['readers'])}) checked against {summary['tokens']} forbidden token(s) "
+                     f"({', '.join(summary['kinds'])}), date and visit patterns; the key is outside qa/")
+    text = "".join(f"{line}\n" for line in lines)
+    if args.findings:
+        # Beside the workflow's output, never one: Snakemake deletes a failed rule's outputs, not this.
+        atomic_write_text(args.findings, text)
+    sys.stdout.write(text)
     if leaks or problems:
-        print(f"khe-vol qa audit: {len(leaks) + len(problems)} leak(s) found", file=sys.stderr)
+        where = f"; listed in {args.findings}" if args.findings else ""
+        print(f"khe-vol qa audit: {len(leaks) + len(problems)} leak(s) found{where}", file=sys.stderr)
         return 1
-    print(f"clean: {summary['files']} file(s) and the pages of {len(summary['readers'])} reader(s) "
-          f"({', '.join(summary['readers'])}) checked against {summary['tokens']} forbidden token(s) "
-          f"({', '.join(summary['kinds'])}) and date patterns; the key is outside qa/")
+    return 0
+
+
+def _cmd_qa_redact(args):
+    """Hide reader comments (one revision, or every revision of the case with a comment) from everyone."""
+    from khe_vol.qa import default_db_path, store
+
+    db = Path(args.db) if args.db else default_db_path(args.results_dir, args.reader)
+    if args.revision is not None:
+        revisions = [args.revision]
+    else:
+        revisions = [r["revision"] for r in store.read_history(db, args.case) if r["reader"] == args.reader
+                     and r["comment"] and r["comment"] != store.REDACTED_COMMENT]
+        if not revisions:
+            print(f"khe-vol qa redact: {db}: case {args.case} of {args.reader} has no comment left to redact",
+                  file=sys.stderr)
+            return 2
+    for revision in revisions:
+        try:
+            record = store.redact_comment(db, args.reader, args.case, revision, args.reason, args.by)
+        except ValueError as exc:
+            print(f"khe-vol qa redact: {exc}", file=sys.stderr)
+            return 2
+        print(f"redacted: {args.case} revision {revision} of {args.reader} (trail record {record['seq']}, comment "
+              f"SHA-256 {record['old_value'] and json.loads(record['old_value'])['comment_sha256']})")
+    print("readers, the audit and the reports now see "
+          f"{store.REDACTED_COMMENT!r}; `khe-vol qa verify` checks the trail")
     return 0
 
 
@@ -354,6 +395,13 @@ def _cmd_qa_serve(args):
         print(f"khe-vol qa serve: {exc}", file=sys.stderr)
         return 2
     shown = args.public_url or f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    try:
+        from khe_vol.qa.service import write_service_url
+
+        write_service_url(service.accounts_db, shown)  # add-reader prints whole enrolment links from it
+    except OSError as exc:
+        print(f"khe-vol qa serve: could not note the service's URL ({exc}); add-reader then needs --public-url",
+              file=sys.stderr)
     print(f"reading service: open {shown}/ and log in (accounts in {service.accounts_db}; "
           f"listening on {args.host}:{args.port}); Ctrl-C stops", flush=True)
     trusted = args.trusted_proxy if args.trusted_proxy is not None else ("127.0.0.1" if args.behind_tls else None)
@@ -368,7 +416,14 @@ def _accounts_path(args):
 
 
 def _enrolment_link(args, token):
-    base = (args.public_url or "").rstrip("/")
+    """The whole enrolment URL: ``--public-url``, else the URL ``khe-vol qa serve`` last served at."""
+    from khe_vol.qa.service import read_service_url
+
+    base = (args.public_url or read_service_url(_accounts_path(args)) or "").rstrip("/")
+    if not base:
+        print("note: the service's address is not known yet (no --public-url, and `khe-vol qa serve` has not run "
+              "with these accounts): prefix the link with the address readers open, or give --public-url",
+              file=sys.stderr)
     return f"{base}/enrol?token={token}"
 
 
@@ -504,6 +559,10 @@ def _add_qa_parser(sub):
     p.add_argument("--reading-mode", choices=READING_MODES, default="independent",
                    help="independent: one scan at a time, shuffled; longitudinal: a participant's scans grouped "
                    "as T1..Tn in time order, each follow-up shown beside T1")
+    p.add_argument("--allocation", default=None, help="the allocation TSV (participant_id, arm [, site]): its arm "
+                   "and site names go to <results-dir>/blinding/study_words.tsv, which the reader app (comments) "
+                   "and the leak audit both forbid")
+    p.add_argument("--arm", action="append", help="an arm name to forbid likewise (the workflow's arms); repeat")
     p.add_argument("records", nargs="+", help="record.json files of the workflow (mask.nii.gz beside each)")
     p.set_defaults(func=_cmd_qa_package)
 
@@ -520,7 +579,10 @@ def _add_qa_parser(sub):
 
     p = qa_sub.add_parser("audit", help="check that nothing under qa/ identifies a participant, session, date or arm")
     p.add_argument("--results-dir", required=True)
-    p.add_argument("--allocation", help="TSV with participant_id, arm [, site]: arm and site names are forbidden too")
+    p.add_argument("--findings", default=None, help="also write what is printed to this file (the workflow's "
+                   "qa_audit writes blinding/audit_findings.txt, kept when the rule fails)")
+    p.add_argument("--allocation", help="TSV with participant_id, arm [, site]: its arm and site names are forbidden "
+                   "too (the workflow's are already in <results-dir>/blinding/study_words.tsv)")
     p.add_argument("--db-dir", help="folder of the readers' <reader>.sqlite (default <results-dir>/reads)")
     p.add_argument("--key", action="append", help="unblinding key TSV (repeatable; default: every key in "
                    "<results-dir>/blinding/)")
@@ -544,9 +606,23 @@ def _add_qa_parser(sub):
                    help=f"waitress worker threads (default {SERVE_THREADS}: requests run one at a time under the "
                         "GIL, so more threads only contend; further requests wait in waitress's queue)")
     p.add_argument("--niivue-dir", default=None, help="installed @niivue/niivue (default: node_modules of the repository)")
-    p.add_argument("--allocation", help="the workflow's allocation TSV: comments naming an arm or site are refused, "
-                   "as the leak audit would flag them")
+    p.add_argument("--allocation", help="another allocation TSV whose arm and site names comments may not carry "
+                   "(not needed for the workflow's: `khe-vol qa package` wrote them to blinding/study_words.tsv, "
+                   "which the service reads)")
     p.set_defaults(func=_cmd_qa_serve)
+
+    p = qa_sub.add_parser("redact", help="hide a reader's comment that unblinds (the audit names it): readers, the "
+                          "audit and reports see it removed; the trail keeps that it was there (its SHA-256), who "
+                          "removed it and why")
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--reader", required=True, help="the reader whose read it is")
+    p.add_argument("--case", required=True, help="the case code")
+    p.add_argument("--revision", type=int, default=None, help="the revision (default: every revision of the case "
+                   "with a comment)")
+    p.add_argument("--reason", required=True, help="why, e.g. 'names an arm' (kept in the trail, never shown)")
+    p.add_argument("--by", required=True, help="who in the core lab redacts it")
+    p.add_argument("--db", default=None, help="the reads database (default <results-dir>/reads/<reader>.sqlite)")
+    p.set_defaults(func=_cmd_qa_redact)
 
     p = qa_sub.add_parser("verify", help="recompute the audit trail's hash chain of every reads database and check "
                           "each read against it (exit 1 names the first altered record)")
@@ -563,7 +639,8 @@ def _add_qa_parser(sub):
         p.add_argument("--accounts", default=None, help="accounts database (instead of --results-dir)")
         if name in ("add-reader", "reset-reader"):
             p.add_argument("--public-url", default=None, help="prefix of the printed enrolment link "
-                           "(e.g. https://reading.example.org)")
+                           "(e.g. https://reading.example.org; default: the URL `khe-vol qa serve` last served "
+                           "these accounts at, its --public-url or http://host:port)")
         else:
             p.set_defaults(public_url=None)
         if name == "add-reader":

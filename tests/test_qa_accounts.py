@@ -17,8 +17,9 @@ def test_enrolment_login_and_the_stored_hash(tmp_path):
     db = tmp_path / "reads" / "accounts.sqlite"
     token = accounts.add_account(db, "R1", now=1000.0)
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
-    with pytest.raises(LoginRefused, match="enrolment link"):
+    with pytest.raises(LoginRefused, match="enrolment link") as unenrolled:
         accounts.authenticate(db, "R1", PASSWORD, now=1001.0)
+    assert str(unenrolled.value) == accounts._REFUSED  # as an unknown account: nothing said about R1
     with pytest.raises(AccountError, match="at least 12"):
         accounts.enrol(db, token, "short", now=1001.0)
     account = accounts.enrol(db, token, PASSWORD, now=1001.0)
@@ -41,8 +42,12 @@ def test_wrong_password_and_unknown_account_answer_alike_and_lock_out(tmp_path):
         with pytest.raises(LoginRefused) as wrong:
             accounts.authenticate(db, "R1", PASSWORD + "x", now=1.0)
         assert str(wrong.value) == str(unknown.value)
-    with pytest.raises(LoginRefused, match="locked"):  # even the right password, while locked
+    with pytest.raises(LoginRefused) as locked:  # even the right password, while locked
         accounts.authenticate(db, "R1", PASSWORD, now=2.0)
+    assert str(locked.value) == str(unknown.value) and "locked" in str(locked.value)
+    with pytest.raises(LoginRefused) as unknown_later:  # an unknown account "is locked" just the same
+        accounts.authenticate(db, "R9", PASSWORD, now=2.0)
+    assert str(unknown_later.value) == str(locked.value)
     assert accounts.authenticate(db, "R1", PASSWORD, now=1.0 + accounts.LOCKOUT_SECONDS + 1).account == "R1"
 
 
@@ -56,6 +61,9 @@ def test_enrolment_expires_and_reset_or_disable_ends_sessions(tmp_path):
     assert accounts.current_epoch(db, "ADJ") == epoch
     accounts.set_enabled(db, "ADJ", False)
     assert accounts.current_epoch(db, "ADJ") is None
+    with pytest.raises(LoginRefused) as wrong:  # disabled, but only the right password is told so
+        accounts.authenticate(db, "ADJ", PASSWORD + "x", now=12.0)
+    assert str(wrong.value) == accounts._REFUSED
     with pytest.raises(LoginRefused, match="disabled"):
         accounts.authenticate(db, "ADJ", PASSWORD, now=12.0)
     accounts.set_enabled(db, "ADJ", True)
@@ -86,9 +94,11 @@ def test_concurrent_guesses_get_no_more_answers_than_the_lockout_allows(tmp_path
         th.start()
     for th in threads:
         th.join(timeout=120)
-    # Ten wrong guesses at once, hashed in parallel: five are answered on their merits, the rest "locked".
-    assert answers.count("wrong account or password") == accounts.MAX_FAILED_LOGINS, answers
-    assert len(answers) == 10 and sum("locked" in a for a in answers) == 10 - accounts.MAX_FAILED_LOGINS, answers
+    # Ten wrong guesses at once, hashed in parallel: one answer for all; five are counted, then the account locks.
+    assert answers == [accounts._REFUSED] * 10, answers
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT failed_logins, locked_until FROM accounts").fetchone() == (
+            0, 1.0 + accounts.LOCKOUT_SECONDS)
     with pytest.raises(LoginRefused, match="locked"):
         accounts.authenticate(db, "R1", PASSWORD, now=2.0)
 
@@ -120,3 +130,38 @@ def test_the_password_hash_is_computed_outside_the_accounts_write_lock(tmp_path,
     assert released == [True]
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT failed_logins FROM accounts WHERE account = 'R1'").fetchone() == (1,)
+
+
+def test_every_failed_login_runs_scrypt_once_and_answers_alike(tmp_path, monkeypatch):
+    """Unknown, wrong password, locked, not enrolled, disabled with a wrong password: one answer, one scrypt each.
+
+    The runs are counted (the real scrypt still runs), never timed: a timing difference is a count difference.
+    """
+    import hashlib
+
+    db = tmp_path / "accounts.sqlite"
+    for name in ("R1", "R2", "R3"):
+        accounts.enrol(db, accounts.add_account(db, name, now=0.0), PASSWORD, now=0.0)
+    accounts.add_account(db, "R4", now=0.0)  # never enrolled
+    accounts.set_enabled(db, "R3", False)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        with pytest.raises(LoginRefused):
+            accounts.authenticate(db, "R2", "not the password", now=1.0)
+    runs, real = [], hashlib.scrypt
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counted)
+    answers = {}
+    for label, name, password in (("unknown", "R9", PASSWORD), ("wrong", "R1", PASSWORD + "x"),
+                                  ("locked, right password", "R2", PASSWORD), ("locked, wrong", "R2", "nope"),
+                                  ("not enrolled", "R4", PASSWORD), ("disabled, wrong", "R3", PASSWORD + "x")):
+        runs.clear()
+        with pytest.raises(LoginRefused) as refused:
+            accounts.authenticate(db, name, password, now=2.0)
+        answers[label] = (str(refused.value), len(runs))
+    assert set(answers.values()) == {(accounts._REFUSED, 1)}, answers
+    runs.clear()
+    assert accounts.authenticate(db, "R1", PASSWORD, now=2.0).account == "R1" and len(runs) == 1

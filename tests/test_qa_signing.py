@@ -87,8 +87,8 @@ def test_a_later_signature_in_the_session_needs_the_right_password_and_a_wrong_o
     for _ in range(accounts.MAX_FAILED_LOGINS):
         assert reader.sign(first, "not the password", expected_revision=1, reason="again").status_code == 403
     locked = reader.sign(first, PASSWORDS["R1"], expected_revision=1, reason="again")
-    assert locked.status_code == 403 and "locked" in locked.json()["error"]
-    assert "locked" in Reader(base).login().text
+    assert locked.status_code == 403 and accounts._REFUSED in locked.json()["error"]
+    assert accounts._REFUSED in Reader(base).login().text
     # The trail records each signature as before: signer, meaning, the server's time.
     db = default_db_path(results, "R1")
     for code in (first, second, third):

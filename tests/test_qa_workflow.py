@@ -154,3 +154,34 @@ def test_reads_disagreement_adjudication_and_agreement(qa_cohort):
 
     proc = run_snakemake(root / "work", config_path, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_comment_naming_an_arm_stops_the_audit_its_findings_kept_until_redacted(qa_cohort):
+    """Issue 24 item 1: the arms reach the comment check and the audit from the results folder; a comment
+    stored before (here written straight to the store) stops the run with its findings kept, until redacted."""
+    from khe_vol.cli import main
+
+    root, config_path, results = qa_cohort
+    config = yaml.safe_load(config_path.read_text())
+    config["arms"] = ["sirolimus_prednisolone", "sirolimus"]
+    config_path.write_text(yaml.safe_dump(config))
+    run_snakemake(root / "work", config_path)  # qa_package reruns with the arms
+    assert "arm\tsirolimus\n" in (results / "blinding" / "study_words.tsv").read_text()
+    assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
+    row = next(r for (reader, _, _), r in sorted(_key(results).items()) if reader == "R1" and r["status"] == "case")
+    sha = None if row["proposed_mask_sha256"] == "n/a" else row["proposed_mask_sha256"]
+    record_read(results / "reads" / "R1.sqlite", "R1", row["case_code"], "accept", comment="patient on sirolimus",
+                proposed_mask_sha256=sha)
+    proc = run_snakemake(root / "work", config_path, check=False)
+    assert proc.returncode != 0 and "qa_audit" in proc.stdout + proc.stderr
+    assert not (results / "blinding" / "audit.txt").exists()  # Snakemake deletes a failed rule's output...
+    findings = (results / "blinding" / "audit_findings.txt").read_text()  # ...but not the findings
+    assert f"case {row['case_code']} revision" in findings and "sirolimus (arm)" in findings
+    assert "khe-vol qa redact" in findings
+    assert "blinding/audit_findings.txt" in (results / "logs" / "qa_audit.log").read_text()
+    assert main(["qa", "redact", "--results-dir", str(results), "--reader", "R1", "--case", row["case_code"],
+                 "--reason", "names an arm", "--by", "core lab"]) == 0
+    assert main(["qa", "verify", "--results-dir", str(results)]) == 0
+    run_snakemake(root / "work", config_path)
+    assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
+    assert (results / "blinding" / "audit_findings.txt").read_text().startswith("clean")

@@ -6,8 +6,9 @@ scrypt hashes (RFC 7914, Python's :func:`hashlib.scrypt`; n=2**15, r=8,
 p=1, 16-byte salt), never in clear. A new or reset account gets a one-time
 enrolment token instead of a password: only its SHA-256 is stored, it
 expires, and it is spent by setting a password. Repeated failed logins lock
-the account for a while; a wrong password and an unknown account get the
-same answer. ``epoch`` counts password changes: a session made before the
+the account for a while. Every failed login takes one scrypt run and gets the
+same answer, whatever the account's state (:func:`authenticate`), so
+account names cannot be found out by logging in. ``epoch`` counts password changes: a session made before the
 last change (or before a reset or disable) is no longer valid.
 
 Signing within a session (21 CFR 11.200(a)(1)): the first signing of a
@@ -230,18 +231,33 @@ def enrol(path, token, password, now=None):
     return account
 
 
-_REFUSED = "wrong account or password"
+#: The one answer to every failed login: an unknown account, a wrong password, a locked account (even
+#: with the right password), an account without a password yet, and a disabled account with a wrong
+#: password all read alike, so the answer never tells whether an account exists.
+_REFUSED = (f"wrong account or password (after {MAX_FAILED_LOGINS} failed logins in a row an account is locked "
+            f"for {LOCKOUT_SECONDS // 60} minutes; no password set yet: use your enrolment link)")
+
+#: What an unknown or not yet enrolled account's password is checked against: one scrypt run, as for a real
+#: account, so a refusal takes as long whoever is named. No password hashes to this all-zero digest.
+_NO_PASSWORD_HASH = (f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${base64.b64encode(bytes(16)).decode()}$"
+                     f"{base64.b64encode(bytes(32)).decode()}")
 
 
 def authenticate(path, account, password, now=None, verifier=None):
     """Check a login (or a signature's password re-entry).
 
+    Every failed login costs one scrypt run and gets the same answer
+    (:data:`_REFUSED`), whether the account is unknown, the password wrong,
+    the account locked (even with the right password), without a password
+    yet, or disabled: an account's existence and state cannot be found out.
+    Only the right password of a disabled account is told so.
+
     The scrypt hash (the costly part, ~0.1 s of CPU) is computed outside any
     write transaction, so logins and signatures of different readers hash in
     parallel; the outcome is then counted in one ``BEGIN IMMEDIATE``
     transaction against the account as it is *then*: a guess whose turn
-    comes after the lockout is answered "locked" even if it was right, so
-    concurrent guesses get no more answers than :data:`MAX_FAILED_LOGINS`.
+    comes after the lockout is refused even if it was right, so concurrent
+    guesses get no more answers than :data:`MAX_FAILED_LOGINS`.
 
     Parameters
     ----------
@@ -257,21 +273,20 @@ def authenticate(path, account, password, now=None, verifier=None):
     Raises
     ------
     LoginRefused
-        Unknown account, wrong password (both :data:`_REFUSED`), a disabled
-        or locked account, or one that has not enrolled yet. A wrong password
-        counts towards the lockout (:data:`MAX_FAILED_LOGINS` in a row lock it
-        for :data:`LOCKOUT_SECONDS`).
+        :data:`_REFUSED` for any failure but one: a disabled account given its
+        right password. A wrong password counts towards the lockout
+        (:data:`MAX_FAILED_LOGINS` in a row lock it for :data:`LOCKOUT_SECONDS`);
+        guesses while locked are not counted.
     """
     now = time.time() if now is None else now
     with private_db(path, SCHEMA) as con:
         row = con.execute("SELECT * FROM accounts WHERE account = ?", (str(account),)).fetchone()
-        if row is None:
-            password_matches(str(password), hash_password("x" * MIN_PASSWORD_CHARS))  # same time as a real check
+        if row is None or row["password_hash"] is None:
+            password_matches(str(password), _NO_PASSWORD_HASH)  # one scrypt run, as for a real account
             raise LoginRefused(_REFUSED)
-        _check_may_log_in(row, now)
         by_verifier = (verifier is not None and isinstance(verifier[1], str) and hmac.compare_digest(
             signing_verifier(verifier[0], row["account"], row["epoch"], password).encode(), verifier[1].encode()))
-        if by_verifier and not row["failed_logins"]:
+        if by_verifier and not row["failed_logins"] and _may_log_in(row, now):
             # Right, checked against the account as it is now (one SELECT: no hash computed since it was read),
             # and nothing to count: no write transaction (and no fsync) for a signature within a session.
             return Account(row["account"], row["role"], row["epoch"])
@@ -279,9 +294,8 @@ def authenticate(path, account, password, now=None, verifier=None):
         con.execute("BEGIN IMMEDIATE")
         try:
             row_now = con.execute("SELECT * FROM accounts WHERE account = ?", (row["account"],)).fetchone()
-            if row_now is None:
-                raise LoginRefused(_REFUSED)
-            _check_may_log_in(row_now, now)  # locked, disabled or reset while the hash was computed
+            if row_now is None or row_now["password_hash"] is None or row_now["locked_until"] > now:
+                raise LoginRefused(_REFUSED)  # gone, reset or locked (maybe while the hash was computed)
             if not right or row_now["password_hash"] != row["password_hash"]:
                 failed = row_now["failed_logins"] + 1
                 locked = now + LOCKOUT_SECONDS if failed >= MAX_FAILED_LOGINS else 0
@@ -296,18 +310,15 @@ def authenticate(path, account, password, now=None, verifier=None):
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+    if not row_now["enabled"]:
+        # Said only to whoever knows the password: to anyone else a disabled account is like any other.
+        raise LoginRefused("this account is disabled; ask the core lab")
     return Account(row_now["account"], row_now["role"], row_now["epoch"])
 
 
-def _check_may_log_in(row, now):
-    """:class:`LoginRefused` for a locked, disabled or not yet enrolled account."""
-    if row["locked_until"] > now:
-        raise LoginRefused(f"too many failed logins: account locked for {int(row['locked_until'] - now) // 60 + 1}"
-                           " more minute(s)")
-    if not row["enabled"]:
-        raise LoginRefused("this account is disabled; ask the core lab")
-    if row["password_hash"] is None:
-        raise LoginRefused("this account has no password yet: use your enrolment link")
+def _may_log_in(row, now):
+    """Whether an account may log in now (enrolled, enabled, not locked)."""
+    return row["password_hash"] is not None and bool(row["enabled"]) and not row["locked_until"] > now
 
 
 def current_epoch(path, account):

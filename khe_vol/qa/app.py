@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
@@ -47,8 +48,8 @@ from khe_vol.qa import (
 from khe_vol.qa import accounts
 from khe_vol.qa.deidentify import mask_like
 from khe_vol.qa.key import key_paths
-from khe_vol.qa.leaks import Scanner, study_tokens
-from khe_vol.qa.upload import mask_from_upload, read_upload
+from khe_vol.qa.leaks import Scanner, study_tokens, study_words_path
+from khe_vol.qa.upload import mask_from_upload, max_upload_bytes, read_upload
 from khe_vol.review import REVIEW_REASONS
 from khe_vol.segmentation.interactive import ClickSession, clicks_from_json
 
@@ -61,6 +62,40 @@ MAX_UPLOAD_BYTES = 256 * 2**20
 #: Largest accepted list of clicks (a segment request body, or a read's ``clicks`` field), bytes;
 #: the engine's most clicks (200) take about 15 kB.
 MAX_CLICKS_BYTES = 64 * 1024
+
+#: Largest body of a read's form fields besides the mask, bytes: a 5000-character comment, a 2000-character
+#: reason and a 1024-character password at 12 bytes a character (4 UTF-8 bytes, each percent-escaped), the
+#: clicks (:data:`MAX_CLICKS_BYTES`, percent-escaped) and the short fields, with room to spare.
+FORM_FIELDS_BYTES = 512 * 1024
+
+#: Most parts of a read's multipart form (its fields and the mask are about ten).
+FORM_PARTS = 32
+
+#: Largest body of any other request (a login, a logout, preparing a case, a GET), bytes.
+SMALL_BODY_BYTES = 64 * 1024
+
+
+def route_body_limit(method, path):
+    """The largest request body a route can need, bytes (checked before a body is read or parsed).
+
+    A read (``POST /api/case/<code>/read``) may carry a drawn mask: at most
+    :data:`MAX_UPLOAD_BYTES` plus its fields here, narrowed to the case's own grid
+    (:func:`khe_vol.qa.upload.max_upload_bytes`) by the reader app. Clicks to
+    segment: :data:`MAX_CLICKS_BYTES`. Anything else: :data:`SMALL_BODY_BYTES`.
+    """
+    if method == "POST" and path.startswith("/api/case/"):
+        if path.endswith("/read"):
+            return MAX_UPLOAD_BYTES + FORM_FIELDS_BYTES
+        if path.endswith("/segment"):
+            return MAX_CLICKS_BYTES
+    return SMALL_BODY_BYTES
+
+
+def body_too_large_message(limit):
+    """What a reader is told when a request body is over its route's limit."""
+    return (f"the request is larger than this action can need (more than {limit} bytes): nothing was read or "
+            "saved; a comment has at most 5000 characters and a mask is saved from the app")
+
 
 #: Cases whose prepared click segmentation the server keeps (most recently used first out).
 SESSION_CACHE_CASES = 4
@@ -294,15 +329,18 @@ class CommentRefused(ValueError):
 class CommentChecker:
     """Checks a reader's comment against the study's forbidden tokens before it is saved.
 
-    The tokens are the leak audit's own (:func:`khe_vol.qa.leaks.study_tokens`),
-    matched as the audit matches page text, so a comment that is saved can
-    never make the audit fail. They are rebuilt when a key file changes.
+    The tokens are the leak audit's own (:func:`khe_vol.qa.leaks.study_tokens`:
+    the keys, their records and ``R/blinding/study_words.tsv``, the arm and
+    site names the workflow packaged with), matched as the audit matches page
+    text, so a comment that is saved can never make the audit fail. They are
+    rebuilt when a key or the study words file changes.
 
     Parameters
     ----------
     results_dir : path-like
     allocation_tsv : path-like, optional
-        The allocation table the workflow's audit uses (arm and site names).
+        Another allocation table whose arm and site names are refused too (not needed for the
+        workflow's: its names are in the study words file).
     """
 
     def __init__(self, results_dir, allocation_tsv=None):
@@ -312,7 +350,9 @@ class CommentChecker:
 
     def _current(self):
         keys = key_paths(self.results_dir)
-        stamp = tuple((str(k), k.stat().st_mtime_ns, k.stat().st_size) for k in keys)
+        words = study_words_path(self.results_dir)
+        stamp = tuple((str(k), k.stat().st_mtime_ns, k.stat().st_size) for k in keys) + (
+            (words.stat().st_mtime_ns, words.stat().st_size) if words.is_file() else None,)
         with self._lock:
             if stamp != self._stamp:
                 tokens = study_tokens(self.results_dir, self.allocation_tsv, keys) if keys else []
@@ -618,6 +658,29 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         # A DNS-rebinding page would arrive with its own host name; HTTP/1.0 may send none.
         if not host_allowed(request.headers.get("Host"), allowed_hosts):
             abort(403 if request.headers.get("Host") else 400)
+
+    @app.before_request
+    def cap_body():
+        # Each body is capped by what its route can need before any of it is read or parsed: a body
+        # without a Content-Length is cut at the same limit (413) as it is read.
+        limit = route_body_limit(request.method, request.path)
+        if request.endpoint == "submit" and request.view_args:
+            case = next((c for c in worklist()["cases"] if c["case_code"] == request.view_args.get("code")), None)
+            try:
+                shape = from_file(case["image"], "shape", lambda p: tuple(nib.load(p).shape)) if case else None
+            except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+                shape = None  # the route answers for an unreadable case image
+            if shape is not None:
+                limit = min(limit, max_upload_bytes(shape) + FORM_FIELDS_BYTES)
+        request.max_content_length = limit
+        request.max_form_memory_size = min(limit, FORM_FIELDS_BYTES)
+        request.max_form_parts = FORM_PARTS
+        if request.content_length is not None and request.content_length > limit:
+            abort(413)
+
+    @app.errorhandler(413)
+    def body_too_large(exc):
+        return jsonify(error=body_too_large_message(request.max_content_length)), 413
 
     @app.after_request
     def headers(response):

@@ -99,8 +99,8 @@ def nifti_text_fields(payload):
     return out
 
 
-def scan_payload(scanner, where, name, payload):
-    """Leaks in one file's bytes, by what the file is."""
+def scan_payload(scanner, where, name, payload, prose=True):
+    """Leaks in one file's bytes, by what the file is (``prose``: as :meth:`Scanner.find`)."""
     lower = name.lower()
     if lower.endswith((".nii", ".nii.gz")):
         try:
@@ -116,7 +116,7 @@ def scan_payload(scanner, where, name, payload):
             return [Leak(where, "file", f"unreadable PNG ({exc})", "unverifiable")]
         return [leak for ctype, text in chunks for leak in scanner.find(where, f"PNG {ctype} chunk", text)]
     # Anything else is read as text: what a reader could open in an editor.
-    return scanner.find(where, "content", payload.decode("utf-8", "replace"), strict=False)
+    return scanner.find(where, "content", payload.decode("utf-8", "replace"), strict=False, prose=prose)
 
 
 def scan_files(scanner, results_dir):
@@ -268,6 +268,11 @@ def scan_pages(scanner, results_dir, reader, db_path=None):
         tmp_db = Path(tmp) / "reads.sqlite"
         if db_path.is_file():
             _copy_db(db_path, tmp_db)
+        # Each comment on its own too, so a finding names the read to redact (`khe-vol qa redact`).
+        for r in store.all_reads(tmp_db):
+            if r["comment"]:
+                leaks += scanner.find(f"reads of {reader}: case {r['case_code']} revision {r['revision']}", "comment",
+                                      r["comment"], strict=False)
         app = create_app(results_dir, reader, db_path=tmp_db, check_viewer=False)
         client = app.test_client()
         worklist = json.loads((Path(results_dir) / "qa" / reader / WORKLIST_NAME).read_text(encoding="utf-8"))
@@ -285,8 +290,9 @@ def scan_pages(scanner, results_dir, reader, db_path=None):
                 leaks.append(Leak(where, "response", f"HTTP {response.status_code}", "unverifiable"))
                 continue
             leaks += scanner.find(where, "URL", url)
+            # The app's own scripts are the same code in every study: an identifier like m1 is not a visit.
             leaks += scan_payload(scanner, where, url.rsplit("/", 1)[-1] if "/files/" in url or url.endswith(
-                ".nii.gz") else "page.html", response.get_data())
+                ".nii.gz") else "page.html", response.get_data(), prose=not url.startswith("/static/"))
     return leaks
 
 
@@ -321,6 +327,10 @@ def audit(results_dir, allocation_tsv=None, db_dir=None, keys=None):
     for reader in readers:
         db = Path(db_dir) / f"{reader}.sqlite" if db_dir else None
         leaks += scan_pages(scanner, results_dir, reader, db)
+    # A reader id that looks like a visit ("M1") names the reader, not a session: the folder and the
+    # pages carry it by design.
+    reader_ids = {r.casefold() for r in readers}
+    leaks = [leak for leak in leaks if not (leak.kind == "visit" and leak.token in reader_ids)]
     problems = key_placement_problems(results_dir, keys)
     for reader in readers:
         path = results_dir / "qa" / reader / WORKLIST_NAME

@@ -44,10 +44,11 @@ from urllib.parse import urlsplit
 
 from flask import Flask, jsonify, redirect, render_template, request, session
 
-from khe_vol.files import create_private, private_db, reuse_connections
+from khe_vol.files import atomic_write_text, create_private, private_db, reuse_connections
 from khe_vol.qa import SERVE_THREADS, accounts, check_reader_id
-from khe_vol.qa.app import (CSP, LOCAL_HOST_NAMES, SIGNATURE_MEANING, ViewerMissing, create_app, find_niivue,
-                            host_allowed)
+from khe_vol.qa.app import (CSP, FORM_FIELDS_BYTES, LOCAL_HOST_NAMES, MAX_UPLOAD_BYTES, SIGNATURE_MEANING,
+                            SMALL_BODY_BYTES, ViewerMissing, body_too_large_message, create_app, find_niivue,
+                            host_allowed, route_body_limit)
 
 #: How long a login lasts at most, seconds (a working day); then the reader logs in again.
 SESSION_SECONDS = 12 * 3600
@@ -106,6 +107,28 @@ def load_secret_key(path):
 
 def _sha256(text):
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def service_url_path(accounts_db):
+    """``R/reads/service_url.txt``: the URL readers open, noted by ``khe-vol qa serve`` beside its accounts."""
+    return Path(accounts_db).parent / "service_url.txt"
+
+
+def write_service_url(accounts_db, url):
+    """Note the URL the service is reached at (its ``--public-url``, else ``http://host:port``)."""
+    path = service_url_path(accounts_db)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, str(url).rstrip("/") + "\n")
+
+
+def read_service_url(accounts_db):
+    """The URL :func:`write_service_url` noted, or None (never served, or not an http(s) URL)."""
+    try:
+        url = service_url_path(accounts_db).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    parts = urlsplit(url)
+    return url if parts.scheme in ("http", "https") and parts.netloc and "\n" not in url else None
 
 
 def log_safe(text):
@@ -299,9 +322,14 @@ class ReadingService:
         gate.config.update(
             SECRET_KEY=secret_key, SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
             SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_SECURE=bool(behind_tls),
-            PERMANENT_SESSION_LIFETIME=SESSION_SECONDS, MAX_CONTENT_LENGTH=64 * 1024,
+            PERMANENT_SESSION_LIFETIME=SESSION_SECONDS, MAX_CONTENT_LENGTH=SMALL_BODY_BYTES,
+            MAX_FORM_MEMORY_SIZE=SMALL_BODY_BYTES, MAX_FORM_PARTS=8,
         )
         svc = self
+
+        @gate.errorhandler(413)
+        def body_too_large(exc):
+            return body_too_large_message(SMALL_BODY_BYTES) + "\n", 413, {"Content-Type": "text/plain; charset=utf-8"}
 
         @gate.after_request
         def headers(response):
@@ -404,6 +432,15 @@ class ReadingService:
             # A DNS-rebinding page arrives with its own host name; HTTP/1.0 may send none.
             return self._plain(environ, start_response, 403 if host else 400, "unknown host")
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        # A body longer than its route can need is refused before any of it is read (the reader app
+        # narrows a read's limit to its case's grid, and cuts a body sent without a length as it reads).
+        limit = route_body_limit(method, path)
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return self._plain(environ, start_response, 400, "bad Content-Length")
+        if length > limit:
+            return self._plain(environ, start_response, 413, body_too_large_message(limit))
         if method not in ("GET", "HEAD"):
             # A browser says where a post comes from (Sec-Fetch-Site; Origin, which is "null" under the
             # pages' no-referrer policy): another site's page is refused before anything else.
@@ -486,9 +523,10 @@ def serve(service, host="127.0.0.1", port=8765, threads=SERVE_THREADS, trusted_p
     # database checkpoints its WAL into the main file (a copy of R/reads/*.sqlite alone is then whole).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        # Bodies up to the app's own upload limit; waitress buffers them to disk past 1 MiB, not in memory.
+        # Bodies up to the largest a read can need (each route caps its own, before parsing); waitress
+        # buffers them to disk past 1 MiB, not in memory.
         waitress_serve(service, host=host, port=port, threads=threads, ident="khe-vol",
-                       max_request_body_size=256 * 2**20, clear_untrusted_proxy_headers=True, **proxy)
+                       max_request_body_size=MAX_UPLOAD_BYTES + FORM_FIELDS_BYTES, clear_untrusted_proxy_headers=True, **proxy)
     finally:
         reuse_connections(False)
 

@@ -33,6 +33,15 @@ hash-chained (``sha256`` over ``prev_sha256`` and the record,
 :func:`trail_record_sha256`); :mod:`khe_vol.qa.verify` recomputes the chain.
 A signed read is locked: its revision must be signed again and give a
 reason (:class:`ReasonRequired`, :class:`SignatureRequired`).
+
+A comment that should never have been written (one that unblinds) is
+redacted by the core lab (:func:`redact_comment`, ``khe-vol qa redact``): a
+``comment_redacted`` trail record names the read (reader, case, revision),
+keeps the SHA-256 of the comment it hides (``old_value``), who redacted it and
+why (``new_value``, ``reason``). The read's row is kept as it was (the chain
+still vouches for it), but every read this module returns carries
+:data:`REDACTED_COMMENT` instead, so no page, no audit and no report shows
+the text again.
 """
 
 from __future__ import annotations
@@ -81,7 +90,7 @@ TRAIL_STATEMENTS = (
     seq INTEGER PRIMARY KEY CHECK (seq >= 1),
     reader TEXT NOT NULL,
     recorded_utc TEXT NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ('read_created', 'read_revised', 'migrated')),
+    action TEXT NOT NULL CHECK (action IN ('read_created', 'read_revised', 'migrated', 'comment_redacted')),
     case_code TEXT NOT NULL,
     revision INTEGER NOT NULL CHECK (revision >= 1),
     old_value TEXT,
@@ -108,8 +117,15 @@ BEGIN SELECT RAISE(ABORT, 'a trail record must extend the chain at its end'); EN
 #: ``prev_sha256`` of the first trail record.
 GENESIS_SHA256 = "0" * 64
 
-#: Trail actions: the first revision of a case, a later one, a read made before the trail existed.
-TRAIL_ACTIONS = ("read_created", "read_revised", "migrated")
+#: Trail actions: the first revision of a case, a later one, a read made before the trail existed,
+#: and a comment hidden by the core lab (:func:`redact_comment`; not a revision of the read).
+TRAIL_ACTIONS = ("read_created", "read_revised", "migrated", "comment_redacted")
+
+#: Actions that record a read's content (a revision); ``comment_redacted`` does not.
+READ_ACTIONS = ("read_created", "read_revised", "migrated")
+
+#: What a redacted comment reads as, everywhere this module returns it.
+REDACTED_COMMENT = "[comment removed by the core lab]"
 
 #: Fields of a trail record covered by its ``sha256`` (every column but the hash itself).
 TRAIL_HASHED_FIELDS = ("seq", "reader", "recorded_utc", "action", "case_code", "revision", "old_value", "new_value",
@@ -522,7 +538,8 @@ def record_read(db_path, reader, case_code, verdict, comment="", edited_mask=Non
         if expected_revision is not None and int(expected_revision) != last:
             raise RevisionConflict(case_code, int(expected_revision), last)
         previous = con.execute("SELECT new_value, signer FROM trail WHERE reader = ? AND case_code = ? "
-                               "AND revision = ? ORDER BY seq DESC LIMIT 1", (reader, case_code, last)).fetchone()
+                               "AND revision = ? AND action != 'comment_redacted' ORDER BY seq DESC LIMIT 1",
+                               (reader, case_code, last)).fetchone()
         if previous is not None and previous["signer"] is not None:
             if signer is None:
                 raise SignatureRequired(f"case {case_code} revision {last} is signed: a change is a new signed "
@@ -549,8 +566,11 @@ def _rows(db_path, sql, params, with_masks):
     columns = ", ".join(f"r.{c}" for c in _COLUMNS if with_masks or c != "edited_mask")
     with _db(db_path) as con:
         rows = [dict(r) for r in con.execute(sql.format(columns=columns), params)]
+        redacted = _redacted(con)
     for r in rows:
         r.pop("id", None)
+        if (r["reader"], r["case_code"], r["revision"]) in redacted:
+            r["comment"] = REDACTED_COMMENT
         r["clicks"] = None if r.get("clicks") is None else json.loads(r["clicks"])
         if not with_masks:
             r.pop("edited_mask", None)
@@ -599,3 +619,79 @@ def edited_mask_bytes(db_path, case_code, revision):
     rows = _rows(db_path, "SELECT {columns} FROM reads r WHERE case_code = ? AND revision = ?", (case_code, revision),
                  True)
     return rows[0]["edited_mask"] if rows else None
+
+
+def _redacted(con):
+    """``(reader, case_code, revision)`` of every redacted comment."""
+    return {(r["reader"], r["case_code"], r["revision"]) for r in con.execute(
+        "SELECT reader, case_code, revision FROM trail WHERE action = 'comment_redacted'")}
+
+
+def _allow_redaction_records(con):
+    """Let an older trail table take ``comment_redacted`` records (inside the caller's write transaction).
+
+    SQLite cannot change a CHECK constraint, so the table is rebuilt with the
+    current one and every record copied unchanged (same seq, values and
+    hashes: :mod:`khe_vol.qa.verify` finds the same chain); its triggers and
+    index are made again.
+    """
+    (sql,) = con.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'trail'").fetchone()
+    if "comment_redacted" in sql:
+        return
+    con.execute(TRAIL_STATEMENTS[0].replace("CREATE TABLE IF NOT EXISTS trail (", "CREATE TABLE trail_upgraded (", 1))
+    columns = ", ".join(("seq", *TRAIL_HASHED_FIELDS[1:], "sha256"))
+    con.execute(f"INSERT INTO trail_upgraded ({columns}) SELECT {columns} FROM trail ORDER BY seq")
+    con.execute("DROP TABLE trail")  # its triggers go with it (and fire no delete: SQLite drops them first)
+    con.execute("ALTER TABLE trail_upgraded RENAME TO trail")
+    for statement in TRAIL_STATEMENTS[1:] + INDEX_STATEMENTS[1:]:
+        con.execute(statement)
+
+
+def redact_comment(db_path, reader, case_code, revision, reason, redacted_by, now=None):
+    """Hide one read's comment from everyone, keeping in the trail that it was there and who hid it.
+
+    Parameters
+    ----------
+    db_path : path-like
+    reader, case_code : str
+    revision : int
+        The revision whose comment is hidden.
+    reason : str
+        Why (e.g. "names an arm"); kept in the trail record, never shown to readers.
+    redacted_by : str
+        Who in the core lab redacts it.
+    now : datetime, optional
+
+    Returns
+    -------
+    dict
+        The trail record written (``old_value``: the comment's SHA-256; ``new_value``: the
+        replacement text and ``redacted_by``).
+
+    Raises
+    ------
+    ValueError
+        No such read, an empty comment, a comment already redacted, or no reason or name.
+    """
+    reason, redacted_by = str(reason or "").strip(), str(redacted_by or "").strip()
+    if not reason or len(reason) > MAX_REASON_CHARS:
+        raise ValueError(f"a redaction needs a reason (at most {MAX_REASON_CHARS} characters)")
+    if not redacted_by:
+        raise ValueError("a redaction names who makes it")
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise ValueError(f"{db_path}: no such reads database")
+    with write_transaction(db_path, SCHEMA, _set_up) as con:
+        row = con.execute("SELECT comment FROM reads WHERE reader = ? AND case_code = ? AND revision = ?",
+                          (reader, case_code, int(revision))).fetchone()
+        if row is None:
+            raise ValueError(f"{db_path}: no read {case_code} revision {revision} of {reader}")
+        if not row["comment"]:
+            raise ValueError(f"{case_code} revision {revision} of {reader} has no comment to redact")
+        if (reader, case_code, int(revision)) in _redacted(con):
+            raise ValueError(f"the comment of {case_code} revision {revision} of {reader} is already redacted")
+        _allow_redaction_records(con)
+        digest = hashlib.sha256(row["comment"].encode("utf-8", "surrogateescape")).hexdigest()
+        return _append_trail(con, reader, _utc_text(now, "milliseconds"), "comment_redacted", case_code,
+                             int(revision), {"comment_sha256": digest},
+                             {"comment": REDACTED_COMMENT, "redacted_by": redacted_by}, reason, None, None)

@@ -16,6 +16,7 @@ compare later.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass, field
@@ -92,12 +93,13 @@ def verify_rows(trail_rows, read_rows):
         a record whose SHA-256 does not match its content (altered), whose
         link does not match the record before (a record replaced, removed or
         inserted), whose old value is not the previous revision's new value,
-        or whose action does not fit its revision; a read whose content
+        or whose action does not fit its revision; a redaction whose comment
+        hash is not that of the comment it names; a read whose content
         differs from its record's new value (the differing fields named), a
         read no record vouches for, and a record whose read is gone.
     """
     result = Verification(records=len(trail_rows), reads=len(read_rows))
-    chain, reads_found = [], []
+    chain, reads_found, redactions = [], [], []
     prev_sha, prev_seq = GENESIS_SHA256, 0
     by_key = {}
     for rec in trail_rows:
@@ -119,6 +121,9 @@ def verify_rows(trail_rows, read_rows):
             chain.append(Finding(seq, f"trail record {seq}: its new value is not a read's JSON content"))
             continue
         action, revision = rec.get("action"), rec.get("revision")
+        if action == "comment_redacted":
+            redactions.append(rec)
+            continue
         if (action == "read_created") != (revision == 1) and action != "migrated":
             chain.append(Finding(seq, f"trail record {seq}: action {action!r} does not fit revision {revision}"))
         if action == "read_revised":
@@ -135,6 +140,18 @@ def verify_rows(trail_rows, read_rows):
         else:
             by_key[key] = (rec, new_value)
     result.last_sha256 = prev_sha if trail_rows else GENESIS_SHA256
+    for rec in redactions:
+        # A redaction hides a comment the trail recorded before it: its hash must be that comment's.
+        seq, key = rec.get("seq"), _key(rec)
+        before = by_key.get(key)
+        hidden = (_parse(rec.get("old_value")) or {}).get("comment_sha256")
+        if before is None or before[0].get("seq", 0) >= (seq or 0):
+            chain.append(Finding(seq, f"trail record {seq} redacts {key[1]} revision {key[2]} of {key[0]}, which "
+                                      "no earlier record holds"))
+        elif hidden != hashlib.sha256(str(before[1].get("comment") or "").encode("utf-8", "surrogateescape")
+                                      ).hexdigest():
+            chain.append(Finding(seq, f"trail record {seq}: the redacted comment's SHA-256 is not that of the comment "
+                                      f"trail record {before[0]['seq']} recorded"))
 
     vouched = set()
     for row in read_rows:

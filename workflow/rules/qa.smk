@@ -60,6 +60,8 @@ rule qa_package:
         records=all_records(),
         masks=all_masks(),
         reader_records=reader_records(),
+        # Its arm and site names go to blinding/study_words.tsv: the reader app and qa_audit both forbid them.
+        allocation=config["allocation"] or [],
     output:
         packages=[directory(reader_package(r)) for r in READERS],
         key=f"{BLINDING}/key.tsv",
@@ -70,14 +72,17 @@ rule qa_package:
         display=DISPLAY_ARGS,
         reading_mode=config["reading_mode"],
         reader_records=reader_record_args,
+        # A string (not a function): a change of the arms is a params change, which reruns the packaging.
+        arms=" ".join(f"--arm {shlex.quote(a)}" for a in config["arms"] or []),
+        allocation=lambda wildcards, input: f"--allocation {shlex.quote(input.allocation)}" if input.allocation else "",
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_package.log",
     shell:
         "khe-vol qa package --results-dir {params.results_dir:q} {params.readers} --seed {params.seed} {params.display} "
-        "--reading-mode {params.reading_mode} {params.reader_records} --key {output.key:q} {input.records:q} "
-        "> {log:q} 2>&1"
+        "--reading-mode {params.reading_mode} {params.reader_records} {params.allocation} {params.arms} --key {output.key:q} "
+        "{input.records:q} > {log:q} 2>&1"
 
 
 if ADJUDICATOR:
@@ -136,18 +141,19 @@ rule qa_audit:
         unblinding_keys=qa_keys(),
         # Reader comments are checked too: a new read means a new audit.
         dbs=existing_reads_dbs(READERS + ([ADJUDICATOR] if ADJUDICATOR else [])),
-        allocation=config["allocation"] or [],
     output:
         f"{BLINDING}/audit.txt",
     params:
         results_dir=lambda wildcards, output: str(Path(output[0]).parents[1]),
-        allocation=lambda wildcards, input: f"--allocation {shlex.quote(input.allocation)}" if input.allocation else "",
+        # Not an output: Snakemake deletes a failed rule's outputs, and these are the leaks to act on.
+        findings=f"{BLINDING}/audit_findings.txt",
     conda:
         "../../environment.yml"
     log:
         f"{RESULTS}/logs/qa_audit.log",
     shell:
-        "khe-vol qa audit --results-dir {params.results_dir:q} {params.allocation} > {output:q} 2> {log:q}"
+        # The arm and site names come from blinding/study_words.tsv (qa_package), as the reader app's do.
+        "khe-vol qa audit --results-dir {params.results_dir:q} --findings {params.findings:q} > {output:q} 2> {log:q}"
 
 
 rule qa_final:
