@@ -569,16 +569,16 @@ def _add_qa_parser(sub):
     p = qa_sub.add_parser("reader-baseline", help="a reader's seeded baseline (record + mask) from their reads, "
                           "to track that reader's follow-ups from")
     p.add_argument("--db", required=True, help="the reader's reads database")
-    p.add_argument("--reader", required=True)
+    p.add_argument("--reader", required=True, help="the reader's id")
     p.add_argument("--case-code", required=True, help="the reader's case code of the baseline")
     p.add_argument("--fingerprint", required=True, help="SHA-256 of the read's mask and clicks the run was planned on")
     p.add_argument("--baseline-record", required=True, help="the cohort's record.json of the baseline (needs_seed)")
-    p.add_argument("--out-record", required=True)
-    p.add_argument("--out-mask", required=True)
+    p.add_argument("--out-record", required=True, help="record.json of the reader's seeded baseline to write")
+    p.add_argument("--out-mask", required=True, help="its mask to write")
     p.set_defaults(func=_cmd_qa_reader_baseline)
 
     p = qa_sub.add_parser("audit", help="check that nothing under qa/ identifies a participant, session, date or arm")
-    p.add_argument("--results-dir", required=True)
+    p.add_argument("--results-dir", required=True, help="the workflow's results_dir (qa/, blinding/, reads/)")
     p.add_argument("--findings", default=None, help="also write what is printed to this file (the workflow's "
                    "qa_audit writes blinding/audit_findings.txt, kept when the rule fails)")
     p.add_argument("--allocation", help="TSV with participant_id, arm [, site]: its arm and site names are forbidden "
@@ -590,10 +590,11 @@ def _add_qa_parser(sub):
 
     p = qa_sub.add_parser("serve", help="serve the reading service: every reader and the adjudicator behind a login, "
                           "on waitress (loopback unless --host)")
-    p.add_argument("--results-dir", required=True)
+    p.add_argument("--results-dir", required=True, help="the workflow's results_dir: packages under qa/, "
+                   "reads and accounts under reads/")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; a deployment "
                    "listens on loopback behind a TLS reverse proxy, see docs/nginx-khe-vol.conf)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8765, help="TCP port to listen on")
     p.add_argument("--behind-tls", action="store_true", help="readers reach the service over HTTPS (a TLS proxy): "
                    "session cookies are Secure")
     p.add_argument("--public-url", default=None, help="the URL readers open, e.g. https://reading.example.org "
@@ -614,7 +615,7 @@ def _add_qa_parser(sub):
     p = qa_sub.add_parser("redact", help="hide a reader's comment that unblinds (the audit names it): readers, the "
                           "audit and reports see it removed; the trail keeps that it was there (its SHA-256), who "
                           "removed it and why")
-    p.add_argument("--results-dir", required=True)
+    p.add_argument("--results-dir", required=True, help="the workflow's results_dir (reads under reads/)")
     p.add_argument("--reader", required=True, help="the reader whose read it is")
     p.add_argument("--case", required=True, help="the case code")
     p.add_argument("--revision", type=int, default=None, help="the revision (default: every revision of the case "
@@ -663,7 +664,7 @@ def _add_qa_parser(sub):
 
     p = qa_sub.add_parser("final", help="import every read: final volumes, edited masks, reader agreement")
     reads_args(p)
-    p.add_argument("--adjudicator", default=None)
+    p.add_argument("--adjudicator", default=None, help="the adjudicator's reader id (whose reads settle disagreements)")
     p.add_argument("--out", required=True, help="JSON list of final series records")
     p.add_argument("--edited-dir", required=True, help="folder of every reader's edited masks")
     p.add_argument("--agreement", required=True, help="qa_agreement.tsv (a .json dictionary goes beside it)")
@@ -785,13 +786,17 @@ def _cmd_provenance(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="khe-vol", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="khe-vol", formatter_class=HelpFormatter,
+        description="Volumetric MRI response assessment for kaposiform hemangioendothelioma trials. "
+                    "Each command is one step of the workflow, usable on its own; `khe-vol run CONFIG` runs "
+                    "them all on a study. `khe-vol COMMAND --help` says more.")
     parser.add_argument("--version", action="version", version=f"khe-vol {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="write the synthetic demo cohort (images, seeds, truth)")
-    p.add_argument("out_dir", nargs="?", default="demo")
-    p.add_argument("--participants", type=int, default=6)
+    p.add_argument("out_dir", nargs="?", default="demo", help="folder to write the cohort into")
+    p.add_argument("--participants", type=int, default=6, help="participants, each with baseline, m06 and m12")
     p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
     p.add_argument("--dicom", action="store_true",
                    help="write a small DICOM site export instead (site_export/, visits.tsv, seeds.tsv, study.yaml): "
@@ -823,22 +828,23 @@ def build_parser():
     p.set_defaults(func=_cmd_run, snakemake_args=[])
 
     p = sub.add_parser("series", help="validate, segment and measure one series")
-    p.add_argument("--participant", required=True)
-    p.add_argument("--session", required=True)
-    p.add_argument("--month", default=None)
-    p.add_argument("--image", default=None)
+    p.add_argument("--participant", required=True, help="sub-<label>")
+    p.add_argument("--session", required=True, help="ses-<label>")
+    p.add_argument("--month", default=None, help="months after randomisation ('n/a' for a session the config lacks)")
+    p.add_argument("--image", default=None, help="the T2 series (NIfTI); none when discovery found no usable file")
     p.add_argument("--problem", default=None, help="a problem found by discovery")
     p.add_argument("--seed", type=float, nargs=3, metavar=("X", "Y", "Z"), help="seed in RAS+ mm")
-    p.add_argument("--reader-mask", default=None)
-    p.add_argument("--reference-record", default=None)
-    p.add_argument("--reference-mask", default=None)
+    p.add_argument("--reader-mask", default=None, help="a reader's mask (NIfTI or Slicer .seg.nrrd): measured as is")
+    p.add_argument("--reference-record", default=None,
+                   help="record.json of the session to track from (a follow-up without seed or mask)")
+    p.add_argument("--reference-mask", default=None, help="that session's mask")
     p.add_argument("--needs-seed", action="store_true",
                    help="a baseline with nothing to segment from: record that it waits for a reader's seed")
-    p.add_argument("--segmentation-json", default=None)
+    p.add_argument("--segmentation-json", default=None, help="the config's segmentation parameters, as JSON")
     p.add_argument("--threads", type=int, default=1,
-                   help="SimpleITK threads (default 1: series run side by side; results do not depend on it)")
-    p.add_argument("--record", required=True)
-    p.add_argument("--mask", required=True)
+                   help="SimpleITK threads (1: series run side by side; results do not depend on it)")
+    p.add_argument("--record", required=True, help="record.json to write (status, volume, flags, provenance)")
+    p.add_argument("--mask", required=True, help="lesion mask to write (NIfTI, the series' grid; empty file if none)")
     p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("segment", help="segment a lesion from include / exclude clicks (RAS+ mm)")
@@ -872,10 +878,10 @@ def build_parser():
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("tables", help="write volumes.tsv and response.tsv from series records")
-    p.add_argument("--results-dir", required=True)
+    p.add_argument("--results-dir", required=True, help="folder to write volumes.tsv and response.tsv into")
     p.add_argument("--baseline-session", required=True, help="ses-<label> of the month-0 session")
     p.add_argument("--config-json", default=None, help="the run's config, recorded as provenance")
-    p.add_argument("records", nargs="+")
+    p.add_argument("records", nargs="+", help="the series' record.json files")
     p.set_defaults(func=_cmd_tables)
 
     p = sub.add_parser("arms", help="response rates by arm (intention to treat) with CIs and tests")
@@ -884,63 +890,63 @@ def build_parser():
     p.add_argument("--allocation", required=True, help="TSV with participant_id, arm")
     p.add_argument("--arm", action="append", required=True, help="arm name, experimental first; repeat")
     p.add_argument("--month", type=int, action="append", required=True, help="follow-up month; repeat")
-    p.add_argument("--primary-month", type=int, default=12)
+    p.add_argument("--primary-month", type=int, default=12, help="month of the primary endpoint")
     p.add_argument("--out", required=True, help="response_by_arm.tsv (a .json dictionary goes beside it)")
     p.set_defaults(func=_cmd_arms)
 
     p = sub.add_parser("figures", help="waterfall, spaghetti and category-count figures for the report")
-    p.add_argument("--response", required=True)
-    p.add_argument("--volumes", required=True)
-    p.add_argument("--allocation", default=None)
+    p.add_argument("--response", required=True, help="response.tsv")
+    p.add_argument("--volumes", required=True, help="volumes.tsv")
+    p.add_argument("--allocation", default=None, help="TSV with participant_id, arm: figures by arm")
     p.add_argument("--arm", action="append", default=None, help="arm name, experimental first; repeat")
-    p.add_argument("--primary-month", type=int, default=12)
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--primary-month", type=int, default=12, help="month the waterfall shows")
+    p.add_argument("--out-dir", required=True, help="folder for the PNG figures")
     p.set_defaults(func=_cmd_figures)
 
     p = sub.add_parser("report-page", help="a result table as an HTML page for the Snakemake report, and a front-page summary")
-    p.add_argument("--kind", choices=["response", "response_by_arm"], required=True)
+    p.add_argument("--kind", choices=["response", "response_by_arm"], required=True, help="which table it is")
     p.add_argument("--table", required=True, help="response.tsv or response_by_arm.tsv")
     p.add_argument("--out", required=True, help="the HTML page")
     p.add_argument("--summary", required=True, help="an HTML fragment the report's front page includes")
     p.set_defaults(func=_cmd_report_page)
 
     p = sub.add_parser("montages", help="a QC montage (slices with the mask contour) per series")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("records", nargs="+")
+    p.add_argument("--out-dir", required=True, help="folder for the montages (one PNG per series)")
+    p.add_argument("records", nargs="+", help="the series' record.json files")
     p.set_defaults(func=_cmd_montages)
 
     p = sub.add_parser("workbook", help="one .xlsx with every table and the data dictionary")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the .xlsx to write")
     p.add_argument("tables", nargs="+", help="TSV tables (their .json dictionaries beside them)")
     p.set_defaults(func=_cmd_workbook)
 
     p = sub.add_parser("provenance", help="write provenance.json: software, config, inputs and output checksums")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config-json", default=None)
+    p.add_argument("--out", required=True, help="provenance.json to write")
+    p.add_argument("--config-json", default=None, help="the run's config, as JSON")
     p.add_argument("--output", action="append", default=[], help="an output file or folder to checksum; repeat")
-    p.add_argument("records", nargs="+")
+    p.add_argument("records", nargs="+", help="the series' record.json files")
     p.set_defaults(func=_cmd_provenance)
 
     p = sub.add_parser("dicom-export", help="each series' final mask as DICOM SEG and its measurements as a "
                        "TID 1500 SR, on the source DICOM series named by the uid map")
     p.add_argument("--uid-map", required=True, help="dicom_uids.tsv written by khe-vol import")
-    p.add_argument("--imaging-dir", required=True)
+    p.add_argument("--imaging-dir", required=True, help="the imaging folder the uid map's NIfTI paths are in")
     p.add_argument("--derivatives", required=True, help="the derivatives dataset (the final masks)")
-    p.add_argument("--volumes", required=True)
-    p.add_argument("--response", required=True)
+    p.add_argument("--volumes", required=True, help="volumes.tsv")
+    p.add_argument("--response", required=True, help="response.tsv")
     p.add_argument("--trial-json", default=None, help="config dicom_trial (sponsor, protocol, site) as JSON")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="folder for sub-*/ses-*/{seg,sr}.dcm and export.tsv")
     p.add_argument("records", nargs="+", help="record.json files, or the reads' final records")
     p.set_defaults(func=_cmd_dicom_export)
 
     p = sub.add_parser("derivatives", help="write the BIDS derivatives dataset of masks")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="the derivatives dataset folder to write")
     p.add_argument("--edited-dir", default=None, help="readers' edited masks (from khe-vol qa final)")
-    p.add_argument("records", nargs="+")
+    p.add_argument("records", nargs="+", help="the series' record.json files, or the reads' final records")
     p.set_defaults(func=_cmd_derivatives)
 
     _add_qa_parser(sub)
-    return parser
+    return _with_formatter(parser)
 
 
 def _cmd_dicom_export(args):
@@ -970,6 +976,37 @@ def _joined_points(argv):
     return out
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default (when it has one worth saying)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        worth_saying = not (action.default is None or action.default is False or action.default == []
+                            or action.default is argparse.SUPPRESS)
+        if ("%(default)" not in text and "default" not in text.lower() and worth_saying
+                and (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _subparser(parser, *names):
+    """The subcommand parser reached by ``names`` (``"qa", "serve"``)."""
+    for name in names:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def _with_formatter(parser):
+    """``parser`` and every subcommand parser under it, with :class:`HelpFormatter`."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_formatter(sub)
+    return parser
+
+
 def main(argv=None):
     argv = _joined_points(sys.argv[1:] if argv is None else list(argv))
     if argv[:1] == ["run"]:
@@ -979,7 +1016,7 @@ def main(argv=None):
     else:
         args = build_parser().parse_args(argv)
     if args.command == "check" and not (args.config or args.config_json):
-        build_parser().error("check needs a config file")
+        _subparser(build_parser(), "check").error("a config file is needed: khe-vol check my_study.yaml")
     return args.func(args)
 
 

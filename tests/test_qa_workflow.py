@@ -80,7 +80,8 @@ def test_results_follow_the_umask_and_secrets_stay_private(qa_cohort):
     _, _, results = qa_cohort
     modes = {path.relative_to(results).as_posix(): path.stat().st_mode & 0o777
              for path in results.rglob("*") if path.is_file()}
-    secrets = {name for name in modes if name.startswith("blinding/key") and name.endswith(".tsv")}
+    # the unblinding key, and the arm and site names the comment check and the audit share
+    secrets = {name for name in modes if name.startswith(("blinding/key", "blinding/study_words")) and name.endswith(".tsv")}
     assert "blinding/key.tsv" in secrets and "check.tsv" in modes and "work/series/sub-01/ses-m06/mask.nii.gz" in modes
     assert {name: oct(modes[name]) for name in secrets if modes[name] != 0o600} == {}
     assert {name: oct(mode) for name, mode in modes.items() if name not in secrets and mode != 0o644} == {}
