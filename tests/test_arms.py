@@ -370,3 +370,15 @@ def test_write_rounds_once_and_documents_every_column(tmp_path):
     assert "confint_proportions_2indep(method='newcomb'" in dictionary["difference_ci_low_pct"]["Description"]
     assert "Table2x2" in dictionary["odds_ratio"]["Description"]
     assert "fisher_exact" in dictionary["fisher_p"]["Description"]
+
+
+def test_by_arm_page_states_the_methods_once_from_the_dictionary(tmp_path):
+    from khe_vol.files import read_tsv
+    from khe_vol.report.pages import by_arm_page
+
+    rows, allocation = itt_cohort()
+    path = tmp_path / "response_by_arm.tsv"
+    write_response_by_arm(path, response_by_arm(rows, allocation, ["SP", "S"], [6, 12]))
+    page = by_arm_page(read_tsv(path))
+    assert page.count("<h2>Methods</h2>") == 1
+    assert page.count("confint_proportions_2indep") == 1 and page.count("fisher_exact") == 1
