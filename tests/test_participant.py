@@ -46,7 +46,8 @@ def test_a_tracked_follow_up_is_cut_through_the_registered_point_not_the_same_in
     follow_affine_stored = follow_affine @ np.eye(4)[[1, 0, 2, 3]]
     records = {"ses-baseline": {"reference_session_id": None},
                "ses-m06": {"reference_session_id": "ses-baseline",
-                           "details": {"registration": {"fixed_to_moving_ras": to_follow.tolist()}}}}
+                           # The tracking's convention: the follow-up is fixed, the matrix maps it to the reference.
+                           "details": {"registration": {"fixed_to_moving_ras": np.linalg.inv(to_follow).tolist()}}}}
     transforms = reference_transforms(records, "ses-baseline")
     np.testing.assert_array_equal(transforms["ses-baseline"], np.eye(4))
     np.testing.assert_allclose(transforms["ses-m06"], to_follow)
@@ -65,9 +66,9 @@ def test_transforms_chain_through_intermediate_references_and_invert_for_a_later
     m1, m2 = rigid(rotation("x", 10), [1.0, 2.0, 3.0]), rigid(rotation("z", -7), [0.0, -4.0, 1.0])
     records = {"ses-baseline": {},
                "ses-m06": {"reference_session_id": "ses-baseline",
-                           "details": {"registration": {"fixed_to_moving_ras": m1.tolist()}}},
+                           "details": {"registration": {"fixed_to_moving_ras": np.linalg.inv(m1).tolist()}}},
                "ses-m12": {"reference_session_id": "ses-m06",
-                           "details": {"registration": {"fixed_to_moving_ras": m2.tolist()}}},
+                           "details": {"registration": {"fixed_to_moving_ras": np.linalg.inv(m2).tolist()}}},
                "ses-m18": {"reference_session_id": None}}  # a reader mask: no registration
     from_base = reference_transforms(records, "ses-baseline")
     np.testing.assert_allclose(from_base["ses-m12"], m2 @ m1)

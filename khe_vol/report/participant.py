@@ -12,8 +12,9 @@ there).
 Same anatomical point: the point is the centroid of the reference session's
 lesion (the baseline, or the first session with a lesion), in that
 session's RAS+ mm. A follow-up tracked from it carries the rigid
-registration the tracking found (``details.registration.fixed_to_moving_ras``,
-reference RAS+ -> follow-up RAS+); the whole plane, not only its centre, is
+registration the tracking found (``details.registration.fixed_to_moving_ras``:
+the follow-up is the fixed image, so it maps follow-up RAS+ -> reference RAS+,
+and its inverse carries the reference's plane into the follow-up); the whole plane, not only its centre, is
 mapped through it, so every tile shows the same anatomy even when the infant
 lay differently. A session without a registration (a reader mask, a seeded
 follow-up) is cut at the same scanner coordinates, and its tile says so.
@@ -160,7 +161,8 @@ def _to_root(records, session):
         registration = ((record.get("details") or {}).get("registration") or {}).get("fixed_to_moving_ras")
         if not parent or registration is None or parent in seen or parent not in records:
             return session, matrix
-        matrix = matrix @ np.asarray(registration, float)
+        # The follow-up was the fixed image: the matrix maps session RAS+ -> parent RAS+.
+        matrix = matrix @ np.linalg.inv(np.asarray(registration, float))
         seen.add(parent)
         session = parent
 
@@ -172,8 +174,9 @@ def reference_transforms(records, reference_session_id):
     ----------
     records : dict
         ``{session_id: record}``; a tracked record has ``reference_session_id``
-        and ``details.registration.fixed_to_moving_ras`` (its reference's
-        RAS+ -> its own RAS+).
+        and ``details.registration.fixed_to_moving_ras`` (its own RAS+ -> its
+        reference's RAS+: the tracking registers the reference, moving, onto
+        the follow-up, fixed).
     reference_session_id : str
         The session whose lesion centre the page cuts through.
 
