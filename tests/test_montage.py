@@ -121,3 +121,10 @@ def test_report_copy_names_participant_session_volume_status_and_flags():
     error = dict(record, status="error", message="no seed for this baseline", review=[])
     assert record_montage_text(error)[1] == ["status error, qa_status pending: no seed for this baseline",
                                              "review: none"]
+
+
+def test_words_with_dollar_signs_are_drawn_as_text():
+    """A message or file name with two "$" must not be parsed as mathtext (an error would stop the job)."""
+    data, affine, mask = scene()
+    payload = qc_montage_png(data, affine, mask, "sub-01 ses-m06", ["status error: /data/$x^{bad$/T2w.nii.gz"])
+    assert payload.startswith(b"\x89PNG")

@@ -105,7 +105,8 @@ def test_page_html_is_self_contained_and_pdf_reproducible():
                  "category": "nearly_complete_involution", "near_threshold": "0", "needs_review": "1",
                  "review_reason": "wide_band", "status": "ok"}]
     timepoints[1].reads = [{"reader": "R1", "case_code": "K7QX2M4P9A", "verdict": "accept", "n_voxels": 900,
-                            "revision": 1, "comment": "<script>x</script>"}]
+                            "revision": 1, "comment": "<script>x</script> $x^{$ is text"}]
+    timepoints[2].note = "no image: /site/$a^{$/sub-03_T2w.nii.gz: truncated"
     html, pdf = participant_page("sub-03", timepoints, volumes, response)
     again_html, again_pdf = participant_page("sub-03", timepoints, volumes, response)
     assert (html, pdf) == (again_html, again_pdf)

@@ -245,8 +245,10 @@ def montage_png(tiles, title=None, lines=()):
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 8}):
         fig = Figure(figsize=(width, height), dpi=80, facecolor="black")
         for k, text in enumerate(head):
-            fig.text(0.01, 1 - (0.05 + 0.22 * k) / height, text, color="white", ha="left", va="top",
-                     fontsize=10 if k == 0 else 8, fontweight="bold" if k == 0 else "normal", wrap=True)
+            # parse_math=False and no wrap (matplotlib's wrap measures words as mathtext): a message or
+            # file name with two "$" is text; lines are short (record_montage_text cuts messages).
+            fig.text(0.01, 1 - (0.05 + 0.22 * k) / height, text, color="white", ha="left", va="top", parse_math=False,
+                     fontsize=10 if k == 0 else 8, fontweight="bold" if k == 0 else "normal")
         fig.text(0.01, 0.08 / height, LEGEND, color="#bbbbbb", ha="left", va="bottom", fontsize=6.5, wrap=True)
         top = 1 - head_in / height
         bottom = legend_in / height

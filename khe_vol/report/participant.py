@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from dataclasses import dataclass, field
 from html import escape
 
@@ -205,9 +206,10 @@ def _tile(ax, tp, plane_ras, side_mm, reference_session_id):
     ax.set_yticks([])
     title = f"{tp.session_id} (month {tp.month})"
     if tp.data is None:
-        ax.text(0.5, 0.5, tp.note or "no image", ha="center", va="center", color="white", fontsize=7,
-                transform=ax.transAxes, wrap=True)
-        ax.set_title(title, fontsize=8)
+        # Wrapped here: matplotlib's wrap would measure words as mathtext, which a "$" in a file name breaks.
+        ax.text(0.5, 0.5, textwrap.fill(tp.note or "no image", 38), ha="center", va="center", color="white",
+                fontsize=7, parse_math=False, transform=ax.transAxes)
+        ax.set_title(title, fontsize=8, parse_math=False)
         return
     points = map_points(tp.reference_to_session, plane_ras)
     img = sample_at_ras(tp.data, tp.affine, points, order=1)
@@ -235,8 +237,9 @@ def _tile(ax, tp, plane_ras, side_mm, reference_session_id):
         how = "registered to the reference (tracking)"
     else:
         how = "scanner coordinates (no registration)"
-    ax.set_title(title, fontsize=8)
-    ax.set_xlabel(how + (f"\n{tp.note}" if tp.note else ""), fontsize=6.5)
+    ax.set_title(title, fontsize=8, parse_math=False)
+    # Notes quote error messages (file names): text, never mathtext.
+    ax.set_xlabel(how + (f"\n{textwrap.fill(tp.note, 50)}" if tp.note else ""), fontsize=6.5, parse_math=False)
 
 
 def tiles_figure(timepoints, centre_ras_mm, side_mm, reference_session_id):
@@ -399,7 +402,8 @@ def participant_html(participant_id, timepoints, volume_rows, response_rows, til
         parts += ["<h2>Blinded reads</h2>", _html_table(reads, READ_FIELDS)]
     if reference_session_id is not None:
         parts.append(f"<p class=\"note\">Reference session for the images: {escape(reference_session_id)}.</p>")
-    parts.append("<p class=\"note\">Tables: volumes.tsv and response.tsv (their .json data dictionaries define each column).</p>")
+    parts.append("<p class=\"note\">Tables: volumes.tsv and response.tsv (their .json data dictionaries "
+                 "define each column).</p>")
     parts.append("</body></html>\n")
     return "".join(parts)
 
@@ -423,8 +427,10 @@ def _text_page(participant_id, volume_rows, response_rows, reads):
         lines += ["", "blinded reads"]
         for r in reads:
             lines.append(f"{r.get('session_id')}  {r.get('reader')}  {r.get('verdict')}  {r.get('n_voxels')} voxels  "
-                         f"revision {r.get('revision')}  {str(r.get('comment') or '')[:80]}")
-    fig.text(0.04, 0.96, "\n".join(lines), ha="left", va="top", fontsize=7.5, family="DejaVu Sans Mono")
+                         f"revision {r.get('revision')}  {' '.join(str(r.get('comment') or '').split())[:80]}")
+    # Readers' comments and messages are text: two "$" must not start mathtext (which could fail).
+    fig.text(0.04, 0.96, "\n".join(lines), ha="left", va="top", fontsize=7.5, family="DejaVu Sans Mono",
+             parse_math=False)
     return fig
 
 
