@@ -21,7 +21,7 @@ Choices (also stated in the data dictionary):
   Woolf (logit) 95% CI, from statsmodels ``Table2x2``. When a cell of the
   2x2 table is 0 the Woolf interval does not exist; then 0.5 is added to
   all four cells (Haldane-Anscombe), as the Cochrane Handbook does, and the
-  ``method`` column says so. When no one responded in either arm, or
+  row's ``note`` says so. When no one responded in either arm, or
   everyone did, the table carries no information on the odds ratio: it is
   n/a with a note (the Cochrane Handbook likewise leaves such trials out).
 * **p** is the two-sided Fisher exact test (scipy), defined in every case.
@@ -63,14 +63,16 @@ ZERO_CELL_ADD = 0.5
 
 ALLOCATION_COLUMNS = ("participant_id", "arm")
 
-_METHOD_DIFFERENCE = (
-    "difference: statsmodels confint_proportions_2indep(method='newcomb', compare='diff'), "
-    "Newcombe 1998 hybrid score (method 10)"
-)
-_METHOD_WOOLF = "odds ratio: statsmodels Table2x2(shift_zeros=False).oddsratio, .oddsratio_confint(), Woolf logit"
-_METHOD_WOOLF_ZERO = _METHOD_WOOLF + f", {ZERO_CELL_ADD} added to all four cells (Haldane-Anscombe) as a cell is 0"
-_METHOD_FISHER = "p: scipy.stats.fisher_exact(alternative='two-sided')"
-_METHOD_COUNTS = "count and share of allocated participants (intention to treat)"
+#: How each value is computed: stated once, in the data dictionary's column
+#: descriptions (not repeated on every row).
+METHOD_DIFFERENCE = ("statsmodels confint_proportions_2indep(method='newcomb', compare='diff'): Newcombe (1998) "
+                     "hybrid score interval, method 10 (square-and-add of the two Wilson intervals)")
+METHOD_ODDS_RATIO = ("statsmodels Table2x2(shift_zeros=False).oddsratio and .oddsratio_confint(method='normal'): "
+                     "Woolf (logit) interval")
+METHOD_FISHER = "scipy.stats.fisher_exact(alternative='two-sided')"
+#: Said in the note of a row whose odds ratio needed the zero-cell correction.
+ZERO_CELL_NOTE = (f"odds ratio and its CI computed after adding {ZERO_CELL_ADD} to all four cells "
+                  "(Haldane-Anscombe) as a cell is 0")
 
 ARM_COLUMNS = {
     "endpoint": {
@@ -97,14 +99,13 @@ ARM_COLUMNS = {
     "responders_2": {"LongName": "Participants with the endpoint in arm 2", "Description": "As responders_1, for arm 2."},
     "rate_2_pct": {"LongName": "Rate in arm 2", "Description": "100 x responders_2 / n_2.", "Units": "%"},
     "difference_pct": {"LongName": "Difference of rates", "Description": "rate_1_pct - rate_2_pct (experimental minus control), in percentage points.", "Units": "%"},
-    "difference_ci_low_pct": {"LongName": "Lower 95% confidence limit of the difference", "Description": "Newcombe (1998) hybrid score interval (method 10: square-and-add of the two Wilson intervals).", "Units": "%"},
+    "difference_ci_low_pct": {"LongName": "Lower 95% confidence limit of the difference", "Description": f"Computed with {METHOD_DIFFERENCE}.", "Units": "%"},
     "difference_ci_high_pct": {"LongName": "Upper 95% confidence limit of the difference", "Description": "As difference_ci_low_pct.", "Units": "%"},
-    "odds_ratio": {"LongName": "Odds ratio", "Description": "Odds of the endpoint in arm 1 over the odds in arm 2. When a cell of the 2x2 table is 0, computed after adding 0.5 to all four cells (Haldane-Anscombe; see method). n/a when no one or everyone had the endpoint in both arms (not estimable; see note)."},
-    "odds_ratio_ci_low": {"LongName": "Lower 95% confidence limit of the odds ratio", "Description": "Woolf (logit) interval: exp(ln OR - 1.96 sqrt(1/a + 1/b + 1/c + 1/d)), on the corrected cells when one is 0."},
+    "odds_ratio": {"LongName": "Odds ratio", "Description": f"Odds of the endpoint in arm 1 over the odds in arm 2. When a cell of the 2x2 table is 0, computed after adding 0.5 to all four cells (Haldane-Anscombe; the row's note says so). n/a when no one or everyone had the endpoint in both arms (not estimable; see note). Computed with {METHOD_ODDS_RATIO}."},
+    "odds_ratio_ci_low": {"LongName": "Lower 95% confidence limit of the odds ratio", "Description": f"Woolf (logit) interval: exp(ln OR - 1.96 sqrt(1/a + 1/b + 1/c + 1/d)), on the corrected cells when one is 0. Computed with {METHOD_ODDS_RATIO}."},
     "odds_ratio_ci_high": {"LongName": "Upper 95% confidence limit of the odds ratio", "Description": "As odds_ratio_ci_low, with +."},
-    "fisher_p": {"LongName": "Fisher exact p-value", "Description": "Two-sided Fisher exact test of the 2x2 table arm x endpoint (uncorrected counts)."},
-    "method": {"LongName": "Method", "Description": "Library and function that computed each value, and any correction used."},
-    "note": {"LongName": "Note", "Description": "Why a value is n/a; and, on every row, the participants the allocation and the imaging disagree on (allocated but never imaged: non-responders; imaged but not allocated: not counted). The same list is in this dictionary's Provenance.AllocationMismatches."},
+    "fisher_p": {"LongName": "Fisher exact p-value", "Description": f"Two-sided Fisher exact test of the 2x2 table arm x endpoint (uncorrected counts), computed with {METHOD_FISHER}."},
+    "note": {"LongName": "Note", "Description": "Why a value is n/a or was corrected (the zero-cell correction of the odds ratio); and, on every row, the participants the allocation and the imaging disagree on (allocated but never imaged: non-responders; imaged but not allocated: not counted). The same list is in this dictionary's Provenance.AllocationMismatches."},
 }
 
 _FORMATS = {
@@ -316,14 +317,14 @@ def compare_two_arms(responders_1, n_1, responders_2, n_2):
         ``difference_pct``, ``difference_ci_low_pct``,
         ``difference_ci_high_pct`` (percentage points), ``odds_ratio``,
         ``odds_ratio_ci_low``, ``odds_ratio_ci_high``, ``fisher_p``,
-        ``method``, ``note``; ``None`` where not estimable.
+        ``note``; ``None`` where not estimable. How each is computed is
+        in the data dictionary (:data:`ARM_COLUMNS`), not in the rows.
     """
     out = dict.fromkeys(
         ("difference_pct", "difference_ci_low_pct", "difference_ci_high_pct",
          "odds_ratio", "odds_ratio_ci_low", "odds_ratio_ci_high", "fisher_p", "note")
     )
     if n_1 == 0 or n_2 == 0:
-        out["method"] = _METHOD_COUNTS
         out["note"] = "an arm has no allocated participants: no comparison"
         return out
     low, high = confint_proportions_2indep(
@@ -335,7 +336,6 @@ def compare_two_arms(responders_1, n_1, responders_2, n_2):
     # Rows: arms (experimental first); columns: with, without the endpoint.
     cells = np.array([[responders_1, n_1 - responders_1], [responders_2, n_2 - responders_2]])
     out["fisher_p"] = float(stats.fisher_exact(cells, alternative="two-sided").pvalue)
-    method_or = _METHOD_WOOLF
     if responders_1 + responders_2 == 0:
         out["note"] = "odds ratio not estimable: no responders in either arm"
     elif responders_1 + responders_2 == n_1 + n_2:
@@ -346,13 +346,12 @@ def compare_two_arms(responders_1, n_1, responders_2, n_2):
             # (statsmodels issue #7011), which is not the Haldane-Anscombe
             # correction: add 0.5 to every cell here, and say so.
             cells = cells + ZERO_CELL_ADD
-            method_or = _METHOD_WOOLF_ZERO
+            out["note"] = ZERO_CELL_NOTE
         table = Table2x2(cells, shift_zeros=False)
         or_low, or_high = table.oddsratio_confint(alpha=ALPHA, method="normal")
         out["odds_ratio"] = float(table.oddsratio)
         out["odds_ratio_ci_low"] = float(or_low)
         out["odds_ratio_ci_high"] = float(or_high)
-    out["method"] = f"{_METHOD_DIFFERENCE}; {method_or}; {_METHOD_FISHER}"
     return out
 
 
@@ -427,7 +426,7 @@ def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMA
             if len(arms) != 2:
                 for arm, (n, hits) in zip(arms, counts):
                     rows.append({
-                        **head, **_arm_columns(1, arm, n, hits), "method": _METHOD_COUNTS,
+                        **head, **_arm_columns(1, arm, n, hits),
                         "note": f"comparison needs exactly 2 arms ({len(arms)} configured)",
                     })
                 continue
@@ -435,7 +434,7 @@ def response_by_arm(response_rows, allocation, arms, months, primary_month=PRIMA
             if endpoint in RESPONSE_ENDPOINTS:
                 row.update(compare_two_arms(counts[0][1], counts[0][0], counts[1][1], counts[1][0]))
             else:
-                row.update(method=_METHOD_COUNTS, note="category counts are descriptive: no comparison")
+                row.update(note="category counts are descriptive: no comparison")
             rows.append(row)
     if note:
         for row in rows:

@@ -738,7 +738,7 @@ def _cmd_figures(args):
 def _cmd_montages(args):
     from khe_vol.files import atomic_write_bytes, mask_beside, read_records
     from khe_vol.nifti import SeriesError, load_image
-    from khe_vol.report.montage import qc_montage_png
+    from khe_vol.report.montage import qc_montage_png, record_montage_text
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -753,9 +753,21 @@ def _cmd_montages(args):
         mask = None
         if rec["status"] == "ok":
             mask = load_image(mask_beside(rec_path), "mask").data != 0
-        atomic_write_bytes(out / name, qc_montage_png(image.data, image.affine, mask))
+        title, lines = record_montage_text(rec)
+        atomic_write_bytes(out / name, qc_montage_png(image.data, image.affine, mask, title, lines))
         n += 1
     print(f"wrote {n} montage(s) to {out}")
+    return 0
+
+
+def _cmd_participant_page(args):
+    from khe_vol.report.participant import write_participant_page
+
+    problems = write_participant_page(args.participant, args.records, args.volumes, args.response, args.derivatives,
+                                      args.out_html, args.out_pdf, args.final_records)
+    for problem in problems:
+        print(f"warning: {problem}")
+    print(f"wrote {args.out_html} and {args.out_pdf}")
     return 0
 
 
@@ -914,6 +926,17 @@ def build_parser():
     p.add_argument("--out-dir", required=True, help="folder for the montages (one PNG per series)")
     p.add_argument("records", nargs="+", help="the series' record.json files")
     p.set_defaults(func=_cmd_montages)
+
+    p = sub.add_parser("participant-page", help="one participant's page (HTML and PDF) for the unblinded core lab")
+    p.add_argument("--participant", required=True, help="sub-<label>")
+    p.add_argument("--volumes", required=True, help="volumes.tsv")
+    p.add_argument("--response", required=True, help="response.tsv")
+    p.add_argument("--derivatives", required=True, help="the derivatives folder (final masks)")
+    p.add_argument("--final-records", help="the reads' final records (qa/final_records.json), to show the reads")
+    p.add_argument("--out-html", required=True)
+    p.add_argument("--out-pdf", required=True)
+    p.add_argument("records", nargs="+", help="the participant's record.json files")
+    p.set_defaults(func=_cmd_participant_page)
 
     p = sub.add_parser("workbook", help="one .xlsx with every table and the data dictionary")
     p.add_argument("--out", required=True, help="the .xlsx to write")

@@ -40,7 +40,8 @@ VOLUME_COLUMNS = {
         "Levels": {
             "seeds_file": "the study's seeds table (config seeds)",
             "reader": "a blinded reader seeded this baseline in the reader app (no row in the seeds table): its seed is the reader's first include click and its mask the reader's; each reader's follow-ups are tracked from that reader's own seeded baseline",
-            "n/a": "no seed: a reader mask from masks_dir, a follow-up tracked from its reference session, or a baseline still waiting for a seed (see qa_status and message)",
+            "tracked": "no seed of its own: a follow-up tracked from its reference session (reference_session_id in its record), or from a reader's seeded baseline",
+            "n/a": "no seed: a reader mask from masks_dir, or a series still waiting for a seed (a baseline with none, or a follow-up whose baseline has none; see qa_status and message)",
         },
     },
     "volume_auto_ml": {"LongName": "Automatic lesion volume", "Description": "Volume of the automatic (or supplied) mask, before reader QA; volume_ml is the final volume.", "Units": "mL"},
@@ -86,7 +87,7 @@ RESPONSE_COLUMNS = {
     "baseline_volume_source": {"LongName": "Source of the baseline volume", "Description": "As volume_source in volumes.tsv, for the baseline."},
     "volume_source": {"LongName": "Source of the follow-up volume", "Description": "As volume_source in volumes.tsv."},
     "baseline_seed_source": {"LongName": "Source of the baseline's seed", "Description": "As seed_source in volumes.tsv, for the baseline (reader: the follow-up was tracked from the deciding reader's own seeded baseline).", "Levels": VOLUME_COLUMNS["seed_source"]["Levels"]},
-    "seed_source": {"LongName": "Source of the follow-up's seed", "Description": "As seed_source in volumes.tsv, for the follow-up (n/a when tracked from the baseline).", "Levels": VOLUME_COLUMNS["seed_source"]["Levels"]},
+    "seed_source": {"LongName": "Source of the follow-up's seed", "Description": "As seed_source in volumes.tsv, for the follow-up (tracked when tracked from the baseline).", "Levels": VOLUME_COLUMNS["seed_source"]["Levels"]},
     "needs_review": {
         "LongName": "Needs a reader's review",
         "Description": "Whether this category may be wrong: near_threshold, or a review reason of the follow-up or its baseline that no blinded reader has decided.",
@@ -104,6 +105,26 @@ def _fmt(value, spec=None):
     if spec is None:
         return str(value)
     return format(value, spec)
+
+
+#: ``seed_source`` of a series tracked from its reference session (the record has none of its own).
+SEED_TRACKED = "tracked"
+
+
+def seed_source(record):
+    """The ``seed_source`` cell of a series: its seed's source, ``tracked``, or ``n/a``.
+
+    A record holds ``seed_source`` only for a seed of its own; a follow-up
+    tracked from its reference session (``reference_session_id`` set and an
+    automatic mask) says ``tracked``, unless the tracking never ran because
+    the reference waits for a seed (``reference_needs_seed``: ``n/a``).
+    """
+    if record.get("seed_source"):
+        return str(record["seed_source"])
+    if (record.get("reference_session_id") and record.get("method") == "auto"
+            and not record.get("reference_needs_seed")):
+        return SEED_TRACKED
+    return NA
 
 
 def volume_rows(records):
@@ -125,7 +146,7 @@ def volume_rows(records):
             "mesh_volume_ml": _fmt(rec["mesh_volume_ml"], ".6f") if ok else NA,
             "max_diameter_cm": _fmt(rec["max_diameter_cm"], ".2f") if ok else NA,
             "method": _fmt(rec["method"]),
-            "seed_source": _fmt(rec.get("seed_source")),
+            "seed_source": seed_source(rec),
             "volume_auto_ml": _fmt(_auto_ml(rec), ".6f"),
             "volume_source": _fmt(rec.get("volume_source", rec["method"] if ok else None)),
             "qa_status": rec.get("qa_status", "not_configured"),
@@ -182,8 +203,8 @@ def response_rows(records, baseline_session_id):
             "good_response": NA,
             "baseline_volume_source": _fmt(base.get("volume_source", base.get("method"))) if base and base["status"] == "ok" else NA,
             "volume_source": _fmt(rec.get("volume_source", rec.get("method"))) if rec["status"] == "ok" else NA,
-            "baseline_seed_source": _fmt(base.get("seed_source")) if base else NA,
-            "seed_source": _fmt(rec.get("seed_source")),
+            "baseline_seed_source": seed_source(base) if base else NA,
+            "seed_source": seed_source(rec),
             "needs_review": NA,
             "review_reason": NA,
             "status": "error",

@@ -115,8 +115,7 @@ def test_ten_of_twenty_vs_four_of_twenty():
     assert row["odds_ratio_ci_high"] == pytest.approx(or_high, rel=1e-9)
     assert row["fisher_p"] == pytest.approx(stats.fisher_exact([[10, 10], [4, 16]]).pvalue, rel=1e-12)
     assert row["fisher_p"] == pytest.approx(fisher_two_sided(10, 10, 4, 16), rel=1e-9)
-    assert "newcomb" in row["method"] and "Woolf" in row["method"] and "fisher_exact" in row["method"]
-    assert "Haldane" not in row["method"] and row["note"] is None
+    assert "method" not in row and row["note"] is None  # the methods are in the data dictionary
 
 
 @pytest.mark.parametrize(
@@ -157,7 +156,7 @@ def test_zero_cell_adds_half_to_every_cell():
     # The same as statsmodels' Gart-adjusted logit interval (0.5 added to each cell).
     adj = confint_proportions_2indep(0, 20, 4, 20, method="logit-adjusted", compare="odds-ratio")
     assert (out["odds_ratio_ci_low"], out["odds_ratio_ci_high"]) == pytest.approx(adj, rel=1e-9)
-    assert "0.5 added to all four cells (Haldane-Anscombe)" in out["method"]
+    assert "adding 0.5 to all four cells (Haldane-Anscombe)" in out["note"] and "method" not in out
     # Difference and Fisher p use the uncorrected counts.
     assert out["difference_pct"] == pytest.approx(-20.0)
     assert out["fisher_p"] == pytest.approx(stats.fisher_exact([[0, 20], [4, 16]]).pvalue)
@@ -366,3 +365,20 @@ def test_write_rounds_once_and_documents_every_column(tmp_path):
     growth = next(r for r in table if r["endpoint"] == "category:growth" and r["month"] == "6")
     assert growth["responders_1"] == "0" and growth["rate_1_pct"] == "0.00"  # zero is not n/a
     assert growth["difference_pct"] == "n/a"
+    # How each value is computed is said once, in the dictionary, not as a column on every row.
+    assert "method" not in first
+    assert "confint_proportions_2indep(method='newcomb'" in dictionary["difference_ci_low_pct"]["Description"]
+    assert "Table2x2" in dictionary["odds_ratio"]["Description"]
+    assert "fisher_exact" in dictionary["fisher_p"]["Description"]
+
+
+def test_by_arm_page_states_the_methods_once_from_the_dictionary(tmp_path):
+    from khe_vol.files import read_tsv
+    from khe_vol.report.pages import by_arm_page
+
+    rows, allocation = itt_cohort()
+    path = tmp_path / "response_by_arm.tsv"
+    write_response_by_arm(path, response_by_arm(rows, allocation, ["SP", "S"], [6, 12]))
+    page = by_arm_page(read_tsv(path))
+    assert page.count("<h2>Methods</h2>") == 1
+    assert page.count("confint_proportions_2indep") == 1 and page.count("fisher_exact") == 1

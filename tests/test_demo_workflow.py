@@ -149,3 +149,49 @@ def test_report_renders_with_its_figures_in_chromium(demo_run):
             assert f"{row['participant_id']}\t{row['session_id']}\t{row['month']}" in table, (row, table)
             assert row["category"] in table
         browser.close()
+
+
+def test_participant_page_cuts_every_timepoint_through_the_same_lesion_and_renders(demo_run):
+    """README command's outputs: a page per participant; tracked follow-ups are mapped by their registration."""
+    import json
+
+    import numpy as np
+    from playwright.sync_api import sync_playwright
+
+    from khe_vol.nifti import load_image
+    from khe_vol.report.participant import centroid_ras_mm, map_points, reference_transforms, sample_at_ras
+
+    root, _ = demo_run
+    results = root / "results"
+    pid = "sub-demo01"
+    html = results / "participants" / f"{pid}.html"
+    text = html.read_text()
+    assert (results / "participants" / f"{pid}.pdf").read_bytes().startswith(b"%PDF")
+    assert f"<h1>{pid}</h1>" in text
+    response = {r["session_id"]: r for r in read_tsv(results / "response.tsv") if r["participant_id"] == pid}
+    assert {r["seed_source"] for r in response.values()} == {"tracked"}
+    for r in response.values():
+        assert f"<td>{r['category']}</td>" in text
+    # The baseline lesion's centre, carried by each follow-up's registration, lies in that follow-up's lesion.
+    records = {p.parent.name: json.loads(p.read_text()) for p in (results / "work/series" / pid).glob("*/record.json")}
+    transforms = reference_transforms(records, "ses-baseline")
+    base_mask = load_image(results / "work/series" / pid / "ses-baseline/mask.nii.gz", "mask")
+    centre = centroid_ras_mm(base_mask.data, base_mask.affine)
+    for sid, record in records.items():
+        if sid == "ses-baseline" or not record["n_voxels"]:
+            continue
+        assert transforms[sid] is not None and not np.allclose(transforms[sid], np.eye(4)), sid
+        mask = load_image(results / "work/series" / pid / sid / "mask.nii.gz", "mask")
+        mapped = map_points(transforms[sid], centre[None])
+        assert sample_at_ras(mask.data.astype(np.float32), mask.affine, mapped, order=0)[0] == 1, sid
+        # The infant lay elsewhere in the scanner: the same scanner point would miss what the registration finds.
+        own_centre = centroid_ras_mm(mask.data, mask.affine)
+        assert np.linalg.norm(mapped[0] - own_centre) < np.linalg.norm(centre - own_centre) / 4, sid
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(html.as_uri())
+        assert page.locator("h1").inner_text() == pid
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        assert len(widths) == 2 and all(w > 300 for w in widths)
+        browser.close()

@@ -21,6 +21,7 @@ from khe_vol.report.figures import (
     linear_threshold,
     spaghetti_figure,
     spaghetti_png,
+    spread_positions,
     waterfall_figure,
     waterfall_png,
 )
@@ -178,27 +179,71 @@ VOLUMES = [
 ]
 
 
-def test_spaghetti_lines_per_participant_coloured_by_arm_with_band_and_zero():
+def test_spaghetti_one_panel_per_arm_a_style_and_label_per_participant_with_band_and_zero():
     fig = spaghetti_figure(VOLUMES, {"sub-01": "A", "sub-02": "B", "sub-03": "A"}, ARMS)
-    (ax,) = fig.axes
-    lines = {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
+    ax_a, ax_b = fig.axes
+    assert (ax_a.get_title(), ax_b.get_title()) == ("A (n=2 with a volume)", "B (n=1 with a volume)")
+    lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines() if line.get_gid()}
     assert sorted(lines) == ["sub-01", "sub-02", "sub-03"]
+    assert {line.get_gid() for line in ax_a.get_lines() if line.get_gid()} == {"sub-01", "sub-03"}
     assert list(lines["sub-01"].get_xdata()) == [0, 6, 12]
     assert list(lines["sub-01"].get_ydata()) == pytest.approx([40.0, 20.0, 0.0])
     assert list(lines["sub-02"].get_xdata()) == [0, 12]  # the error row is skipped
-    assert lines["sub-01"].get_color() == lines["sub-03"].get_color() != lines["sub-02"].get_color()
-    assert ax.get_yscale() == "symlog"
+    # Within an arm every participant has its own colour; each line ends in its label.
+    assert lines["sub-01"].get_color() != lines["sub-03"].get_color()
+    labels = {t.get_gid(): t for ax in fig.axes for t in ax.texts if (t.get_gid() or "").startswith("label:")}
+    assert {k: t.get_text() for k, t in labels.items()} == {"label:sub-01": "01", "label:sub-02": "02",
+                                                           "label:sub-03": "03"}
+    assert labels["label:sub-01"].xy == (12, 0.0) and labels["label:sub-03"].xy == (0, 120.0)
+    assert labels["label:sub-01"].get_color() == lines["sub-01"].get_color()
+    assert ax_a.get_yscale() == "symlog"
     # 0 mL is on the axis and has its own marker.
-    assert ax.get_ylim()[0] < 0
-    zero_markers = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert ax_a.get_ylim()[0] < 0
+    zero_markers = [line for line in ax_a.get_lines() if line.get_marker() == "v"]
     assert len(zero_markers) == 1 and list(zero_markers[0].get_xdata()) == [12]
     # Error bars: the vertical segments span the band.
-    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    segments = [seg for ax in fig.axes for coll in ax.collections for seg in coll.get_segments()]
     spans = sorted((round(s[0][1], 6), round(s[1][1], 6)) for s in segments)
     assert (36.0, 44.0) in spans and (0.0, 0.4) in spans and (110.0, 130.0) in spans
     payload = spaghetti_png(VOLUMES, {"sub-01": "A", "sub-02": "B", "sub-03": "A"}, ARMS)
     assert decode(payload).shape[:2] == expected_shape(fig)
     assert payload == spaghetti_png(VOLUMES, {"sub-01": "A", "sub-02": "B", "sub-03": "A"}, ARMS)
+
+
+def test_spaghetti_fifty_participants_keep_distinct_styles_and_labels_that_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for n in range(50):
+        base = float(rng.uniform(2, 200))
+        for month, factor in ((0, 1.0), (6, rng.uniform(0.3, 1.3)), (12, rng.uniform(0.0, 1.2))):
+            rows.append(volume_row(f"sub-{n:02d}", month, base * factor, base * factor * 0.9, base * factor * 1.1))
+    rows.append(volume_row("sub-50", 0, 30.0))  # seen once: its label is at month 0
+    fig = spaghetti_figure(rows)
+    (ax,) = fig.axes
+    styles = [(line.get_color(), line.get_marker()) for line in ax.get_lines() if line.get_gid()]
+    assert len(styles) == 51 and len(set(styles[:48])) == 48
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    labels = [t for t in ax.texts if (t.get_gid() or "").startswith("label:")]
+    assert len(labels) == 51
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, not its leader line
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b) or a.x1 <= b.x0 or b.x1 <= a.x0, "two end labels overlap"
+    figure_box = fig.bbox
+    assert all(figure_box.y0 <= b.y0 and b.y1 <= figure_box.y1 for b in boxes)
+
+
+def test_spread_positions_keeps_order_and_gap():
+    assert spread_positions([10.0, 10.0, 11.0], 5.0) == [10.0, 15.0, 20.0]
+    assert spread_positions([3.0, 1.0], 5.0) == [6.0, 1.0]
+    # Against the top bound the labels are pushed down instead.
+    assert spread_positions([98.0, 99.0], 5.0, 0.0, 100.0) == [95.0, 100.0]
 
 
 def test_linear_threshold_is_the_decade_of_the_smallest_volume():

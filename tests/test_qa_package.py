@@ -92,6 +92,13 @@ def test_package_deidentifies_and_keeps_data_and_geometry(cohort):
             assert case["automatic_volume_ml"] == pytest.approx(float(row["automatic_volume_ml"]), abs=1e-3)
             png = (results / "qa" / reader / case["qc_montage"]).read_bytes()
             assert png.startswith(b"\x89PNG") and png_text_chunks(png) == []
+            # Its words are the case code, the automatic volume and the review codes: nothing else.
+            from khe_vol.report.montage import montage_png, montage_tiles
+
+            tiles = montage_tiles(source.get_fdata(), source.affine, np.asarray(original.dataobj) != 0)
+            words = [f"automatic volume {case['automatic_volume_ml']:.2f} mL",
+                     "review: " + ("; ".join(case["review_reasons"]) or "none")]
+            assert png == montage_png(tiles, f"case {case['case_code']}", words)
 
 
 def test_codes_differ_per_reader_and_rebuild_is_byte_identical(cohort):

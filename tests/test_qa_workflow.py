@@ -153,6 +153,15 @@ def test_reads_disagreement_adjudication_and_agreement(qa_cohort):
     assert agreement[("R2 vs auto", "dice_edited_masks_median")]["n"] == "1"
     assert (results / "qa_agreement.json").is_file()
 
+    # The core lab's participant page shows the reads (unblinded: ids and readers) ...
+    page = (results / "participants" / "sub-01.html").read_text()
+    assert "<h2>Blinded reads</h2>" in page
+    assert "<td>ses-m06</td><td>R2</td>" in page and "<td>edited</td>" in page and "<td>ADJ</td>" in page
+    # ... and never reaches a reader: nothing under qa/ is a page, and the audit stays clean.
+    for path, data in _all_bytes(results / "qa"):
+        assert not data.startswith(b"%PDF") and b"<html" not in data.lower(), path
+    assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
+
     proc = run_snakemake(root / "work", config_path, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 

@@ -139,7 +139,7 @@ def test_unseeded_baseline_waits_for_every_readers_seed(seeded_run):
         assert "seed" in row["message"] and row["seed_source"] == "n/a"
         assert row["volume_auto_ml"] == "n/a"  # never a silent 0 mL
     assert volumes[("sub-01", "ses-baseline")]["seed_source"] == "seeds_file"
-    assert volumes[("sub-01", "ses-m06")]["seed_source"] == "n/a"
+    assert volumes[("sub-01", "ses-m06")]["seed_source"] == "tracked"
     response = _rows(results / "response.tsv")
     assert response[("sub-02", "ses-m06")]["category"] == "n/a"
     assert response[("sub-01", "ses-m06")]["baseline_seed_source"] == "seeds_file"

@@ -110,3 +110,31 @@ def test_bad_inputs_raise():
         exact_volume_mm3(10.5, 1.0)
     with pytest.raises(ValueError):
         classify_ratio(-1)
+
+
+def _series_record(session, **extra):
+    record = {
+        "participant_id": "sub-01", "session_id": session, "month": 0 if session == "ses-baseline" else 6,
+        "status": "ok", "message": None, "method": "auto", "n_voxels": 1000, "voxel_volume_mm3": 1.0,
+        "volume_ml": 1.0, "volume_low_ml": 0.9, "volume_high_ml": 1.1, "mesh_volume_ml": 1.0,
+        "max_diameter_cm": 1.5, "affine": np.eye(4).tolist(), "review": [], "seed_source": None,
+        "reference_session_id": None,
+    }
+    return {**record, **extra}
+
+
+def test_seed_source_says_tracked_for_a_tracked_follow_up():
+    from khe_vol.tables import VOLUME_COLUMNS, response_rows, volume_rows
+
+    base = _series_record("ses-baseline", seed_source="seeds_file")
+    tracked = _series_record("ses-m06", reference_session_id="ses-baseline")
+    waiting = _series_record("ses-m12", status="pending", message="waits", reference_session_id="ses-baseline",
+                             reference_needs_seed=True)
+    reader_mask = _series_record("ses-m18", method="reader_mask")
+    rows = {r["session_id"]: r for r in response_rows([base, tracked, waiting, reader_mask], "ses-baseline")}
+    assert (rows["ses-m06"]["baseline_seed_source"], rows["ses-m06"]["seed_source"]) == ("seeds_file", "tracked")
+    assert rows["ses-m12"]["seed_source"] == "n/a"  # never tracked: its baseline waits for a seed
+    assert rows["ses-m18"]["seed_source"] == "n/a"  # a reader's mask has no seed
+    volumes = {r["session_id"]: r["seed_source"] for r in volume_rows([base, tracked, waiting, reader_mask])}
+    assert volumes == {"ses-baseline": "seeds_file", "ses-m06": "tracked", "ses-m12": "n/a", "ses-m18": "n/a"}
+    assert "tracked" in VOLUME_COLUMNS["seed_source"]["Levels"]

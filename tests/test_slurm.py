@@ -28,10 +28,10 @@ PROFILE = REPO / "profiles/slurm"
 START = ".ci/slurm/start-cluster.sh"
 TIMEOUT_S = 900  # a hung status poll must fail the test, not eat the CI job
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.$", re.MULTILINE)
-# One SLURM job per series, one montage job per participant, one per cohort step; `all` stays local.
+# One SLURM job per series, one montage and one page job per participant, one per cohort step; `all` stays local.
 EXPECTED_RULES = {"check_study": 1, "measure_series": 6, "tables": 1, "derivatives": 1, "response_by_arm": 1,
-                  "figures": 1, "response_page": 1, "response_by_arm_page": 1, "montages": 2, "workbook": 1,
-                  "provenance": 1}
+                  "figures": 1, "response_page": 1, "response_by_arm_page": 1, "montages": 2, "participant_page": 2,
+                  "workbook": 1, "provenance": 1}
 
 
 def cluster_problem():

@@ -223,3 +223,33 @@ def test_bad_config_is_a_clear_error(tmp_path):
     proc = run_snakemake(tmp_path / "work", cfg, check=False)
     assert proc.returncode != 0
     assert "sessionz" in proc.stdout + proc.stderr
+
+
+def test_participant_pages_name_the_participant_embed_their_images_and_stay_out_of_qa(mask_cohort_run):
+    import base64
+    import io
+
+    import matplotlib.image as mpimg
+
+    root = mask_cohort_run[0]
+    res = root / "results"
+    volumes = read_tsv(res / "volumes.tsv")
+    participants = sorted({r["participant_id"] for r in volumes})
+    assert sorted(p.name for p in (res / "participants").iterdir()) == sorted(
+        f"{pid}.{ext}" for pid in participants for ext in ("html", "pdf"))
+    page = (res / "participants" / "sub-01.html").read_text()
+    assert "<h1>sub-01</h1>" in page and "sub-02" not in page
+    for ses in ("ses-baseline", "ses-m06", "ses-m12"):
+        assert ses in page
+    assert "partial_involution" in page and "complete_involution" in page
+    # Self-contained: every image is an embedded PNG, nothing is fetched.
+    sources = page.split('src="')[1:]
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for s in sources:
+        pixels = mpimg.imread(io.BytesIO(base64.b64decode(s.split('"')[0].split(",", 1)[1])), format="png")
+        assert pixels.shape[0] > 100
+    assert (res / "participants" / "sub-01.pdf").read_bytes().startswith(b"%PDF")
+    # An unreadable series says so on its participant's page instead of failing the run.
+    broken = (res / "participants" / "sub-90.html").read_text()
+    assert "No image of this participant could be read." in broken
+    assert "<li>ses-baseline: no image: " in broken and "truncated" in broken

@@ -22,7 +22,7 @@ from khe_vol.qa import (DEFAULT_READER_DISPLAY, OVERLAY_COLUMNS, READING_MODES, 
 from khe_vol.qa.codes import case_code, overlay_labels, participant_code, reader_order
 from khe_vol.qa.deidentify import deidentified_nifti_bytes, mask_like, same_grid
 from khe_vol.qa.key import default_key_path, write_key
-from khe_vol.report.montage import qc_montage_png
+from khe_vol.report.montage import montage_png, montage_tiles, review_line
 from khe_vol.review import series_reasons
 
 class PackageError(ValueError):
@@ -183,7 +183,7 @@ class _Series:
     note: str | None = None
     t2_bytes: bytes | None = None
     mask_bytes: bytes | None = None
-    png_bytes: bytes | None = None
+    tiles: object = None  # report.montage.MontageTiles: drawn per reader, titled with that reader's case code
     overlays: list = field(default_factory=list)
 
     @property
@@ -237,10 +237,22 @@ def _prepare_series(record_path, source_root, overlays):
     s.t2_bytes = gzip.compress(deidentified_nifti_bytes(img), compresslevel=6, mtime=0)
     if mask is not None:
         s.mask_bytes = nifti_bytes(mask_like(mask, img))
-    s.png_bytes = qc_montage_png(image.data, image.affine, mask)
+    s.tiles = montage_tiles(image.data, image.affine, mask)
     for o in overlays:
         s.overlays.append(_prepare_overlay(o, img, image, source))
     return s
+
+
+def _reader_montage(tiles, entry):
+    """The montage in a reader's package: the case code, the automatic volume and review codes, nothing else.
+
+    The same words the worklist gives this reader (never a participant,
+    session, date or file name: those are only in the report's montages).
+    """
+    volume = entry["automatic_volume_ml"]
+    lines = [f"automatic volume {volume:.2f} mL" if volume is not None else "no proposed mask",
+             review_line(entry["review_reasons"])]
+    return montage_png(tiles, f"case {entry['case_code']}", lines)
 
 
 def _prepare_overlay(row, img, image, source):
@@ -389,7 +401,7 @@ def write_package(results_dir, readers, seed, record_paths, series_tsv=None, ove
         for s, place in zip(packaged, placement):
             entry = by_code[place["case_code"]]
             files[entry["image"]] = s.t2_bytes
-            files[entry["qc_montage"]] = s.png_bytes
+            files[entry["qc_montage"]] = _reader_montage(s.tiles, entry)
             if entry["proposed_mask"]:
                 files[entry["proposed_mask"]] = s.mask_bytes
             for o in s.overlays:

@@ -66,9 +66,6 @@ CATEGORY_LABELS = {
     COMPLETE: "complete involution (-100%)",
     NOT_ASSESSED: "not assessed",
 }
-#: Arm colours (Okabe-Ito, disjoint from the strongest category colours in use).
-ARM_COLORS = ("#0072B2", "#E69F00", "#CC79A7", "#009E73", "#56B4E9", "#F0E442")
-UNALLOCATED_COLOR = "#777777"
 
 #: Category thresholds drawn on the waterfall: (percent, label).
 THRESHOLDS = ((20, "+20%\ngrowth"), (-20, "-20%\npartial"), (-75, "-75%\nnearly\ncomplete"))
@@ -120,10 +117,6 @@ def _arm_order(allocation, arms):
     """Arms in report order: configured order, then any other allocated arm, sorted."""
     order = list(dict.fromkeys(arms or ()))
     return order + sorted(set(allocation.values()) - set(order))
-
-
-def _arm_color(arm, order):
-    return ARM_COLORS[order.index(arm) % len(ARM_COLORS)]
 
 
 def _groups(participants, allocation, arms):
@@ -373,81 +366,186 @@ def linear_threshold(values):
     return 10.0 ** math.floor(math.log10(min(positive)))
 
 
+#: Line colours of the participants of one panel (Okabe-Ito; yellow left out: too light on white).
+PARTICIPANT_COLORS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+#: Markers cycled with the colours (``v`` is kept for 0 mL): 8 x 6 = 48 distinct pairs per panel.
+PARTICIPANT_MARKERS = ("o", "s", "^", "D", "P", "X")
+#: Font size (pt) of the participant labels at the line ends, and their least vertical gap (pt).
+END_LABEL_SIZE = 6.5
+END_LABEL_GAP_PT = 7.5
+
+
+def participant_style(index):
+    """``(colour, marker)`` of the ``index``-th participant of a panel.
+
+    Colours change fastest, markers after every full round of colours, so
+    the first 48 participants of a panel each get a pair of their own;
+    beyond that the end label still tells lines apart.
+    """
+    return (PARTICIPANT_COLORS[index % len(PARTICIPANT_COLORS)],
+            PARTICIPANT_MARKERS[(index // len(PARTICIPANT_COLORS)) % len(PARTICIPANT_MARKERS)])
+
+
+def spread_positions(positions, gap, low=None, high=None):
+    """Move sorted 1D label positions apart by at least ``gap``, as little as possible.
+
+    Parameters
+    ----------
+    positions : sequence of float
+        Wanted positions (any unit, e.g. points), any order.
+    gap : float
+        Least distance between two neighbours (same unit).
+    low, high : float, optional
+        Bounds the positions are kept within where there is room.
+
+    Returns
+    -------
+    list of float
+        New positions, in the order of ``positions``; neighbours in
+        the same order as before, each at least ``gap`` apart.
+    """
+    order = sorted(range(len(positions)), key=lambda i: (positions[i], i))
+    placed = [float(positions[i]) for i in order]
+    if low is not None and placed:
+        placed[0] = max(placed[0], low)
+    for k in range(1, len(placed)):  # push up
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    if high is not None and placed and placed[-1] > high:
+        placed[-1] = max(high, placed[0] if len(placed) == 1 else high)
+        for k in range(len(placed) - 2, -1, -1):  # push back down from the top
+            placed[k] = min(placed[k], placed[k + 1] - gap)
+    out = [0.0] * len(placed)
+    for k, i in enumerate(order):
+        out[i] = placed[k]
+    return out
+
+
+def _label_line_ends(fig, ax, ends):
+    """Write each participant's label right of its last point, moved apart so none overlap.
+
+    ``ends`` is ``[(participant_id, month, volume_ml, colour)]``. The figure is
+    laid out once first, so the gap is exact in points on the page.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # final layout: data -> display is known
+    to_points = 72.0 / fig.dpi
+    bottom, top = (v * to_points for v in ax.get_window_extent().intervaly)
+    by_month = {}
+    for end in ends:
+        by_month.setdefault(end[1], []).append(end)
+    for month, group in sorted(by_month.items()):
+        wanted = [ax.transData.transform((month, volume))[1] * to_points for _, _, volume, _ in group]
+        placed = spread_positions(wanted, END_LABEL_GAP_PT, bottom + 3, top - 3)
+        for (pid, _, volume, color), y0, y in zip(group, wanted, placed):
+            text = ax.annotate(
+                pid.removeprefix("sub-"), (month, volume), xytext=(6, y - y0), textcoords="offset points",
+                ha="left", va="center", fontsize=END_LABEL_SIZE, color=color, annotation_clip=False,
+                arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.4, "shrinkA": 0, "shrinkB": 2}
+                if abs(y - y0) > 1 else None,
+            )
+            text.set_gid(f"label:{pid}")
+            text.set_in_layout(False)
+
+
 def spaghetti_figure(volume_rows, allocation=None, arms=None):
-    """Lesion volume over time, one line per participant, coloured by arm.
+    """Lesion volume over time, one labelled line per participant, one panel per arm.
 
     The volume axis is symmetric-log (see :func:`linear_threshold`): lesion
     volumes span decades and response is a relative change, which a log axis
     shows at equal heights; 0 mL cannot sit on a log axis, so the lowest
     decade is linear and 0 mL points get an extra marker.
 
+    So one line can be followed among ~50: each arm has its own panel (the
+    arm is the panel, not the colour); within a panel each participant has a
+    colour and marker of its own (:func:`participant_style`, 48 distinct
+    pairs) and its id (without ``sub-``) is written at its last point, labels
+    moved apart (:func:`spread_positions`) with a thin leader line when
+    moved. The figure grows taller with the largest panel so the labels fit.
+
     Parameters
     ----------
     volume_rows : list of dict
         ``volumes.tsv`` rows (strings); error rows and missing volumes skipped.
     allocation : dict, optional
-        ``{participant_id: arm}``: lines coloured by arm; participants with
-        volumes but no arm in grey.
+        ``{participant_id: arm}``: one panel per arm; participants with
+        volumes but no arm in a last panel, ``not allocated``.
     arms : sequence of str, optional
-        Arm order for colours and legend.
+        Panel order.
 
     Returns
     -------
     matplotlib.figure.Figure
         One Line2D per participant (gid = participant id) with vertical
-        error bars from ``volume_low_ml`` to ``volume_high_ml``.
+        error bars from ``volume_low_ml`` to ``volume_high_ml``, and one
+        annotation per participant (gid ``label:<participant id>``).
     """
     title = "Lesion volume over time"
     series = trajectories(volume_rows)
     if not series:
         return _no_data_figure(title)
-    fig = _new_figure(8.0, 5.2)
-    ax = fig.add_subplot()
-    order = _arm_order(allocation or {}, arms)
+    if allocation:
+        groups = [(arm, [p for p in members if p in series]) for arm, members in _groups(series, allocation, arms)]
+        other = [p for p in series if p not in allocation]
+        if other:
+            groups.append(("not allocated", other))
+    else:
+        groups = [(None, sorted(series))]
+    largest = max(len(members) for _, members in groups)
+    fig = _new_figure(min(2.5 + 5.0 * len(groups), 16.0), max(5.2, 2.6 + largest * END_LABEL_GAP_PT / 72.0))
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     values = [v for pts in series.values() for p in pts for v in (p[1], p[2])]
     threshold = linear_threshold(values)
-    zero_style = {"marker": "v", "markersize": 7, "markerfacecolor": "white", "linestyle": "none", "zorder": 4}
-    for pid, points in series.items():
-        arm = allocation.get(pid) if allocation else None
-        color = _arm_color(arm, order) if arm is not None else (UNALLOCATED_COLOR if allocation else "#333333")
-        months = [p[0] for p in points]
-        volumes = [p[1] for p in points]
-        # Error bars: the band around each volume; a missing limit = no bar that way.
-        below = [p[1] - p[2] if p[2] is not None else 0.0 for p in points]
-        above = [p[3] - p[1] if p[3] is not None else 0.0 for p in points]
-        container = ax.errorbar(
-            months, volumes, yerr=[[max(b, 0.0) for b in below], [max(a, 0.0) for a in above]],
-            color=color, marker="o", markersize=3.5, linewidth=1.0, elinewidth=0.8, capsize=2, alpha=0.85,
-        )
-        container.lines[0].set_gid(pid)
-        zeros = [m for m, v in zip(months, volumes) if v == 0]
-        if zeros:
-            ax.plot(zeros, [0.0] * len(zeros), markeredgecolor=color, **zero_style)
-    ax.set_yscale("symlog", linthresh=threshold, linscale=0.5)
-    ax.set_ylim(bottom=-threshold * 0.15)
-    # Plain mL (0.1, 1, 10, 100) rather than powers of ten: read by clinicians.
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     all_months = sorted({p[0] for pts in series.values() for p in pts})
-    ax.set_xticks(all_months)
-    ax.set_xlabel("months after baseline")
-    ax.set_ylabel(f"lesion volume (mL; log scale, linear below {threshold:g} mL)")
-    ax.grid(True, which="major", axis="y", color="#DDDDDD", linewidth=0.6)
-    ax.set_title(title)
-    handles = []
-    if allocation:
-        for arm in order:
-            n = sum(1 for pid in series if allocation.get(pid) == arm)
-            handles.append(Line2D([], [], color=_arm_color(arm, order), marker="o", label=f"{arm} (n={n} with a volume)"))
-        n_other = sum(1 for pid in series if pid not in allocation)
-        if n_other:
-            handles.append(Line2D([], [], color=UNALLOCATED_COLOR, marker="o", label=f"not allocated (n={n_other})"))
-    else:
-        handles.append(Line2D([], [], color="#333333", marker="o", label=f"participants (n={len(series)})"))
-    handles.append(Line2D([], [], color="#333333", marker="v", markerfacecolor="white", linestyle="none",
-                          label="0 mL: complete involution"))
-    handles.append(Line2D([], [], color="#333333", marker="|", linestyle="none", markersize=10,
-                          label="bar: volume uncertainty band (low - high)"))
-    fig.legend(handles=handles, fontsize=7.5, loc="outside lower center", ncol=2, frameon=False)
+    zero_style = {"marker": "v", "markersize": 7, "markerfacecolor": "white", "linestyle": "none", "zorder": 4}
+    ends = []
+    for ax, (name, members) in zip(axes, groups):
+        panel_ends = []
+        for index, pid in enumerate(members):
+            points = series[pid]
+            color, marker = participant_style(index)
+            months = [p[0] for p in points]
+            volumes = [p[1] for p in points]
+            # Error bars: the band around each volume; a missing limit = no bar that way.
+            below = [p[1] - p[2] if p[2] is not None else 0.0 for p in points]
+            above = [p[3] - p[1] if p[3] is not None else 0.0 for p in points]
+            container = ax.errorbar(
+                months, volumes, yerr=[[max(b, 0.0) for b in below], [max(a, 0.0) for a in above]],
+                color=color, marker=marker, markersize=3.5, linewidth=1.0, elinewidth=0.7, capsize=2, alpha=0.9,
+            )
+            container.lines[0].set_gid(pid)
+            zeros = [m for m, v in zip(months, volumes) if v == 0]
+            if zeros:
+                ax.plot(zeros, [0.0] * len(zeros), markeredgecolor=color, **zero_style)
+            panel_ends.append((pid, months[-1], volumes[-1], color))
+        ends.append(panel_ends)
+        ax.set_yscale("symlog", linthresh=threshold, linscale=0.5)
+        ax.set_xticks(all_months)
+        # Room right of the last month for the labels.
+        span = max(all_months[-1] - all_months[0], 1)
+        ax.set_xlim(all_months[0] - 0.05 * span, all_months[-1] + 0.22 * span)
+        ax.set_xlabel("months after baseline")
+        ax.grid(True, which="major", axis="y", color="#DDDDDD", linewidth=0.6)
+        head = name if name is not None else "all participants"
+        ax.set_title(f"{head} (n={len(members)} with a volume)")
+        if not members:
+            _no_data(ax, "no participant with a volume")
+    axes[0].set_ylim(bottom=-threshold * 0.15)
+    # Plain mL (0.1, 1, 10, 100) rather than powers of ten: read by clinicians.
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes[0].set_ylabel(f"lesion volume (mL; log scale, linear below {threshold:g} mL)")
+    fig.suptitle(title)
+    handles = [
+        Line2D([], [], color="#333333", marker="v", markerfacecolor="white", linestyle="none",
+               label="0 mL: complete involution"),
+        Line2D([], [], color="#333333", marker="|", linestyle="none", markersize=10,
+               label="bar: volume uncertainty band (low - high)"),
+        Line2D([], [], color="#333333", marker="o", label="label at a line's last point: participant id (no sub-)"),
+    ]
+    fig.legend(handles=handles, fontsize=7.5, loc="outside lower center", ncol=3, frameon=False)
+    with _style():
+        for ax, panel_ends in zip(axes, ends):
+            _label_line_ends(fig, ax, panel_ends)
     return fig
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from html import escape
 
+from khe_vol.arms import METHOD_DIFFERENCE, METHOD_FISHER, METHOD_ODDS_RATIO
 from khe_vol.report.figures import category_counts as figure_counts
 
 NA = "n/a"
@@ -227,7 +228,9 @@ def by_arm_page(arm_rows, source="response_by_arm.tsv"):
         primary = " (primary endpoint)" if rows[0].get("primary") == "1" else ""
         header, table = _by_arm_month_table(rows, shared_notes=shared)
         parts.append(f"<h2>Month {escape(month)}{primary}</h2>" + _table(header, table, {"endpoint", "note"}))
-    methods = list(dict.fromkeys(r["method"] for r in arm_rows if r.get("method", NA) != NA))
+    # The methods are the data dictionary's (response_by_arm.json), said once here.
+    methods = [f"difference and its 95% CI: {METHOD_DIFFERENCE}", f"odds ratio and its 95% CI: {METHOD_ODDS_RATIO}",
+               f"p: {METHOD_FISHER}"]
     parts.append("<h2>Methods</h2><p class=\"note\">Responders/n (rate) per arm; every allocated participant counts "
                  "(intention to treat), one without a usable category is a non-responder (not_assessed). "
                  + "</p><ul>" + "".join(f"<li>{escape(m)}</li>" for m in methods) + "</ul>")

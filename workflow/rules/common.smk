@@ -100,6 +100,11 @@ def montage_dir(participant):
     return f"{RESULTS}/figures/montages/{participant}"
 
 
+def participant_page_path(participant, ext):
+    """The unblinded page of one participant (HTML or PDF)."""
+    return f"{RESULTS}/participants/{participant}.{ext}"
+
+
 def _reference_paths(pid, plan, reader=None):
     """Record and mask a tracked series starts from: the cohort's, or a reader's seeded baseline."""
     if reader is not None:
@@ -265,7 +270,9 @@ def report_pages():
 
 def final_outputs():
     montages = [montage_dir(pid) for pid in PARTICIPANTS]
-    reports = [f"{RESULTS}/figures/waterfall.png", *montages, f"{RESULTS}/khe_vol_results.xlsx", *report_pages()]
+    pages = [participant_page_path(pid, ext) for pid in PARTICIPANTS for ext in ("html", "pdf")]
+    reports = [f"{RESULTS}/figures/waterfall.png", *montages, *pages, f"{RESULTS}/khe_vol_results.xlsx",
+               *report_pages()]
     return result_files() + reports + [f"{RESULTS}/provenance.json"]
 
 
@@ -308,7 +315,8 @@ def results_banner():
     lines = [
         f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors{waiting}. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
-        "  derivatives/ (lesion masks), figures/, provenance.json, logs/",
+        "  derivatives/ (lesion masks), figures/, participants/ (a page per participant: names them, unblinded),",
+        "  provenance.json, logs/",
     ]
     if config["allocation"]:
         lines.append("  response_by_arm.tsv (intention to treat)")

@@ -86,6 +86,30 @@ rule montages:
         "khe-vol montages --out-dir {output:q} {input.records:q} > {log:q} 2>&1"
 
 
+# One page per participant for the unblinded core lab (it names the participant:
+# under participants/, never under qa/, which the reader packages are made of).
+rule participant_page:
+    input:
+        unpack(participant_series),
+        volumes=f"{RESULTS}/volumes.tsv",
+        response=f"{RESULTS}/response.tsv",
+        derivatives=f"{RESULTS}/derivatives",
+        final=[f"{WORK}/qa/final_records.json"] if READERS else [],
+    output:
+        html=participant_page_path("{participant}", "html"),
+        pdf=participant_page_path("{participant}", "pdf"),
+    params:
+        final=lambda wildcards, input: f"--final-records {shlex.quote(input.final[0])}" if input.final else "",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{RESULTS}/logs/participants/{{participant}}.log",
+    shell:
+        "khe-vol participant-page --participant {wildcards.participant:q} --volumes {input.volumes:q} "
+        "--response {input.response:q} --derivatives {input.derivatives:q} {params.final} "
+        "--out-html {output.html:q} --out-pdf {output.pdf:q} {input.records:q} > {log:q} 2>&1"
+
+
 rule workbook:
     input:
         tables=workbook_tables(),
