@@ -24,6 +24,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -168,6 +169,15 @@ def tsv_dict_reader(text, quoted=False):
     """A :class:`csv.DictReader` over TSV text (``quoted``: honour ``"..."`` quoting)."""
     quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
     return csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting)
+
+
+def tsv_number(text):
+    """A finite float from a table cell, or ``None`` (``n/a``, empty, junk, nan, inf)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def read_tsv(path):

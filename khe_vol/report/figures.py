@@ -40,6 +40,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
 from khe_vol.arms import NOT_ASSESSED, categories_by_month
+from khe_vol.files import tsv_number
 from khe_vol.response import (
     CATEGORIES,
     COMPLETE,
@@ -98,18 +99,9 @@ def _style():
 # ---------------------------------------------------------------- parsing
 
 
-def _number(text):
-    """A finite float from a table cell, or ``None`` (``n/a``, empty, junk, nan, inf)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _month(text):
     """A whole month from a table cell, or ``None``."""
-    value = _number(text)
+    value = tsv_number(text)
     return int(value) if value is not None and value == int(value) else None
 
 
@@ -216,7 +208,7 @@ def waterfall_points(response_rows, month):
     for row in response_rows:
         if _month(row.get("month")) != month or row.get("status") != "ok":
             continue
-        change, category = _number(row.get("percent_change")), row.get("category")
+        change, category = tsv_number(row.get("percent_change")), row.get("category")
         if change is None or category not in CATEGORIES:
             continue
         points[row["participant_id"]] = (change, category, row.get("near_threshold") == "1")
@@ -344,11 +336,11 @@ def trajectories(volume_rows):
     """
     out = {}
     for row in volume_rows:
-        month, volume = _month(row.get("month")), _number(row.get("volume_ml"))
+        month, volume = _month(row.get("month")), tsv_number(row.get("volume_ml"))
         if row.get("status") != "ok" or month is None or volume is None:
             continue
         out.setdefault(row["participant_id"], []).append(
-            (month, volume, _number(row.get("volume_low_ml")), _number(row.get("volume_high_ml")))
+            (month, volume, tsv_number(row.get("volume_low_ml")), tsv_number(row.get("volume_high_ml")))
         )
     return {pid: sorted(points) for pid, points in sorted(out.items())}
 

@@ -39,7 +39,7 @@ from html import escape
 
 import numpy as np
 
-from khe_vol.files import NA
+from khe_vol.files import NA, tsv_number
 
 #: Side of the square shown around the anatomical point: at least this (mm) ...
 MIN_FIELD_MM = 40.0
@@ -264,12 +264,6 @@ def tiles_figure(timepoints, centre_ras_mm, side_mm, reference_session_id):
     return fig
 
 
-def _number(text):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def curve_figure(volume_rows, response_rows):
@@ -280,10 +274,10 @@ def curve_figure(volume_rows, response_rows):
 
     fig = Figure(figsize=(7.0, 3.4), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    points = sorted((_number(r.get("month")), _number(r.get("volume_ml")), _number(r.get("volume_low_ml")),
-                     _number(r.get("volume_high_ml")), r) for r in volume_rows
-                    if r.get("status") == "ok" and _number(r.get("month")) is not None
-                    and _number(r.get("volume_ml")) is not None)
+    points = sorted((tsv_number(r.get("month")), tsv_number(r.get("volume_ml")), tsv_number(r.get("volume_low_ml")),
+                     tsv_number(r.get("volume_high_ml")), r) for r in volume_rows
+                    if r.get("status") == "ok" and tsv_number(r.get("month")) is not None
+                    and tsv_number(r.get("volume_ml")) is not None)
     if not points:
         ax.text(0.5, 0.5, "no measured volume", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
@@ -299,12 +293,12 @@ def curve_figure(volume_rows, response_rows):
     if flagged:
         ax.plot(*zip(*flagged), linestyle="none", marker="o", markersize=12, markerfacecolor="none",
                 markeredgecolor="#D55E00", label="needs review")
-    by_month = {_number(r.get("month")): r for r in response_rows}
+    by_month = {tsv_number(r.get("month")): r for r in response_rows}
     for month, volume, *_ in points:
         row = by_month.get(month)
         if row is None or row.get("category") in (None, NA):
             continue
-        change = _number(row.get("percent_change"))
+        change = tsv_number(row.get("percent_change"))
         text = row["category"].replace("_", " ") + (f"\n{change:+.0f}%" if change is not None else "")
         if row.get("near_threshold") == "1":
             text += " (near)"
@@ -520,7 +514,7 @@ def write_participant_page(participant_id, record_paths, volumes_tsv, response_t
     if final_records:
         finals = {r["session_id"]: r for r in read_records([final_records]) if r["participant_id"] == participant_id}
     by_session = {r["session_id"]: r for r in volume_rows}
-    order = sorted(records, key=lambda sid: (_number(by_session.get(sid, {}).get("month")) or 0.0, sid))
+    order = sorted(records, key=lambda sid: (tsv_number(by_session.get(sid, {}).get("month")) or 0.0, sid))
     problems = []
     timepoints = []
     for sid in order:
