@@ -183,6 +183,37 @@ def fluid_mask(smoothed, model, params):
     return fluid
 
 
+def interior_sd_contrast(smoothed, region, model):
+    """How flat a region is inside: the fluid test's measure, applied to a segmented lesion.
+
+    The standard deviation of ``smoothed`` about a linear trend over the
+    region's interior (eroded by one voxel, as :func:`fluid_plateaus` judges a
+    plateau), in the region's own contrasts ``L - B``. Lesion tissue has
+    texture (about 0.12 on the phantoms); a fluid collection is flat but for
+    noise (under 0.01): a seed on a cyst or an effusion segments the
+    collection as a "lesion" of its own level, and only its flatness tells.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        Bias-corrected, smoothed intensities (image units).
+    region : ndarray of bool
+        The segmented lesion, on ``smoothed``'s grid.
+    model : IntensityModel
+        The model that produced ``region``.
+
+    Returns
+    -------
+    float or None
+        None when the interior holds fewer than 8 voxels or the contrast is not positive.
+    """
+    interior = ndimage.binary_erosion(region, structure=np.ones((3, 3, 3), bool))
+    if np.count_nonzero(interior) < 8 or model.contrast <= 0:
+        return None
+    labels = interior.astype(np.int32)
+    return float(label_detrended_sd(smoothed, labels, 1, interior)[0] / model.contrast)
+
+
 def fluid_beside(smoothed, model, region, spacing_mm, params):
     """The fluid plateaus the lesion was told apart from: each one touching it, with its volume and level.
 
