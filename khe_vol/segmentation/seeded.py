@@ -118,8 +118,10 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=
     info["bright_share"] = bright_share(smoothed, region, model)
     info["fluid_beside"] = fluid_beside(smoothed, model, region, spacing, params)
     # Whether the seed lies on fluid (khe_vol.series.seed_fluid_problem): on tissue the final
-    # model calls fluid, or on a structure as flat as fluid that the model was fitted to.
-    info["seed_in_fluid"] = bool(fluid_mask(smoothed, model, params)[seed_roi])
+    # model calls fluid, or on a structure as flat as fluid that the model was fitted to. A seed
+    # in the lesion is not on fluid beside it (a cyst the lesion encloses is lesion), and the
+    # fluid test over the whole region is then not worth its time.
+    info["seed_in_fluid"] = bool(not region[seed_roi] and fluid_mask(smoothed, model, params)[seed_roi])
     info["interior_sd_contrast"] = interior_sd_contrast(smoothed, region, model)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info["threshold_band_ml"] = (threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
