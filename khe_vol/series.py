@@ -151,14 +151,13 @@ def seed_fluid_problem(seed_in_fluid, interior_sd_contrast, flat_sd=SEED_FLUID_F
     lesion band) cannot see it, and only the structure's flatness tells: its
     interior varies by at most ``flat_sd`` of its contrast
     (:data:`khe_vol.review.SEED_FLUID_FLAT_SD`; lesions 0.09-0.15, fluid
-    about 0.01). A seed on fluid beside the lesion lies on tissue the final
-    lesion model calls fluid.
+    about 0.01). A seed on fluid beside the lesion lies on tissue a lesion
+    model calls fluid (:func:`khe_vol.segmentation.band.seed_in_fluid`).
 
     Parameters
     ----------
     seed_in_fluid : bool
-        Whether the seed voxel is in the fluid mask of the final model
-        (:func:`khe_vol.segmentation.band.fluid_mask`).
+        :func:`khe_vol.segmentation.band.seed_in_fluid`.
     interior_sd_contrast : float or None
         :func:`khe_vol.segmentation.band.interior_sd_contrast` of the segmented lesion.
     flat_sd : float
@@ -168,13 +167,14 @@ def seed_fluid_problem(seed_in_fluid, interior_sd_contrast, flat_sd=SEED_FLUID_F
     -------
     str or None
     """
-    if seed_in_fluid:
-        return ("the seed voxel lies in tissue the lesion model calls fluid (a flat plateau above the lesion band): "
-                "the seed is on fluid beside the lesion")
     if interior_sd_contrast is not None and interior_sd_contrast <= flat_sd:
         return (f"the segmented structure is as flat as fluid (interior SD {interior_sd_contrast:.3f} of its contrast, "
                 f"at most {flat_sd:g}; lesion tissue has texture): the seed may lie on a fluid collection, "
                 "not on the lesion")
+    if seed_in_fluid:
+        return ("the seed voxel lies on tissue a lesion model calls fluid (a flat plateau above the lesion band, under "
+                "the final model or that of the segmented structure's darker part): the seed is on fluid, and what "
+                "was segmented may be the fluid with a part of the lesion joined to it, or the lesion beside it")
     return None
 
 

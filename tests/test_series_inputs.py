@@ -88,6 +88,20 @@ def test_seed_on_the_fluid_beside_the_lesion_is_flagged(scene):
     assert "seed_on_fluid" in reasons(record), (tuple(ijk), record["review"])
 
 
+def test_seed_on_fluid_joined_to_a_slice_of_the_lesion_is_flagged(tmp_path):
+    """A seed in fluid touching the lesion fits the intensity model to the fluid: the structure segmented is
+    the fluid with a slice of the lesion joined to it (11 mL of a 55 mL lesion), neither flat nor missing the
+    seed; the model of its darker part (the lesion's) calls the seed's tissue fluid. Before: no reason at all."""
+    anatomy = make_anatomy(2)
+    series = render_series(anatomy, SPEC)
+    labels = render_labels(anatomy, SPEC)
+    path = save_nifti(tmp_path / "sub-01_ses-baseline_T2w.nii.gz", series.image, series.affine)
+    seed = reader_seeds_ras_mm(labels == FLUID, series.affine, np.random.default_rng(2), 1, min_depth_mm=2.0)[0]
+    record, mask, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=seed)
+    assert record["volume_ml"] < 0.5 * series.true_volume_ml and mask[labels == LESION].any()
+    assert "calls fluid" in reasons(record).get("seed_on_fluid", ""), record["review"]
+
+
 @pytest.fixture(scope="module")
 def fluid_away(tmp_path_factory):
     """Issue 25's phantom: a 60 mL lesion and a round fluid collection 19 mm from it."""

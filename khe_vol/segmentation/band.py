@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import update_model
@@ -212,6 +213,56 @@ def interior_sd_contrast(smoothed, region, model):
         return None
     labels = interior.astype(np.int32)
     return float(label_detrended_sd(smoothed, labels, 1, interior)[0] / model.contrast)
+
+
+def seed_in_fluid(smoothed, region, model, seed_ijk, spacing_mm, params):
+    """Whether a seed lies on tissue a lesion model calls fluid (:func:`fluid_mask`).
+
+    Outside the segmented region, under the model that produced it: a seed on
+    fluid beside the lesion. Inside it, under the model of the region's
+    darker part (its intensities split in two by Otsu's threshold; that
+    part's median level and standard deviation): a seed on fluid touching the
+    lesion fits the intensity model to the fluid, and the region becomes the
+    fluid with a slice of the lesion joined to it (11 mL of a 55 mL phantom
+    lesion), which the final model cannot call fluid but the lesion part's
+    model does. A seed in the darker part is not on fluid; lesion texture is
+    not flat, and a bright nodule the lesion encloses is no fluid
+    (:func:`fluid_mask`'s nodule rule), so a seed in a lesion is not told so.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        Bias-corrected, smoothed intensities.
+    region : ndarray of bool
+        The segmented lesion on ``smoothed``'s grid.
+    model : IntensityModel
+        The model that produced ``region``.
+    seed_ijk : tuple of int
+        The seed voxel on ``smoothed``'s grid.
+    spacing_mm : (3,) float
+    params : SegmentationParams
+
+    Returns
+    -------
+    bool
+    """
+    seed_ijk = tuple(int(i) for i in seed_ijk)
+    if not region[seed_ijk]:
+        return bool(fluid_mask(smoothed, model, params)[seed_ijk])
+    values = smoothed[region]
+    if values.size < 16 or values.min() == values.max():
+        return False
+    split = threshold_otsu(values)
+    if smoothed[seed_ijk] < split:
+        return False
+    darker = values[values < split]
+    lesion_part = replace(model, lesion=float(np.median(darker)), lesion_sd=float(np.std(darker)))
+    if lesion_part.contrast <= 0:
+        return False
+    # The plateaus the region holds and their rim: a box around it, as fluid_beside looks.
+    box = mask_box(region, spacing_mm, params.shell_outer_mm + 2 * float(np.max(spacing_mm)))
+    seed_box = tuple(i - b.start for i, b in zip(seed_ijk, box))
+    return bool(fluid_mask(smoothed[box], lesion_part, params)[seed_box])
 
 
 def fluid_beside(smoothed, model, region, spacing_mm, params):
