@@ -51,7 +51,8 @@ SEED_FLUID_FLAT_SD = 0.04
 #: its default, and the response categories are 20 % apart).
 ENGINES_DISAGREE_FRACTION = 0.2
 
-#: Every review reason, with what it means and what a coordinator does about it.
+#: Every review reason, with what it means and what a coordinator does about it. The reader app
+#: shows these texts, so they name no session label ("baseline", "m06", ...): the leak audit refuses it.
 REVIEW_REASONS = {
     "automatic_zero_volume": (
         "automatic tracking found no lesion (0 mL); KHE rarely resolves completely, "
@@ -64,8 +65,8 @@ REVIEW_REASONS = {
     ),
     "seed_on_fluid": (
         "the seed lies on fluid (a cyst, an effusion, the bladder): on tissue the lesion model calls fluid, or on a "
-        "structure as flat as fluid that was segmented as the lesion; a follow-up tracked from such a baseline "
-        "carries the flag too. Check the seed is on the lesion, move it and rerun"
+        "structure as flat as fluid that was segmented as the lesion; every session tracked from that one carries "
+        "the flag too. Check the seed is on the lesion, move it and rerun"
     ),
     "intensity_scale_differs": (
         "this follow-up stores intensities on another scale than its reference session (an offset, an "
