@@ -14,7 +14,7 @@ import datetime as dt
 from pathlib import Path
 
 from khe_vol.config import baseline_session
-from khe_vol.discover import discover_study
+from khe_vol.discover import discover_study, study_missing_visits
 from khe_vol.files import read_tsv, tsv_text
 from khe_vol.geometry import grids_overlap, seed_voxel
 from khe_vol.nifti import SeriesError, load_series, open_image
@@ -40,12 +40,17 @@ def check_study(config, headers_only=False):
     problems = [("", "", p) for p in study.problems]
     participants = sorted({s.participant_id for s in study.slots})
     plans = series_plan(study, baseline_id)
+    missing = {}
+    for visit in study_missing_visits(study, config["sessions"]):
+        missing.setdefault(visit.participant_id, []).append(visit)
     for pid in participants:
         if pid in study.seed_problems:
             problems.append((pid, "", study.seed_problems[pid]))
         slots = [s for s in study.slots if s.participant_id == pid]
         if not any(s.session_id == baseline_id for s in slots):
             problems.append((pid, "", f"no baseline series ({baseline_id}): response cannot be classified"))
+        # Visits before the participant's last (the baseline's own row is the one above).
+        problems.extend((pid, v.session_id, v.message) for v in missing.get(pid, []) if v.session_id != baseline_id)
         for slot in slots:
             key = (pid, slot.session_id)
             if slot.problem:

@@ -258,13 +258,19 @@ def _cmd_tables(args):
         write_table,
     )
 
+    from khe_vol.discover import missing_visits
+
     records = read_records(args.records)
     out = Path(args.results_dir)
     config = json.loads(args.config_json) if args.config_json else None
     provenance = run_provenance(config, records, outputs=None)
     provenance.pop("Outputs")
-    write_table(out / "volumes.tsv", VOLUME_COLUMNS, volume_rows(records), provenance)
-    write_table(out / "response.tsv", RESPONSE_COLUMNS, response_rows(records, args.baseline_session), provenance)
+    # Expected visits with no series (the config's sessions up to each participant's last): a row each.
+    missing = missing_visits([(r["participant_id"], r["session_id"], r["month"]) for r in records],
+                             config["sessions"]) if config else []
+    write_table(out / "volumes.tsv", VOLUME_COLUMNS, volume_rows(records, missing), provenance)
+    write_table(out / "response.tsv", RESPONSE_COLUMNS, response_rows(records, args.baseline_session, missing),
+                provenance)
     print(f"wrote {out / 'volumes.tsv'} and {out / 'response.tsv'}")
     return 0
 

@@ -322,6 +322,75 @@ def discover_study(config):
     return Study(slots, masks, seeds, seed_problems, problems + mask_problems)
 
 
+@dataclass(frozen=True)
+class MissingVisit:
+    """An expected visit with no T2w series (see :func:`missing_visits`)."""
+
+    participant_id: str
+    session_id: str
+    month: int
+    #: The participant's last visit with a series, which makes this one expected.
+    last_session_id: str
+    last_month: int
+
+    @property
+    def message(self):
+        """What a coordinator reads in ``check.tsv`` and the tables' ``message``."""
+        pid, ses = self.participant_id, self.session_id
+        return (f"no T2w series for {pid} {ses} (month {self.month}): an expected visit, since {pid} has a later one "
+                f"({self.last_session_id}, month {self.last_month}); put its series in imaging_dir as "
+                f"{pid}/{ses}/anat/{pid}_{ses}_T2w.nii.gz, or keep this row as the record that the visit is missing")
+
+
+def missing_visits(visits, sessions):
+    """Expected visits with no series: each participant's config sessions up to their last one present.
+
+    A participant's expected visits are the config ``sessions`` whose month
+    is at most the month of that participant's last session with a T2w
+    series (whatever became of that series). A visit after the last one (a
+    participant who left the study, or a visit not yet due) cannot be told
+    from one that will come and is not listed; the by-arm analysis counts a
+    participant without a category at a month as not assessed either way.
+
+    Parameters
+    ----------
+    visits : iterable of (participant_id, session_id, month)
+        Every participant x session found (``month`` None for a session label
+        the config does not know: it makes no visit expected).
+    sessions : dict of str -> int
+        Config sessions: label (without ``ses-``) -> month.
+
+    Returns
+    -------
+    list of MissingVisit
+        Sorted by participant, then month. Of several labels with one month,
+        only the first (by label) is expected, and none when any is present.
+    """
+    found: dict[str, dict[int, str]] = {}
+    for pid, ses, month in visits:
+        months = found.setdefault(pid, {})
+        if month is not None:
+            months.setdefault(int(month), ses)
+    schedule = sorted((int(month), label) for label, month in sessions.items())
+    missing = []
+    for pid in sorted(found):
+        months = found[pid]
+        if not months:
+            continue
+        last = max(months)
+        listed = set()
+        for month, label in schedule:
+            if month <= last and month not in months and month not in listed:
+                listed.add(month)
+                missing.append(MissingVisit(pid, f"ses-{label}", month, months[last], last))
+    return missing
+
+
+def study_missing_visits(study, sessions):
+    """:func:`missing_visits` of a discovered study."""
+    return missing_visits(((s.participant_id, s.session_id, s.month) for s in study.slots), sessions)
+
+
 def reference_session(study, participant_id, baseline_session_id):
     """The session a participant's other sessions are tracked from, or ``None``.
 

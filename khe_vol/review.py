@@ -40,12 +40,19 @@ FLUID_NEAR_LESION_CONTRAST = 0.5
 #: saturated nodule at the edge are not worth a reader's look).
 FLUID_NEAR_LESION_SHARE = 0.05
 
+#: A seeded lesion whose interior varies less than this share of its contrast ``L - B`` (about a
+#: linear trend, :func:`khe_vol.segmentation.band.interior_sd_contrast`) is as flat as fluid: a
+#: fluid collection segmented from a seed on it measures 0.008-0.012, the demo and phantom lesions
+#: 0.09-0.15 (their texture); the fluid test's own limit (``fluid_max_sd``, 0.08) lies too near those.
+SEED_FLUID_FLAT_SD = 0.04
+
 #: The learned and the classical engine disagree when their volumes differ by more than this share
 #: of the classical volume (``segmentation.engines_disagree_fraction`` sets it per study; this is
 #: its default, and the response categories are 20 % apart).
 ENGINES_DISAGREE_FRACTION = 0.2
 
-#: Every review reason, with what it means and what a coordinator does about it.
+#: Every review reason, with what it means and what a coordinator does about it. The reader app
+#: shows these texts, so they name no session label ("baseline", "m06", ...): the leak audit refuses it.
 REVIEW_REASONS = {
     "automatic_zero_volume": (
         "automatic tracking found no lesion (0 mL); KHE rarely resolves completely, "
@@ -55,6 +62,11 @@ REVIEW_REASONS = {
     "seed_not_in_lesion_tissue": (
         "the seed lies in tissue darker than bright lesion tissue (fat, muscle, a vessel or fluid); "
         "check the seed is inside the lesion"
+    ),
+    "seed_on_fluid": (
+        "the seed lies on fluid (a cyst, an effusion, the bladder): on tissue the lesion model calls fluid, or on a "
+        "structure as flat as fluid that was segmented as the lesion; every session tracked from that one carries "
+        "the flag too. Check the seed is on the lesion, move it and rerun"
     ),
     "intensity_scale_differs": (
         "this follow-up stores intensities on another scale than its reference session (an offset, an "

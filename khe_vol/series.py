@@ -24,7 +24,7 @@ from khe_vol.geometry import (
 from khe_vol.measure import lesion_size
 from khe_vol.nifti import SeriesError, load_series
 from khe_vol.record import SeriesRecord
-from khe_vol.review import BRIGHT_SHARE, FLUID_NEAR_LESION_CONTRAST, FLUID_NEAR_LESION_SHARE, flag
+from khe_vol.review import BRIGHT_SHARE, FLUID_NEAR_LESION_CONTRAST, FLUID_NEAR_LESION_SHARE, SEED_FLUID_FLAT_SD, flag
 from khe_vol.segmentation.uncertainty import volume_band_ml
 
 METHOD_AUTO = "auto"
@@ -139,6 +139,42 @@ def seed_tissue_problem(seed_level, lower_threshold, upper_threshold, seed_in_ma
     if not seed_in_mask:
         return (f"the seed voxel (intensity {seed_level:.4g}; {band}) is not in the segmented lesion: the seed "
                 "may lie on a vessel, fluid or tissue beside the lesion, and the lesion nearest it was segmented")
+    return None
+
+
+def seed_fluid_problem(seed_in_fluid, interior_sd_contrast, flat_sd=SEED_FLUID_FLAT_SD):
+    """Why a seed may lie on fluid rather than on the lesion, or None.
+
+    A pure check of what the seeded segmentation found. A seed on a fluid
+    collection away from the lesion segments the collection: the intensity
+    model is fitted to it, so the fluid test (a flat plateau above the
+    lesion band) cannot see it, and only the structure's flatness tells: its
+    interior varies by at most ``flat_sd`` of its contrast
+    (:data:`khe_vol.review.SEED_FLUID_FLAT_SD`; lesions 0.09-0.15, fluid
+    about 0.01). A seed on fluid beside the lesion lies on tissue a lesion
+    model calls fluid (:func:`khe_vol.segmentation.band.seed_in_fluid`).
+
+    Parameters
+    ----------
+    seed_in_fluid : bool
+        :func:`khe_vol.segmentation.band.seed_in_fluid`.
+    interior_sd_contrast : float or None
+        :func:`khe_vol.segmentation.band.interior_sd_contrast` of the segmented lesion.
+    flat_sd : float
+        Flatness limit, in contrasts.
+
+    Returns
+    -------
+    str or None
+    """
+    if interior_sd_contrast is not None and interior_sd_contrast <= flat_sd:
+        return (f"the segmented structure is as flat as fluid (interior SD {interior_sd_contrast:.3f} of its contrast, "
+                f"at most {flat_sd:g}; lesion tissue has texture): the seed may lie on a fluid collection, "
+                "not on the lesion")
+    if seed_in_fluid:
+        return ("the seed voxel lies on tissue a lesion model calls fluid (a flat plateau above the lesion band, under "
+                "the final model or that of the segmented structure's darker part): the seed is on fluid, and what "
+                "was segmented may be the fluid with a part of the lesion joined to it, or the lesion beside it")
     return None
 
 
@@ -407,6 +443,9 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                                           bool(mask[seed_voxel(seed, series.affine, series.data.shape)]))
             if problem:
                 flag(record, "seed_not_in_lesion_tissue", problem)
+            on_fluid = seed_fluid_problem(info.get("seed_in_fluid", False), info.get("interior_sd_contrast"))
+            if on_fluid:
+                flag(record, "seed_on_fluid", on_fluid)
             _flag_bright_inclusion(record, info)
             _flag_fluid_near_lesion(record, info, voxel_volume_mm3(series.affine) / 1000.0)
             mask = _apply_engine(series, mask, info, params, record)
@@ -427,6 +466,10 @@ def _lesion_mask(series, seed_ras_mm, reader_mask_path, reference, params_overri
                 f"{series.path}: cannot track the lesion because its reference session "
                 f"{ref_record['session_id']} failed: {ref_record['message']}"
             )
+        for item in ref_record.get("review") or []:
+            if item["reason"] == "seed_on_fluid":  # tracking follows the reference's structure, fluid or not
+                flag(record, "seed_on_fluid", f"tracked from {ref_record['session_id']}, whose seed may lie on "
+                     f"fluid: {item['detail']}")
         ref_series = load_series(ref_record["source_file"])
         ref_mask = reference["mask"]
         if ref_mask is None or not np.count_nonzero(ref_mask):

@@ -18,6 +18,11 @@ from khe_vol.response import (
 )
 from khe_vol.review import REVIEW_REASONS, reader_decided, reason_text, series_reasons
 
+#: ``status`` of a row for an expected visit with no series (:func:`khe_vol.discover.missing_visits`).
+MISSING = "missing"
+MISSING_TEXT = ("no series: an expected visit (a config session before the participant's last visit with a series) "
+                "has no T2w series in imaging_dir; see message")
+
 VOLUME_COLUMNS = {
     "participant_id": {"LongName": "Participant identifier", "Description": "BIDS participant label (sub-<label>)."},
     "session_id": {"LongName": "Session identifier", "Description": "BIDS session label (ses-<label>)."},
@@ -57,7 +62,7 @@ VOLUME_COLUMNS = {
         "Description": "Review reasons joined by ';' (n/a: none). Listed even after a reader decided the value.",
         "Levels": REVIEW_REASONS,
     },
-    "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume: the series failed; see message and qa_status", "pending": "no final volume yet: waiting for a blinded reader (a read, a seed or adjudication; see qa_status)", "excluded": "no final volume: the deciding reader rejected the series as unmeasurable"}},
+    "status": {"LongName": "Status", "Description": "Whether a final volume exists.", "Levels": {"ok": "final volume", "error": "no final volume: the series failed; see message and qa_status", "pending": "no final volume yet: waiting for a blinded reader (a read, a seed or adjudication; see qa_status)", "excluded": "no final volume: the deciding reader rejected the series as unmeasurable", "missing": MISSING_TEXT}},
     "message": {"LongName": "Message", "Description": "Why the series has no volume, naming the file and the problem."},
 }
 
@@ -94,7 +99,7 @@ RESPONSE_COLUMNS = {
         "Levels": VOLUME_COLUMNS["needs_review"]["Levels"],
     },
     "review_reason": VOLUME_COLUMNS["review_reason"],
-    "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message", "pending": "not classified yet: the follow-up or its baseline waits for a blinded reader", "excluded": "not classified: a reader rejected the follow-up or its baseline as unmeasurable"}},
+    "status": {"LongName": "Status", "Description": "Whether a category could be assigned.", "Levels": {"ok": "classified", "error": "not classified; see message", "pending": "not classified yet: the follow-up or its baseline waits for a blinded reader", "excluded": "not classified: a reader rejected the follow-up or its baseline as unmeasurable", "missing": "not classified: " + MISSING_TEXT}},
     "message": {"LongName": "Message", "Description": "Why no category was assigned."},
 }
 
@@ -127,8 +132,32 @@ def seed_source(record):
     return NA
 
 
-def volume_rows(records):
-    """volumes.tsv rows (dicts of formatted strings) from per-series records."""
+def _with_missing(rows, missing_rows):
+    """``rows`` with each missing visit's row placed among its participant's rows by month.
+
+    A missing row goes before the participant's first row of a later month,
+    else after the participant's last row (else at the end); other rows keep their order.
+    """
+    out = list(rows)
+    for extra in missing_rows:
+        pid, month = extra["participant_id"], int(extra["month"])
+        same = [i for i, r in enumerate(out) if r["participant_id"] == pid]
+        later = [i for i in same if out[i]["month"] != NA and int(out[i]["month"]) > month]
+        at = later[0] if later else (same[-1] + 1 if same else len(out))
+        out.insert(at, extra)
+    return out
+
+
+def volume_rows(records, missing=()):
+    """volumes.tsv rows (dicts of formatted strings) from per-series records.
+
+    Parameters
+    ----------
+    records : list of dict
+        Per-series records.
+    missing : sequence of khe_vol.discover.MissingVisit
+        Expected visits with no series: a ``status=missing`` row each.
+    """
     rows = []
     for rec in records:
         ok = rec["status"] == "ok"
@@ -154,7 +183,10 @@ def volume_rows(records):
             "status": rec["status"],
             "message": _fmt(rec["message"]),
         })
-    return rows
+    blank = dict.fromkeys(VOLUME_COLUMNS, NA)
+    return _with_missing(rows, [{**blank, "participant_id": v.participant_id, "session_id": v.session_id,
+                                 "month": str(v.month), "needs_review": "0", "status": MISSING,
+                                 "message": v.message} for v in missing])
 
 
 def _auto_ml(rec):
@@ -172,8 +204,8 @@ def _undecided_status(record):
     return record["status"] if record["status"] in ("pending", "excluded") else "error"
 
 
-def response_rows(records, baseline_session_id):
-    """response.tsv rows, one per non-baseline series.
+def response_rows(records, baseline_session_id, missing=()):
+    """response.tsv rows, one per non-baseline series and per missing follow-up visit.
 
     Parameters
     ----------
@@ -181,6 +213,8 @@ def response_rows(records, baseline_session_id):
         Per-series records of the whole cohort.
     baseline_session_id : str
         ``ses-<label>`` of the month-0 session.
+    missing : sequence of khe_vol.discover.MissingVisit
+        Expected visits with no series: a ``status=missing`` row each (but the baseline).
     """
     baselines = {r["participant_id"]: r for r in records if r["session_id"] == baseline_session_id}
     rows = []
@@ -234,7 +268,17 @@ def response_rows(records, baseline_session_id):
             )
             row.update(_response_review(base, rec, row["near_threshold"] == "1"))
         rows.append(row)
-    return rows
+    blank = dict.fromkeys(RESPONSE_COLUMNS, NA)
+    extra = []
+    for visit in missing:
+        if visit.session_id == baseline_session_id:
+            continue  # its follow-ups' rows say "no baseline series"
+        base = baselines.get(visit.participant_id)
+        extra.append({**blank, "participant_id": visit.participant_id, "session_id": visit.session_id,
+                      "month": str(visit.month),
+                      "baseline_volume_ml": _fmt(base["volume_ml"], ".6f") if base and base["status"] == "ok" else NA,
+                      "status": MISSING, "message": f"follow-up visit missing: {visit.message}"})
+    return _with_missing(rows, extra)
 
 
 def review_columns(reasons, open_):

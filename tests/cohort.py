@@ -53,3 +53,50 @@ def write_mask_cohort(root, radii_mm=None):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+#: The phantom of a seed on a fluid collection (issue 25): a 60 mL lesion with a round fluid
+#: collection 19 mm away, on a small grid (the tests' time).
+FLUID_AWAY_ANATOMY = {"rng_seed": 7, "lesion_volume_ml": 60.0, "fluid_gap_mm": 19.0}
+FLUID_AWAY_SPEC = {"shape": (96, 96, 20), "voxel_mm": (1.2, 1.2, 4.0), "snr": 18.0, "bias_amplitude": 0.3}
+
+
+def fluid_away_series(volume_ratio=1.0, rng_seed=5):
+    """The fluid-collection phantom rendered: (anatomy, spec, series)."""
+    from khe_vol.synthetic.anatomy import make_anatomy
+    from khe_vol.synthetic.render import render_series
+    from khe_vol.synthetic.specs import SeriesSpec
+
+    anatomy = make_anatomy(**FLUID_AWAY_ANATOMY)
+    spec = SeriesSpec(**FLUID_AWAY_SPEC, rng_seed=rng_seed, volume_ratio=volume_ratio)
+    return anatomy, spec, render_series(anatomy, spec)
+
+
+def fluid_seeds_ras_mm(anatomy, spec, series, rng, n_seeds=1):
+    """Seeds as a reader who mistook the fluid for the lesion places them: anywhere in the fluid, 2 mm inside."""
+    from khe_vol.synthetic.render import render_labels
+    from khe_vol.synthetic.seeds import reader_seeds_ras_mm
+    from khe_vol.synthetic.specs import FLUID
+
+    return reader_seeds_ras_mm(render_labels(anatomy, spec) == FLUID, series.affine, rng, n_seeds, min_depth_mm=2.0)
+
+
+def add_seed_on_fluid(root, participant="sub-99"):
+    """A participant seeded on a fluid collection 19 mm from the lesion, its m12 tracked, its m06 missing.
+
+    Writes the baseline and m12 series, a seeds table with the one seed, and
+    adds ``seeds`` to the cohort's config.yaml. Returns the seed (RAS+ mm).
+    """
+    root = Path(root)
+    for ses, ratio, rng_seed in (("baseline", 1.0, 5), ("m12", 0.7, 6)):
+        anatomy, spec, series = fluid_away_series(ratio, rng_seed)
+        save_nifti(root / f"imaging/{participant}/ses-{ses}/anat/{participant}_ses-{ses}_T2w.nii.gz",
+                   np.asarray(series.image, np.float32), series.affine)
+        if ses == "baseline":
+            seed = fluid_seeds_ras_mm(anatomy, spec, series, np.random.default_rng(1))[0]
+    (root / "seeds.tsv").write_text("participant_id\tx\ty\tz\n" + f"{participant}\t" + "\t".join(f"{v:.3f}" for v in seed) + "\n")
+    config_path = root / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["seeds"] = str(root / "seeds.tsv")
+    config_path.write_text(yaml.safe_dump(config))
+    return seed

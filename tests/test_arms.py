@@ -14,6 +14,7 @@ from khe_vol.arms import (
     ARM_CATEGORIES,
     ARM_COLUMNS,
     NOT_ASSESSED,
+    categories_by_month,
     compare_two_arms,
     read_allocation,
     response_by_arm,
@@ -211,6 +212,13 @@ def test_itt_missing_and_unusable_follow_ups_are_non_responders():
     at_6 = row_of(out, "overall_response", month=6)
     assert (at_6["n_1"], at_6["responders_1"], at_6["n_2"], at_6["responders_2"]) == (3, 1, 3, 0)
     assert row_of(out, "category:not_assessed", month=6)["responders_1"] == 2
+
+
+def test_a_missing_visit_row_is_not_assessed():
+    """A status=missing row (an expected visit with no series, khe_vol.tables) counts as not assessed."""
+    rows = [response_row("sub-01", 12, "n/a", status="missing"), response_row("sub-02", 12, "growth")]
+    categories = categories_by_month(rows, ["sub-01", "sub-02"], [12])
+    assert categories[12] == {"sub-01": NOT_ASSESSED, "sub-02": "growth"}
 
 
 def test_a_pending_row_with_a_stale_category_is_not_counted():

@@ -1,6 +1,7 @@
 """The built-in demo cohort through the real workflow: seeds, tracking, categories."""
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,8 @@ pytestmark = pytest.mark.slow
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     subprocess.run([sys.executable, "-m", "khe_vol.cli", "demo", str(root / "demo")], check=True, capture_output=True)
+    # sub-demo04's m06 visit never reached the study folder (issue 25): a missing visit, not a shorter table.
+    shutil.rmtree(root / "demo/imaging/sub-demo04/ses-m06")
     # sub-demo06's reader clicked in LPS by mistake: its seed lies outside the image.
     seeds = list(csv.DictReader(open(root / "demo/seeds.tsv"), delimiter="\t"))
     for row in seeds:
@@ -36,11 +39,52 @@ def demo_run(tmp_path_factory):
     return root, proc
 
 
+#: The visit the fixture deletes.
+MISSING = ("sub-demo04", "ses-m06")
+
+
+def test_a_missing_visit_is_a_row_counted_everywhere(demo_run):
+    """Issue 25: with sub-demo04's m06 deleted, the tables, check.tsv and the summary all say it is missing."""
+    root, proc = demo_run
+    for table in ("volumes", "response"):
+        rows = read_tsv(root / f"results/{table}.tsv")
+        (row,) = [r for r in rows if (r["participant_id"], r["session_id"]) == MISSING]
+        assert row["status"] == "missing" and row["month"] == "6", row
+        assert "expected visit" in row["message"] and "sub-demo04/ses-m06/anat" in row["message"], row
+        assert row["volume_ml"] == "n/a"
+        # in visit order among the participant's rows
+        sessions = [r["session_id"] for r in rows if r["participant_id"] == "sub-demo04"]
+        assert sessions == (["ses-baseline"] if table == "volumes" else []) + ["ses-m06", "ses-m12"], sessions
+    (check,) = [r for r in read_tsv(root / "results/check.tsv") if (r["participant_id"], r["session_id"]) == MISSING]
+    assert "expected visit" in check["problem"]
+    out = proc.stdout + proc.stderr
+    assert "17 series, 3 with errors, 1 expected visit(s) missing" in out, out[-3000:]
+    assert "MISSING: 1 expected visit(s) with no series (sub-demo04 ses-m06)" in out
+    # the by-arm analysis counts the participant as not assessed at month 6
+    arm = {a["participant_id"]: a["arm"] for a in read_tsv(root / "demo/allocation.tsv")}["sub-demo04"]
+    rows = {(r["endpoint"], r["month"]): r for r in read_tsv(root / "results/response_by_arm.tsv")}
+    row = rows[("category:not_assessed", "6")]
+    i = 1 if row["arm_1"] == arm else 2
+    members = [p for p, a in ((r["participant_id"], r["arm"]) for r in read_tsv(root / "demo/allocation.tsv")) if a == arm]
+    classified = {r["participant_id"] for r in read_tsv(root / "results/response.tsv")
+                  if r["month"] == "6" and r["status"] == "ok"}
+    assert "sub-demo04" not in classified
+    assert int(row[f"responders_{i}"]) == sum(p not in classified for p in members)
+
+
+def test_no_demo_seed_is_called_a_seed_on_fluid(demo_run):
+    """The demo's reader seeds lie in lesion tissue (some with fluid beside the lesion): none is flagged."""
+    root, _ = demo_run
+    for table in ("volumes", "response"):
+        for row in read_tsv(root / f"results/{table}.tsv"):
+            assert "seed_on_fluid" not in row["review_reason"], row
+
+
 def test_demo_volumes_close_to_truth(demo_run):
     root, _ = demo_run
     truth = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "demo/truth.tsv")}
     for row in read_tsv(root / "results/volumes.tsv"):
-        if row["participant_id"] == "sub-demo06":
+        if row["participant_id"] == "sub-demo06" or (row["participant_id"], row["session_id"]) == MISSING:
             continue
         assert row["status"] == "ok", row
         true_ml = float(truth[(row["participant_id"], row["session_id"])]["true_volume_ml"])
@@ -54,8 +98,9 @@ def test_demo_volumes_close_to_truth(demo_run):
 def test_demo_categories_match_truth(demo_run):
     root, _ = demo_run
     truth = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "demo/truth.tsv")}
-    rows = [r for r in read_tsv(root / "results/response.tsv") if r["participant_id"] != "sub-demo06"]
-    assert len(rows) == 10
+    rows = [r for r in read_tsv(root / "results/response.tsv") if r["participant_id"] != "sub-demo06"
+            and (r["participant_id"], r["session_id"]) != MISSING]
+    assert len(rows) == 9
     for row in rows:
         assert row["category"] == truth[(row["participant_id"], row["session_id"])]["true_category"], row
     assert {r["category"] for r in rows} == {

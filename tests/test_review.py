@@ -127,3 +127,32 @@ def test_flagged_cases_come_first_in_every_worklist():
         first = {e["case_code"] for e in worklist["cases"][:2]}
         assert first == {placement[3]["case_code"], placement[7]["case_code"]}
         assert [e["review_reasons"] for e in worklist["cases"][:2]] == [["automatic_zero_volume"]] * 2
+
+
+def test_the_summary_counts_what_needs_review_per_reason():
+    from khe_vol.summary import review_line
+
+    base = _record("ses-baseline", 1000, review=[{"reason": "seed_on_fluid", "detail": "flat"}])
+    follow = _record("ses-m12", 500, tracked=True, review=[{"reason": "seed_on_fluid", "detail": "tracked"}])
+    volumes, response = volume_rows([base, follow]), response_rows([base, follow], "ses-baseline")
+    line = review_line(volumes, response)
+    assert "NEEDS REVIEW: 2 of 2 series (seed_on_fluid 2); 1 of 1 category(ies) (" in line, line
+    assert "baseline_needs_review 1" in line and "seed_on_fluid 1" in line, line
+    quiet = [_record("ses-baseline", 1000), _record("ses-m12", 500, tracked=True)]
+    assert review_line(volume_rows(quiet), response_rows(quiet, "ses-baseline")) == (
+        "  needs review: none of 2 series and 1 category(ies)")
+
+
+def test_a_missing_visit_is_a_row_that_needs_no_review():
+    from khe_vol.discover import missing_visits
+
+    records = [_record("ses-baseline", 1000), _record("ses-m12", 500, tracked=True)]
+    missing = missing_visits([(r["participant_id"], r["session_id"], r["month"]) for r in records],
+                             {"baseline": 0, "m06": 6, "m12": 12, "m24": 24})
+    assert [(v.session_id, v.month, v.last_session_id) for v in missing] == [("ses-m06", 6, "ses-m12")]
+    rows = volume_rows(records, missing)
+    assert [(r["session_id"], r["status"], r["needs_review"]) for r in rows] == [
+        ("ses-baseline", "ok", "0"), ("ses-m06", "missing", "0"), ("ses-m12", "ok", "0")]
+    rows = response_rows(records, "ses-baseline", missing)
+    assert [(r["session_id"], r["status"]) for r in rows] == [("ses-m06", "missing"), ("ses-m12", "ok")]
+    assert rows[0]["category"] == "n/a" and rows[0]["baseline_volume_ml"] != "n/a"

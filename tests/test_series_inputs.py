@@ -16,9 +16,11 @@ from scipy import ndimage
 
 from khe_vol.synthetic.anatomy import make_anatomy
 from khe_vol.synthetic.render import render_labels, render_series
-from khe_vol.synthetic.specs import FAT, LESION, LESION_LABELS, MUSCLE, SeriesSpec, TISSUES, VESSEL
+from khe_vol.synthetic.seeds import reader_seeds_ras_mm
+from khe_vol.synthetic.specs import FAT, FLUID, LESION, LESION_LABELS, MUSCLE, SeriesSpec, TISSUES, VESSEL
 from khe_vol.geometry import voxel_sizes_mm, voxel_to_world
-from khe_vol.series import measure_series, seed_tissue_problem
+from khe_vol.series import measure_series, seed_fluid_problem, seed_tissue_problem
+from tests.cohort import fluid_away_series, fluid_seeds_ras_mm
 
 # As tests/test_segment.py: a small trunk field of view, 0.9 x 0.9 x 4 mm voxels.
 SPEC = SeriesSpec(shape=(128, 128, 26), voxel_mm=(0.9, 0.9, 4.0), snr=18.0, bias_amplitude=0.3, rng_seed=5)
@@ -72,6 +74,71 @@ def test_reader_seeds_in_bright_lesion_tissue_are_not_flagged(scene):
         record, mask = _measure(scene, ijk)
         assert mask[tuple(ijk)]
         assert "seed_not_in_lesion_tissue" not in reasons(record), (tuple(ijk), record["review"])
+        # the fluid beside this lesion does not make a seed in the lesion a seed on fluid
+        assert "seed_on_fluid" not in reasons(record), (tuple(ijk), record["review"])
+
+
+def test_seed_on_the_fluid_beside_the_lesion_is_flagged(scene):
+    series, labels, path, _, _ = scene
+    fluid = labels == FLUID
+    depth_mm = ndimage.distance_transform_edt(fluid, sampling=voxel_sizes_mm(series.affine))
+    candidates = np.argwhere(fluid & (depth_mm >= 2))
+    ijk = candidates[np.random.default_rng(4).integers(len(candidates))]
+    record, _, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=voxel_to_world(ijk, series.affine))
+    assert "seed_on_fluid" in reasons(record), (tuple(ijk), record["review"])
+
+
+def test_seed_on_fluid_joined_to_a_slice_of_the_lesion_is_flagged(tmp_path):
+    """A seed in fluid touching the lesion fits the intensity model to the fluid: the structure segmented is
+    the fluid with a slice of the lesion joined to it (11 mL of a 55 mL lesion), neither flat nor missing the
+    seed; the model of its darker part (the lesion's) calls the seed's tissue fluid. Before: no reason at all."""
+    anatomy = make_anatomy(2)
+    series = render_series(anatomy, SPEC)
+    labels = render_labels(anatomy, SPEC)
+    path = save_nifti(tmp_path / "sub-01_ses-baseline_T2w.nii.gz", series.image, series.affine)
+    seed = reader_seeds_ras_mm(labels == FLUID, series.affine, np.random.default_rng(2), 1, min_depth_mm=2.0)[0]
+    record, mask, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=seed)
+    assert record["volume_ml"] < 0.5 * series.true_volume_ml and mask[labels == LESION].any()
+    assert "calls fluid" in reasons(record).get("seed_on_fluid", ""), record["review"]
+
+
+@pytest.fixture(scope="module")
+def fluid_away(tmp_path_factory):
+    """Issue 25's phantom: a 60 mL lesion and a round fluid collection 19 mm from it."""
+    anatomy, spec, series = fluid_away_series()
+    path = save_nifti(tmp_path_factory.mktemp("fluid_away") / "sub-01_ses-baseline_T2w.nii.gz",
+                      np.asarray(series.image, np.float32), series.affine)
+    return anatomy, spec, series, path
+
+
+def test_seed_anywhere_in_a_fluid_collection_is_flagged_and_its_followup_too(fluid_away, tmp_path):
+    """Before: the collection was segmented as the lesion (8 mL for 60 mL) with no review reason at all."""
+    anatomy, spec, series, path = fluid_away
+    for seed in fluid_seeds_ras_mm(anatomy, spec, series, np.random.default_rng(2), n_seeds=2):
+        record, mask, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=seed)
+        assert record["status"] == "ok" and record["volume_ml"] < 15, record["volume_ml"]
+        assert "as flat as fluid" in reasons(record).get("seed_on_fluid", ""), record["review"]
+    _, _, follow = fluid_away_series(volume_ratio=0.7, rng_seed=6)
+    follow_path = save_nifti(tmp_path / "sub-01_ses-m12_T2w.nii.gz", np.asarray(follow.image, np.float32),
+                             follow.affine)
+    tracked, _, _ = measure_series("sub-01", "ses-m12", 12, follow_path, reference={"record": record, "mask": mask})
+    assert tracked["status"] == "ok"
+    assert "tracked from ses-baseline" in reasons(tracked).get("seed_on_fluid", ""), tracked["review"]
+
+
+def test_reader_seeds_in_the_lesion_beside_a_fluid_collection_are_not_flagged(fluid_away):
+    _, _, series, path = fluid_away
+    for seed in reader_seeds_ras_mm(series.truth_mask, series.affine, np.random.default_rng(3), n_seeds=2):
+        record, _, _ = measure_series("sub-01", "ses-baseline", 0, path, seed_ras_mm=seed)
+        assert record["volume_ml"] == pytest.approx(series.true_volume_ml, rel=0.05)
+        assert "seed_on_fluid" not in reasons(record), record["review"]
+
+
+def test_seed_fluid_problem_rules():
+    assert seed_fluid_problem(False, 0.12) is None
+    assert seed_fluid_problem(False, None) is None
+    assert "as flat as fluid" in seed_fluid_problem(False, 0.01)
+    assert "calls fluid" in seed_fluid_problem(True, 0.12)
 
 
 def test_seed_tissue_problem_rules():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from khe_vol.synthetic.dicom import SeriesInfo, StudyInfo, small_phantom, stored_values, write_single_frame_series
-from tests.cohort import write_mask_cohort
+from tests.cohort import add_seed_on_fluid, write_mask_cohort
 from tests.conftest import make_affine, save_nifti
 
 # End to end: `pytest -m "not slow"` leaves these out.
@@ -113,6 +113,7 @@ def mask_cohort_run(tmp_path_factory):
     config = write_mask_cohort(root)
     bad = add_bad_series(root)
     add_missing_baseline(root)
+    add_seed_on_fluid(root)
     inputs_before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     proc = run_snakemake(root / "work", config)
     return root, config, bad, inputs_before, proc
@@ -121,7 +122,8 @@ def mask_cohort_run(tmp_path_factory):
 def test_every_series_gets_a_row_and_bad_ones_say_why(mask_cohort_run):
     root, _, bad, _, proc = mask_cohort_run
     rows = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/volumes.tsv")}
-    assert len(rows) == 6 + len(bad) + 1
+    # + sub-98's m06, sub-99's two series, and three missing visits (the baselines of sub-96, sub-98; sub-99's m06)
+    assert len(rows) == 6 + len(bad) + 1 + 2 + 3
     assert rows[("sub-98", "ses-m06")]["status"] == "ok"
     for key, words in bad.items():
         assert rows[key]["status"] == "error", key
@@ -132,7 +134,63 @@ def test_every_series_gets_a_row_and_bad_ones_say_why(mask_cohort_run):
         assert rows[(pid, "ses-baseline")]["method"] == "reader_mask"
     # the file is named in each image error
     assert "sub-90_ses-baseline_T2w.nii.gz" in rows[("sub-90", "ses-baseline")]["message"]
-    assert f"khe-vol: {7 + len(bad)} series, {len(bad)} with errors" in proc.stdout + proc.stderr
+    assert f"khe-vol: {9 + len(bad)} series, {len(bad)} with errors, 3 expected visit(s) missing" in proc.stdout + proc.stderr
+
+
+def test_missing_visits_are_rows_in_the_tables_and_check(mask_cohort_run):
+    """Issue 25: an expected visit with no series (a config session before the participant's last) is a
+    status=missing row in volumes.tsv (and response.tsv for a follow-up), a row in check.tsv, and the summary
+    names it; a participant's sessions after their last one are not expected."""
+    root, config, _, _, proc = mask_cohort_run
+    volumes = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/volumes.tsv")}
+    response = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/response.tsv")}
+    missing = {key for key, r in volumes.items() if r["status"] == "missing"}
+    assert missing == {("sub-96", "ses-baseline"), ("sub-98", "ses-baseline"), ("sub-99", "ses-m06")}
+    assert {key for key, r in response.items() if r["status"] == "missing"} == {("sub-99", "ses-m06")}
+    row = volumes[("sub-99", "ses-m06")]
+    assert row["month"] == "6" and row["needs_review"] == "0" and "ses-m12" in row["message"], row
+    assert "follow-up visit missing" in response[("sub-99", "ses-m06")]["message"]
+    assert [k[1] for k in volumes if k[0] == "sub-99"] == ["ses-baseline", "ses-m06", "ses-m12"]
+    check = read_tsv(root / "results/check.tsv")
+    assert [r["session_id"] for r in check if r["participant_id"] == "sub-99"] == ["ses-m06"], check
+    out = proc.stdout + proc.stderr
+    assert ("MISSING: 3 expected visit(s) with no series (sub-96 ses-baseline, sub-98 ses-baseline, "
+            "sub-99 ses-m06)") in out, out[-3000:]
+    # `khe-vol check`, as a coordinator runs it before the run, says the same
+    proc = subprocess.run([sys.executable, "-m", "khe_vol.cli", "check", str(config), "--headers-only"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 1
+    assert "sub-99\tses-m06\tno T2w series for sub-99 ses-m06 (month 6): an expected visit" in proc.stdout
+
+
+def test_a_seed_on_a_fluid_collection_is_called_one(mask_cohort_run):
+    """Issue 25: sub-99's seed lies on a fluid collection 19 mm from the lesion; the collection is segmented.
+    Its baseline says seed_on_fluid, and so does the follow-up tracked from it, and the category asks for review."""
+    root, *_ = mask_cohort_run
+    volumes = {(r["participant_id"], r["session_id"]): r for r in read_tsv(root / "results/volumes.tsv")}
+    for ses in ("ses-baseline", "ses-m12"):
+        row = volumes[("sub-99", ses)]
+        assert row["status"] == "ok" and row["needs_review"] == "1", row
+        assert "seed_on_fluid" in row["review_reason"].split(";"), row
+    assert float(volumes[("sub-99", "ses-baseline")]["volume_ml"]) < 15  # the collection, not the 60 mL lesion
+    (row,) = [r for r in read_tsv(root / "results/response.tsv") if r["participant_id"] == "sub-99" and r["status"] == "ok"]
+    assert row["needs_review"] == "1" and {"seed_on_fluid", "baseline_needs_review"} <= set(row["review_reason"].split(";"))
+
+
+def test_the_summary_says_what_needs_review_and_why(mask_cohort_run):
+    """Issue 25: the end-of-run summary counts the series and categories that need review, per reason."""
+    root, *_, proc = mask_cohort_run
+    out = proc.stdout + proc.stderr
+    volumes, response = (read_tsv(root / f"results/{t}.tsv") for t in ("volumes", "response"))
+    n_series = sum(r["needs_review"] == "1" for r in volumes)
+    n_categories = sum(r["needs_review"] == "1" for r in response)
+    assert n_series >= 2 and n_categories >= 1
+    (line,) = [line for line in out.splitlines() if "NEEDS REVIEW" in line]
+    series, categories = line.split("; ", 1)
+    n_found = sum(r["status"] != "missing" for r in volumes)
+    assert f"{n_series} of {n_found} series (" in series and "seed_on_fluid 2" in series, line
+    classified = sum(r["status"] == "ok" for r in response)
+    assert f"{n_categories} of {classified} category(ies) (" in categories and "seed_on_fluid 1" in categories, line
 
 
 def test_response_table_and_categories(mask_cohort_run):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import update_model
@@ -181,6 +182,87 @@ def fluid_mask(smoothed, model, params):
     tissue = (smoothed[box] >= model.lower(params)) & ~fluid[box]
     fluid[box] &= ~enclosed_components(fluid[box], tissue, params.nodule_border_fraction)
     return fluid
+
+
+def interior_sd_contrast(smoothed, region, model):
+    """How flat a region is inside: the fluid test's measure, applied to a segmented lesion.
+
+    The standard deviation of ``smoothed`` about a linear trend over the
+    region's interior (eroded by one voxel, as :func:`fluid_plateaus` judges a
+    plateau), in the region's own contrasts ``L - B``. Lesion tissue has
+    texture (about 0.12 on the phantoms); a fluid collection is flat but for
+    noise (under 0.01): a seed on a cyst or an effusion segments the
+    collection as a "lesion" of its own level, and only its flatness tells.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        Bias-corrected, smoothed intensities (image units).
+    region : ndarray of bool
+        The segmented lesion, on ``smoothed``'s grid.
+    model : IntensityModel
+        The model that produced ``region``.
+
+    Returns
+    -------
+    float or None
+        None when the interior holds fewer than 8 voxels or the contrast is not positive.
+    """
+    interior = ndimage.binary_erosion(region, structure=np.ones((3, 3, 3), bool))
+    if np.count_nonzero(interior) < 8 or model.contrast <= 0:
+        return None
+    labels = interior.astype(np.int32)
+    return float(label_detrended_sd(smoothed, labels, 1, interior)[0] / model.contrast)
+
+
+def seed_in_fluid(smoothed, region, model, seed_ijk, spacing_mm, params):
+    """Whether a seed lies on tissue a lesion model calls fluid (:func:`fluid_mask`).
+
+    Outside the segmented region, under the model that produced it: a seed on
+    fluid beside the lesion. Inside it, under the model of the region's
+    darker part (its intensities split in two by Otsu's threshold; that
+    part's median level and standard deviation): a seed on fluid touching the
+    lesion fits the intensity model to the fluid, and the region becomes the
+    fluid with a slice of the lesion joined to it (11 mL of a 55 mL phantom
+    lesion), which the final model cannot call fluid but the lesion part's
+    model does. A seed in the darker part is not on fluid; lesion texture is
+    not flat, and a bright nodule the lesion encloses is no fluid
+    (:func:`fluid_mask`'s nodule rule), so a seed in a lesion is not told so.
+
+    Parameters
+    ----------
+    smoothed : ndarray
+        Bias-corrected, smoothed intensities.
+    region : ndarray of bool
+        The segmented lesion on ``smoothed``'s grid.
+    model : IntensityModel
+        The model that produced ``region``.
+    seed_ijk : tuple of int
+        The seed voxel on ``smoothed``'s grid.
+    spacing_mm : (3,) float
+    params : SegmentationParams
+
+    Returns
+    -------
+    bool
+    """
+    seed_ijk = tuple(int(i) for i in seed_ijk)
+    if not region[seed_ijk]:
+        return bool(fluid_mask(smoothed, model, params)[seed_ijk])
+    values = smoothed[region]
+    if values.size < 16 or values.min() == values.max():
+        return False
+    split = threshold_otsu(values)
+    if smoothed[seed_ijk] < split:
+        return False
+    darker = values[values < split]
+    lesion_part = replace(model, lesion=float(np.median(darker)), lesion_sd=float(np.std(darker)))
+    if lesion_part.contrast <= 0:
+        return False
+    # The plateaus the region holds and their rim: a box around it, as fluid_beside looks.
+    box = mask_box(region, spacing_mm, params.shell_outer_mm + 2 * float(np.max(spacing_mm)))
+    seed_box = tuple(i - b.start for i, b in zip(seed_ijk, box))
+    return bool(fluid_mask(smoothed[box], lesion_part, params)[seed_box])
 
 
 def fluid_beside(smoothed, model, region, spacing_mm, params):

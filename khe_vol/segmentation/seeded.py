@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from khe_vol.geometry import from_canonical, seed_voxel, to_canonical, voxel_sizes_mm
-from khe_vol.segmentation.band import enclosed_core, fluid_beside, iterate_segmentation, threshold_band_ml
+from khe_vol.segmentation.band import (enclosed_core, fluid_beside, interior_sd_contrast, iterate_segmentation,
+                                       seed_in_fluid, threshold_band_ml)
 from khe_vol.segmentation.edges import refine_edges
 from khe_vol.segmentation.intensity import PreparedRoi, bright_share, initial_model, prepare_roi
 from khe_vol.segmentation.morphology import (ball_mask, bounding_box, crop_box, fill_lesion_holes, voxels_covering,
@@ -116,6 +117,10 @@ def seeded_roi(image, affine, seed_ras_mm, params=SegmentationParams(), prepare=
     info["enclosed_core_voxels"] = int(core.sum())
     info["bright_share"] = bright_share(smoothed, region, model)
     info["fluid_beside"] = fluid_beside(smoothed, model, region, spacing, params)
+    # Whether the seed lies on fluid (khe_vol.series.seed_fluid_problem): on tissue a lesion
+    # model calls fluid, or on a structure as flat as fluid that the model was fitted to.
+    info["seed_in_fluid"] = seed_in_fluid(smoothed, region, model, seed_roi, spacing, params)
+    info["interior_sd_contrast"] = interior_sd_contrast(smoothed, region, model)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info["threshold_band_ml"] = (threshold_band_ml(smoothed, model, region, spacing, params, voxel_ml, core)
                                  if volume_band else None)

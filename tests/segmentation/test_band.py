@@ -6,7 +6,8 @@ import numpy as np
 from scipy import ndimage
 from scenes import FLUID, LESION, SPACING_MM, TISSUE, dice, scene
 
-from khe_vol.segmentation.band import band_segmentation, fluid_plateaus, iterate_segmentation, threshold_band_ml
+from khe_vol.segmentation.band import (band_segmentation, fluid_plateaus, interior_sd_contrast, iterate_segmentation,
+                                       threshold_band_ml)
 from khe_vol.segmentation.intensity import IntensityModel
 from khe_vol.segmentation.params import SegmentationParams
 
@@ -63,3 +64,17 @@ def test_threshold_band_brackets_the_lesion_volume():
     assert 0 < looser - stricter < 0.3 * true_ml
     assert 0.8 * true_ml < stricter < looser < 1.2 * true_ml
     assert threshold_band_ml(image, MODEL, np.zeros_like(region), SPACING_MM, PARAMS, voxel_ml) == []
+
+
+def test_interior_sd_contrast_is_the_texture_about_a_trend_in_contrasts():
+    """A bias-field ramp across a flat region is not texture; noise and texture are, in lesion contrasts."""
+    rng = np.random.default_rng(0)
+    region = np.zeros((20, 20, 10), bool)
+    region[3:17, 3:17, 2:8] = True
+    ramp = 5.0 * np.indices(region.shape)[0]  # a trend of 70 over the region
+    noise = rng.normal(0, 4.0, region.shape)
+    flat = interior_sd_contrast(LESION + ramp + noise, region, MODEL)
+    assert abs(flat - 4.0 / (LESION - TISSUE)) < 0.005, flat
+    textured = interior_sd_contrast(LESION + ramp + noise + rng.normal(0, 25.0, region.shape), region, MODEL)
+    assert textured > 0.1 > flat
+    assert interior_sd_contrast(LESION + noise, np.pad(np.ones((3, 3, 3), bool), 2), MODEL) is None  # 1 voxel inside

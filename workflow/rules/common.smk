@@ -7,11 +7,12 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from khe_vol.config import ConfigError, baseline_session, resolve_config
-from khe_vol.discover import discover_study
+from khe_vol.discover import discover_study, study_missing_visits
 from khe_vol.files import read_tsv, series_mask_path, series_record_path
 from khe_vol.plan import SOURCE_NEEDS_SEED, SOURCE_READER_MASK, SOURCE_SEED, SOURCE_TRACKED, series_plan
 from khe_vol.qa.seeding import seeded_baselines
 from khe_vol.runlock import ResultsFolderBusy, lock_results_dir, release_results_dir
+from khe_vol.summary import missing_line, review_line
 
 
 # The config is resolved by khe-vol itself, as `khe-vol check` resolves it: only
@@ -46,6 +47,8 @@ if not STUDY.slots:
     )
 
 SLOTS = {(s.participant_id, s.session_id): s for s in STUDY.slots}
+# Expected visits with no series: a status=missing row each in the tables (khe-vol tables finds the same).
+MISSING_VISITS = study_missing_visits(STUDY, config["sessions"])
 # Reader mask beats seed beats tracking: decided once, by khe_vol.plan.
 PLAN = series_plan(STUDY, BASELINE_ID)
 
@@ -312,8 +315,10 @@ def results_banner():
         n_problems = sum(row.get("severity", "problem") == "problem" for row in read_tsv(f"{RESULTS}/check.tsv"))
     except OSError:
         n_problems = 0
+    n_missing = len(MISSING_VISITS)
+    missing = f", {n_missing} expected visit(s) missing" if n_missing else ""
     lines = [
-        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors{waiting}. Results in {RESULTS}/:",
+        f"\nkhe-vol: {len(SLOTS)} series, {n_err} with errors{waiting}{missing}. Results in {RESULTS}/:",
         "  volumes.tsv, response.tsv (+ .json data dictionaries), khe_vol_results.xlsx, check.tsv,",
         "  derivatives/ (lesion masks), figures/, participants/ (a page per participant: names them, unblinded),",
         "  provenance.json, logs/",
@@ -331,5 +336,12 @@ def results_banner():
             f"  check.tsv: {n_problems} problem(s) with the inputs (files not read such as DICOM, unknown "
             "sessions, allocation mismatches, ...): read it"
         )
+    tables = [Path(f"{RESULTS}/{name}.tsv") for name in ("volumes", "response")]
+    try:
+        lines.append(review_line(*(read_tsv(t) for t in tables)))
+    except (OSError, ValueError):
+        pass  # a run that made no tables (a target before them): nothing to count
+    if missing_line(MISSING_VISITS):
+        lines.append(missing_line(MISSING_VISITS))
     lines.append("  HTML report: add --report report.html to this command")
     return "\n".join(lines) + "\n"
