@@ -939,8 +939,8 @@ def build_parser():
     p.add_argument("--response", required=True, help="response.tsv")
     p.add_argument("--derivatives", required=True, help="the derivatives folder (final masks)")
     p.add_argument("--final-records", help="the reads' final records (qa/final_records.json), to show the reads")
-    p.add_argument("--out-html", required=True)
-    p.add_argument("--out-pdf", required=True)
+    p.add_argument("--out-html", required=True, help="the page to write (self-contained HTML)")
+    p.add_argument("--out-pdf", required=True, help="the same page as a PDF, to print")
     p.add_argument("records", nargs="+", help="the participant's record.json files")
     p.set_defaults(func=_cmd_participant_page)
 
