@@ -82,7 +82,8 @@ def test_an_installed_wheel_carries_the_workflow(study, tmp_path):
     probe = subprocess.run([str(venv / "bin/python"), "-c", "import khe_vol.run as r; print(r.workflow_root())"],
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert str(venv) in probe.stdout and probe.stdout.strip().endswith("_workflow"), probe.stdout
-    proc = subprocess.run([str(venv / "bin/khe-vol"), "run", "trial/my_study.yaml", "--cores", "1", "--dry-run"],
+    proc = subprocess.run([str(venv / "bin/khe-vol"), "run", "trial/my_study.yaml", "--cores", "1", "--dry-run",
+                           "--forceall"],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "measure_series" in proc.stdout + proc.stderr
