@@ -11,7 +11,14 @@ fluid, an exclude, undo/redo: one request each, the server's kept session)
 on one app; and a reader's box (the learned engine) with clicks after it.
 Wall-clock seconds per request; printed, never a test.
 
-    PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5]
+``page_open`` times the first click as a reader meets it: the case page is
+opened (``GET /case/<code>``), its prepare request starts (t = 0), and the
+reader clicks at t = 0.5 s, while the prepare is still running; the figure is
+the click's answer, seconds from t = 0 (both cases: the seeded one, and the
+one whose proposed mask is the start). Requests run on their own threads, as
+waitress serves them.
+
+    PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5] [--page-open-only]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,15 +59,68 @@ def percentiles(values):
             "p90_s": round(float(np.percentile(values, 90)), 3), "max_s": round(float(np.max(values)), 3)}
 
 
-def run(first_trials):
+CLICK_AT_S = 0.5  # when the reader clicks, seconds after the page's prepare request starts
+
+
+def page_open_timing(results, code, click, db):
+    """Open the case page, start its prepare, click at :data:`CLICK_AT_S`: seconds of each step."""
+    app = create_app(results, "R1", db_path=db, check_viewer=False)
+    started = time.perf_counter()
+    page = app.test_client().get(f"/case/{code}")
+    if page.status_code != 200:
+        raise SystemExit(f"case page failed ({page.status_code})")
+    page_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    prepared = {}
+
+    def prepare():
+        resp = app.test_client().post(f"/api/case/{code}/prepare", headers={"X-Khe-Vol": "reader"})
+        prepared.update(status=resp.status_code, seconds=time.perf_counter() - t0)
+
+    worker = threading.Thread(target=prepare)
+    worker.start()
+    time.sleep(max(0.0, t0 + CLICK_AT_S - time.perf_counter()))
+    click_seconds, volume = timed_post(app.test_client(), code, [click])
+    answer_s = time.perf_counter() - t0
+    worker.join()
+    if prepared["status"] != 204:
+        raise SystemExit(f"prepare failed ({prepared['status']})")
+    return {"page_s": round(page_s, 3), "prepare_s": round(prepared["seconds"], 3),
+            "click_wait_s": round(click_seconds, 3), "answer_from_prepare_start_s": round(answer_s, 3),
+            "volume_ml": round(volume, 3)}
+
+
+def page_open_timings(results, codes, scene, tmp, trials):
+    """:func:`page_open_timing` of the seeded case and the proposed-mask case, ``trials`` each."""
+    out = {}
+    clicks = {"seeded": ("include", scene["seed_ras_mm"]), "proposed_mask": ("include", scene["more_seeds_ras_mm"][0])}
+    for name, code in codes.items():
+        runs = [page_open_timing(results, code, clicks[name], tmp / f"open-{name}-{t}.sqlite") for t in range(trials)]
+        out[name] = {"runs": runs, "answer_from_prepare_start": percentiles(
+            [r["answer_from_prepare_start_s"] for r in runs])}
+    return out
+
+
+def package_cases(tmp):
+    """The 320x320x40 package: ``(results, {"seeded": code, "proposed_mask": code}, scene)``."""
+    records, scene = write_phantom_cases(tmp, shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0),
+                                         lesion_volume_ml=30.0)
+    results = Path(tmp) / "results"
+    if main(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--seed", "1",
+             *map(str, records)]) != 0:
+        raise SystemExit("packaging failed")
+    codes = {("seeded" if r["participant_id"] == "sub-01" else "proposed_mask"): r["case_code"]
+             for r in read_key(results) if r["case_code"]}
+    return results, codes, scene
+
+
+def run(first_trials, page_open_only=False):
     with tempfile.TemporaryDirectory() as tmp:
-        records, scene = write_phantom_cases(tmp, shape=(320, 320, 40), voxel_mm=(0.55, 0.55, 4.0),
-                                             lesion_volume_ml=30.0)
-        results = Path(tmp) / "results"
-        if main(["qa", "package", "--results-dir", str(results), "--reader", "R1", "--seed", "1",
-                 str(records[0])]) != 0:
-            raise SystemExit("packaging failed")
-        code = next(r["case_code"] for r in read_key(results) if r["case_code"])
+        results, codes, scene = package_cases(tmp)
+        page_open = page_open_timings(results, codes, scene, Path(tmp), first_trials)
+        if page_open_only:
+            return {"series": "320x320x40, 0.55x0.55x4 mm", "click_at_s": CLICK_AT_S, "page_open": page_open}
+        code = codes["seeded"]
         seed = ("include", scene["seed_ras_mm"])
         cold, prepare, first = [], [], []
         for trial in range(first_trials):
@@ -88,7 +149,8 @@ def run(first_trials):
             for step in (clicks[:-1], clicks):
                 refine.append(timed_post(client, code, step)[0])
         box = box_timings(results, code, scene, Path(tmp))
-    return {"series": "320x320x40, 0.55x0.55x4 mm", "first_click": percentiles(first),
+    return {"series": "320x320x40, 0.55x0.55x4 mm", "click_at_s": CLICK_AT_S, "page_open": page_open,
+            "first_click": percentiles(first),
             "page_prepare": percentiles(prepare), "first_click_unprepared": percentiles(cold),
             "refinement_click": percentiles(refine), "volumes_ml": volumes,
             "true_lesion_ml": round(scene["lesion_ml"], 3), "box": box}
@@ -121,4 +183,6 @@ def box_timings(results, code, scene, tmp):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-trials", type=int, default=5)
-    print(json.dumps(run(parser.parse_args().first_trials), indent=2))
+    parser.add_argument("--page-open-only", action="store_true", help="only the page-open first click")
+    args = parser.parse_args()
+    print(json.dumps(run(args.first_trials, args.page_open_only), indent=2))
