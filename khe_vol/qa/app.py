@@ -29,9 +29,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
-from khe_vol.geometry import voxel_volume_mm3
+from khe_vol.geometry import seed_voxel, voxel_sizes_mm, voxel_volume_mm3
 from khe_vol.nifti import SeriesError, load_image, load_series, nifti_bytes, open_image
 from khe_vol.qa import (
     COMMENT_MAX_CHARS,
@@ -226,6 +227,89 @@ def display_windows(data, mask=None):
     return {"auto": auto, "lesion": lesion, "full": full}
 
 
+def signing_refused(exc):
+    """The answer to a refused signature: the reason, and the wrong passwords left before the lockout.
+
+    Parameters
+    ----------
+    exc : khe_vol.qa.accounts.LoginRefused
+
+    Returns
+    -------
+    dict
+        ``error`` (for the reader's screen), ``signing`` (True: the signature, not the read, was
+        refused; the page keeps its dialog open) and ``tries_left`` (int, or None when not a wrong password).
+    """
+    tries = exc.tries_left
+    error = f"not signed: {exc}"
+    if tries == 0:
+        error += f"; the account is now locked for {accounts.LOCKOUT_SECONDS // 60} minutes"
+    elif tries is not None:
+        error += (f"; {tries} more wrong password{'s' if tries > 1 else ''} lock{'s' if tries == 1 else ''} "
+                  f"the account for {accounts.LOCKOUT_SECONDS // 60} minutes")
+    return {"error": error + " (nothing was saved)", "signing": True, "tries_left": tries}
+
+
+#: Air: below this fraction of the image's 99th intensity percentile (MRI air is noise, a few % of tissue).
+AIR_FRACTION = 0.1
+
+
+def body_mask(data, affine):
+    """Voxels inside the body: above the air level, with what it encloses in each acquired slice.
+
+    Parameters
+    ----------
+    data : (I, J, K) ndarray
+        Image intensities.
+    affine : (4, 4) ndarray
+        Voxel-to-world RAS+ affine, mm (the acquired slices are across its coarsest axis).
+
+    Returns
+    -------
+    ndarray of bool
+        True in tissue; dark tissue enclosed by tissue in its slice (bone, tendon, fat-suppressed
+        fat) counts as body. Air: intensity at most :data:`AIR_FRACTION` of the 99th percentile.
+    """
+    values = np.asarray(data, float)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return np.zeros(values.shape, bool)
+    tissue = np.nan_to_num(values, nan=0.0) > AIR_FRACTION * float(np.percentile(finite, 99))
+    axis = int(np.argmax(voxel_sizes_mm(affine)))
+    body = np.empty_like(tissue)
+    for k in range(tissue.shape[axis]):
+        index = [slice(None)] * 3
+        index[axis] = k
+        body[tuple(index)] = ndimage.binary_fill_holes(tissue[tuple(index)])
+    return body
+
+
+def air_click_warnings(clicks, body, affine):
+    """A reader-facing warning for each include click outside the body (in air), else none.
+
+    Parameters
+    ----------
+    clicks : sequence of Click
+    body : ndarray of bool
+        :func:`body_mask` of the case image.
+    affine : (4, 4) ndarray
+
+    Returns
+    -------
+    list of str
+    """
+    out = []
+    for n, click in enumerate(clicks, start=1):
+        if click.kind != "include":
+            continue
+        ijk = seed_voxel(click.ras_mm, affine, body.shape)
+        if ijk is not None and not body[tuple(ijk)]:
+            x, y, z = click.ras_mm
+            out.append(f"include click {n} at ({x:.1f}, {y:.1f}, {z:.1f}) mm is in air, outside the body "
+                       "(dark background): undo it (Ctrl+Z) unless it is meant")
+    return out
+
+
 class ClicksRefused(ValueError):
     """A reader's clicks cannot make a mask; the message is for the reader's screen."""
 
@@ -238,6 +322,14 @@ class _CaseSession:
         self.session = None
         self.case_img = None
         self.affine = None
+        self.data = None
+        self.body = None  # body_mask of the image, for the air warning
+
+    def body_mask(self):
+        """:func:`body_mask` of the case image (computed once; call under :attr:`lock`)."""
+        if self.body is None:
+            self.body = body_mask(self.data, self.affine)
+        return self.body
 
 
 class CaseSessions:
@@ -499,14 +591,23 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                         message = message.replace(str(folder / n), "the case").replace(n, "the case")
                     raise ClicksRefused(f"this case cannot be segmented by clicks: {message}") from None
                 entry.session, entry.case_img, entry.affine = session, case_img, image.affine
+                entry.data = image.data
             try:
                 return action(entry)
             except ValueError as exc:  # SegmentationError: a click the engine cannot use
                 raise ClicksRefused(str(exc)) from None
 
-    def segment_case(case, clicks):
-        """``(mask uint8, info, case nibabel image)`` for a list of clicks on a case."""
-        return with_session(case, lambda entry: (*entry.session.segment(clicks), entry.case_img))
+    def segment_case(case, clicks, warnings=None):
+        """``(mask uint8, info, case nibabel image)`` for a list of clicks on a case.
+
+        ``warnings``: a list that gets a reader-facing line for each include click in air.
+        """
+        def action(entry):
+            answer = (*entry.session.segment(clicks), entry.case_img)
+            if warnings is not None:
+                warnings.extend(air_click_warnings(clicks, entry.body_mask(), entry.affine))
+            return answer
+        return with_session(case, action)
 
     def read_state(case, current):
         """'unread', 'read' or 'stale' (read on a proposed mask since replaced)."""
@@ -546,12 +647,24 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             mask_url, source = proposed_url, f"proposed mask ({label})"
         if state == "stale" and mask_url is not None and mask_url == proposed_url:
             source = "proposed mask (changed since your read: read it again)"
+        # The volume the % change is measured from: the mask shown (none for a rejected or unseeded one).
+        if current is not None and current["verdict"] == "edited":
+            volume_ml = current["edited_volume_ml"]
+        elif current is not None and current["verdict"] == "no_residual_lesion":
+            volume_ml = 0.0
+        elif current is not None and current["verdict"] == "reject":
+            volume_ml = None
+        else:
+            volume_ml = prior.get("automatic_volume_ml") if proposed_url else None
         return {
             "case_code": prior_code,
             "timepoint": prior["timepoint"],
             "image_url": f"/files/{prior['image']}",
             "mask_url": mask_url,
             "mask_source": source,
+            "volume_ml": volume_ml,
+            # Its own window presets: a follow-up's intensities (or its empty mask) never set T1's display.
+            "windows": image_info(prior)["windows"],
         }
 
     def case_view(code):
@@ -742,7 +855,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 else:
                     accounts.authenticate(accounts_db, reader, password)
             except accounts.LoginRefused as exc:
-                return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
+                return jsonify(signing_refused(exc)), 403
             signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
@@ -764,7 +877,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             abort(403)
         case, _, _ = case_or_404(code)
         try:
-            with_session(case, lambda entry: entry.session.prepare())
+            with_session(case, lambda entry: (entry.session.prepare(), entry.body_mask()))
         except ClicksRefused as exc:
             return jsonify(error=str(exc)), 400
         return ("", 204)
@@ -791,7 +904,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 clicks = clicks_from_json(payload["clicks"])
             except (ValueError, TypeError) as exc:
                 raise ClicksRefused(str(exc)) from None
-            mask, info, case_img = segment_case(case, clicks)
+            warnings = []
+            mask, info, case_img = segment_case(case, clicks, warnings)
         except ClicksRefused as exc:
             return jsonify(error=str(exc)), 400
         response = app.response_class(nifti_bytes(mask_like(mask != 0, case_img)),
@@ -799,6 +913,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         response.headers["X-Volume-Ml"] = repr(float(info["volume_ml"]))
         response.headers["X-N-Clicks"] = str(int(info["n_clicks"]))
         response.headers["X-Start"] = info["start"]
+        if warnings:
+            # A flag, not a refusal: the reader sees it and undoes the click (or keeps it, if meant).
+            response.headers["X-Click-Warning"] = "; ".join(warnings)
         response.headers["X-Seconds"] = f"{time.perf_counter() - started:.3f}"  # wall, this request
         return response
 
