@@ -18,7 +18,12 @@ the click's answer, seconds from t = 0 (both cases: the seeded one, and the
 one whose proposed mask is the start). Requests run on their own threads, as
 waitress serves them.
 
-    PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5] [--page-open-only]
+``--browser`` times the same in Debian's Chromium against ``khe-vol qa serve``
+(the tests' harness, :func:`tests.test_qa_app.reader_browser`): seconds from
+opening the case page to the image shown, and to the first click's mask shown
+(the click 0.5 s after the page started its prepare).
+
+    PYTHONPATH=. python benchmarks/segment_endpoint.py [--first-trials 5] [--page-open-only] [--browser]
 """
 
 from __future__ import annotations
@@ -180,9 +185,49 @@ def box_timings(results, code, scene, tmp):
             "second_box_s": round(seconds[1], 3), "box_volumes_ml": volumes, "clicks_after_box": percentiles(steer)}
 
 
+def browser_timings(trials):
+    """Open each case in Chromium, click at :data:`CLICK_AT_S` after its prepare starts: seconds from opening."""
+    from tests.test_qa_app import reader_browser
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results, codes, scene = package_cases(tmp)
+        clicks = {"seeded": scene["seed_ras_mm"], "proposed_mask": scene["more_seeds_ras_mm"][0]}
+        with reader_browser(results, Path(tmp)) as served:
+            page = served.page
+            page.set_viewport_size({"width": 1366, "height": 768})
+            for name, code in codes.items():
+                runs = []
+                for _ in range(trials):
+                    page.goto(served.base + "/")
+                    started = time.perf_counter()
+                    page.goto(f"{served.base}/case/{code}")
+                    page.wait_for_selector("body[data-ready='1']", timeout=60000)
+                    shown = time.perf_counter() - started
+                    time.sleep(max(0.0, started + shown + CLICK_AT_S - time.perf_counter()))
+                    xy = page.evaluate("""(mm) => { const nv = window.khe.nv;
+                        nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(nv.mm2frac(mm, 0, true)));
+                        if (!document.getElementById('click-mode').checked) { document.getElementById('click-mode').click(); }
+                        nv.drawScene(); return Array.from(nv.frac2canvasPos(nv.scene.crosshairPos)); }""",
+                                       [float(v) for v in clicks[name]])
+                    page.click("#gl", position={"x": xy[0], "y": xy[1]})
+                    page.wait_for_function("() => window.khe.clicks.length === 1 && !window.khe.busy", timeout=60000)
+                    answered = time.perf_counter() - started
+                    page.evaluate("() => { window.khe.dropClicks(); }")  # leave without the unsaved-clicks question
+                    runs.append({"image_shown_s": round(shown, 3), "first_click_answered_s": round(answered, 3)})
+                out[name] = {"runs": runs, "first_click_from_opening": percentiles(
+                    [r["first_click_answered_s"] for r in runs])}
+    return {"series": "320x320x40, 0.55x0.55x4 mm", "click_at_s_after_prepare_starts": CLICK_AT_S,
+            "chromium": out}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-trials", type=int, default=5)
     parser.add_argument("--page-open-only", action="store_true", help="only the page-open first click")
+    parser.add_argument("--browser", action="store_true", help="the page-open first click in Chromium")
     args = parser.parse_args()
-    print(json.dumps(run(args.first_trials, args.page_open_only), indent=2))
+    if args.browser:
+        print(json.dumps(browser_timings(args.first_trials), indent=2))
+    else:
+        print(json.dumps(run(args.first_trials, args.page_open_only), indent=2))

@@ -18,7 +18,7 @@ from khe_vol.cli import main
 from khe_vol.nifti import load_image, load_series
 from khe_vol.qa import store
 from khe_vol.geometry import voxel_to_world
-from khe_vol.qa.app import MAX_CLICKS_BYTES, CaseSessions, body_mask, create_app
+from khe_vol.qa.app import MAX_CLICKS_BYTES, CaseSessions, air_level, create_app, display_windows, in_body
 from khe_vol.qa.key import read_key
 from khe_vol.segmentation.interactive import clicks_from_json, segment_clicks
 from tests.qa_cohort import write_phantom_cases
@@ -243,7 +243,7 @@ def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp
         assert page.is_visible("#seed-prompt") and "click inside the lesion" in page.inner_text("#seed-prompt")
         assert page.is_checked("#click-mode")  # a case to seed starts in click mode
         assert page.is_disabled("button.verdict[data-verdict='accept']")  # nothing to accept yet
-        assert "Shift" in page.inner_text("#click-keys")
+        assert "Shift" in page.inner_text("#click-hint")  # on the toolbar; the full help is in the key map
         page.click("button[data-slice='0']")  # axial
         volumes = []
         for n, (kind, mm) in enumerate(targets, start=1):
@@ -388,9 +388,11 @@ def test_an_include_click_in_air_is_answered_with_a_warning(phantom_package, cli
     results, codes, scene = phantom_package
     code = codes["sub-02"]  # a proposed mask: includes anywhere extend it
     image, _ = case_files(results, code)
-    body = body_mask(image.data, image.affine)
-    air = voxel_to_world(np.array([[1, 1, image.data.shape[2] // 2]]), image.affine)[0]
-    assert not body[1, 1, image.data.shape[2] // 2] and image.data[1, 1, image.data.shape[2] // 2] < 20
+    k = image.data.shape[2] // 2
+    level = air_level(display_windows(image.data))
+    air = voxel_to_world(np.array([[1, 1, k]]), image.affine)[0]
+    assert not in_body(image.data, image.affine, (1, 1, k), level) and image.data[1, 1, k] < 20
+    assert in_body(image.data, image.affine, (48, 48, k), level)  # the limb's middle
     inside = segment(client, code, clicks(("include", scene["more_seeds_ras_mm"][0])))
     assert inside.status_code == 200 and "X-Click-Warning" not in inside.headers
     both = segment(client, code, clicks(("include", scene["more_seeds_ras_mm"][0]), ("include", air)))

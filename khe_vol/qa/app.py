@@ -250,49 +250,67 @@ def signing_refused(exc):
     return {"error": error + " (nothing was saved)", "signing": True, "tries_left": tries}
 
 
-#: Air: below this fraction of the image's 99th intensity percentile (MRI air is noise, a few % of tissue).
+#: Air: at most this fraction of the top of the image's robust window (99.5th percentile of the non-zero voxels).
 AIR_FRACTION = 0.1
 
 
-def body_mask(data, affine):
-    """Voxels inside the body: above the air level, with what it encloses in each acquired slice.
+def air_level(windows):
+    """The intensity at or below which a voxel is air.
+
+    Parameters
+    ----------
+    windows : dict
+        :func:`display_windows` of the image (the page's presets, already computed for it).
+
+    Returns
+    -------
+    float
+        :data:`AIR_FRACTION` of the top of the *auto* window (the 99.5th percentile of the
+        non-zero voxels): MRI air is noise, a few % of tissue.
+    """
+    return AIR_FRACTION * float(windows["auto"][1])
+
+
+def in_body(data, affine, ijk, level):
+    """Whether a voxel lies in the body: above the air level, or enclosed by tissue in its acquired slice.
+
+    Only the voxel's own slice (across the coarsest axis of ``affine``) is looked at, so a click is
+    checked in milliseconds; dark tissue enclosed by tissue there (bone, tendon, fat-suppressed
+    fat) counts as body.
 
     Parameters
     ----------
     data : (I, J, K) ndarray
-        Image intensities.
     affine : (4, 4) ndarray
-        Voxel-to-world RAS+ affine, mm (the acquired slices are across its coarsest axis).
+        Voxel-to-world RAS+ affine, mm.
+    ijk : tuple of int
+        The voxel.
+    level : float
+        :func:`air_level` of the image.
 
     Returns
     -------
-    ndarray of bool
-        True in tissue; dark tissue enclosed by tissue in its slice (bone, tendon, fat-suppressed
-        fat) counts as body. Air: intensity at most :data:`AIR_FRACTION` of the 99th percentile.
+    bool
     """
-    values = np.asarray(data, float)
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return np.zeros(values.shape, bool)
-    tissue = np.nan_to_num(values, nan=0.0) > AIR_FRACTION * float(np.percentile(finite, 99))
     axis = int(np.argmax(voxel_sizes_mm(affine)))
-    body = np.empty_like(tissue)
-    for k in range(tissue.shape[axis]):
-        index = [slice(None)] * 3
-        index[axis] = k
-        body[tuple(index)] = ndimage.binary_fill_holes(tissue[tuple(index)])
-    return body
+    index = [slice(None)] * 3
+    index[axis] = int(ijk[axis])
+    tissue = np.nan_to_num(np.asarray(data[tuple(index)], float), nan=0.0) > level
+    in_plane = tuple(int(v) for a, v in enumerate(ijk) if a != axis)
+    return bool(tissue[in_plane] or ndimage.binary_fill_holes(tissue)[in_plane])
 
 
-def air_click_warnings(clicks, body, affine):
+def air_click_warnings(clicks, data, affine, level):
     """A reader-facing warning for each include click outside the body (in air), else none.
 
     Parameters
     ----------
     clicks : sequence of Click
-    body : ndarray of bool
-        :func:`body_mask` of the case image.
+    data : (I, J, K) ndarray
+        The case image.
     affine : (4, 4) ndarray
+    level : float
+        :func:`air_level` of the image.
 
     Returns
     -------
@@ -302,8 +320,8 @@ def air_click_warnings(clicks, body, affine):
     for n, click in enumerate(clicks, start=1):
         if click.kind != "include":
             continue
-        ijk = seed_voxel(click.ras_mm, affine, body.shape)
-        if ijk is not None and not body[tuple(ijk)]:
+        ijk = seed_voxel(click.ras_mm, affine, data.shape)
+        if ijk is not None and not in_body(data, affine, tuple(ijk), level):
             x, y, z = click.ras_mm
             out.append(f"include click {n} at ({x:.1f}, {y:.1f}, {z:.1f}) mm is in air, outside the body "
                        "(dark background): undo it (Ctrl+Z) unless it is meant")
@@ -322,14 +340,7 @@ class _CaseSession:
         self.session = None
         self.case_img = None
         self.affine = None
-        self.data = None
-        self.body = None  # body_mask of the image, for the air warning
-
-    def body_mask(self):
-        """:func:`body_mask` of the case image (computed once; call under :attr:`lock`)."""
-        if self.body is None:
-            self.body = body_mask(self.data, self.affine)
-        return self.body
+        self.data = None  # the image, for the air warning
 
 
 class CaseSessions:
@@ -602,10 +613,12 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
 
         ``warnings``: a list that gets a reader-facing line for each include click in air.
         """
+        windows = image_info(case)["windows"] if warnings is not None else None
+
         def action(entry):
             answer = (*entry.session.segment(clicks), entry.case_img)
-            if warnings is not None:
-                warnings.extend(air_click_warnings(clicks, entry.body_mask(), entry.affine))
+            if windows:
+                warnings.extend(air_click_warnings(clicks, entry.data, entry.affine, air_level(windows)))
             return answer
         return with_session(case, action)
 
@@ -877,7 +890,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             abort(403)
         case, _, _ = case_or_404(code)
         try:
-            with_session(case, lambda entry: (entry.session.prepare(), entry.body_mask()))
+            with_session(case, lambda entry: entry.session.prepare())
         except ClicksRefused as exc:
             return jsonify(error=str(exc)), 400
         return ("", 204)
