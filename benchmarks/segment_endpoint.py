@@ -185,8 +185,19 @@ def box_timings(results, code, scene, tmp):
             "second_box_s": round(seconds[1], 3), "box_volumes_ml": volumes, "clicks_after_box": percentiles(steer)}
 
 
+def wait_in_page(page, key, timeout_s=120.0):
+    """``window.__bench`` once it has ``key`` (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        bench = page.evaluate("() => window.__bench || {}")
+        if bench.get(key):
+            return bench
+        time.sleep(0.02)
+    raise SystemExit(f"the page never reported {key!r}")
+
+
 def browser_timings(trials):
-    """Open each case in Chromium, click at :data:`CLICK_AT_S` after its prepare starts: seconds from opening."""
+    """Open each case in Chromium, click :data:`CLICK_AT_S` after its image is shown: seconds from opening."""
     from tests.test_qa_app import reader_browser
 
     out = {}
@@ -196,25 +207,66 @@ def browser_timings(trials):
         with reader_browser(results, Path(tmp)) as served:
             page = served.page
             page.set_viewport_size({"width": 1366, "height": 768})
+            # On the browser's clock (ms from the navigation): when the page was ready, when the click
+            # reached it, when its mask was shown, and the main thread's long tasks (> 200 ms kept).
+            page.add_init_script("""(() => {
+                window.__bench = { longTasks: [] };
+                new PerformanceObserver((list) => list.getEntries().forEach((e) =>
+                    window.__bench.longTasks.push([Math.round(e.startTime), Math.round(e.duration)])))
+                    .observe({ type: 'longtask', buffered: true });
+                // The reader's click, CLICK_AT_S after the page is ready, at the point in the URL's
+                // #bench= (scanner mm), on the page's own clock: a pointer press and release on the canvas.
+                const target = /#bench=([-0-9.e,]+)/.exec(location.hash);
+                function click() {
+                    const nv = window.khe.nv;
+                    const mm = target[1].split(',').map(Number);
+                    nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(nv.mm2frac(mm, 0, true)));
+                    if (!document.getElementById('click-mode').checked) { document.getElementById('click-mode').click(); }
+                    nv.drawScene();
+                    const canvas = document.getElementById('gl');
+                    const r = canvas.getBoundingClientRect();
+                    const p = nv.frac2canvasPos(nv.scene.crosshairPos);
+                    const at = { clientX: r.left + p[0] / devicePixelRatio, clientY: r.top + p[1] / devicePixelRatio,
+                                 button: 0, bubbles: true, pointerType: 'mouse', isPrimary: true };
+                    window.__bench.click = performance.now();
+                    canvas.dispatchEvent(new PointerEvent('pointerdown', at));
+                    canvas.dispatchEvent(new PointerEvent('pointerup', at));
+                }
+                document.addEventListener('DOMContentLoaded', () => {
+                    new MutationObserver(() => {
+                        if (document.body.dataset.ready === '1' && !window.__bench.ready) {
+                            window.__bench.ready = performance.now();
+                            if (target) { setTimeout(click, %d); }
+                        }
+                    }).observe(document.body, { attributes: true });
+                    const volume = document.getElementById('click-volume');
+                    if (volume) {
+                        new MutationObserver(() => { if (/mL/.test(volume.textContent) && !window.__bench.shown) {
+                            window.__bench.shown = performance.now(); } }).observe(volume, { childList: true, characterData: true, subtree: true });
+                    }
+                });
+            })();""" % round(1000 * CLICK_AT_S))
+            server_s = {}  # the segment answer's own X-Seconds (in the handler, lock wait included)
+            page.on("response", lambda r: server_s.update(segment=r.headers.get("x-seconds"))
+                    if r.url.endswith("/segment") else None)
             for name, code in codes.items():
                 runs = []
                 for _ in range(trials):
                     page.goto(served.base + "/")
-                    started = time.perf_counter()
-                    page.goto(f"{served.base}/case/{code}")
-                    page.wait_for_selector("body[data-ready='1']", timeout=60000)
-                    shown = time.perf_counter() - started
-                    time.sleep(max(0.0, started + shown + CLICK_AT_S - time.perf_counter()))
-                    xy = page.evaluate("""(mm) => { const nv = window.khe.nv;
-                        nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(nv.mm2frac(mm, 0, true)));
-                        if (!document.getElementById('click-mode').checked) { document.getElementById('click-mode').click(); }
-                        nv.drawScene(); return Array.from(nv.frac2canvasPos(nv.scene.crosshairPos)); }""",
-                                       [float(v) for v in clicks[name]])
-                    page.click("#gl", position={"x": xy[0], "y": xy[1]})
-                    page.wait_for_function("() => window.khe.clicks.length === 1 && !window.khe.busy", timeout=60000)
-                    answered = time.perf_counter() - started
+                    target = ",".join(f"{float(v):.4f}" for v in clicks[name])
+                    page.goto(f"{served.base}/case/{code}#bench={target}", wait_until="commit")
+                    bench = wait_in_page(page, "shown")
+                    # The browser's own clock (ms from the navigation): when each request went and came back.
+                    marks = page.evaluate("""() => Object.fromEntries(performance.getEntriesByType('resource')
+                        .filter((e) => /[/](prepare|segment)$/.test(e.name))
+                        .map((e) => [e.name.split('/').pop(), [e.startTime, e.responseStart, e.responseEnd]]))""")
                     page.evaluate("() => { window.khe.dropClicks(); }")  # leave without the unsaved-clicks question
-                    runs.append({"image_shown_s": round(shown, 3), "first_click_answered_s": round(answered, 3)})
+                    runs.append({"image_shown_s": round(bench["ready"] / 1000, 3),
+                                 "click_s": round(bench["click"] / 1000, 3),
+                                 "first_click_answered_s": round(bench["shown"] / 1000, 3),
+                                 "requests_ms": {k: [round(v) for v in t] for k, t in marks.items()},
+                                 "segment_server_s": float(server_s["segment"]),
+                                 "long_tasks_ms": [t for t in bench["longTasks"] if t[1] > 200]})
                 out[name] = {"runs": runs, "first_click_from_opening": percentiles(
                     [r["first_click_answered_s"] for r in runs])}
     return {"series": "320x320x40, 0.55x0.55x4 mm", "click_at_s_after_prepare_starts": CLICK_AT_S,

@@ -62,6 +62,22 @@
   controls().forEach(function (el) { el.disabled = true; el.dataset.offWhileLoading = "1"; });
   document.body.classList.add("loading");
 
+  // Let the server do what does not depend on the first click (bias correction of the series, the
+  // proposed mask's region and markers) from the moment the page opens, while the image loads and the
+  // reader looks; the page says so, as a click meanwhile is answered only once it is done. Failures
+  // show at the click.
+  window.khe.preparing = true;
+  $("prepare-state").textContent = "Preparing click segmentation\u2026 (a click now is answered when it is ready)";
+  $("prepare-state").classList.add("running");
+  fetch("/api/case/" + code + "/prepare", {
+    method: "POST", credentials: "same-origin", headers: POST_HEADERS,
+  }).catch(function () {}).finally(function () {
+    window.khe.preparing = false;
+    $("prepare-state").textContent = "";
+    $("prepare-state").classList.remove("running");
+    document.body.dataset.prepared = "1";
+  });
+
   // Fetch a file ourselves, so a failure has an HTTP status to show; NiiVue gets the bytes.
   async function fetchBlobUrl(url, what) {
     let resp;
@@ -314,20 +330,28 @@
 
   // ---- the image takes the screen: the canvas fills the window below the toolbars
   const MIN_CANVAS_PX = 320;
+  // Only a real change of height (NiiVue's own observer then resizes its drawing buffer: each
+  // resize is a full redraw, seconds on a software-rendered first frame).
   function fitCanvas() {
     document.querySelectorAll(".canvas-box").forEach(function (box) {
-      box.style.height = "";
       const top = box.getBoundingClientRect().top + window.scrollY;
-      box.style.height = Math.max(MIN_CANVAS_PX, window.innerHeight - top - 8) + "px";
+      const height = Math.max(MIN_CANVAS_PX, Math.round(window.innerHeight - top - 8));
+      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; }
     });
-    nv.resizeListener();
-    if (window.kheCompare && window.kheCompare.prior) { window.kheCompare.prior.resizeListener(); }
   }
   window.khe.fitCanvas = fitCanvas;
   window.addEventListener("resize", fitCanvas);
   // A toolbar that grows (a status that wraps, the pen's tools) moves the canvas down: fit it again.
+  // Never under a stroke or a drag (the image would move under the pointer): after it.
+  let pointerDown = false;
+  let fitLater = false;
+  $("gl").addEventListener("pointerdown", function () { pointerDown = true; });
+  window.addEventListener("pointerup", function () {
+    pointerDown = false;
+    if (fitLater) { fitLater = false; fitCanvas(); }
+  });
   if (window.ResizeObserver) {
-    const toolbars = new ResizeObserver(function () { fitCanvas(); });
+    const toolbars = new ResizeObserver(function () { if (pointerDown) { fitLater = true; } else { fitCanvas(); } });
     document.querySelectorAll(".viewer .tools, #edit-tools, nav.steps").forEach(function (el) { toolbars.observe(el); });
   }
   fitCanvas();
@@ -339,7 +363,12 @@
     window.khe.rulerOn = on;
     $("ruler").setAttribute("aria-pressed", on ? "true" : "false");
     nv.opts.dragModePrimary = on ? nv.dragModes.measurement : nv.dragModes.crosshair;
-    if (on) { $("ruler-length").textContent = "drag on a slice to measure"; }
+    if (on) {
+      $("ruler-length").textContent = "drag on a slice to measure";
+    } else {
+      nv.clearMeasurements();  // the lines go with the tool; the last length stays written
+      nv.drawScene();
+    }
   }
   nv.onMeasurementCompleted = function (m) {
     window.khe.lastMeasurementMm = m.distance;
@@ -1018,20 +1047,6 @@
   setLoading(false);
   renderClicks(view.current && view.current.clicks ? view.current.edited_volume_ml : undefined);
 
-  // Let the server do what does not depend on the first click (bias correction of the
-  // series, the proposed mask's region and markers) while the reader looks; the page says so, as a
-  // click meanwhile is answered only once it is done. Failures show at the click.
-  window.khe.preparing = true;
-  $("prepare-state").textContent = "Preparing click segmentation\u2026 (a click now is answered when it is ready)";
-  $("prepare-state").classList.add("running");
-  fetch("/api/case/" + code + "/prepare", {
-    method: "POST", credentials: "same-origin", headers: POST_HEADERS,
-  }).catch(function () {}).finally(function () {
-    window.khe.preparing = false;
-    $("prepare-state").textContent = "";
-    $("prepare-state").classList.remove("running");
-    document.body.dataset.prepared = "1";
-  });
 
   $("load-state").hidden = true;
   window.khe.ready = true;

@@ -398,6 +398,7 @@
     }
     khe.editing = true;
     $("edit-tools").hidden = false;
+    khe.fitCanvas();  // the pen's toolbar moved the canvas down: fitted now, not under the first stroke
     $("show-mask").checked = true;
     khe.applyMaskDisplay();  // case.js: the reader's opacity and outline choice, now with the mask on
     setTool("brush", false);
