@@ -78,6 +78,35 @@
     document.body.dataset.prepared = "1";
   });
 
+  // ---- the image takes the screen: the canvas fills the window below the toolbars, sized before
+  // NiiVue's first draw (a resize is a full redraw: seconds on a software-rendered first frame)
+  const MIN_CANVAS_PX = 320;
+  // Only a real change of height (NiiVue's own observer then resizes its drawing buffer: each
+  // resize is a full redraw, seconds on a software-rendered first frame).
+  function fitCanvas() {
+    document.querySelectorAll(".canvas-box").forEach(function (box) {
+      const top = box.getBoundingClientRect().top + window.scrollY;
+      const height = Math.max(MIN_CANVAS_PX, Math.round(window.innerHeight - top - 8));
+      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; }
+    });
+  }
+  window.khe.fitCanvas = fitCanvas;
+  window.addEventListener("resize", fitCanvas);
+  // A toolbar that grows (a status that wraps, the pen's tools) moves the canvas down: fit it again.
+  // Never under a stroke or a drag (the image would move under the pointer): after it.
+  let pointerDown = false;
+  let fitLater = false;
+  $("gl").addEventListener("pointerdown", function () { pointerDown = true; });
+  window.addEventListener("pointerup", function () {
+    pointerDown = false;
+    if (fitLater) { fitLater = false; fitCanvas(); }
+  });
+  if (window.ResizeObserver) {
+    const toolbars = new ResizeObserver(function () { if (pointerDown) { fitLater = true; } else { fitCanvas(); } });
+    document.querySelectorAll(".viewer .tools, #edit-tools, nav.steps").forEach(function (el) { toolbars.observe(el); });
+  }
+  fitCanvas();
+
   // Fetch a file ourselves, so a failure has an HTTP status to show; NiiVue gets the bytes.
   async function fetchBlobUrl(url, what) {
     let resp;
@@ -327,34 +356,6 @@
     }
     requestAnimationFrame(watchPane);
   })();
-
-  // ---- the image takes the screen: the canvas fills the window below the toolbars
-  const MIN_CANVAS_PX = 320;
-  // Only a real change of height (NiiVue's own observer then resizes its drawing buffer: each
-  // resize is a full redraw, seconds on a software-rendered first frame).
-  function fitCanvas() {
-    document.querySelectorAll(".canvas-box").forEach(function (box) {
-      const top = box.getBoundingClientRect().top + window.scrollY;
-      const height = Math.max(MIN_CANVAS_PX, Math.round(window.innerHeight - top - 8));
-      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; }
-    });
-  }
-  window.khe.fitCanvas = fitCanvas;
-  window.addEventListener("resize", fitCanvas);
-  // A toolbar that grows (a status that wraps, the pen's tools) moves the canvas down: fit it again.
-  // Never under a stroke or a drag (the image would move under the pointer): after it.
-  let pointerDown = false;
-  let fitLater = false;
-  $("gl").addEventListener("pointerdown", function () { pointerDown = true; });
-  window.addEventListener("pointerup", function () {
-    pointerDown = false;
-    if (fitLater) { fitLater = false; fitCanvas(); }
-  });
-  if (window.ResizeObserver) {
-    const toolbars = new ResizeObserver(function () { if (pointerDown) { fitLater = true; } else { fitCanvas(); } });
-    document.querySelectorAll(".viewer .tools, #edit-tools, nav.steps").forEach(function (el) { toolbars.observe(el); });
-  }
-  fitCanvas();
 
   // ---- ruler: NiiVue's distance measurement (left drag while on); the length is also said here
   let rulerOn = false;
