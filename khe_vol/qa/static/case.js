@@ -84,11 +84,18 @@
   // Only a real change of height (NiiVue's own observer then resizes its drawing buffer: each
   // resize is a full redraw, seconds on a software-rendered first frame).
   function fitCanvas() {
+    let changed = false;
     document.querySelectorAll(".canvas-box").forEach(function (box) {
       const top = box.getBoundingClientRect().top + window.scrollY;
       const height = Math.max(MIN_CANVAS_PX, Math.round(window.innerHeight - top - 8));
-      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; }
+      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; changed = true; }
     });
+    // Once an image is shown, its viewers take the new size now (not a frame later): a point on the
+    // canvas must mean the same voxel to the code that reads it next (the pen, a click).
+    if (changed && nv.volumes.length) {
+      nv.resizeListener();
+      if (window.kheCompare && window.kheCompare.prior) { window.kheCompare.prior.resizeListener(); }
+    }
   }
   window.khe.fitCanvas = fitCanvas;
   window.addEventListener("resize", fitCanvas);
