@@ -230,10 +230,11 @@ def sign(page, password=READER_PASSWORD, reason="revised in the test"):
 
 def wait_status(page, prefix):
     """Wait for the verdict's status line, signing the verdict first if the page asks."""
+    # A dialog whose signature is on its way (Sign is off until the server answers) is not asking.
+    asking = "(!!document.querySelector(" + repr(SIGN_DIALOG) + ") && !document.getElementById('sign-confirm').disabled)"
     page.wait_for_function(
-        "(p) => document.getElementById('status').textContent.startsWith(p) || !!document.querySelector(" +
-        repr(SIGN_DIALOG) + ")", arg=prefix, timeout=30000)
-    if page.locator(SIGN_DIALOG).count():
+        "(p) => document.getElementById('status').textContent.startsWith(p) || " + asking, arg=prefix, timeout=30000)
+    if page.evaluate("() => " + asking):
         sign(page)
     page.wait_for_function("(p) => document.getElementById('status').textContent.startsWith(p)", arg=prefix,
                            timeout=30000)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +19,8 @@ import pytest
 from khe_vol.cli import main
 from khe_vol.nifti import load_image, load_series
 from khe_vol.qa import store
-from khe_vol.qa.app import MAX_CLICKS_BYTES, CaseSessions, create_app
+from khe_vol.geometry import voxel_to_world
+from khe_vol.qa.app import MAX_CLICKS_BYTES, CaseSessions, air_level, create_app, display_windows, in_body
 from khe_vol.qa.key import read_key
 from khe_vol.segmentation.interactive import clicks_from_json, segment_clicks
 from tests.qa_cohort import write_phantom_cases
@@ -242,7 +245,7 @@ def test_a_reader_seeds_and_steers_a_case_in_a_real_browser(phantom_package, tmp
         assert page.is_visible("#seed-prompt") and "click inside the lesion" in page.inner_text("#seed-prompt")
         assert page.is_checked("#click-mode")  # a case to seed starts in click mode
         assert page.is_disabled("button.verdict[data-verdict='accept']")  # nothing to accept yet
-        assert "Shift" in page.inner_text("#click-keys")
+        assert "Shift" in page.inner_text("#click-hint")  # on the toolbar; the full help is in the key map
         page.click("button[data-slice='0']")  # axial
         volumes = []
         for n, (kind, mm) in enumerate(targets, start=1):
@@ -379,3 +382,66 @@ def test_preparing_a_case_before_the_first_click_changes_nothing_but_the_wait(ph
                                      start_mask=start)
         assert np.array_equal(answered_mask(segment(client, code, step), results, code), expected)
     assert client.post("/api/case/nope/prepare", headers=HEADERS).status_code == 404
+
+
+def test_an_include_click_in_air_is_answered_with_a_warning(phantom_package, client):
+    """Issue 24 (9): an include click outside the body (the dark background around the limb) is flagged in
+    the answer, the mask still drawn; clicks in the lesion and excludes in air are not flagged."""
+    results, codes, scene = phantom_package
+    code = codes["sub-02"]  # a proposed mask: includes anywhere extend it
+    image, _ = case_files(results, code)
+    k = image.data.shape[2] // 2
+    level = air_level(display_windows(image.data))
+    air = voxel_to_world(np.array([[1, 1, k]]), image.affine)[0]
+    assert not in_body(image.data, image.affine, (1, 1, k), level) and image.data[1, 1, k] < 20
+    assert in_body(image.data, image.affine, (48, 48, k), level)  # the limb's middle
+    inside = segment(client, code, clicks(("include", scene["more_seeds_ras_mm"][0])))
+    assert inside.status_code == 200 and "X-Click-Warning" not in inside.headers
+    both = segment(client, code, clicks(("include", scene["more_seeds_ras_mm"][0]), ("include", air)))
+    answered_mask(both, results, code)
+    warning = both.headers["X-Click-Warning"]
+    assert warning.startswith("include click 2 at (") and "in air, outside the body" in warning
+    excluded = segment(client, code, clicks(("include", scene["more_seeds_ras_mm"][0]), ("exclude", air)))
+    assert excluded.status_code == 200 and "X-Click-Warning" not in excluded.headers
+
+
+def test_the_page_says_it_is_preparing_marks_the_clicks_and_warns_of_a_click_in_air(phantom_package, tmp_path):
+    """Issue 24 (6, 9): while the page's prepare runs, an accessible status says so (a click then waits for
+    it); each click is marked on its slice; an include click in the air around the limb is flagged on screen."""
+    from tests.test_qa_app import reader_browser
+
+    results, codes, scene = phantom_package
+    # The package without the module's reads (another test saved clicks on this case).
+    results = Path(shutil.copytree(results, tmp_path / "results", ignore=shutil.ignore_patterns("reads")))
+    code = codes["sub-01"]
+    image, _ = case_files(results, code)
+    k = int(np.round(np.linalg.solve(image.affine, np.r_[scene["seed_ras_mm"], 1.0])[2]))  # the seed's slice
+    with reader_browser(results, tmp_path) as served:
+        page = served.page
+        held = []
+        page.route("**/api/case/*/prepare", lambda route: held.append(route))  # the prepare is under way
+        page.goto(f"{served.base}/case/{code}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        page.wait_for_function("() => document.getElementById('prepare-state').textContent.includes('Preparing')")
+        assert page.get_attribute("#prepare-state", "role") == "status" and page.is_visible("#prepare-state")
+        assert held
+        held[0].continue_()
+        page.wait_for_selector("body[data-prepared='1']", timeout=30000)
+        assert page.inner_text("#prepare-state") == ""
+        click_at(page, scene["seed_ras_mm"])
+        page.wait_for_function("() => window.khe.clicks.length === 1 && !window.khe.busy", timeout=30000)
+        page.wait_for_function("() => document.querySelectorAll('#click-markers .click-marker.include').length === 1")
+        assert page.is_hidden("#air-warning")
+        air = voxel_to_world(np.array([[1, 1, k]]), image.affine)[0]
+        click_at(page, air)
+        page.wait_for_function("() => window.khe.clicks.length === 2 && !window.khe.busy", timeout=30000)
+        assert page.is_visible("#air-warning") and "include click 2" in page.inner_text("#air-warning")
+        assert "in air, outside the body" in page.inner_text("#air-warning")
+        # Only the slice shown carries its clicks' marks: both lie on this axial slice.
+        page.wait_for_function("() => document.querySelectorAll('#click-markers .click-marker.include').length === 2")
+        page.keyboard.press("Control+z")
+        page.wait_for_function("() => window.khe.clicks.length === 1 && !window.khe.busy", timeout=30000)
+        assert page.is_hidden("#air-warning")
+        page.keyboard.press("ArrowUp")  # another slice: the seed's mark is not on it
+        page.wait_for_function("() => document.querySelectorAll('#click-markers .click-marker').length === 0")
+    assert not served.errors, served.errors

@@ -197,8 +197,8 @@ def test_brush_size_eraser_and_3d_sphere_paint_in_physical_space_on_an_oblique_a
         disc = expected_shape(affine, spots[1], 3.5, plane_axis=2)
         assert drawn_voxels(page) == start + 1 + int(disc.sum())
 
-        # The 3D brush (key D): a sphere of radius 4.5 mm (size 9) on the 1x1x4 mm grid: three slices.
-        page.keyboard.press("d")
+        # The 3D brush (key S): a sphere of radius 4.5 mm (size 9) on the 1x1x4 mm grid: three slices.
+        page.keyboard.press("s")
         page.keyboard.press("]")  # size 7 -> 9
         assert page.is_checked("#brush-3d") and "9 voxels = 9.0 mm" in page.inner_text("#brush-size-text")
         click_at(page, voxel_centre_mm(affine, spots[2]))
@@ -210,9 +210,9 @@ def test_brush_size_eraser_and_3d_sphere_paint_in_physical_space_on_an_oblique_a
         assert np.array_equal(mask & ~proposed, (expected_shape(affine, spots[0], 0.5) | disc | sphere))
         assert np.all(mask[proposed])
 
-        # The eraser (key X) with a 2D disc of size 3 takes out a disc of the sphere's middle slice.
-        page.keyboard.press("d")  # back to 2D
-        page.keyboard.press("x")
+        # The eraser (key G) with a 2D disc of size 3 takes out a disc of the sphere's middle slice.
+        page.keyboard.press("s")  # back to 2D
+        page.keyboard.press("g")
         assert page.inner_text("#pen-state") == "2D brush: erase"
         set_size(page, 3)
         click_at(page, voxel_centre_mm(affine, spots[2]))
@@ -280,11 +280,12 @@ def test_live_volume_is_the_volume_the_server_computes_and_the_saved_mask_is_on_
     affine = PERMUTED_ANISO
     with reader_browser(results, tmp_path) as served:
         page = served.page
-        # A laptop screen: the canvas runs below the window's edge, and a stroke must not scroll it.
-        page.set_viewport_size({"width": 1300, "height": 700})
+        # A short window: the canvas (its smallest height) runs below the window's edge, and a stroke must
+        # neither scroll it nor resize it.
+        page.set_viewport_size({"width": 1300, "height": 560})
         open_case(page, served.base, code)
         box = page.locator("#gl").bounding_box()
-        assert box["y"] + box["height"] > 700
+        assert box["y"] + box["height"] > 560
         assert not page.evaluate("() => window.khe.hasUnsavedEdits()")
         live_start = page.evaluate("() => window.khe.editedVolumeMl")
         voxel_mm3 = voxel_volume_mm3(nib.load(results / "qa" / "R1" / f"{code}_t2.nii.gz").affine)
@@ -347,13 +348,13 @@ def test_filled_outline_paints_and_erases_one_undo_step_each_and_keys_save(packa
     with reader_browser(results, tmp_path) as served:
         page = served.page
         open_case(page, served.base, code)
-        page.keyboard.press("o")
+        page.keyboard.press("f")
         assert page.inner_text("#pen-state") == "filled outline: paint"
         show_slice_of(page, outer[0])
         draw_loop(page, outer)
         page.wait_for_function("() => window.khe.editedVoxels > 0")
         painted = drawn_voxels(page)
-        page.keyboard.press("x")  # the outline now erases
+        page.keyboard.press("g")  # the outline now erases
         assert page.inner_text("#pen-state") == "filled outline: erase"
         draw_loop(page, inner)
         page.wait_for_function("(n) => window.khe.editedVoxels < n", arg=painted)

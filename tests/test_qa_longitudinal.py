@@ -217,8 +217,14 @@ def test_longitudinal_reading_in_a_real_browser(tmp_path):
         assert np.allclose(mm_of(page, "main"), mm_of(page, "prior"), atol=1e-3)
 
         # Zoom (buttons) and window/level (a right-button drag, as a reader does) follow.
+        zoom = page.evaluate("() => window.khe.nv.scene.pan2Dxyzmm[3]")
         page.click("#zoom-in")
-        page.wait_for_function("() => Math.abs(window.kheCompare.prior.scene.pan2Dxyzmm[3] - 1.25) < 1e-6")
+        page.wait_for_function("(z) => Math.abs(window.kheCompare.prior.scene.pan2Dxyzmm[3] - 1.25 * z) < 1e-6",
+                               arg=zoom)
+        # Both panes show the same point in their middle (scanner mm, through each series' own transform).
+        centres = page.evaluate("""() => [window.kheCompare.viewCentreWorld(window.khe.nv),
+                                          window.kheCompare.viewCentreWorld(window.kheCompare.prior)]""")
+        assert np.allclose(centres[0], centres[1], atol=1e-3), centres
         levels_before = page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]")
         box = page.locator("#gl").bounding_box()
         page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"])
@@ -230,9 +236,11 @@ def test_longitudinal_reading_in_a_real_browser(tmp_path):
             arg=levels_before)
         page.wait_for_timeout(300)
         levels = page.evaluate("""() => [window.khe.nv.volumes[0], window.kheCompare.prior.volumes[0]].map(
-            (v) => [v.cal_min, v.cal_max, v.robust_min, v.robust_max])""")
-        (lo, hi, rlo, rhi), (plo, phi, prlo, prhi) = levels
-        # The same place between each series' 2nd and 98th percentiles.
+            (v) => [v.cal_min, v.cal_max])""")
+        (lo, hi), (plo, phi) = levels
+        (rlo, rhi), (prlo, prhi) = (_api_case(results, follow_code, db)["image_info"]["windows"]["auto"],
+                                    _api_case(results, follow_code, db)["longitudinal"]["prior"]["windows"]["auto"])
+        # The same place between each series' own robust window (the server's "auto" preset).
         assert (plo - prlo) / (prhi - prlo) == pytest.approx((lo - rlo) / (rhi - rlo), abs=1e-4)
         assert (phi - prlo) / (prhi - prlo) == pytest.approx((hi - rlo) / (rhi - rlo), abs=1e-4)
 
@@ -334,3 +342,68 @@ def test_workflow_builds_longitudinal_packages_and_the_reader_times_table(tmp_pa
     assert (results / "blinding" / "audit.txt").read_text().startswith("clean")
     proc = run_snakemake(tmp_path / "work", config_path, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def acquisition_slice_type(affine):
+    """NiiVue's slice type across a grid's thickest voxel axis (0 axial, 1 coronal, 2 sagittal)."""
+    axes = np.asarray(affine, float)[:3, :3]
+    thick = int(np.argmax(np.linalg.norm(axes, axis=0)))
+    return {2: 0, 1: 1, 0: 2}[int(np.argmax(np.abs(axes[:, thick])))]
+
+
+def on_screen(page, viewer, mm):
+    """Where a scanner RAS+ mm point is on a pane's canvas, as fractions of its width and height."""
+    return page.evaluate(
+        """([w, mm]) => { const v = w === 'prior' ? window.kheCompare.prior : window.khe.nv;
+                          const p = v.frac2canvasPosWithTile(v.mm2frac(mm, 0, true), v.opts.sliceType).pos;
+                          return [p[0] / v.canvas.width, p[1] / v.canvas.height]; }""", [viewer, list(mm)])
+
+
+@pytest.mark.slow  # a real browser
+def test_both_panes_open_on_the_lesion_with_their_own_window_and_the_change_from_t1(tmp_path):
+    """Issue 24 (7, 8): a follow-up whose proposal is empty (0 mL) opens on T1's lesion, T1's pane on its own
+    lesion with its own window (not mapped from the follow-up's), in each series' acquisition plane; T1's
+    volume and the % change of the volume on screen are beside the panes."""
+    results, _, key = build(tmp_path, "longitudinal")
+    base = key[("R1", "sub-01", "ses-baseline")]
+    follow = key[("R1", "sub-01", "ses-m06")]
+    folder = results / "qa" / "R1"
+    wl = worklist(results)
+    case = {c["case_code"]: c for c in wl["cases"]}
+    # A 0 mL follow-up: its proposed mask is empty.
+    mask_path = folder / case[follow["case_code"]]["proposed_mask"]
+    img = nib.load(mask_path)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), mask_path)
+    base_mask = nib.load(folder / case[base["case_code"]]["proposed_mask"])
+    ijk = np.argwhere(np.asarray(base_mask.dataobj) != 0)
+    lesion_mm = nib.affines.apply_affine(base_mask.affine, (ijk.min(axis=0) + ijk.max(axis=0)) / 2)
+    t1_ml = case[base["case_code"]]["automatic_volume_ml"]
+    db = results / "reads" / "R1.sqlite"
+    with reader_browser(results, tmp_path) as served:
+        page = served.page
+        page.set_viewport_size({"width": 1366, "height": 768})
+        open_case(page, served.base, follow["case_code"])
+        page.wait_for_selector("body[data-compare-ready='1']", timeout=30000)
+        page.wait_for_timeout(300)
+        # Each pane in its series' acquisition plane; T1's lesion in the middle of both.
+        affine_t1 = nib.load(folder / case[base["case_code"]]["image"]).affine
+        affine_t2 = nib.load(folder / case[follow["case_code"]]["image"]).affine
+        assert page.evaluate("() => window.kheCompare.prior.opts.sliceType") == acquisition_slice_type(affine_t1)
+        assert page.evaluate("() => window.khe.nv.opts.sliceType") == acquisition_slice_type(affine_t2)
+        for viewer in ("prior", "main"):
+            x, y = on_screen(page, viewer, lesion_mm)
+            assert abs(x - 0.5) < 0.1 and abs(y - 0.5) < 0.1, (viewer, x, y)
+        # T1's own window: the server's robust preset of T1, not the follow-up's mapped onto it.
+        windows = _api_case(results, follow["case_code"], db)["longitudinal"]["prior"]["windows"]
+        prior_cal = page.evaluate("() => [window.kheCompare.prior.volumes[0].cal_min, "
+                                  "window.kheCompare.prior.volumes[0].cal_max]")
+        assert prior_cal == pytest.approx(windows["auto"], rel=1e-6)
+        # T1's volume, and the change of the volume on screen (0 mL now: -100 %).
+        assert f"volume {t1_ml:.2f} mL" in page.inner_text("#prior-caption")
+        page.wait_for_function("() => window.kheCompare.changePercent !== null")
+        assert page.evaluate("() => window.kheCompare.changePercent") == pytest.approx(-100.0)
+        assert "0.00 mL" in page.inner_text("#volume-change") and "100.0 % from T1" in page.inner_text("#volume-change")
+        # Each pane says where its slice is, in scanner mm.
+        assert re.search(r"= -?\d+\.\d mm", page.inner_text("#prior-slice-mm"))
+        assert re.search(r"= -?\d+\.\d mm", page.inner_text("#slice-mm"))
+    assert not served.errors, served.errors

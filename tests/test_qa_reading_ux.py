@@ -305,10 +305,11 @@ def test_display_loading_and_caching(package, tmp_path):
         page.press("#win-level", "Enter")
         assert page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]") == [250, 350]
         assert page.input_value("#window-preset") == "custom"
+        opened = js(page, "return Array.from(window.khe.nv.scene.pan2Dxyzmm);")
         page.click("#zoom-in")
-        assert js(page, "return window.khe.nv.scene.pan2Dxyzmm[3];") > 1
-        page.click("#zoom-reset")
-        assert js(page, "return window.khe.nv.scene.pan2Dxyzmm[3];") == 1
+        assert js(page, "return window.khe.nv.scene.pan2Dxyzmm[3];") > opened[3]
+        page.click("#zoom-reset")  # back to the view the case opened with (on the lesion)
+        assert js(page, "return Array.from(window.khe.nv.scene.pan2Dxyzmm);") == pytest.approx(opened)
         assert page.evaluate("() => [window.khe.nv.volumes[0].cal_min, window.khe.nv.volumes[0].cal_max]") == \
             pytest.approx(auto, rel=1e-4)
         # Opacity slider.
@@ -452,4 +453,102 @@ def test_oblique_series_open_in_their_native_plane(package, tmp_path):
         # Off: resliced along the scanner axes (NiiVue's world space).
         page.click("#native-plane")
         assert js(page, "return window.khe.nv.opts.isSliceMM;") is True
+    assert not served.errors, served.errors
+
+
+def acquisition_slice_type(affine):
+    """NiiVue's slice type across a grid's thickest voxel axis (0 axial, 1 coronal, 2 sagittal)."""
+    axes = np.asarray(affine, float)[:3, :3]
+    thick = int(np.argmax(np.linalg.norm(axes, axis=0)))
+    return {2: 0, 1: 1, 0: 2}[int(np.argmax(np.abs(axes[:, thick])))]
+
+
+def canvas_fraction(page, mm):
+    """Where a scanner RAS+ mm point is on the case's canvas (fractions of its width and height)."""
+    return page.evaluate(
+        """(mm) => { const v = window.khe.nv;
+                     const p = v.frac2canvasPosWithTile(v.mm2frac(mm, 0, true), v.opts.sliceType).pos;
+                     return [p[0] / v.canvas.width, p[1] / v.canvas.height]; }""", [float(v) for v in mm])
+
+
+@pytest.mark.slow
+def test_a_case_opens_on_its_lesion_in_its_acquisition_plane_and_the_image_takes_the_screen(package, tmp_path):
+    """Issue 24 (7, 9): at 1366x768 the canvas is on screen and has most of the height; the case opens
+    in the plane it was acquired in, centred on the proposed mask; each pane says where its slice is in mm
+    and labels a reformat across thick slices; the key map lists each key once, and X, O, D mean the same
+    while editing as while reading; the ruler measures in mm."""
+    from tests.test_qa_app import reader_browser
+
+    results, codes = package
+    code = codes[("sub-01", "ses-m06")]  # a permuted, flipped grid: its slices are not along the array's last axis
+    folder = results / "qa" / "R1"
+    image = nib.load(folder / f"{code}_t2.nii.gz")
+    mask = nib.load(folder / f"{code}_mask.nii.gz")
+    ijk = np.argwhere(np.asarray(mask.dataobj) != 0)
+    centre_mm = nib.affines.apply_affine(mask.affine, (ijk.min(axis=0) + ijk.max(axis=0)) / 2)
+    thick_mm = float(np.linalg.norm(image.affine[:3, :3], axis=0).max())
+    with reader_browser(results, tmp_path) as served:
+        page = served.page
+        page.set_viewport_size({"width": 1366, "height": 768})
+        open_case(page, served.base, code)
+        box = page.locator("#gl").bounding_box()
+        assert 0 <= box["y"] and box["y"] + box["height"] <= 768 and box["height"] >= 0.6 * 768, box
+        acquired = acquisition_slice_type(image.affine)
+        assert js(page, "return window.khe.nv.opts.sliceType;") == acquired
+        x, y = canvas_fraction(page, centre_mm)
+        assert abs(x - 0.5) < 0.1 and abs(y - 0.5) < 0.1, (x, y)
+        # The slice's position in mm; the acquired plane is no reformat, another plane across the slices is.
+        plane = ["axial", "coronal", "sagittal"][acquired]
+        axis = {"axial": 2, "coronal": 1, "sagittal": 0}[plane]
+        crosshair = page.evaluate("() => Array.from(window.khe.nv.frac2mm(window.khe.nv.scene.crosshairPos, 0, true))")
+        assert page.inner_text("#slice-mm").startswith(plane) and f"= {crosshair[axis]:.1f} mm" in page.inner_text(
+            "#slice-mm")
+        assert not page.is_visible("#reformat")
+        other = (acquired + 1) % 3
+        page.keyboard.press(str(other + 1))
+        page.wait_for_function("() => !document.getElementById('reformat').hidden")
+        assert f"reformat across {thick_mm:.1f} mm slices" in page.inner_text("#reformat")
+        page.keyboard.press(str(acquired + 1))
+        page.wait_for_function("() => document.getElementById('reformat').hidden")
+        # The key map: each key listed once.
+        keys = page.locator("#key-map table.keys kbd").evaluate_all("els => els.map((e) => e.textContent)")
+        singles = [k.lower() for k in keys if len(k) == 1]
+        assert len(singles) == len(set(singles)) and {"x", "o", "d", "g", "f", "s", "t"} <= set(singles), keys
+        # While editing, X, O and D keep their meaning: crosshair, outline display, Edited (the pen's own: G, F, S).
+        page.keyboard.press("d")
+        page.wait_for_function("() => window.khe.editing === true")
+        assert page.inner_text("#pen-state") == "2D brush: paint"
+        page.keyboard.press("x")
+        assert not page.is_checked("#show-crosshair") and page.inner_text("#pen-state") == "2D brush: paint"
+        page.keyboard.press("o")
+        assert page.is_checked("#outline") and page.inner_text("#pen-state") == "2D brush: paint"
+        page.keyboard.press("d")
+        assert not page.is_checked("#brush-3d") and page.inner_text("#pen-state") == "2D brush: paint"
+        page.keyboard.press("g")
+        assert page.inner_text("#pen-state") == "2D brush: erase"
+        page.keyboard.press("s")
+        assert page.is_checked("#brush-3d")
+        page.keyboard.press("Escape")
+        page.keyboard.press("x")
+        assert page.is_checked("#show-crosshair")
+        # The ruler (key T): a left drag measures; the length in mm is the distance between its ends.
+        page.keyboard.press("t")
+        assert page.get_attribute("#ruler", "aria-pressed") == "true"
+        box = page.locator("#gl").bounding_box()
+        start = (box["x"] + 0.35 * box["width"], box["y"] + 0.5 * box["height"])
+        end = (box["x"] + 0.6 * box["width"], box["y"] + 0.5 * box["height"])
+        ends_mm = [page.evaluate(
+            """([x, y]) => { const r = document.getElementById('gl').getBoundingClientRect();
+                             const nv = window.khe.nv;
+                             return Array.from(nv.frac2mm(nv.canvasPos2frac([x - r.left, y - r.top]))).slice(0, 3); }""",
+            list(p)) for p in (start, end)]
+        page.mouse.move(*start)
+        page.mouse.down()
+        page.mouse.move(*end, steps=8)
+        page.mouse.up()
+        page.wait_for_function("() => window.khe.lastMeasurementMm !== undefined")
+        length = js(page, "return window.khe.lastMeasurementMm;")
+        # Within a voxel (1 mm in-plane here): NiiVue measures from where the drag is first seen.
+        assert length == pytest.approx(float(np.linalg.norm(np.subtract(ends_mm[1], ends_mm[0]))), abs=1.0)
+        assert page.inner_text("#ruler-length") == f"ruler: {length:.1f} mm"
     assert not served.errors, served.errors

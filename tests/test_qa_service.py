@@ -364,9 +364,8 @@ def test_login_signed_read_revision_refused_comment_and_logout_in_a_real_browser
         sign(page, "not R1's password")
         page.wait_for_function("() => document.getElementById('error').textContent.includes('not signed')")
         assert store.read_history(db, code) == []
-        # Cancelling the dialog saves nothing either.
-        page.click("button.verdict[data-verdict='accept']")
-        page.wait_for_selector("#sign-dialog[open]")
+        # The dialog stays open, saying how many tries are left; cancelling it saves nothing either.
+        assert page.is_visible("#sign-dialog[open]") and "more wrong passwords lock" in page.inner_text("#sign-error")
         assert not page.is_visible("#sign-reason")  # a first read needs no reason
         page.click("#sign-cancel")
         page.wait_for_function("() => document.getElementById('error').textContent === 'Not saved: not signed.'")

@@ -18,7 +18,7 @@ from khe_vol.cli import main
 from khe_vol.qa import accounts, default_db_path, store
 from khe_vol.qa.app import SIGNATURE_MEANING
 from khe_vol.qa.service import Sessions, load_secret_key, service_key_path
-from tests.test_qa_app import free_port, kill_hard, start_server
+from tests.test_qa_app import READER_PASSWORD, free_port, kill_hard, package, start_server  # noqa: F401 - fixture
 from tests.test_qa_service import PASSWORDS, two_readers  # noqa: F401 - the fixture
 
 NEW_PASSWORD = "R1's password after the reset"
@@ -177,3 +177,58 @@ def test_after_logout_and_login_and_a_server_restart_a_signature_still_works(two
     con = sqlite3.connect(old)
     assert "signing_verifier" in [r[1] for r in con.execute("PRAGMA table_info(sessions)")]
     con.close()
+
+
+def test_a_refused_signature_says_how_many_tries_are_left_before_the_lockout(served):
+    """Issue 24 (10): the refusal of a wrong password carries the tries left (the account is the session's)."""
+    results, codes, base = served
+    first = sorted(codes["R1"].values())[0]
+    reader = Reader(base)
+    assert reader.login().status_code == 303
+    for n in range(1, accounts.MAX_FAILED_LOGINS):
+        answer = reader.sign(first, "not the password")
+        left = accounts.MAX_FAILED_LOGINS - n
+        assert answer.status_code == 403 and answer.json()["signing"] is True
+        assert answer.json()["tries_left"] == left and failed_logins(results) == n
+        assert f"{left} more wrong password{'s' if left > 1 else ''} lock" in answer.json()["error"]
+    last = reader.sign(first, "not the password")
+    assert last.status_code == 403 and last.json()["tries_left"] == 0 and "now locked" in last.json()["error"]
+    assert "locked" in reader.sign(first, PASSWORDS["R1"]).json()["error"]
+    assert store.read_history(default_db_path(results, "R1"), first) == []
+
+
+@pytest.mark.slow  # a real browser
+def test_a_wrong_password_keeps_the_dialog_and_its_text_and_sign_and_next_is_one_step(package, tmp_path):  # noqa: F811
+    """Issue 24 (10): after a wrong password the signature dialog stays open with the reason typed and the
+    tries left; "Sign and next case" signs and opens the next unread case in one step."""
+    from tests.test_qa_app import SIGN_DIALOG, reader_browser, sign, wait_status
+
+    results, codes = package
+    with reader_browser(results, tmp_path) as served:  # auto-advance off: only "Sign and next" moves on
+        page, base = served.page, served.base
+        page.goto(base + "/")
+        order = page.locator("table.worklist a").all_inner_texts()
+        page.goto(f"{base}/case/{order[0]}")
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        page.click("button.verdict[data-verdict='accept']")
+        wait_status(page, "Current: Accept (revision 1)")
+        # A revision: the reason is typed, then a wrong password.
+        page.click("button.verdict[data-verdict='reject']")
+        page.wait_for_selector(SIGN_DIALOG)
+        page.fill("#sign-reason", "on second look: motion")
+        page.fill("#sign-password", "not the password")
+        page.click("#sign-confirm")
+        page.wait_for_function("() => document.getElementById('sign-error').textContent.includes('wrong password')")
+        assert page.is_visible(SIGN_DIALOG)
+        assert page.input_value("#sign-reason") == "on second look: motion"
+        assert f"{accounts.MAX_FAILED_LOGINS - 1} more wrong passwords lock" in page.inner_text("#sign-error")
+        assert page.url.endswith(order[0])
+        # The right password, "Sign and next case": saved, and the next unread case opens.
+        page.fill("#sign-password", READER_PASSWORD)
+        page.click("#sign-next")
+        page.wait_for_url(f"{base}/case/{order[1]}", timeout=30000)
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+    db = default_db_path(results, "R1")
+    assert [r["verdict"] for r in store.read_history(db, order[0])] == ["accept", "reject"]
+    assert [r["reason"] for r in store.trail(db, order[0])] == [None, "on second look: motion"]
+    assert not served.errors, served.errors

@@ -70,7 +70,16 @@ class AccountError(ValueError):
 
 
 class LoginRefused(AccountError):
-    """A login, enrolment or signature that did not pass; the message is safe to show."""
+    """A login, enrolment or signature that did not pass; the message is safe to show.
+
+    ``tries_left``: for a wrong password of a known account, the wrong passwords still allowed
+    before the lockout (0: now locked); None otherwise. Only a signature, whose account the
+    session already names, shows it: a login page does not (it would tell which accounts exist).
+    """
+
+    def __init__(self, message, tries_left=None):
+        super().__init__(message)
+        self.tries_left = tries_left
 
 
 @dataclass(frozen=True)
@@ -302,7 +311,7 @@ def authenticate(path, account, password, now=None, verifier=None):
                 con.execute("UPDATE accounts SET failed_logins = ?, locked_until = ? WHERE account = ?",
                             (0 if locked else failed, locked, row_now["account"]))
                 con.execute("COMMIT")
-                raise LoginRefused(_REFUSED)
+                raise LoginRefused(_REFUSED, tries_left=0 if locked else MAX_FAILED_LOGINS - failed)
             if row_now["failed_logins"]:
                 con.execute("UPDATE accounts SET failed_logins = 0 WHERE account = ?", (row_now["account"],))
             con.execute("COMMIT")

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
-from khe_vol.geometry import voxel_volume_mm3
+from khe_vol.geometry import seed_voxel, voxel_sizes_mm, voxel_volume_mm3
 from khe_vol.nifti import SeriesError, load_image, load_series, nifti_bytes, open_image
 from khe_vol.qa import (
     COMMENT_MAX_CHARS,
@@ -261,6 +262,107 @@ def display_windows(data, mask=None):
     return {"auto": auto, "lesion": lesion, "full": full}
 
 
+def signing_refused(exc):
+    """The answer to a refused signature: the reason, and the wrong passwords left before the lockout.
+
+    Parameters
+    ----------
+    exc : khe_vol.qa.accounts.LoginRefused
+
+    Returns
+    -------
+    dict
+        ``error`` (for the reader's screen), ``signing`` (True: the signature, not the read, was
+        refused; the page keeps its dialog open) and ``tries_left`` (int, or None when not a wrong password).
+    """
+    tries = exc.tries_left
+    error = f"not signed: {exc}"
+    if tries == 0:
+        error += f"; the account is now locked for {accounts.LOCKOUT_SECONDS // 60} minutes"
+    elif tries is not None:
+        error += (f"; {tries} more wrong password{'s' if tries > 1 else ''} lock{'s' if tries == 1 else ''} "
+                  f"the account for {accounts.LOCKOUT_SECONDS // 60} minutes")
+    return {"error": error + " (nothing was saved)", "signing": True, "tries_left": tries}
+
+
+#: Air: at most this fraction of the top of the image's robust window (99.5th percentile of the non-zero voxels).
+AIR_FRACTION = 0.1
+
+
+def air_level(windows):
+    """The intensity at or below which a voxel is air.
+
+    Parameters
+    ----------
+    windows : dict
+        :func:`display_windows` of the image (the page's presets, already computed for it).
+
+    Returns
+    -------
+    float
+        :data:`AIR_FRACTION` of the top of the *auto* window (the 99.5th percentile of the
+        non-zero voxels): MRI air is noise, a few % of tissue.
+    """
+    return AIR_FRACTION * float(windows["auto"][1])
+
+
+def in_body(data, affine, ijk, level):
+    """Whether a voxel lies in the body: above the air level, or enclosed by tissue in its acquired slice.
+
+    Only the voxel's own slice (across the coarsest axis of ``affine``) is looked at, so a click is
+    checked in milliseconds; dark tissue enclosed by tissue there (bone, tendon, fat-suppressed
+    fat) counts as body.
+
+    Parameters
+    ----------
+    data : (I, J, K) ndarray
+    affine : (4, 4) ndarray
+        Voxel-to-world RAS+ affine, mm.
+    ijk : tuple of int
+        The voxel.
+    level : float
+        :func:`air_level` of the image.
+
+    Returns
+    -------
+    bool
+    """
+    axis = int(np.argmax(voxel_sizes_mm(affine)))
+    index = [slice(None)] * 3
+    index[axis] = int(ijk[axis])
+    tissue = np.nan_to_num(np.asarray(data[tuple(index)], float), nan=0.0) > level
+    in_plane = tuple(int(v) for a, v in enumerate(ijk) if a != axis)
+    return bool(tissue[in_plane] or ndimage.binary_fill_holes(tissue)[in_plane])
+
+
+def air_click_warnings(clicks, data, affine, level):
+    """A reader-facing warning for each include click outside the body (in air), else none.
+
+    Parameters
+    ----------
+    clicks : sequence of Click
+    data : (I, J, K) ndarray
+        The case image.
+    affine : (4, 4) ndarray
+    level : float
+        :func:`air_level` of the image.
+
+    Returns
+    -------
+    list of str
+    """
+    out = []
+    for n, click in enumerate(clicks, start=1):
+        if click.kind != "include":
+            continue
+        ijk = seed_voxel(click.ras_mm, affine, data.shape)
+        if ijk is not None and not in_body(data, affine, tuple(ijk), level):
+            x, y, z = click.ras_mm
+            out.append(f"include click {n} at ({x:.1f}, {y:.1f}, {z:.1f}) mm is in air, outside the body "
+                       "(dark background): undo it (Ctrl+Z) unless it is meant")
+    return out
+
+
 class ClicksRefused(ValueError):
     """A reader's clicks cannot make a mask; the message is for the reader's screen."""
 
@@ -273,6 +375,7 @@ class _CaseSession:
         self.session = None
         self.case_img = None
         self.affine = None
+        self.data = None  # the image, for the air warning
 
 
 class CaseSessions:
@@ -539,14 +642,25 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                         message = message.replace(str(folder / n), "the case").replace(n, "the case")
                     raise ClicksRefused(f"this case cannot be segmented by clicks: {message}") from None
                 entry.session, entry.case_img, entry.affine = session, case_img, image.affine
+                entry.data = image.data
             try:
                 return action(entry)
             except ValueError as exc:  # SegmentationError: a click the engine cannot use
                 raise ClicksRefused(str(exc)) from None
 
-    def segment_case(case, clicks):
-        """``(mask uint8, info, case nibabel image)`` for a list of clicks on a case."""
-        return with_session(case, lambda entry: (*entry.session.segment(clicks), entry.case_img))
+    def segment_case(case, clicks, warnings=None):
+        """``(mask uint8, info, case nibabel image)`` for a list of clicks on a case.
+
+        ``warnings``: a list that gets a reader-facing line for each include click in air.
+        """
+        windows = image_info(case)["windows"] if warnings is not None else None
+
+        def action(entry):
+            answer = (*entry.session.segment(clicks), entry.case_img)
+            if windows:
+                warnings.extend(air_click_warnings(clicks, entry.data, entry.affine, air_level(windows)))
+            return answer
+        return with_session(case, action)
 
     def read_state(case, current):
         """'unread', 'read' or 'stale' (read on a proposed mask since replaced)."""
@@ -586,12 +700,24 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
             mask_url, source = proposed_url, f"proposed mask ({label})"
         if state == "stale" and mask_url is not None and mask_url == proposed_url:
             source = "proposed mask (changed since your read: read it again)"
+        # The volume the % change is measured from: the mask shown (none for a rejected or unseeded one).
+        if current is not None and current["verdict"] == "edited":
+            volume_ml = current["edited_volume_ml"]
+        elif current is not None and current["verdict"] == "no_residual_lesion":
+            volume_ml = 0.0
+        elif current is not None and current["verdict"] == "reject":
+            volume_ml = None
+        else:
+            volume_ml = prior.get("automatic_volume_ml") if proposed_url else None
         return {
             "case_code": prior_code,
             "timepoint": prior["timepoint"],
             "image_url": f"/files/{prior['image']}",
             "mask_url": mask_url,
             "mask_source": source,
+            "volume_ml": volume_ml,
+            # Its own window presets: a follow-up's intensities (or its empty mask) never set T1's display.
+            "windows": image_info(prior)["windows"],
         }
 
     def case_view(code):
@@ -805,7 +931,7 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 else:
                     accounts.authenticate(accounts_db, reader, password)
             except accounts.LoginRefused as exc:
-                return jsonify(error=f"not signed: {exc} (nothing was saved)"), 403
+                return jsonify(signing_refused(exc)), 403
             signature = {"signer": reader, "meaning": SIGNATURE_MEANING, "reason": reason}
         # Committed (fsynced) before we answer: what the browser shows as saved is saved.
         try:
@@ -854,7 +980,8 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
                 clicks = clicks_from_json(payload["clicks"])
             except (ValueError, TypeError) as exc:
                 raise ClicksRefused(str(exc)) from None
-            mask, info, case_img = segment_case(case, clicks)
+            warnings = []
+            mask, info, case_img = segment_case(case, clicks, warnings)
         except ClicksRefused as exc:
             return jsonify(error=str(exc)), 400
         response = app.response_class(nifti_bytes(mask_like(mask != 0, case_img)),
@@ -862,6 +989,9 @@ def create_app(results_dir, reader, db_path=None, niivue_dir=None, check_viewer=
         response.headers["X-Volume-Ml"] = repr(float(info["volume_ml"]))
         response.headers["X-N-Clicks"] = str(int(info["n_clicks"]))
         response.headers["X-Start"] = info["start"]
+        if warnings:
+            # A flag, not a refusal: the reader sees it and undoes the click (or keeps it, if meant).
+            response.headers["X-Click-Warning"] = "; ".join(warnings)
         response.headers["X-Seconds"] = f"{time.perf_counter() - started:.3f}"  # wall, this request
         return response
 

@@ -177,16 +177,31 @@ def roi_from_mask(image, affine, start_mask, params=SegmentationParams()):
 def interior_markers(region, spacing_mm):
     """The interior-most voxel (largest distance to its border, mm) of each part of a mask.
 
+    Among equally deep voxels of a part, the first in C order. Computed on the
+    mask's bounding box, one voxel wider within the array (so the distances are
+    those of the whole array), and per part on its own box: a large region of
+    interest costs no more than the mask.
+
     Returns
     -------
     list of tuple of int
+        One per part, in label order (:func:`scipy.ndimage.label`).
     """
+    region = np.asarray(region, bool)
     labels, n = ndimage.label(region)
     if n == 0:
         return []
-    depth = ndimage.distance_transform_edt(region, sampling=spacing_mm)
-    points = ndimage.maximum_position(depth, labels, index=np.arange(1, n + 1))
-    return [tuple(int(v) for v in p) for p in points]
+    # One voxel wider where the array goes on (background there); the array's own edge is no border.
+    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n_ax))
+                for b, n_ax in zip(ndimage.find_objects(region.astype(np.uint8))[0], region.shape))
+    depth = ndimage.distance_transform_edt(region[box], sampling=spacing_mm)
+    labels = labels[box]
+    points = []
+    for i, part in enumerate(ndimage.find_objects(labels), start=1):
+        inside = np.where(labels[part] == i, depth[part], -1.0)
+        at = np.unravel_index(int(np.argmax(inside)), inside.shape)
+        points.append(tuple(int(b.start + p.start + a) for b, p, a in zip(box, part, at)))
+    return points
 
 
 def gradient_magnitude(smoothed, spacing_mm, params):
@@ -489,14 +504,18 @@ class ClickSession:
     def prepare(self):
         """Do before the first click what does not depend on it.
 
-        With a start mask, its region of interest. Without, the bias
+        With a start mask, its region of interest and its parts' interior
+        markers. Without, the bias
         correction of the whole image when the seeded box spans it whatever
         the seed (every axis at most ``whole_axis_mm`` long), as for most
         series; otherwise nothing.
         """
         if self.start_mask is not None:
+            # All the first click needs of the start mask: its region and its parts' markers.
             if self._mask_roi is None:
                 self._mask_roi = roi_from_mask(self.image, self.affine, self.start_mask, self.params)
+            if self._mask_markers is None:
+                self._mask_markers = interior_markers(self.start_mask[self._mask_roi.box], self.spacing_mm)
             return
         extents_mm = np.asarray(self.image.shape) * self.spacing_mm
         if np.all(extents_mm <= within_mm(self.params.whole_axis_mm)):

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from khe_vol.geometry import voxel_to_world
-from khe_vol.segmentation.interactive import Click, ClickSession, clicks_from_json, segment_clicks
+from khe_vol.segmentation.interactive import Click, ClickSession, clicks_from_json, interior_markers, segment_clicks
 from khe_vol.segmentation.params import SegmentationError
 from khe_vol.segmentation.seeded import segment_from_seed
 from scenes import ras_text, segment_cli
@@ -206,3 +206,34 @@ def test_a_click_on_an_empty_start_mask_seeds(scene):
     assert info["start"] == "seed" and np.array_equal(seeded, auto)
     with pytest.raises(SegmentationError, match="first click must be an include"):
         segment_clicks(scene["image"], scene["affine"], [Click("exclude", scene["seed"])], start_mask=empty)
+
+
+def test_interior_markers_are_the_deepest_voxel_of_each_part_measured_as_on_the_whole_array():
+    """One marker per part, at its largest distance to the border (mm; the array's own edge is no border),
+    the first in C order among equals."""
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        region = rng.random(tuple(rng.integers(4, 16, 3))) < rng.uniform(0.4, 0.9)
+        spacing = tuple(rng.choice([0.5, 1.0, 4.0], 3))
+        labels, n = ndimage.label(region)
+        depth = ndimage.distance_transform_edt(region, sampling=spacing)
+        expected = []
+        for i in range(1, n + 1):
+            inside = np.where(labels == i, depth, -1.0)
+            expected.append(tuple(int(v) for v in np.unravel_index(np.argmax(inside), inside.shape)))
+        assert interior_markers(region, spacing) == expected
+    assert interior_markers(np.zeros((3, 3, 3), bool), (1, 1, 1)) == []
+
+
+def test_prepare_does_all_the_first_click_needs_of_a_start_mask():
+    """Issue 24 (6): the page's prepare computes the start mask's region and markers, so the first click,
+    which waits for the prepare, does not compute them after it."""
+    image = (100 + np.random.default_rng(0).normal(0, 5, (40, 40, 12))).astype(np.float32)
+    image[12:28, 12:28, 3:9] += 200
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    session = ClickSession(image, affine, image > 200, volume_band=False)
+    session.prepare()
+    assert session._mask_roi is not None and session._mask_markers is not None
+    prepared = session._mask_markers
+    mask, info = session.segment([Click("include", tuple(voxel_to_world(np.array([[20, 20, 6]]), affine)[0]))])
+    assert session._mask_markers is prepared and info["start"] == "mask" and mask.sum() >= (image > 200).sum()

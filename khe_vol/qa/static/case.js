@@ -62,6 +62,58 @@
   controls().forEach(function (el) { el.disabled = true; el.dataset.offWhileLoading = "1"; });
   document.body.classList.add("loading");
 
+  // Let the server do what does not depend on the first click (bias correction of the series, the
+  // proposed mask's region and markers) from the moment the page opens, while the image loads and the
+  // reader looks; the page says so, as a click meanwhile is answered only once it is done. Failures
+  // show at the click.
+  window.khe.preparing = true;
+  $("prepare-state").textContent = "Preparing click segmentation\u2026 (a click now is answered when it is ready)";
+  $("prepare-state").classList.add("running");
+  fetch("/api/case/" + code + "/prepare", {
+    method: "POST", credentials: "same-origin", headers: POST_HEADERS,
+  }).catch(function () {}).finally(function () {
+    window.khe.preparing = false;
+    $("prepare-state").textContent = "";
+    $("prepare-state").classList.remove("running");
+    document.body.dataset.prepared = "1";
+  });
+
+  // ---- the image takes the screen: the canvas fills the window below the toolbars, sized before
+  // NiiVue's first draw (a resize is a full redraw: seconds on a software-rendered first frame)
+  const MIN_CANVAS_PX = 320;
+  // Only a real change of height (NiiVue's own observer then resizes its drawing buffer: each
+  // resize is a full redraw, seconds on a software-rendered first frame).
+  function fitCanvas() {
+    let changed = false;
+    document.querySelectorAll(".canvas-box").forEach(function (box) {
+      const top = box.getBoundingClientRect().top + window.scrollY;
+      const height = Math.max(MIN_CANVAS_PX, Math.round(window.innerHeight - top - 8));
+      if (Math.abs(box.offsetHeight - height) >= 1) { box.style.height = height + "px"; changed = true; }
+    });
+    // Once an image is shown, its viewers take the new size now (not a frame later): a point on the
+    // canvas must mean the same voxel to the code that reads it next (the pen, a click).
+    if (changed && nv.volumes.length) {
+      nv.resizeListener();
+      if (window.kheCompare && window.kheCompare.prior) { window.kheCompare.prior.resizeListener(); }
+    }
+  }
+  window.khe.fitCanvas = fitCanvas;
+  window.addEventListener("resize", fitCanvas);
+  // A toolbar that grows (a status that wraps, the pen's tools) moves the canvas down: fit it again.
+  // Never under a stroke or a drag (the image would move under the pointer): after it.
+  let pointerDown = false;
+  let fitLater = false;
+  $("gl").addEventListener("pointerdown", function () { pointerDown = true; });
+  window.addEventListener("pointerup", function () {
+    pointerDown = false;
+    if (fitLater) { fitLater = false; fitCanvas(); }
+  });
+  if (window.ResizeObserver) {
+    const toolbars = new ResizeObserver(function () { if (pointerDown) { fitLater = true; } else { fitCanvas(); } });
+    document.querySelectorAll(".viewer .tools, #edit-tools, nav.steps").forEach(function (el) { toolbars.observe(el); });
+  }
+  fitCanvas();
+
   // Fetch a file ourselves, so a failure has an HTTP status to show; NiiVue gets the bytes.
   async function fetchBlobUrl(url, what) {
     let resp;
@@ -128,10 +180,96 @@
   window.khe.maskOpacity = function () { return $("show-mask").checked ? maskOpacity() : 0; };
   applyMaskDisplay();
   nv.setDrawingEnabled(false);
-  nv.setSliceType(nv.sliceTypeMultiplanar);
   // The crosshair starts at the volume's centre, which can lie on a boundary between two slices;
   // on a voxel centre, the slice shown is the slice a click lands in.
   nv.scene.crosshairPos = nv.vox2frac(nv.frac2vox(nv.scene.crosshairPos));
+
+  // ---- open on the lesion: in the plane the series was acquired in (across its thick slices),
+  // centred on the mask and zoomed so that it takes about LESION_SHARE of the view.
+  const LESION_SHARE = 0.4;
+  const MAX_OPEN_ZOOM = 8;
+  const SLICE_TYPE_OF_AXIS = [2, 1, 0];  // RAS voxel axis across the slices -> sagittal, coronal, axial
+  // RAS voxel axis (of NiiVue's RAS-permuted grid) across the acquired slices: the coarsest
+  // spacing; among equal spacings the file's own third (slice) axis.
+  function acquisitionAxis(v) {
+    const vol = v.volumes[0];
+    const spacing = vol.pixDimsRAS.slice(1, 4);
+    let axis = vol.permRAS.map(Math.abs).indexOf(3);
+    [0, 1, 2].forEach(function (a) { if (spacing[a] > spacing[axis] * 1.01) { axis = a; } });
+    return axis;
+  }
+  // The drawing's lesion in a viewer: {centre, lo, hi} in scanner RAS+ mm (centre: the middle of
+  // its box in-plane, on the slice with the most lesion), or null when the drawing is empty.
+  function lesionWorld(v) {
+    const bm = v.drawBitmap;
+    if (!bm) { return null; }
+    const d = v.volumes[0].dimsRAS;
+    const n = [d[1], d[2], d[3]];
+    const lo = n.slice(), hi = [-1, -1, -1];
+    const axis = acquisitionAxis(v);
+    const perSlice = new Uint32Array(n[axis]);
+    let i = 0;
+    for (let z = 0; z < n[2]; z++) {
+      for (let y = 0; y < n[1]; y++) {
+        for (let x = 0; x < n[0]; x++, i++) {
+          if (!bm[i]) { continue; }
+          const p = [x, y, z];
+          for (let a = 0; a < 3; a++) { if (p[a] < lo[a]) { lo[a] = p[a]; } if (p[a] > hi[a]) { hi[a] = p[a]; } }
+          perSlice[p[axis]]++;
+        }
+      }
+    }
+    if (hi[0] < 0) { return null; }
+    const centre = [0, 1, 2].map(function (a) { return (lo[a] + hi[a]) / 2; });
+    let best = lo[axis];
+    for (let k = lo[axis]; k <= hi[axis]; k++) { if (perSlice[k] > perSlice[best]) { best = k; } }
+    centre[axis] = best;
+    const world = function (vox) { return Array.from(v.frac2mm(v.vox2frac(vox), 0, true)).slice(0, 3); };
+    const corners = [];
+    for (let c = 0; c < 8; c++) {
+      corners.push(world([0, 1, 2].map(function (a) { return (c >> a) & 1 ? hi[a] + 0.5 : lo[a] - 0.5; })));
+    }
+    return {
+      centre: world(centre),
+      lo: [0, 1, 2].map(function (a) { return Math.min.apply(null, corners.map(function (p) { return p[a]; })); }),
+      hi: [0, 1, 2].map(function (a) { return Math.max.apply(null, corners.map(function (p) { return p[a]; })); }),
+    };
+  }
+  // Show a viewer in its acquisition plane, centred and zoomed on `lesion` (scanner RAS+ mm; null:
+  // the whole slice, centred).
+  function showLesion(v, lesion) {
+    const axis = acquisitionAxis(v);
+    v.setSliceType(SLICE_TYPE_OF_AXIS[axis]);
+    if (!lesion) { v.setPan2Dxyzmm([0, 0, 0, 1]); return; }
+    const frac = v.mm2frac(lesion.centre, 0, true);
+    v.scene.crosshairPos = v.vox2frac(v.frac2vox(frac));
+    // NiiVue's display frame (pan and zoom are in it): the volume and the lesion box there.
+    const display = function (mm) { return Array.from(v.frac2mm(v.mm2frac(mm, 0, true))).slice(0, 3); };
+    const centre = display(lesion.centre);
+    const corners = [];
+    for (let c = 0; c < 8; c++) {
+      corners.push(display([0, 1, 2].map(function (a) { return (c >> a) & 1 ? lesion.hi[a] : lesion.lo[a]; })));
+    }
+    const volLo = Array.from(v.frac2mm([0, 0, 0])), volHi = Array.from(v.frac2mm([1, 1, 1]));
+    const mid = Array.from(v.frac2mm([0.5, 0.5, 0.5])).slice(0, 3);
+    let zoom = MAX_OPEN_ZOOM;
+    [0, 1, 2].filter(function (a) { return a !== axis; }).forEach(function (a) {
+      const extent = Math.max.apply(null, corners.map(function (p) { return p[a]; }))
+        - Math.min.apply(null, corners.map(function (p) { return p[a]; }));
+      if (extent > 0) { zoom = Math.min(zoom, LESION_SHARE * Math.abs(volHi[a] - volLo[a]) / extent); }
+    });
+    zoom = Math.max(1, zoom);
+    // NiiVue shows (extent - pan) / zoom: this pan puts the lesion's centre in the middle.
+    v.setPan2Dxyzmm([mid[0] - zoom * centre[0], mid[1] - zoom * centre[1], mid[2] - zoom * centre[2], zoom]);
+  }
+  let openLesion = lesionWorld(nv);
+  window.khe.lesionWorld = lesionWorld;
+  window.khe.showLesion = showLesion;
+  window.khe.acquisitionAxis = acquisitionAxis;
+  // compare.js: a follow-up with an empty proposal opens on the earlier timepoint's lesion.
+  window.khe.setOpenLesion = function (lesion) { openLesion = lesion; showLesion(nv, lesion); showPosition(); };
+  window.khe.openLesion = function () { return openLesion; };
+  showLesion(nv, openLesion);
 
   // ---- where we are: slice k / n per plane, RAS+ mm, intensity
   function planesShown() {
@@ -152,6 +290,100 @@
   }
   window.khe.showPosition = showPosition;
   nv.onLocationChange = showPosition;
+
+  // ---- per pane: where the slice is (scanner mm along its normal) and whether it is a reformat
+  // across thick slices (not an acquired slice: partial-volume edges, staircase outlines).
+  const REFORMAT_RATIO = 1.5;  // slice thickness / finest in-plane spacing above which reformats are labelled
+  const PLANE_LETTER = { axial: "z (S)", coronal: "y (A)", sagittal: "x (R)" };
+  function paneText(v) {
+    const vol = v.volumes[0];
+    const spacing = vol.pixDimsRAS.slice(1, 4);
+    const acq = acquisitionAxis(v);
+    const thick = spacing[acq] / Math.min.apply(null, spacing) >= REFORMAT_RATIO;
+    const t = v.opts.sliceType;
+    const planes = t === v.sliceTypeMultiplanar || t === v.sliceTypeRender ? PLANES : [PLANES[t]];
+    const mm = Array.from(v.frac2mm(v.scene.crosshairPos, 0, true));
+    const where = planes.map(function (p) {
+      return p + " " + PLANE_LETTER[p] + " = " + mm[PLANE_AXIS[p]].toFixed(1) + " mm";
+    }).join(", ");
+    const reformats = thick ? planes.filter(function (p) { return PLANE_AXIS[p] !== acq; }) : [];
+    return {
+      where: where,
+      reformat: reformats.length ? (reformats.join(" and ") + ": reformat across " + spacing[acq].toFixed(1)
+        + " mm slices (not an acquired slice)") : "",
+    };
+  }
+  window.khe.paneText = paneText;
+  function showPane() {
+    const text = paneText(nv);
+    $("slice-mm").textContent = text.where;
+    $("reformat").textContent = text.reformat;
+    $("reformat").hidden = !text.reformat;
+    showMarkers();
+  }
+
+  // ---- the clicks, marked on the slices they lie on (+ include, - exclude)
+  function showMarkers() {
+    const box = $("click-markers");
+    box.replaceChildren();
+    const list = window.khe.clicks || [];
+    if (!list.length || !nv.volumes.length) { return; }
+    const dpr = window.devicePixelRatio || 1;
+    const here = nv.frac2vox(nv.scene.crosshairPos);
+    const t = nv.opts.sliceType;
+    const types = t === nv.sliceTypeMultiplanar ? [0, 1, 2] : (t <= 2 ? [t] : []);
+    list.forEach(function (c, n) {
+      if (c.kind === "box") { return; }
+      const frac = nv.mm2frac(c.ras_mm, 0, true);
+      const vox = nv.frac2vox(frac);
+      types.forEach(function (type) {
+        const axis = PLANE_AXIS[PLANES[type]];
+        if (Math.abs(vox[axis] - here[axis]) > 0.5) { return; }  // not on the slice shown
+        const at = nv.frac2canvasPosWithTile(frac, type);
+        if (!at || !at.pos) { return; }
+        const m = document.createElement("span");
+        m.className = "click-marker " + c.kind;
+        m.textContent = c.kind === "include" ? "+" : "\u2212";
+        m.title = c.kind + " click " + (n + 1);
+        m.dataset.n = String(n + 1);
+        m.style.left = ($("gl").offsetLeft + at.pos[0] / dpr) + "px";
+        m.style.top = ($("gl").offsetTop + at.pos[1] / dpr) + "px";
+        box.appendChild(m);
+      });
+    });
+  }
+  window.khe.showMarkers = showMarkers;
+  // The view changes by zoom, pan, slice or view type: the pane text and markers follow, each frame.
+  let paneState = "";
+  (function watchPane() {
+    if (nv.volumes.length) {
+      const now = [...nv.scene.crosshairPos, ...nv.scene.pan2Dxyzmm, nv.opts.sliceType, nv.opts.isSliceMM,
+                   nv.canvas ? nv.canvas.width + "x" + nv.canvas.height : "", JSON.stringify(window.khe.clicks)].join(",");
+      if (now !== paneState) { paneState = now; showPane(); }
+    }
+    requestAnimationFrame(watchPane);
+  })();
+
+  // ---- ruler: NiiVue's distance measurement (left drag while on); the length is also said here
+  let rulerOn = false;
+  function setRuler(on) {
+    rulerOn = on;
+    window.khe.rulerOn = on;
+    $("ruler").setAttribute("aria-pressed", on ? "true" : "false");
+    nv.opts.dragModePrimary = on ? nv.dragModes.measurement : nv.dragModes.crosshair;
+    if (on) {
+      $("ruler-length").textContent = "drag on a slice to measure";
+    } else {
+      nv.clearMeasurements();  // the lines go with the tool; the last length stays written
+      nv.drawScene();
+    }
+  }
+  nv.onMeasurementCompleted = function (m) {
+    window.khe.lastMeasurementMm = m.distance;
+    $("ruler-length").textContent = "ruler: " + m.distance.toFixed(1) + " mm";
+  };
+  $("ruler").addEventListener("click", function () { setRuler(!rulerOn); });
+  window.khe.setRuler = setRuler;
 
   // ---- window / level: presets from the server's robust percentiles, numbers, right drag
   const windows = (view.image_info && view.image_info.windows) || null;
@@ -192,8 +424,9 @@
 
   // ---- view controls
   function resetView() {
-    nv.setPan2Dxyzmm([0, 0, 0, 1]);
+    showLesion(nv, openLesion);  // as the case opened: on the lesion, in the acquisition plane
     setPreset("auto");
+    showPosition();
   }
   window.khe.resetView = resetView;
   document.querySelectorAll("button[data-slice]").forEach(function (b) {
@@ -291,6 +524,20 @@
   }
   // Resolves true once the server has stored the read (edit.js saves through it too).
   window.khe.submit = submit;
+  let goNextAfterSave = false;  // the reader pressed "Sign and next" in the signature dialog
+  async function postRead(form) {
+    $("error").textContent = "saving...";
+    let resp;
+    try {
+      resp = await fetch("/api/case/" + code + "/read", {
+        method: "POST", body: form, credentials: "same-origin", headers: POST_HEADERS,
+      });
+    } catch (err) {
+      return { status: 0, data: { error: "the server cannot be reached (" + err + ")" } };
+    }
+    const data = await resp.json().catch(function () { return { error: "HTTP " + resp.status }; });
+    return { status: resp.status, data: data };
+  }
   async function submit(verdict, maskBytes, clickList) {
     if (saving) { return false; }  // a second click while the first is on its way: ignored
     if (commentTooLong()) {
@@ -309,34 +556,33 @@
     }
     if (window.kheReadTime) { window.kheReadTime.addTo(form, verdict); }  // time per read (readtime.js)
     setSaving(true);
+    goNextAfterSave = false;
     try {
+      let answer;
       if ($("sign-dialog")) {
         // The reading service: a verdict is an electronic signature (password again; a reason to revise).
-        const signature = await askSignature(verdict);
-        if (!signature) {
+        // The dialog stays open, with what the reader typed, until the server accepts the signature.
+        answer = await askSignature(verdict, function (signature) {
+          const signed = new FormData();
+          form.forEach(function (value, key) { signed.append(key, value); });
+          signed.append("password", signature.password);
+          if (signature.reason) { signed.append("reason", signature.reason); }
+          return postRead(signed);
+        });
+        if (!answer) {
           $("error").textContent = "Not saved: not signed.";
           return false;
         }
-        form.append("password", signature.password);
-        if (signature.reason) { form.append("reason", signature.reason); }
+      } else {
+        answer = await postRead(form);
       }
-      $("error").textContent = "saving...";
-      let resp;
-      try {
-        resp = await fetch("/api/case/" + code + "/read", {
-          method: "POST", body: form, credentials: "same-origin", headers: POST_HEADERS,
-        });
-      } catch (err) {
-        $("error").textContent = "Not saved: the server cannot be reached (" + err + ")";
-        return false;
-      }
-      const data = await resp.json().catch(function () { return { error: "HTTP " + resp.status }; });
-      if (resp.status === 409 && data.view) {
+      const data = answer.data;
+      if (answer.status === 409 && data.view) {
         render(data.view);  // saved meanwhile (another window): show what is stored
         $("error").textContent = "Not saved again: " + data.error;
         return false;
       }
-      if (!resp.ok) {
+      if (answer.status !== 200) {
         $("error").textContent = "Not saved: " + data.error;
         return false;
       }
@@ -349,8 +595,10 @@
       setSaving(false);
     }
   }
-  // Resolves {password, reason} when the reader signs, null when they cancel.
-  function askSignature(verdict) {
+  // Shows the signature dialog; `attempt({password, reason})` posts the read. Resolves the
+  // server's answer once it is not a refused signature with tries left (a wrong password keeps the
+  // dialog open, the reason kept and the tries left shown), or null when the reader cancels.
+  function askSignature(verdict, attempt) {
     const dialog = $("sign-dialog");
     const revising = revision > 0;
     const button = document.querySelector("button.verdict[data-verdict='" + verdict + "']");
@@ -358,26 +606,49 @@
     $("sign-reason-row").hidden = !revising;
     $("sign-password").value = "";
     $("sign-error").textContent = "";
+    $("sign-next").hidden = !nextUnread;
+    let busy = false;
     return new Promise(function (resolve) {
       function done(result) {
         $("sign-form").removeEventListener("submit", onSign);
+        $("sign-next").removeEventListener("click", onSignNext);
         $("sign-cancel").removeEventListener("click", onCancel);
         dialog.removeEventListener("cancel", onCancel);
         if (dialog.open) { dialog.close(); }
         resolve(result);
       }
-      function onSign(e) {
-        e.preventDefault();
+      async function trySign(next) {
+        if (busy) { return; }
         const reason = $("sign-reason").value.trim();
         if (revising && !reason) { $("sign-error").textContent = "Say why the verdict changes."; return; }
         if (!$("sign-password").value) { $("sign-error").textContent = "Enter your password to sign."; return; }
-        const result = { password: $("sign-password").value, reason: revising ? reason : "" };
+        const signature = { password: $("sign-password").value, reason: revising ? reason : "" };
         $("sign-password").value = "";
-        if (revising) { $("sign-reason").value = ""; }
-        done(result);
+        busy = true;
+        $("sign-error").textContent = "signing...";
+        $("sign-confirm").disabled = $("sign-next").disabled = true;
+        let answer;
+        try {
+          answer = await attempt(signature);
+        } finally {
+          busy = false;
+          $("sign-confirm").disabled = $("sign-next").disabled = false;
+        }
+        if (answer.status === 403 && answer.data.signing && answer.data.tries_left > 0) {
+          $("sign-error").textContent = answer.data.error;  // says how many tries are left
+          $("error").textContent = "Not saved yet: " + answer.data.error;
+          $("sign-password").focus();
+          return;
+        }
+        if (revising && answer.status === 200) { $("sign-reason").value = ""; }
+        goNextAfterSave = next && answer.status === 200;
+        done(answer);
       }
-      function onCancel(e) { e.preventDefault(); done(null); }
+      function onSign(e) { e.preventDefault(); trySign(false); }
+      function onSignNext(e) { e.preventDefault(); trySign(true); }
+      function onCancel(e) { e.preventDefault(); if (!busy) { done(null); } }
       $("sign-form").addEventListener("submit", onSign);
+      $("sign-next").addEventListener("click", onSignNext);
       $("sign-cancel").addEventListener("click", onCancel);
       dialog.addEventListener("cancel", onCancel);
       dialog.showModal();
@@ -385,10 +656,12 @@
     });
   }
   function afterVerdict() {
-    if ($("auto-advance").checked && nextUnread) {
+    const next = goNextAfterSave || $("auto-advance").checked;
+    goNextAfterSave = false;
+    if (next && nextUnread) {
       $("error").textContent = "Saved. Opening the next unread case...";
       go("/case/" + nextUnread);
-    } else if ($("auto-advance").checked) {
+    } else if (next) {
       $("error").textContent = "Saved. Every case is read: the worklist is at the top left.";
     }
   }
@@ -397,7 +670,7 @@
     const b = document.querySelector("button.verdict[data-verdict='" + name + "']");
     if (!b || b.disabled) { return; }
     if (name === "edited") {
-      window.khe.startEditing();  // edit.js
+      if (!window.khe.editing) { window.khe.startEditing(); }  // edit.js
       return;
     }
     if (name === "accept" && clicks.length) {
@@ -502,9 +775,10 @@
     pending = pending.then(async function () {
       if (mine !== latest) { return; }  // a newer list is on its way
       window.khe.busy = true;
-      $("click-busy").textContent = "segmenting...";
+      $("click-busy").textContent = window.khe.preparing ? "segmenting (after the preparation)..." : "segmenting...";
       try {
         if (!list.length && view.needs_seed) {
+          $("air-warning").hidden = true;
           nv.createEmptyDrawing();
           applyMaskDisplay();
           shown = [];
@@ -526,6 +800,9 @@
           throw new Error(data.error);
         }
         const volumeMl = Number(resp.headers.get("X-Volume-Ml"));
+        const warning = resp.headers.get("X-Click-Warning");
+        $("air-warning").textContent = warning ? "Warning: " + warning + "." : "";
+        $("air-warning").hidden = !warning;
         const blobUrl = URL.createObjectURL(await resp.blob());
         try {
           await nv.loadDrawingFromUrl(blobUrl, true);
@@ -594,7 +871,9 @@
   canvas.addEventListener("pointerup", function (e) {
     const start = down;
     down = null;
-    if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing || boxMode) { return; }
+    if (!start || e.button !== 0 || !$("click-mode").checked || window.khe.editing || boxMode || window.khe.rulerOn) {
+      return;
+    }
     if (Math.hypot(e.clientX - start.cx, e.clientY - start.cy) > 4) { return; }  // a drag, not a click
     const dpr = window.devicePixelRatio || 1;
     const frac = nv.canvasPos2frac([start.x * dpr, start.y * dpr]);
@@ -727,6 +1006,7 @@
     n: function () { link("next"); }, p: function () { link("prev"); }, u: function () { link("next-unread"); },
     m: function () { toggle("show-mask"); }, o: function () { toggle("outline"); }, x: function () { toggle("show-crosshair"); },
     w: cyclePreset, e: function () { setKind(!excludeByDefault); },
+    t: function () { if (!$("ruler").disabled) { window.khe.setRuler(!window.khe.rulerOn); } },
     c: function () { $("click-mode").checked = !$("click-mode").checked; },
     "1": function () { nv.setSliceType(0); showPosition(); }, "2": function () { nv.setSliceType(1); showPosition(); },
     "3": function () { nv.setSliceType(2); showPosition(); }, "4": function () { nv.setSliceType(3); showPosition(); },
@@ -735,7 +1015,8 @@
     arrowdown: function () { moveSlice(-1); }, arrowleft: function () { moveSlice(-1); },
     pageup: function () { moveSlice(5); }, pagedown: function () { moveSlice(-5); },
   };
-  const EDIT_KEYS = ["b", "x", "o", "d", "i", "[", "]", "escape"];
+  // The pen's keys (edit.js): no other key of the page means anything else with them.
+  const EDIT_KEYS = ["b", "g", "f", "s", "i", "[", "]", "escape"];
   function onKey(e) {
     if ($("sign-dialog") && $("sign-dialog").open) { return; }  // the dialog's own keys (Enter signs, Esc cancels)
     if (typing(e.target)) {
@@ -774,11 +1055,6 @@
   setLoading(false);
   renderClicks(view.current && view.current.clicks ? view.current.edited_volume_ml : undefined);
 
-  // Let the server do what does not depend on the first click (bias correction of the
-  // series, the proposed mask's region) while the reader looks; failures show at the click.
-  fetch("/api/case/" + code + "/prepare", {
-    method: "POST", credentials: "same-origin", headers: POST_HEADERS,
-  }).catch(function () {});
 
   $("load-state").hidden = true;
   window.khe.ready = true;

@@ -2,10 +2,14 @@
 // in a second NiiVue pane. Linked to the case's viewer (window.khe.nv, from case.js):
 // - crosshair in physical space: scanner RAS+ mm through each series' own voxel-to-world transform
 //   (the two series have different grids and affines, so never by voxel index or fraction);
-// - window/level matched on each series' robust range (NiiVue's 2nd..98th percentiles): the same
-//   place between them in both, as follow-ups may be stored on another intensity scale;
-// - zoom and pan (NiiVue's pan2Dxyzmm, in mm), view (axial/coronal/sagittal/multiplanar) and the
-//   left/right convention and the native plane / scanner-axes reslicing (isSliceMM);
+// - each pane opens on its own lesion (T1's mask; the case's, else T1's lesion when its proposal is
+//   empty), in its acquisition plane, with its own window (the server's robust preset of each series);
+// - window/level changes matched on each series' own "auto" window: the same place between them in
+//   both, as follow-ups may be stored on another intensity scale (a 0 mL follow-up never darkens T1);
+// - zoom, and the point in the middle of the view (scanner mm, through each series' own transform),
+//   view (axial/coronal/sagittal/multiplanar), the left/right convention and the native plane /
+//   scanner-axes reslicing (isSliceMM);
+// - T1's volume and the % change of the volume on screen from it, beside the panes;
 // - the display the reader sets on the case (mask shown, outline, opacity; crosshair shown), so
 //   hiding the crosshair or the mask hides it in both panes.
 // Either pane drives the other. Loaded only for a follow-up of a longitudinal worklist.
@@ -56,10 +60,19 @@
   priorBox.append(el("canvas", { id: "gl-prior" }));
   priorFig.append(priorCap, priorBox);
   const currentFig = el("figure", { class: "pane current-pane" });
-  currentFig.append(el("figcaption", {}, "T" + lon.timepoint + " (this case)"));
+  const currentCap = el("figcaption", { id: "current-caption" });
+  currentCap.append(el("strong", {}, "T" + lon.timepoint + " (this case)"), document.createTextNode(" "),
+                    el("span", { id: "volume-change", class: "change" }));
+  currentFig.append(currentCap);
   row.append(priorFig, currentFig);
   currentFig.append(box);  // moving the canvas keeps its WebGL context
-  nv.resizeListener();
+  priorCap.append(document.createTextNode(" "), el("span", { id: "prior-volume", class: "change" },
+    lon.prior.volume_ml === null ? "volume: none" : "volume " + lon.prior.volume_ml.toFixed(2) + " mL"));
+  const priorInfo = el("p", { id: "prior-pane-info", class: "pane-info" });
+  priorInfo.append(el("span", { id: "prior-slice-mm" }), document.createTextNode(" "),
+                   el("span", { id: "prior-reformat", class: "reformat", hidden: "" }));
+  priorBox.append(priorInfo);
+  window.khe.fitCanvas();
 
   const pv = new niivue.Niivue({
     backColor: [0, 0, 0, 1],
@@ -87,6 +100,19 @@
     return;
   }
   pv.setDrawingEnabled(false);
+  window.khe.fitCanvas();
+
+  // ---- opening: T1 on its own lesion, with its own window; the case on its lesion, or on T1's
+  // when its proposal is empty (a 0 mL follow-up still opens where the lesion was).
+  const priorLesion = window.khe.lesionWorld(pv);
+  if (!window.khe.openLesion() && priorLesion) { window.khe.setOpenLesion(priorLesion); }
+  window.khe.showLesion(pv, priorLesion || window.khe.openLesion());
+  const priorWindows = lon.prior.windows;
+  if (priorWindows && priorWindows.auto) {
+    pv.volumes[0].cal_min = priorWindows.auto[0];
+    pv.volumes[0].cal_max = priorWindows.auto[1];
+    pv.updateGLVolume();
+  }
 
   // ---- the case's display settings (case.js's mask and crosshair boxes) hold for T1's pane
   function displayOf(v) {
@@ -106,9 +132,25 @@
     // isForceSliceMM: the series' true voxel-to-world transform, not the display's de-obliqued frame.
     return Array.from(v.frac2mm(v.scene.crosshairPos, 0, true)).slice(0, 3);
   }
+  // Each series' own reference window: the server's robust preset, else NiiVue's robust range.
+  const caseWindows = view.image_info && view.image_info.windows;
   function robust(v) {
+    const w = v === pv ? priorWindows : caseWindows;
+    if (w && w.auto && w.auto[1] > w.auto[0]) { return w.auto; }
     const vol = v.volumes[0];
     return [vol.robust_min, vol.robust_max];
+  }
+  // The point in the middle of a pane's view, scanner RAS+ mm (NiiVue shows (extent - pan) / zoom).
+  function viewCentreWorld(v) {
+    const p = v.scene.pan2Dxyzmm;
+    const mid = Array.from(v.frac2mm([0.5, 0.5, 0.5]));
+    const display = [0, 1, 2].map(function (a) { return (mid[a] - p[a]) / p[3]; });
+    return Array.from(v.frac2mm(v.mm2frac(display), 0, true)).slice(0, 3);
+  }
+  function setViewCentre(v, world, zoom) {
+    const display = Array.from(v.frac2mm(v.mm2frac(world, 0, true)));
+    const mid = Array.from(v.frac2mm([0.5, 0.5, 0.5]));
+    v.scene.pan2Dxyzmm = [0, 1, 2].map(function (a) { return mid[a] - zoom * display[a]; }).concat([zoom]);
   }
   // cal value of `from` -> the same place between robust min and max of `to`.
   function mapLevel(x, from, to) {
@@ -126,7 +168,7 @@
     const mm = worldMM(from);
     const frac = to.mm2frac(mm, 0, true);
     to.scene.crosshairPos = frac;
-    to.scene.pan2Dxyzmm = from.scene.pan2Dxyzmm.slice();
+    setViewCentre(to, viewCentreWorld(from), from.scene.pan2Dxyzmm[3]);
     if (to.opts.sliceType !== from.opts.sliceType) { to.setSliceType(from.opts.sliceType); }
     if (to.opts.isRadiologicalConvention !== from.opts.isRadiologicalConvention) {
       to.setRadiologicalConvention(from.opts.isRadiologicalConvention);
@@ -147,8 +189,7 @@
     const outside = Array.from(priorFrac).some(function (f) { return f < 0 || f > 1; });
     document.getElementById("prior-outside").hidden = !outside;
   }
-  // Start from the case's view; then, every frame, whichever pane changed drives the other.
-  push(nv, pv);
+  // Each pane starts on its own lesion; then, every frame, whichever pane changed drives the other.
   let seen = [state(nv), state(pv)];
   function tick() {
     if (displayOf(nv) !== shownDisplay) {
@@ -162,10 +203,50 @@
       push(pv, nv);
     }
     seen = [state(nv), state(pv)];
+    showPriorPane();
     requestAnimationFrame(tick);
   }
+  let priorPaneState = "";
+  function showPriorPane() {
+    const now = [...pv.scene.crosshairPos, pv.opts.sliceType, pv.opts.isSliceMM].join(",");
+    if (now === priorPaneState) { return; }
+    priorPaneState = now;
+    const text = window.khe.paneText(pv);
+    document.getElementById("prior-slice-mm").textContent = text.where;
+    document.getElementById("prior-reformat").textContent = text.reformat;
+    document.getElementById("prior-reformat").hidden = !text.reformat;
+  }
+
+  // ---- volume on screen now (the case's drawing: proposed, clicked or edited) and its change from T1
+  function drawnMl() {
+    const bm = nv.drawBitmap;
+    if (!bm || !(view.voxel_volume_mm3 > 0)) { return null; }
+    let n = 0;
+    for (let i = 0; i < bm.length; i++) { if (bm[i]) { n++; } }
+    return n * view.voxel_volume_mm3 / 1000;
+  }
+  function showChange() {
+    const now = drawnMl();
+    const before = lon.prior.volume_ml;
+    let text = now === null ? "" : "volume " + now.toFixed(2) + " mL";
+    let change = null;
+    if (now !== null && before !== null && before > 0) {
+      change = 100 * (now - before) / before;
+      text += ", " + (change >= 0 ? "+" : "\u2212") + Math.abs(change).toFixed(1) + " % from T" + lon.prior.timepoint;
+    } else if (now !== null && before === 0) {
+      text += " (T" + lon.prior.timepoint + " had none: no % change)";
+    } else if (now !== null) {
+      text += " (T" + lon.prior.timepoint + " has no volume: no % change)";
+    }
+    document.getElementById("volume-change").textContent = text;
+    window.kheCompare.changePercent = change;
+  }
+  const CHANGE_EVERY_MS = 500;  // the drawing changes by clicks, the pen or a load: counted twice a second
   requestAnimationFrame(tick);
   // Exposed for the end-to-end tests and for debugging from the console.
-  window.kheCompare = { prior: pv, ready: true, worldMM: worldMM, mapLevel: mapLevel };
+  window.kheCompare = { prior: pv, ready: true, worldMM: worldMM, mapLevel: mapLevel, changePercent: null,
+                        viewCentreWorld: viewCentreWorld };
+  showChange();
+  setInterval(showChange, CHANGE_EVERY_MS);
   document.body.dataset.compareReady = "1";
 })();

@@ -398,6 +398,7 @@
     }
     khe.editing = true;
     $("edit-tools").hidden = false;
+    khe.fitCanvas();  // the pen's toolbar moved the canvas down: fitted now, not under the first stroke
     $("show-mask").checked = true;
     khe.applyMaskDisplay();  // case.js: the reader's opacity and outline choice, now with the mask on
     setTool("brush", false);
@@ -451,10 +452,12 @@
     else if (ctrl && (key === "y" || (key === "z" && e.shiftKey))) { redo(); }
     else if (ctrl && key === "s") { saveEdit(); }
     else if (ctrl) { handled = false; }
+    // Keys of their own (case.js's X, O and D keep their one meaning while editing: crosshair,
+    // outline display, the Edited verdict).
     else if (key === "b") { setTool("brush", false); }
-    else if (key === "x") { setTool(tool === "navigate" ? "brush" : tool, !erasing); }
-    else if (key === "o") { setTool("outline", erasing); }
-    else if (key === "d") { sphere = !sphere; showTool(); }
+    else if (key === "g") { setTool(tool === "navigate" ? "brush" : tool, !erasing); }
+    else if (key === "f") { setTool("outline", erasing); }
+    else if (key === "s") { sphere = !sphere; showTool(); }
     else if (e.key === "]") { setSize(sizeVox + 2); }
     else if (e.key === "[") { setSize(sizeVox - 2); }
     else if (key === "i") { fillBetweenSlices(); }
