@@ -228,16 +228,16 @@ def sign(page, password=READER_PASSWORD, reason="revised in the test"):
     page.click("#sign-confirm")
 
 
-def wait_status(page, prefix):
-    """Wait for the verdict's status line, signing the verdict first if the page asks."""
+def wait_status(page, prefix, timeout=30000):
+    """Wait for the verdict's status line, signing the verdict first if the page asks (``timeout`` ms each)."""
     # A dialog whose signature is on its way (Sign is off until the server answers) is not asking.
     asking = "(!!document.querySelector(" + repr(SIGN_DIALOG) + ") && !document.getElementById('sign-confirm').disabled)"
     page.wait_for_function(
-        "(p) => document.getElementById('status').textContent.startsWith(p) || " + asking, arg=prefix, timeout=30000)
+        "(p) => document.getElementById('status').textContent.startsWith(p) || " + asking, arg=prefix, timeout=timeout)
     if page.evaluate("() => " + asking):
         sign(page)
     page.wait_for_function("(p) => document.getElementById('status').textContent.startsWith(p)", arg=prefix,
-                           timeout=30000)
+                           timeout=timeout)
 
 
 def draw_stroke(page):

@@ -148,7 +148,9 @@ def test_hostile_segment_requests_are_refused_with_a_readable_error(phantom_pack
     ]
     for body in bodies:
         resp = client.post(url, data=body, headers=HEADERS, content_type="application/json")
-        assert resp.status_code == 400, (body[:80], resp.status_code)
+        # a body over what the route can need is refused before parsing (413), the rest when read (400)
+        expected = 413 if len(body) > MAX_CLICKS_BYTES else 400
+        assert resp.status_code == expected, (body[:80], resp.status_code)
         assert resp.json["error"] and "Traceback" not in resp.json["error"]
     outside = client.post(url, data=bodies[-1], headers=HEADERS, content_type="application/json")
     assert "outside the image" in outside.json["error"]
@@ -338,7 +340,9 @@ def test_a_reader_draws_a_box_sets_its_slices_and_accepts_in_a_real_browser(phan
         assert page.locator("#click-list li").evaluate_all("els => els.map(e => e.className)") == ["box"]
         volume = float(page.inner_text("#click-volume").split()[0])
         page.click("button.verdict[data-verdict='accept']")
-        wait_status(page, "Current: Edited (revision 1), edited volume")
+        # The server recomputes the box's mask from the read (the learned engine encodes its slices
+        # again: 20 s on 2 idle cores), so this wait is as long as the box's own.
+        wait_status(page, "Current: Edited (revision 1), edited volume", timeout=120000)
     assert not errors, errors
     (read,) = [r for r in store.current_reads(results / "reads" / "R1.sqlite") if r["case_code"] == code]
     box = read["clicks"][0]
